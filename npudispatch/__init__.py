@@ -1,0 +1,36 @@
+"""npudispatch: compile ONNX subgraphs for AMD Ryzen AI NPUs into one fused transaction binary.
+
+Stages live in sub-packages named after them: ``graph`` (load, order, lifetimes, partition),
+``rewrites`` (pass manager and fusions), ``operators`` (operator library), ``txn`` (transaction
+binaries), ``dispatch`` (buffer plan, fused program, Session, backends) and ``emulator`` (the
+functional virtual NPU that runs fused programs when no NPU is present).
+"""
+
+from npudispatch.errors import (
+    BackendUnavailableError,
+    DeviceError,
+    DeviceFault,
+    DeviceHang,
+    ModelError,
+    NpuDispatchError,
+    PlanError,
+    RewriteError,
+    TxnFormatError,
+    UnsupportedOpError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "DeviceError",
+    "DeviceFault",
+    "DeviceHang",
+    "ModelError",
+    "NpuDispatchError",
+    "PlanError",
+    "RewriteError",
+    "TxnFormatError",
+    "UnsupportedOpError",
+    "__version__",
+]

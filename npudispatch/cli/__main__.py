@@ -1,0 +1,5 @@
+import sys
+
+from npudispatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dispatch: buffer plan, fused program emission, Session API and backends (emulator, xrt)."""

@@ -1,0 +1,1 @@
+"""Functional emulator of an AIE2P NPU partition that executes transaction binaries."""

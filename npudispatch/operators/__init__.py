@@ -1,0 +1,1 @@
+"""Operator library: per-op matching, buffer requirements, transactions, params, weight formatting, kernels, references."""

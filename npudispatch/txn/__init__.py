@@ -1,0 +1,1 @@
+"""AIE transaction binaries: byte-exact codec, builder, re-basing, fusion and inspection."""
