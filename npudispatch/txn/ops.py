@@ -226,7 +226,14 @@ class Tct:
 
     @classmethod
     def make(
-        cls, *, col: int, row: int, direction: int, channel: int, col_count: int = 1, row_count: int = 1
+        cls,
+        *,
+        col: int,
+        row: int,
+        direction: int,
+        channel: int,
+        col_count: int = 1,
+        row_count: int = 1,
     ) -> Tct:
         """Build a TCT wait from its fields."""
         word = (direction & 0xFF) | ((row & 0xFF) << 8) | ((col & 0xFF) << 16)

@@ -1,0 +1,163 @@
+"""The overlay ABI: how an op launch talks to the emulator's virtual NPU (ARCHITECTURE.md §4).
+
+This is *our* protocol (versioned), shared by the operator library, which writes params records and
+programs shim DMA channels, and the emulator, which reads them. One op launch is:
+
+1. **Params record** on column 0 MM2S channel 0 (:data:`PARAMS_CHANNEL`): a :class:`ParamsRecord`
+   streamed from the params buffer (argidx 4 in a fused program).
+2. **Operands** on the operand channels (:func:`operand_channels`: col0 MM2S1, col1 MM2S0, col1 MM2S1,
+   col2 MM2S0, ...). The operand stream is the concatenation, in that channel order, of everything
+   the MM2S tasks of the launch pushed; it is cut into operands by ``operand_bytes`` in order. An
+   operand may therefore be striped over several channels. Missing bytes make the launch hang;
+   surplus bytes also hang (the array would back-pressure the DMA forever).
+3. **Outputs** on the output channels (:func:`output_channels`: col0 S2MM0, col1 S2MM0, ..., then
+   col0 S2MM1, ...). The kernel's outputs are concatenated in order and dealt out over the output
+   channels in channel order; each channel receives exactly the bytes its queued S2MM tasks ask for.
+   Requests must add up to ``sum(output_bytes)``: fewer or more is a hang.
+4. The kernel runs once the record and every operand byte have arrived; the launch ends when every
+   channel's tasks are done (the transaction polls the channel status registers).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from npudispatch.errors import DeviceHang
+from npudispatch.txn.registers import Direction, ShimChannel
+
+MAGIC = 0x4F445031  # bytes b"1PDO" in memory: "NPU Dispatch Overlay", version-tagged
+ABI_VERSION = 1
+HEADER_FORMAT = (
+    "<IHHHHHHI"  # magic, abi, kernel_id, n_operands, n_outputs, n_dims, reserved, payload
+)
+HEADER_BYTES = struct.calcsize(HEADER_FORMAT)  # 20
+MAX_COUNT = 64  # operands, outputs and dims per record (guards against garbage headers)
+
+PARAMS_CHANNEL = ShimChannel(0, Direction.MM2S, 0)
+
+
+@dataclass(slots=True)
+class ParamsRecord:
+    """Header + kernel-specific payload of one op launch.
+
+    ``operand_bytes``/``output_bytes`` are the exact byte counts of each operand and output stream;
+    ``dims`` are kernel-defined integers (shapes, tile counts...); ``payload`` is kernel-specific
+    (padded to 4 bytes when encoded).
+    """
+
+    kernel_id: int
+    operand_bytes: list[int]
+    output_bytes: list[int]
+    dims: list[int] = field(default_factory=list)
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        """Serialize the record (length is a multiple of 4)."""
+        for name, seq in (("operands", self.operand_bytes), ("outputs", self.output_bytes)):
+            if len(seq) > MAX_COUNT or any(not 0 <= n < 1 << 32 for n in seq):
+                raise ValueError(f"params record: bad {name} byte counts {seq!r}")
+        if len(self.dims) > MAX_COUNT:
+            raise ValueError(f"params record: at most {MAX_COUNT} dims, got {len(self.dims)}")
+        payload = self.payload + b"\0" * (-len(self.payload) % 4)
+        head = struct.pack(
+            HEADER_FORMAT,
+            MAGIC,
+            ABI_VERSION,
+            self.kernel_id,
+            len(self.operand_bytes),
+            len(self.output_bytes),
+            len(self.dims),
+            0,
+            len(payload),
+        )
+        counts = struct.pack(
+            f"<{len(self.operand_bytes) + len(self.output_bytes)}I",
+            *self.operand_bytes,
+            *self.output_bytes,
+        )
+        dims = struct.pack(f"<{len(self.dims)}q", *self.dims)
+        return head + counts + dims + payload
+
+    @property
+    def nbytes(self) -> int:
+        """Encoded size in bytes."""
+        return record_size(self.encode()[:HEADER_BYTES])
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> ParamsRecord:
+        """Parse a record from the start of ``data``; raises :class:`DeviceHang` if malformed.
+
+        A malformed record means the overlay would wait forever for a launch it cannot decode,
+        which is how the virtual NPU reports it.
+        """
+        data = bytes(data)
+        size = record_size(data)
+        if len(data) < size:
+            raise DeviceHang(
+                f"params record needs {size} bytes but only {len(data)} arrived on {PARAMS_CHANNEL}"
+            )
+        _, _, kernel_id, n_in, n_out, n_dims, _, n_payload = struct.unpack_from(HEADER_FORMAT, data)
+        off = HEADER_BYTES
+        counts = struct.unpack_from(f"<{n_in + n_out}I", data, off)
+        off += 4 * (n_in + n_out)
+        dims = list(struct.unpack_from(f"<{n_dims}q", data, off))
+        off += 8 * n_dims
+        return cls(
+            kernel_id=kernel_id,
+            operand_bytes=list(counts[:n_in]),
+            output_bytes=list(counts[n_in:]),
+            dims=dims,
+            payload=data[off : off + n_payload],
+        )
+
+
+def record_size(head: bytes | bytearray | memoryview) -> int:
+    """Total size of the record whose first :data:`HEADER_BYTES` bytes are ``head``.
+
+    Raises :class:`DeviceHang` when the header is short, has the wrong magic or ABI version, or
+    absurd counts (the overlay cannot decode the launch).
+    """
+    if len(head) < HEADER_BYTES:
+        raise DeviceHang(
+            f"params record header needs {HEADER_BYTES} bytes, {len(head)} arrived on "
+            f"{PARAMS_CHANNEL}"
+        )
+    magic, abi, _kid, n_in, n_out, n_dims, _res, n_payload = struct.unpack_from(
+        HEADER_FORMAT, bytes(head[:HEADER_BYTES])
+    )
+    if magic != MAGIC:
+        raise DeviceHang(
+            f"params record on {PARAMS_CHANNEL} has magic {magic:#010x}, expected {MAGIC:#010x}: "
+            "the params buffer or its DDR patch is wrong"
+        )
+    if abi != ABI_VERSION:
+        raise DeviceHang(f"params record ABI version {abi}, this overlay speaks {ABI_VERSION}")
+    if max(n_in, n_out, n_dims) > MAX_COUNT or n_payload % 4:
+        raise DeviceHang(f"params record header is corrupt ({n_in=}, {n_out=}, {n_dims=})")
+    return HEADER_BYTES + 4 * (n_in + n_out) + 8 * n_dims + n_payload
+
+
+def operand_channels(num_cols: int) -> list[ShimChannel]:
+    """Operand MM2S channels in stream order: col0 MM2S1, then both MM2S channels of each column."""
+    chans = [ShimChannel(0, Direction.MM2S, 1)]
+    for col in range(1, num_cols):
+        chans += [ShimChannel(col, Direction.MM2S, 0), ShimChannel(col, Direction.MM2S, 1)]
+    return chans
+
+
+def output_channels(num_cols: int) -> list[ShimChannel]:
+    """Output S2MM channels in stream order: S2MM0 of every column, then S2MM1 of every column."""
+    return [ShimChannel(c, Direction.S2MM, 0) for c in range(num_cols)] + [
+        ShimChannel(c, Direction.S2MM, 1) for c in range(num_cols)
+    ]
+
+
+def split_stream(stream: bytes | memoryview, sizes: Sequence[int]) -> list[bytes]:
+    """Cut a concatenated stream into consecutive pieces of ``sizes`` bytes."""
+    out, off = [], 0
+    for n in sizes:
+        out.append(bytes(stream[off : off + n]))
+        off += n
+    return out
