@@ -1,0 +1,100 @@
+"""Run fused programs on the functional emulator (:class:`npudispatch.emulator.VirtualNpu`).
+
+Each prepared program owns one virtual NPU whose five buffers persist across runs like device
+memory: const and params images are loaded once in ``prepare``; ``execute`` copies the input image
+into buffer 0, runs the transaction (one kernel call) and copies buffer 1 out. Hangs and faults
+propagate as the emulator's located :class:`~npudispatch.errors.DeviceHang` /
+:class:`~npudispatch.errors.DeviceFault`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from npudispatch.dispatch.backends.base import (
+    INPUT,
+    OUTPUT,
+    Prepared,
+    ProgramImage,
+    RunStats,
+    check_io,
+)
+from npudispatch.emulator import KernelRegistry, VirtualNpu
+from npudispatch.txn import Transaction
+
+
+def kernel_registry(kernels: Mapping[int, Callable[..., Any]]) -> KernelRegistry:
+    """``kernels`` as the emulator's registry (passed through if it already is one)."""
+    return kernels if isinstance(kernels, KernelRegistry) else KernelRegistry(dict(kernels))
+
+
+def run_on_emulator(
+    txn: bytes | Transaction,
+    buffers: Sequence[np.ndarray],
+    kernels: Mapping[int, Callable[..., Any]],
+    *,
+    argv: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Run one kernel call of ``txn`` on a fresh virtual NPU over ``buffers`` (updated in place).
+
+    ``buffers`` are the five uint8 arrays (input, output, scratch, const, params) at ``argv``
+    device addresses. Returns the emulator statistics as a JSON-able dict.
+    """
+    program = txn if isinstance(txn, Transaction) else Transaction.from_bytes(txn)
+    npu = VirtualNpu(
+        list(buffers), num_cols=program.header.num_cols, argv=argv, kernels=kernel_registry(kernels)
+    )
+    stats = npu.run(program)
+    for dst, src in zip(buffers, npu.buffers):
+        dst[...] = src
+    return stats.to_json()
+
+
+@dataclass(eq=False)
+class EmulatorPrepared(Prepared):
+    """A program loaded on its own virtual NPU (parsed transaction, resident buffers)."""
+
+    transaction: Transaction | None = None
+    npu: VirtualNpu | None = None
+
+
+class EmulatorBackend:
+    """The default backend: the functional emulator (no NPU needed)."""
+
+    name = "emulator"
+
+    def __init__(self, *, num_cols: int | None = None) -> None:
+        self.num_cols = num_cols
+
+    def prepare(self, program: ProgramImage) -> EmulatorPrepared:
+        """Parse the transaction once and load const/params into a new virtual NPU."""
+        txn = Transaction.from_bytes(program.txn)
+        txn.ops  # noqa: B018 - materialize the typed ops once, not on every run
+        npu = VirtualNpu(
+            [program.initial_buffer(i) for i in range(5)],
+            num_cols=self.num_cols or txn.header.num_cols,
+            kernels=kernel_registry(program.kernels),
+        )
+        return EmulatorPrepared(program=program, backend_name=self.name, transaction=txn, npu=npu)
+
+    def execute(
+        self, prepared: EmulatorPrepared, input_image: bytes | np.ndarray, output: np.ndarray
+    ) -> RunStats:
+        """Run once; ``stats.device`` holds the emulator's per-run statistics."""
+        data = check_io(prepared, input_image, output)
+        stats = RunStats(kernel_calls=1)
+        with prepared.lock:
+            buffers = prepared.npu.buffers
+            with stats.stage("write_input"):
+                buffers[INPUT][:] = data
+            with stats.stage("run"):
+                device_stats = prepared.npu.run(prepared.transaction)
+            with stats.stage("read_output"):
+                output[:] = buffers[OUTPUT]
+        stats.bytes_to_device, stats.bytes_from_device = data.size, output.size
+        stats.device = device_stats.to_json()
+        return stats
