@@ -1,1 +1,63 @@
-"""Operator library: per-op matching, buffer requirements, transactions, params, weight formatting, kernels, references."""
+"""Operator library: per-op matching, buffer requirements, transactions, params, weight formatting,
+kernels and numpy references (ARCHITECTURE.md §2, §4).
+
+Public entry points: :func:`registry.match` (node -> :class:`~.base.OpConfig` or
+:class:`~.base.Decline`), :func:`registry.support` (for ``graph.partition``),
+:func:`registry.kernels` (kernel id -> callable, for the emulator), and
+:func:`harness.run_single` (run one operator alone on the emulator).
+
+Adding an operator
+------------------
+1. Write one module ``npudispatch/operators/<family>.py`` with a subclass of
+   :class:`~npudispatch.operators.base.Operator` setting ``op_type``, ``domain`` (default ``""``)
+   and a unique ``kernel_id`` (framework ops 1..99, matmul family 100..199, new families: the next
+   free hundred), and implementing:
+
+   * ``match(node)`` -> ``OpConfig`` or ``Decline("precise reason")``;
+     ``elementwise.match_float_node`` does arity/shape/dtype/constant-input checks for float ops;
+   * ``compute(inputs, outputs, dims, floats)`` -> the kernel's outputs from typed, shaped inputs
+     (use ``dtypes.to_compute``/``dtypes.store`` for the bf16 compute rule);
+   * ``reference(cfg, inputs)`` -> ONNX semantics in numpy;
+   * optionally ``op_dims``/``op_floats`` (op parameters the kernel reads from the record),
+     ``granularity`` (padding constraints), ``operand_streams`` (n-d DMA patterns), or
+     ``buffers``/``format_consts``/``transaction``/``kernel`` for ops with their own layouts.
+
+   The base class derives buffers (one local argidx per tensor, DD ``OpArgMap`` style), the
+   params record, the const region and the overlay launch transaction (``dma.launch``, striped
+   over the columns) from those.
+2. Add one line ``register(MyOp)`` below. Registration order is candidate priority for a
+   ``(domain, op_type)``; kernel ids must be unique (checked at import).
+3. Add tests under ``tests/operators/`` comparing ``harness.run_single`` with ``reference`` and
+   with onnxruntime on a one-node model.
+"""
+
+from npudispatch.operators.activations import Gelu, NpuGelu, Sigmoid, Silu
+from npudispatch.operators.cast import Cast
+from npudispatch.operators.elementwise import Add, Div, Mul, Sub
+from npudispatch.operators.matmul import Gemm, MatMul, MatMulBias
+from npudispatch.operators.norms import (
+    LayerNormalization,
+    SimplifiedLayerNormalization,
+    SkipSimplifiedLayerNormalization,
+)
+from npudispatch.operators.registry import register
+from npudispatch.operators.softmax import Softmax
+from npudispatch.operators.transpose import Transpose
+
+register(Add)
+register(Sub)
+register(Mul)
+register(Div)
+register(Sigmoid)
+register(Silu)
+register(NpuGelu)
+register(Gelu)
+register(Softmax)
+register(LayerNormalization)
+register(SimplifiedLayerNormalization)
+register(SkipSimplifiedLayerNormalization)
+register(Transpose)
+register(Cast)
+register(MatMul)
+register(Gemm)
+register(MatMulBias)

@@ -1,0 +1,341 @@
+"""Operator contract: match an ONNX node, describe its buffers, emit its transaction, run its kernel.
+
+One :class:`Operator` subclass per op (or op family member). The framework implements everything
+that is the same for every op — buffer list (DD ``OpArgMap`` idea), params record, const region,
+overlay launch transaction, kernel operand decoding — so a simple operator only writes
+:meth:`Operator.match`, :meth:`Operator.compute` (the NPU math, bf16) and :meth:`Operator.reference`
+(plain ONNX semantics). Bigger operators (matmul family) override ``buffers``/``transaction``/
+``format_consts``/``kernel`` as they need.
+
+Params record layout written by the default :meth:`Operator.params` (overlay_abi header first):
+``dims`` = :meth:`Operator.op_dims` (op-specific ints); ``payload`` = a tensor table
+(:mod:`npudispatch.operators.records`) describing every node input and output (dtype, padded and
+real shape, and whether the input arrives as its own operand or inside the const region) followed by
+:meth:`Operator.op_floats` as float64. Kernels therefore need nothing but the record and the bytes.
+
+Padding: tensors may be padded by the terminal-padding pass; the real shape of a padded value is
+read from its ``metadata_props[REAL_SHAPE_KEY]`` (``"1,11007"``). Padded lanes hold zeros. The
+default kernel writes zeros into every output lane outside the real shape, and reductions
+(softmax, norms) take their real length from the record, so padding never leaks into results.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from npudispatch.operators import records
+from npudispatch.operators.dtypes import np_dtype
+from npudispatch.overlay_abi import ParamsRecord
+
+if TYPE_CHECKING:
+    from npudispatch.operators import dma
+    from npudispatch.txn.builder import Transaction
+
+REAL_SHAPE_KEY = "npudispatch.real_shape"
+"""``Value.metadata_props`` key holding the unpadded shape of a padded value, e.g. ``"1,11007"``."""
+
+WORD = 4  # shim DMAs move 32-bit words: every stream and buffer size is rounded up to this
+
+
+def round_up(n: int, multiple: int = WORD) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+class ArgKind(IntEnum):
+    """Kind of an op buffer; the value is the fused buffer (= kernel argidx) it lands in."""
+
+    INPUT = 0
+    OUTPUT = 1
+    SCRATCH = 2
+    CONST = 3
+    PARAMS = 4
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Static shape and numpy dtype of a tensor (``ml_dtypes.bfloat16`` for bf16).
+
+    ``real_shape`` is the unpadded shape when the tensor was padded (None = not padded).
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    real_shape: tuple[int, ...] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the (padded) tensor."""
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        """The real shape when padded, else ``shape``."""
+        return self.real_shape if self.real_shape is not None else self.shape
+
+
+@dataclass
+class ArgSpec:
+    """One buffer an op reads or writes, in the op's own (standalone) argidx numbering."""
+
+    kind: ArgKind
+    local_argidx: int
+    offset: int
+    nbytes: int
+    index: int | None = None  # INPUT/CONST: position in node.inputs; OUTPUT: in node.outputs
+    padded_shape: tuple[int, ...] | None = None
+    dtype: np.dtype | None = None
+
+
+@dataclass
+class OpConfig:
+    """Everything an operator derived from one node; the other methods work from this alone."""
+
+    operator: Operator
+    node_name: str
+    op_type: str
+    domain: str
+    inputs: list[TensorSpec | None]
+    outputs: list[TensorSpec]
+    attrs: dict[str, Any]
+    consts: dict[
+        int, np.ndarray
+    ]  # initializer-fed inputs by input index (weights, scales, bias...)
+    extra: dict[str, Any] = field(default_factory=dict)  # op-specific derived values
+
+
+@dataclass
+class Decline:
+    """Why an operator does not take a node (shown in the partition report)."""
+
+    reason: str
+
+    def __bool__(self) -> bool:  # so `if cfg := op.match(node)` reads naturally
+        return False
+
+
+@dataclass(frozen=True)
+class ShapeConstraints:
+    """Shapes the op's kernel wants, for the terminal-padding pass.
+
+    ``inputs[i]`` / ``outputs[j]``: per-axis multiples the padded shape of that tensor must be a
+    multiple of (1 = any size), or None when the tensor must keep its exact shape (constants the op
+    formats itself, absent optional inputs). ``tied``: groups of ``("in"|"out", index, axis)`` that
+    must be padded to the same size (e.g. the last axis of every Add operand and its output).
+    The kernel is exact on padded data with zero padding (see module docstring).
+    """
+
+    inputs: tuple[tuple[int, ...] | None, ...]
+    outputs: tuple[tuple[int, ...] | None, ...]
+    tied: tuple[tuple[tuple[str, int, int], ...], ...] = ()
+
+
+class Operator(ABC):
+    """Base class of every NPU operator. Subclasses set ``op_type``, ``domain`` and ``kernel_id``.
+
+    Operators are stateless and cheap to construct; all per-node data lives in :class:`OpConfig`.
+    """
+
+    domain: ClassVar[str] = ""
+    op_type: ClassVar[str]
+    kernel_id: ClassVar[int]  # unique per operator class (framework 1..99, matmul family 100..199)
+
+    # ---- matching -------------------------------------------------------------------------
+    @abstractmethod
+    def match(self, node: ir.Node) -> OpConfig | Decline:
+        """Return the op's config for ``node`` or a :class:`Decline` with a precise reason."""
+
+    # ---- buffers / params / consts ---------------------------------------------------------
+    def activation_inputs(self, cfg: OpConfig) -> list[int]:
+        """Input indices streamed as their own operands (present inputs that are not consts)."""
+        return [i for i, s in enumerate(cfg.inputs) if s is not None and i not in cfg.consts]
+
+    def io_buffers(self, cfg: OpConfig) -> list[ArgSpec]:
+        """Every buffer but the params record: activation inputs, const region, outputs.
+
+        Each gets its own local argidx at offset 0 (like DD's silu IN→0, OUT→1). Override this
+        (not :meth:`buffers`) for custom layouts; the params record is sized from it.
+        """
+        args: list[ArgSpec] = []
+        for i in self.activation_inputs(cfg):
+            spec = cfg.inputs[i]
+            assert spec is not None
+            args.append(_arg(ArgKind.INPUT, len(args), spec.nbytes, i, spec))
+        const_bytes = len(self.format_consts(cfg))
+        if const_bytes:
+            args.append(ArgSpec(ArgKind.CONST, len(args), 0, round_up(const_bytes)))
+        for j, spec in enumerate(cfg.outputs):
+            args.append(_arg(ArgKind.OUTPUT, len(args), spec.nbytes, j, spec))
+        return args
+
+    def buffers(self, cfg: OpConfig) -> list[ArgSpec]:
+        """:meth:`io_buffers` plus the params record (last local argidx)."""
+        args = self.io_buffers(cfg)
+        argidx = 1 + max((a.local_argidx for a in args), default=-1)
+        return [*args, ArgSpec(ArgKind.PARAMS, argidx, 0, len(self.params(cfg)))]
+
+    def op_dims(self, cfg: OpConfig) -> list[int]:
+        """Op-specific integers for the record's ``dims`` (axis, real lengths...)."""
+        return []
+
+    def op_floats(self, cfg: OpConfig) -> list[float]:
+        """Op-specific floats (epsilon...) appended to the record payload as float64."""
+        return []
+
+    def params(self, cfg: OpConfig) -> bytes:
+        """The encoded :class:`ParamsRecord` of this launch."""
+        return self.params_record(cfg).encode()
+
+    def params_record(self, cfg: OpConfig) -> ParamsRecord:
+        """The params record: operand/output stream sizes, op dims, tensor table + floats."""
+        io = self.io_buffers(cfg)
+        operand_bytes = [a.nbytes for a in _operands(io)]
+        output_bytes = [a.nbytes for a in io if a.kind == ArgKind.OUTPUT]
+        table = records.encode_table(
+            [
+                None
+                if s is None
+                else (s, records.SRC_CONST if i in cfg.consts else records.SRC_OPERAND)
+                for i, s in enumerate(cfg.inputs)
+            ],
+            cfg.outputs,
+        )
+        return ParamsRecord(
+            kernel_id=self.kernel_id,
+            operand_bytes=operand_bytes,
+            output_bytes=output_bytes,
+            dims=list(self.op_dims(cfg)),
+            payload=table + records.encode_floats(self.op_floats(cfg)),
+        )
+
+    def format_consts(self, cfg: OpConfig) -> bytes:
+        """The const region: each const input (index order) as raw bytes, each 4-byte aligned."""
+        return records.pack_consts(
+            [
+                np.ascontiguousarray(cfg.consts[i], dtype=cfg.inputs[i].dtype)
+                for i in sorted(cfg.consts)
+            ]  # type: ignore[union-attr]
+        )
+
+    def buffers_of(self, cfg: OpConfig, kind: ArgKind) -> list[ArgSpec]:
+        """The :meth:`buffers` entries of one kind, in order."""
+        return [a for a in self.buffers(cfg) if a.kind == kind]
+
+    def operand_args(self, cfg: OpConfig) -> list[ArgSpec]:
+        """Buffers streamed as operands, in stream order: activation inputs, then the const region."""
+        return _operands(self.io_buffers(cfg))
+
+    # ---- transaction ----------------------------------------------------------------------
+    def transaction(self, cfg: OpConfig, num_cols: int = 4) -> Transaction:
+        """The op's shim DMA program (overlay protocol), in its own local argidx numbering."""
+        from npudispatch.operators import dma
+
+        params = self.buffers_of(cfg, ArgKind.PARAMS)[0]
+        return dma.launch(
+            params=dma.Stream(params.local_argidx, params.offset, params.nbytes),
+            operands=self.operand_streams(cfg),
+            outputs=[
+                dma.Stream(a.local_argidx, a.offset, a.nbytes)
+                for a in self.io_buffers(cfg)
+                if a.kind == ArgKind.OUTPUT
+            ],
+            num_cols=num_cols,
+        ).build()
+
+    def operand_streams(self, cfg: OpConfig) -> list[dma.Stream]:
+        """DMA streams of the operands in stream order; override to gather with n-d patterns."""
+        from npudispatch.operators import dma
+
+        return [dma.Stream(a.local_argidx, a.offset, a.nbytes) for a in self.operand_args(cfg)]
+
+    # ---- execution ------------------------------------------------------------------------
+    def kernel(self, record: ParamsRecord, operands: Sequence[Any]) -> list[np.ndarray]:
+        """What the NPU computes: decode the operands with the record, run :meth:`compute`.
+
+        Returns one uint8 array per output, exactly ``record.output_bytes[j]`` long, with every
+        lane outside an output's real shape zeroed.
+        """
+        table = records.decode_table(record.payload)
+        inputs = records.unpack_inputs(table, operands, record.operand_bytes)
+        floats = records.decode_floats(record.payload, table)
+        outs = self.compute(inputs, table.outputs, list(record.dims), floats)
+        return records.pack_outputs(outs, table.outputs, record.output_bytes)
+
+    def compute(
+        self,
+        inputs: list[np.ndarray | None],
+        outputs: list[TensorSpec],
+        dims: list[int],
+        floats: list[float],
+    ) -> list[np.ndarray]:
+        """Kernel math on typed, shaped (padded) inputs; float math in bf16 (see dtypes)."""
+        raise TypeError(f"{type(self).__name__} overrides kernel() and has no compute()")
+
+    @abstractmethod
+    def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """ONNX semantics in plain numpy on ONNX-layout inputs (node input order)."""
+
+    def granularity(self, cfg: OpConfig) -> ShapeConstraints:
+        """Shape constraints for the padding pass; default: any shape, tensors keep their shape."""
+        return ShapeConstraints(
+            inputs=tuple(
+                None if s is None or i in cfg.consts else (1,) * len(s.shape)
+                for i, s in enumerate(cfg.inputs)
+            ),
+            outputs=tuple((1,) * len(s.shape) for s in cfg.outputs),
+        )
+
+
+def _operands(args: list[ArgSpec]) -> list[ArgSpec]:
+    return [a for a in args if a.kind == ArgKind.INPUT] + [
+        a for a in args if a.kind == ArgKind.CONST
+    ]
+
+
+def _arg(kind: ArgKind, argidx: int, nbytes: int, index: int, spec: TensorSpec) -> ArgSpec:
+    return ArgSpec(kind, argidx, 0, round_up(nbytes), index, spec.shape, spec.dtype)
+
+
+# ---- helpers for match() -------------------------------------------------------------------
+
+
+def tensor_spec(value: ir.Value | None, what: str) -> TensorSpec | Decline:
+    """Static :class:`TensorSpec` of ``value`` or a Decline naming ``what`` and the problem."""
+    if value is None:
+        return Decline(f"{what} is missing")
+    dtype = np_dtype(value.dtype)
+    if dtype is None:
+        return Decline(f"{what} '{value.name}' has unknown dtype {value.dtype}")
+    if value.shape is None:
+        return Decline(f"{what} '{value.name}' has no shape (run shape inference)")
+    if not all(isinstance(d, int) for d in value.shape):
+        return Decline(
+            f"{what} '{value.name}' has symbolic shape {value.shape} (bind dims, e.g. --dims N=1)"
+        )
+    shape = tuple(int(d) for d in value.shape)
+    real = value.metadata_props.get(REAL_SHAPE_KEY)
+    real_shape = tuple(int(x) for x in real.split(",") if x != "") if real else None
+    if real_shape is not None and (
+        len(real_shape) != len(shape) or any(r > s for r, s in zip(real_shape, shape))
+    ):
+        return Decline(f"{what} '{value.name}' real shape {real_shape} does not fit shape {shape}")
+    return TensorSpec(shape, dtype, real_shape)
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant array behind ``value`` (initializer or Constant-folded), else None."""
+    if value is None or value.const_value is None:
+        return None
+    return np.asarray(value.const_value.numpy())
+
+
+def node_label(node: ir.Node) -> str:
+    """Printable node name for messages (``<unnamed Add>`` when the node has no name)."""
+    return node.name or f"<unnamed {node.op_type}>"

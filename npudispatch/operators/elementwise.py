@@ -1,0 +1,184 @@
+"""Add, Sub, Mul, Div with ONNX multidirectional (numpy) broadcasting, float32 and bfloat16.
+
+Broadcasting happens in the kernel, not in the DMA: each operand is streamed once at its own size
+(a [1,1,N] bias is N elements on the wire, not M·N) and the core broadcasts from local memory,
+which is what keeps DDR traffic minimal. A constant operand (initializer) travels in the const
+region. Kernel math: operands rounded to bf16, float32 arithmetic, result rounded to bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from npudispatch.operators.base import (
+    Decline,
+    OpConfig,
+    Operator,
+    ShapeConstraints,
+    TensorSpec,
+    const_array,
+    node_label,
+    tensor_spec,
+)
+from npudispatch.operators.dtypes import F32, FLOAT_DTYPES, store, to_compute
+
+LANES = 8  # bf16 vector lanes the padding pass should round a broadcast-free last axis to
+
+
+def match_float_node(
+    op: Operator,
+    node: ir.Node,
+    n_inputs: tuple[int, int],
+    *,
+    const_inputs: tuple[int, ...] = (),
+    unnamed_output: Callable[[int, list[TensorSpec | None]], TensorSpec] | None = None,
+) -> OpConfig | Decline:
+    """Shared matching for float ops: arity, static shapes, float32/bf16 dtypes, constant inputs.
+
+    ``const_inputs``: input indices that may be initializers (they go to ``cfg.consts``); any
+    other constant input is still accepted and streamed as an activation-like operand.
+    ``unnamed_output(j, input_specs)``: spec of an omitted optional output (empty name), which
+    the kernel still writes (it gets a buffer nobody reads); without it such outputs decline.
+    """
+    label = f"{node.op_type} node '{node_label(node)}'"
+    if (node.domain or "ai.onnx") != (op.domain or "ai.onnx"):
+        return Decline(f"{label}: domain '{node.domain}' is not '{op.domain}'")
+    lo, hi = n_inputs
+    if not lo <= len(node.inputs) <= hi:
+        return Decline(f"{label}: expects {lo}..{hi} inputs, got {len(node.inputs)}")
+    specs: list[TensorSpec | None] = []
+    consts: dict[int, np.ndarray] = {}
+    for i, value in enumerate(node.inputs):
+        if value is None:
+            specs.append(None)
+            continue
+        spec = tensor_spec(value, f"{label} input {i}")
+        if isinstance(spec, Decline):
+            return spec
+        specs.append(spec)
+        if i in const_inputs and (arr := const_array(value)) is not None:
+            consts[i] = arr
+    outs: list[TensorSpec] = []
+    for j, value in enumerate(node.outputs):
+        if not value.name and unnamed_output is not None:
+            outs.append(unnamed_output(j, specs))
+            continue
+        spec = tensor_spec(value, f"{label} output {j}")
+        if isinstance(spec, Decline):
+            return spec
+        outs.append(spec)
+    dtype = specs[0].dtype if specs[0] is not None else None
+    if dtype not in FLOAT_DTYPES:
+        return Decline(f"{label}: dtype {dtype} not supported (float32 or bfloat16 only)")
+    return OpConfig(
+        operator=op,
+        node_name=node_label(node),
+        op_type=node.op_type,
+        domain=node.domain,
+        inputs=specs,
+        outputs=outs,
+        attrs={k: a.value for k, a in node.attributes.items()},
+        consts=consts,
+    )
+
+
+class _Binary(Operator):
+    """One class per ONNX binary arithmetic op; subclasses set ``ufunc``."""
+
+    ufunc: ClassVar[np.ufunc]
+
+    def match(self, node: ir.Node) -> OpConfig | Decline:
+        if node.op_type != self.op_type:
+            return Decline(f"op type {node.op_type} is not {self.op_type}")
+        cfg = match_float_node(self, node, (2, 2), const_inputs=(0, 1))
+        if isinstance(cfg, Decline):
+            return cfg
+        a, b = cfg.inputs
+        assert a is not None and b is not None
+        label = f"{node.op_type} node '{cfg.node_name}'"
+        if a.dtype != b.dtype or cfg.outputs[0].dtype != a.dtype:
+            return Decline(
+                f"{label}: mixed dtypes {a.dtype}, {b.dtype} -> {cfg.outputs[0].dtype} "
+                "(insert a Cast; both inputs and the output must share one dtype)"
+            )
+        if len(cfg.consts) == 2:
+            return Decline(f"{label}: both inputs are constant (fold it on the CPU instead)")
+        try:
+            shape = np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            return Decline(f"{label}: shapes {a.shape} and {b.shape} do not broadcast")
+        if shape != cfg.outputs[0].shape:
+            return Decline(
+                f"{label}: output shape {cfg.outputs[0].shape} is not the broadcast shape {shape}"
+            )
+        return cfg
+
+    def op_dims(self, cfg: OpConfig) -> list[int]:
+        return list(cfg.outputs[0].shape)
+
+    def compute(self, inputs, outputs, dims, floats):
+        a, b = inputs
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            y = self.ufunc(to_compute(a), to_compute(b))
+        return [store(y, outputs[0].dtype)]
+
+    def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        a, b = (np.asarray(x).astype(F32) for x in inputs)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            y = self.ufunc(a, b)
+        return [y.astype(cfg.outputs[0].dtype)]
+
+    def granularity(self, cfg: OpConfig) -> ShapeConstraints:
+        """Last axis a multiple of :data:`LANES` on every tensor where it is not broadcast (1)."""
+
+        def rule(spec: TensorSpec | None) -> tuple[int, ...] | None:
+            if spec is None or not spec.shape:
+                return () if spec is not None else None
+            return (1,) * (len(spec.shape) - 1) + ((LANES,) if spec.shape[-1] > 1 else (1,))
+
+        ins = tuple(None if i in cfg.consts else rule(s) for i, s in enumerate(cfg.inputs))
+        out = cfg.outputs[0]
+        tied = tuple(
+            ("in", i, len(s.shape) - 1)
+            for i, s in enumerate(cfg.inputs)
+            if s is not None and s.shape and s.shape[-1] > 1
+        )
+        if out.shape:
+            tied += (("out", 0, len(out.shape) - 1),)
+        return ShapeConstraints(ins, (rule(out),), (tied,) if len(tied) > 1 else ())
+
+
+class Add(_Binary):
+    """ONNX Add."""
+
+    op_type = "Add"
+    kernel_id = 1
+    ufunc = np.add
+
+
+class Sub(_Binary):
+    """ONNX Sub."""
+
+    op_type = "Sub"
+    kernel_id = 2
+    ufunc = np.subtract
+
+
+class Mul(_Binary):
+    """ONNX Mul."""
+
+    op_type = "Mul"
+    kernel_id = 3
+    ufunc = np.multiply
+
+
+class Div(_Binary):
+    """ONNX Div (division by zero gives ±inf/NaN like IEEE; padded lanes are zeroed)."""
+
+    op_type = "Div"
+    kernel_id = 4
+    ufunc = np.divide
