@@ -1,0 +1,107 @@
+"""The default NPU compilation pipeline and the helper that turns onnxscript rules into a pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript.rewriter import RewritePass, pattern
+
+from npudispatch.rewrites.activations import activation_rules
+from npudispatch.rewrites.aliasing import MarkViewsPass
+from npudispatch.rewrites.canonical import constants_last
+from npudispatch.rewrites.folding import BindDimsPass, FoldShapesPass
+from npudispatch.rewrites.manager import PassManager
+from npudispatch.rewrites.matmul import matmul_rules
+from npudispatch.rewrites.norms import rms_norm_rules_set, skip_rms_norm_rules_set
+
+
+class RulesPass(RewritePass):
+    """An ``onnxscript.rewriter.RewritePass`` with a display name for the pass records.
+
+    With ``canonicalize`` it first moves constants last in Add/Mul (:func:`constants_last`), which
+    rule sets written for canonical order (:func:`activation_rules`) rely on.
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[pattern.RewriteRule] | pattern.RewriteRuleSet,
+        name: str,
+        *,
+        canonicalize: bool = False,
+    ) -> None:
+        super().__init__(rules)
+        self.name = name
+        self.canonicalize = canonicalize
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        swaps = constants_last(model.graph) if self.canonicalize else 0
+        result = super().call(model)
+        return ir.passes.PassResult(model, result.modified or swaps > 0)
+
+
+def rules_pass(
+    rules: Sequence[pattern.RewriteRule] | pattern.RewriteRuleSet,
+    name: str = "Rules",
+    *,
+    commute: bool = True,
+    canonicalize: bool = False,
+) -> RulesPass:
+    """Wrap onnxscript rewrite rules (or a rule set) as a pass the PassManager can run.
+
+    A plain sequence is turned into a ``RewriteRuleSet`` with ``commute`` (every operand order);
+    ``canonicalize`` moves constants last in Add/Mul before matching (see :class:`RulesPass`).
+    """
+    if not isinstance(rules, pattern.RewriteRuleSet):
+        rules = pattern.RewriteRuleSet(list(rules), commute=commute)
+    return RulesPass(rules, name, canonicalize=canonicalize)
+
+
+# Name of the pass before which the terminal-padding and precision (fp32 -> bf16) passes go:
+# `pipeline.add(PadTerminalsPass(), before=LATE_PASSES_ANCHOR)`.
+LATE_PASSES_ANCHOR = "MarkViewsPass"
+
+
+def default_pipeline(
+    dims: Mapping[str, int] | None = None,
+    *,
+    extra_passes: Iterable[ir.passes.PassBase] = (),
+    fixpoint: bool = True,
+    max_steps: int = 5,
+    dump_dir: str | Path | None = None,
+    dump_after: Iterable[str] | None = None,
+    check: bool = True,
+) -> PassManager:
+    """The rewrite pipeline for NPU compilation (in place, run with ``pipeline(model)``).
+
+    Order: bind dims (if given) -> fold shape arithmetic -> lift constants -> fusions (activations, RMSNorm,
+    skip-RMSNorm, MatMul) -> user ``extra_passes`` -> DCE -> [padding, precision: added later before
+    :data:`LATE_PASSES_ANCHOR`] -> mark views -> topological sort. Repeated to a fixpoint by default.
+    """
+    passes: list[ir.passes.PassBase] = []
+    if dims:
+        passes.append(BindDimsPass(dims))
+    passes += [
+        FoldShapesPass(),
+        # Scalars and folded shapes become initializers: one const image for the planner.
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        rules_pass(activation_rules(), "FuseActivations", canonicalize=True),
+        rules_pass(rms_norm_rules_set(), "FuseRMSNorm"),
+        rules_pass(skip_rms_norm_rules_set(), "FuseSkipRMSNorm"),
+        rules_pass(matmul_rules(), "FuseMatMul"),
+        *extra_passes,
+        common_passes.RemoveUnusedNodesPass(),
+        # --- terminal padding and float32 -> bf16 precision passes go here (other engineer) ---
+        MarkViewsPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+    ]
+    return PassManager(
+        passes,
+        fixpoint=fixpoint,
+        max_steps=max_steps,
+        dump_dir=dump_dir,
+        dump_after=dump_after,
+        check=check,
+    )
