@@ -1,0 +1,85 @@
+"""Shim DMA n-d address generation (TXN_FORMAT.md §11, step 4), vectorized with numpy.
+
+Addresses are produced as *word* indices (32-bit words) relative to the BD's effective base, for the
+whole BD at once by broadcasting the (d2, d1, d0) grid, so a multi-megabyte BD costs a few numpy
+operations instead of a Python loop per word.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from npudispatch.txn.shim import ShimBd
+
+
+def iteration_index(bd: ShimBd, rep: int) -> int:
+    """Iteration index of repeat ``rep``: ``(Iteration_Current + rep) % Iteration_Wrap`` (§11)."""
+    return (bd.iteration_current + rep) % bd.iteration_wrap
+
+
+def base_byte_address(bd: ShimBd, rep: int) -> int:
+    """Byte address where repeat ``rep`` of ``bd`` starts (base plus the iteration offset)."""
+    return bd.address + 4 * iteration_index(bd, rep) * bd.iteration_step
+
+
+def is_linear(bd: ShimBd) -> bool:
+    """True when the BD's words are consecutive (so a slice can replace an index array)."""
+    n0, n1, length = bd.d0_wrap, bd.d1_wrap, bd.length_words
+    if n0 == 0 or length <= 1:
+        return True
+    if bd.d0_step != 1:
+        return False
+    if length <= n0:
+        return True
+    if n1 == 0:
+        return bd.d1_step == n0
+    if bd.d1_step != n0:
+        return False
+    return length <= n0 * n1 or bd.d2_step == n0 * n1
+
+
+def word_offsets(bd: ShimBd) -> np.ndarray:
+    """Word offsets (int64, length ``length_words``) of every element, relative to the base.
+
+    ``n0 == 0`` means linear; ``n1 == 0`` a 2-d pattern whose outer dimension uses ``d1_step``;
+    otherwise 3-d with ``d2`` running until the length is consumed (§10.1: d2 has no wrap).
+    """
+    length, n0, n1 = bd.length_words, bd.d0_wrap, bd.d1_wrap
+    if n0 == 0:
+        return np.arange(length, dtype=np.int64)
+    d0 = np.arange(n0, dtype=np.int64) * bd.d0_step
+    if n1 == 0:
+        outer = -(-length // n0)
+        grid = (np.arange(outer, dtype=np.int64) * bd.d1_step)[:, None] + d0
+    else:
+        outer = -(-length // (n0 * n1))
+        d2 = np.arange(outer, dtype=np.int64) * bd.d2_step
+        d1 = np.arange(n1, dtype=np.int64) * bd.d1_step
+        grid = (d2[:, None, None] + d1[None, :, None]) + d0
+    return grid.reshape(-1)[:length]
+
+
+@dataclass(frozen=True, slots=True)
+class WordPattern:
+    """The words one BD execution touches: ``base_word + offsets`` (``offsets`` None = linear)."""
+
+    base_word: int
+    length: int
+    offsets: np.ndarray | None
+
+    @property
+    def span_words(self) -> int:
+        """Number of words from the lowest to one past the highest word touched."""
+        if self.length == 0:
+            return 0
+        if self.offsets is None:
+            return self.length
+        return int(self.offsets.max()) + 1
+
+
+def pattern(bd: ShimBd, rep: int) -> WordPattern:
+    """Word pattern of repeat ``rep`` of ``bd`` (offsets omitted when the BD is linear)."""
+    base = base_byte_address(bd, rep) // 4
+    return WordPattern(base, bd.length_words, None if is_linear(bd) else word_offsets(bd))

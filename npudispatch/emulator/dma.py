@@ -1,0 +1,120 @@
+"""Shim DMA tasks: what a task-queue write enqueues, and the per-BD transfer records it produces."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from npudispatch.txn.registers import SHIM_NUM_BDS, Direction, ShimChannel, shim_bd_addr
+from npudispatch.txn.shim import ShimBd, TaskQueueEntry
+
+QUEUE_DEPTH = 4
+"""Pending tasks a shim channel queue holds (AIE-ML shim task queues are 4 deep); one more is an
+overflow, which the emulator reports as a :class:`DeviceHang` after trying to make room."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """One BD execution (repeats expanded): the same fields as ``txn.explain``'s transfers.
+
+    ``offset`` is the byte offset inside buffer ``argidx`` where this execution starts (the BD base
+    plus its iteration offset); ``nbytes`` is the BD length. In trace mode ``argidx`` is None when
+    the address lies in no buffer (``offset`` is then the raw address) or the BD was never made
+    valid by the transaction (programmed out of band, e.g. by control packets, §10.6). ``bd`` and ``op_index`` (the op that
+    queued the task) are extra context and are not part of :meth:`key`.
+    """
+
+    col: int
+    direction: Direction
+    channel: int
+    argidx: int | None
+    offset: int
+    nbytes: int
+    bd: int = -1
+    op_index: int = -1
+
+    def key(self) -> tuple[int, Direction, int, int | None, int, int]:
+        """``(col, direction, channel, argidx, offset, nbytes)``, comparable with explain."""
+        return (self.col, self.direction, self.channel, self.argidx, self.offset, self.nbytes)
+
+    def to_json(self) -> dict[str, object]:
+        """JSON record with keys col, direction, channel, argidx, offset, bytes."""
+        return {
+            "col": self.col,
+            "direction": self.direction.name,
+            "channel": self.channel,
+            "argidx": self.argidx,
+            "offset": self.offset,
+            "bytes": self.nbytes,
+        }
+
+
+class ChainError(Exception):
+    """Internal: a BD chain cannot run (invalid BD or a loop); carries the offending BD id."""
+
+    def __init__(self, message: str, bd: int) -> None:
+        super().__init__(message)
+        self.bd = bd
+
+
+@dataclass(slots=True)
+class Task:
+    """A queued shim DMA task with the BD chain snapshotted when it was queued (§11.3)."""
+
+    channel: ShimChannel
+    entry: TaskQueueEntry
+    chain: list[tuple[int, ShimBd]]
+    op_index: int
+
+    @property
+    def runs(self) -> int:
+        """Executions of the chain: 1 + repeat count."""
+        return self.entry.repeat_count + 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the task moves in total (all repeats, all chained BDs)."""
+        return self.runs * sum(bd.length_bytes for _, bd in self.chain)
+
+    def executions(self) -> Iterator[tuple[int, int, ShimBd]]:
+        """``(rep, bd_id, bd)`` for every BD execution in order."""
+        for rep in range(self.runs):
+            for bd_id, bd in self.chain:
+                yield rep, bd_id, bd
+
+
+def snapshot_chain(
+    read_reg: Callable[[int], int], col: int, start_bd: int, *, allow_invalid: bool = False
+) -> list[tuple[int, ShimBd]]:
+    """Decode the BD chain starting at ``start_bd`` from the register file.
+
+    Raises :class:`ChainError` for a BD with ``Valid_BD = 0`` (the channel stops with
+    Error_BD_Invalid) or a chain that revisits a BD (the task would never end). With
+    ``allow_invalid`` (trace mode) an invalid BD ends the chain and is kept in it instead.
+    """
+    chain: list[tuple[int, ShimBd]] = []
+    seen: set[int] = set()
+    bd_id = start_bd
+    while True:
+        if bd_id in seen:
+            raise ChainError(
+                f"BD chain loops back to BD {bd_id}: the task would never finish", bd_id
+            )
+        seen.add(bd_id)
+        base = shim_bd_addr(col, bd_id)
+        bd = ShimBd.decode([read_reg(base + 4 * k) for k in range(8)])
+        if not bd.valid and allow_invalid:
+            chain.append((bd_id, bd))
+            return chain
+        if not bd.valid:
+            raise ChainError(
+                f"BD {bd_id} has Valid_BD = 0 (never written or cleared): the channel stops with "
+                "Error_BD_Invalid; write the BD before queueing the task",
+                bd_id,
+            )
+        chain.append((bd_id, bd))
+        if not bd.use_next_bd:
+            return chain
+        bd_id = bd.next_bd
+        if bd_id >= SHIM_NUM_BDS:  # 4-bit field, cannot happen; keeps the invariant explicit
+            raise ChainError(f"next BD {bd_id} out of range", bd_id)

@@ -1,0 +1,78 @@
+"""Located device errors: :class:`DeviceHang` / :class:`DeviceFault` with the place they happened.
+
+The emulator raises these subclasses so callers can read *where* a program went wrong (op index,
+channel, BD, address) as fields, while ``except DeviceHang`` / ``except DeviceFault`` keep working.
+"""
+
+from __future__ import annotations
+
+from npudispatch.errors import DeviceError, DeviceFault, DeviceHang
+from npudispatch.txn.registers import ShimChannel
+
+
+class _Located:
+    """Mixin: fields naming where the problem surfaced, and a message prefix built from them."""
+
+    op_index: int | None
+    channel: ShimChannel | None
+    bd: int | None
+    address: int | None
+
+    def _init_location(
+        self,
+        message: str,
+        op_index: int | None,
+        opname: str | None,
+        channel: ShimChannel | None,
+        bd: int | None,
+        address: int | None,
+    ) -> str:
+        self.op_index, self.channel, self.bd, self.address = op_index, channel, bd, address
+        parts = []
+        if op_index is not None:
+            parts.append(f"op #{op_index}" + (f" ({opname})" if opname else ""))
+        elif opname:
+            parts.append(opname)
+        if channel is not None:
+            parts.append(str(channel))
+        if bd is not None:
+            parts.append(f"BD {bd}")
+        if address is not None:
+            parts.append(f"address {address:#x}")
+        return (", ".join(parts) + ": " if parts else "") + message
+
+
+class EmulatorHang(_Located, DeviceHang):
+    """A wait that can never complete on the virtual NPU; ``op_index``/``channel``/``bd`` say where."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        op_index: int | None = None,
+        opname: str | None = None,
+        channel: ShimChannel | None = None,
+        bd: int | None = None,
+        address: int | None = None,
+    ) -> None:
+        super().__init__(self._init_location(message, op_index, opname, channel, bd, address))
+
+
+class EmulatorFault(_Located, DeviceFault):
+    """A DMA or patch touched an address outside every argument buffer (or an invalid argidx)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        op_index: int | None = None,
+        opname: str | None = None,
+        channel: ShimChannel | None = None,
+        bd: int | None = None,
+        address: int | None = None,
+    ) -> None:
+        super().__init__(self._init_location(message, op_index, opname, channel, bd, address))
+
+
+class KernelContractError(DeviceError):
+    """An overlay kernel returned outputs that do not match its params record."""

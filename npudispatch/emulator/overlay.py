@@ -1,0 +1,191 @@
+"""The overlay: the virtual AIE array that runs one kernel per launch (overlay_abi.py protocol).
+
+The shim MM2S channels feed the overlay's input FIFOs; when a launch *fires* (see
+:class:`Overlay`), the params record is decoded from the params channel, operands are cut from the
+operand channels in ABI channel order, the registered kernel runs, and its outputs become one
+pending output stream that S2MM tasks drain in output-channel order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from npudispatch.emulator.errors import EmulatorHang, KernelContractError
+from npudispatch.errors import DeviceHang
+from npudispatch.overlay_abi import (
+    HEADER_BYTES,
+    PARAMS_CHANNEL,
+    ParamsRecord,
+    operand_channels,
+    output_channels,
+    record_size,
+    split_stream,
+)
+from npudispatch.txn.registers import ShimChannel
+
+Kernel = Callable[[ParamsRecord, list[np.ndarray]], Sequence[bytes | bytearray | np.ndarray]]
+"""``kernel(record, operands) -> outputs``: operands are read-only ``uint8`` arrays in record
+order (view them as the dtype the kernel expects); each output must have exactly
+``record.output_bytes[i]`` bytes (any dtype)."""
+
+
+class KernelRegistry:
+    """Kernel id -> callable, the plug-in point through which operators give the overlay kernels."""
+
+    def __init__(self, kernels: dict[int, Kernel] | None = None) -> None:
+        self._kernels: dict[int, Kernel] = {}
+        for kid, fn in (kernels or {}).items():
+            self.register(kid, fn)
+
+    def register(self, kernel_id: int, kernel: Kernel, *, replace: bool = False) -> None:
+        """Register ``kernel`` under ``kernel_id`` (a u16); refuses silent replacement."""
+        if not 0 <= kernel_id < 1 << 16:
+            raise ValueError(f"kernel id {kernel_id} does not fit the record's u16 field")
+        if kernel_id in self._kernels and not replace:
+            raise ValueError(f"kernel id {kernel_id} is already registered; pass replace=True")
+        self._kernels[kernel_id] = kernel
+
+    def get(self, kernel_id: int) -> Kernel | None:
+        """The kernel for ``kernel_id`` or None."""
+        return self._kernels.get(kernel_id)
+
+    def __contains__(self, kernel_id: object) -> bool:
+        return kernel_id in self._kernels
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self._kernels))
+
+    def __len__(self) -> int:
+        return len(self._kernels)
+
+
+def _as_bytes(out: Any) -> np.ndarray:
+    if isinstance(out, np.ndarray):
+        return np.ascontiguousarray(out).reshape(-1).view(np.uint8)
+    return np.frombuffer(bytes(out), dtype=np.uint8)
+
+
+class Overlay:
+    """Launch state of the virtual array: input FIFOs, the current record and pending outputs.
+
+    Protocol decisions (documented in the package docstring):
+
+    * MM2S tasks on the params/operand channels deliver their bytes into per-channel FIFOs.
+    * A launch fires when a wait needs output bytes (or the program ends with inputs pending);
+      at that moment the params FIFO must hold exactly one record and the operand FIFOs exactly
+      ``sum(operand_bytes)`` bytes, otherwise :class:`DeviceHang`.
+    * Outputs are served to queued S2MM tasks in output-channel order, whole tasks at a time; a
+      task asking for more than remains is a short-output hang; bytes no task ever asks for are a
+      surplus-output hang when the next launch fires or the program ends.
+    """
+
+    def __init__(self, num_cols: int, kernels: KernelRegistry) -> None:
+        self.kernels = kernels
+        self.inputs = [PARAMS_CHANNEL, *operand_channels(num_cols)]
+        self.outputs = output_channels(num_cols)
+        self.fifos: dict[ShimChannel, list[np.ndarray]] = {ch: [] for ch in self.inputs}
+        self.pending: np.ndarray | None = None
+        self.pos = 0
+        self.record: ParamsRecord | None = None
+        self.launches = 0
+
+    def feed(self, channel: ShimChannel, data: np.ndarray) -> None:
+        """Accept bytes an MM2S task streamed on ``channel``."""
+        self.fifos[channel].append(data)
+
+    def has_input(self) -> bool:
+        """True when some input FIFO holds bytes (a launch is waiting to fire)."""
+        return any(chunks for chunks in self.fifos.values())
+
+    @property
+    def remaining(self) -> int:
+        """Output bytes of the current launch not yet taken by an S2MM task."""
+        return 0 if self.pending is None else self.pending.size - self.pos
+
+    def _stream(self, channel: ShimChannel) -> np.ndarray:
+        chunks = self.fifos[channel]
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
+
+    def check_drained(self, **loc: Any) -> None:
+        """Raise if the current launch still has output bytes no S2MM task asked for."""
+        if self.remaining:
+            rec = self.record
+            raise EmulatorHang(
+                f"launch {self.launches - 1} (kernel {rec.kernel_id if rec else '?'}) produced "
+                f"{self.pending.size} output bytes but the queued S2MM tasks took only {self.pos}; "
+                f"the array would stall on the remaining {self.remaining} B (surplus output): "
+                "queue S2MM tasks for every output byte",
+                **loc,
+            )
+
+    def fire(self, **loc: Any) -> None:
+        """Decode the record, cut operands, run the kernel and make its outputs pending."""
+        self.check_drained(**loc)
+        params = self._stream(PARAMS_CHANNEL)
+        if params.size == 0:
+            raise EmulatorHang(
+                f"S2MM tasks wait for kernel output but no params record arrived on {PARAMS_CHANNEL}"
+                " (no launch is pending): queue the params record MM2S task first",
+                **loc,
+            )
+        try:
+            size = record_size(params[:HEADER_BYTES].tobytes())
+            record = ParamsRecord.decode(params.tobytes())
+        except DeviceHang as exc:
+            raise EmulatorHang(str(exc), channel=PARAMS_CHANNEL, **loc) from exc
+        if params.size > size:
+            raise EmulatorHang(
+                f"{params.size} B arrived on {PARAMS_CHANNEL} but the record is {size} B: "
+                f"surplus {params.size - size} B would back-pressure the params channel forever",
+                channel=PARAMS_CHANNEL,
+                **loc,
+            )
+        per_channel = [(ch, self._stream(ch)) for ch in self.inputs[1:]]
+        stream = np.concatenate([s for _, s in per_channel])
+        need = sum(record.operand_bytes)
+        if stream.size != need:
+            got = ", ".join(f"{ch}: {s.size} B" for ch, s in per_channel if s.size) or "nothing"
+            kind = "missing operand bytes" if stream.size < need else "surplus operand bytes"
+            raise EmulatorHang(
+                f"kernel {record.kernel_id} needs operands of {record.operand_bytes} B "
+                f"(total {need} B) but the operand channels delivered {stream.size} B ({got}): "
+                f"{kind}; the launch can never complete",
+                **loc,
+            )
+        kernel = self.kernels.get(record.kernel_id)
+        if kernel is None:
+            known = ", ".join(map(str, self.kernels)) or "none"
+            raise EmulatorHang(
+                f"params record names kernel id {record.kernel_id}, which no operator registered "
+                f"(registered: {known}); the overlay would wait forever: register the kernel in "
+                "the KernelRegistry passed to the emulator",
+                **loc,
+            )
+        operands = [
+            np.frombuffer(piece, dtype=np.uint8)
+            for piece in split_stream(stream.tobytes(), record.operand_bytes)
+        ]
+        outs = [_as_bytes(o) for o in kernel(record, operands)]
+        sizes = [o.size for o in outs]
+        if sizes != list(record.output_bytes):
+            raise KernelContractError(
+                f"kernel {record.kernel_id} returned outputs of {sizes} B but its params record "
+                f"declares {record.output_bytes} B: fix the kernel or the record"
+            )
+        self.pending = np.concatenate(outs) if outs else np.zeros(0, dtype=np.uint8)
+        self.pos = 0
+        self.record = record
+        self.launches += 1
+        for chunks in self.fifos.values():
+            chunks.clear()
+
+    def take(self, nbytes: int) -> np.ndarray | None:
+        """The next ``nbytes`` of pending output, or None if fewer remain."""
+        if self.pending is None or self.remaining < nbytes:
+            return None
+        out = self.pending[self.pos : self.pos + nbytes]
+        self.pos += nbytes
+        return out
