@@ -1,0 +1,119 @@
+"""``npudispatch txn dump|stats|explain FILE [--json]``: inspect a transaction binary."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from npudispatch.cli.common import print_json
+from npudispatch.errors import TxnFormatError
+from npudispatch.txn import Transaction, describe_op, dump, explain, opcode_name, stats
+
+_TXN_SUBPARSERS: argparse._SubParsersAction | None = None
+
+
+def txn_subparsers() -> argparse._SubParsersAction:
+    """The sub-parsers of ``npudispatch txn`` (other modules may add sub-commands to it)."""
+    if _TXN_SUBPARSERS is None:
+        raise RuntimeError("the txn command is not registered yet; call register() first")
+    return _TXN_SUBPARSERS
+
+
+def _load(path: str) -> Transaction:
+    file = Path(path)
+    if not file.is_file():
+        raise TxnFormatError(f"{path}: no such transaction file")
+    data = file.read_bytes()
+    if (
+        len(data) >= 8
+        and data[:4] == b"\0\0\0\0"
+        and int.from_bytes(data[4:8], "little") == len(data)
+    ):
+        data = data[8:]  # an instruction-buffer image from wrap(): skip the 8-byte frame
+    try:
+        return Transaction.from_bytes(data)
+    except TxnFormatError as exc:
+        raise TxnFormatError(f"{path}: {exc}") from None
+
+
+def _dump(args: argparse.Namespace) -> int:
+    txn = _load(args.file)
+    if args.json:
+        _, index = txn.framed()
+        ops = [
+            {"index": i, "offset": off, "opcode": opcode_name(op.opcode), "fields": describe_op(op)}
+            for i, (off, op) in enumerate(zip(index.offsets.tolist(), txn.iter_ops()))
+        ]
+        print_json({"file": args.file, "header": _header(txn), "ops": ops})
+    else:
+        print(dump(txn))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    info = stats(_load(args.file))
+    if args.json:
+        print_json({"file": args.file, **info})
+        return 0
+    print(
+        f"{args.file}: {info['format']} dev_gen {info['dev_gen']} cols {info['num_cols']}, "
+        f"{info['num_ops']} ops, {info['nbytes']} B"
+    )
+    for name, count in info["opcodes"].items():
+        print(f"  {name:<14} {count:8d} ops {info['bytes_by_opcode'][name]:10d} B")
+    by_arg = ", ".join(f"arg {a}: {n}" for a, n in info["ddr_patches_by_argidx"].items())
+    print(f"  DDR patches    {info['ddr_patches']:8d} ({by_arg or 'none'})")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    movement = explain(_load(args.file))
+    if args.json:
+        print_json({"file": args.file, **movement.to_json()})
+        return 0
+    print(movement.render())
+    print("totals:")
+    for (col, direction, ch, argidx), n in sorted(
+        movement.totals().items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], str(kv[0][3]))
+    ):
+        print(f"  col {col} {direction.name}{ch} arg {argidx}: {n} B")
+    return 0
+
+
+def _header(txn: Transaction) -> dict:
+    h = txn.header
+    return {
+        "major": h.major,
+        "minor": h.minor,
+        "dev_gen": h.dev_gen,
+        "num_rows": h.num_rows,
+        "num_cols": h.num_cols,
+        "num_mem_tile_rows": h.num_mem_tile_rows,
+        "num_ops": h.num_ops,
+        "txn_size": h.txn_size,
+    }
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``txn`` command and its sub-commands."""
+    global _TXN_SUBPARSERS
+    parser = subparsers.add_parser("txn", help="inspect AIE transaction binaries")
+    sub = parser.add_subparsers(dest="txn_command", metavar="SUBCOMMAND", required=True)
+    for name, func, text in (
+        ("dump", _dump, "one line per op: index, byte offset, opcode, decoded fields"),
+        ("stats", _stats, "opcode histogram, sizes, DDR patches per argidx"),
+        ("explain", _explain, "the shim data movement the transaction performs"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("file", metavar="FILE", help="transaction binary (.bin)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=func)
+    _TXN_SUBPARSERS = sub
+    try:
+        trace = importlib.import_module("npudispatch.cli.trace_cmd")
+    except ModuleNotFoundError as exc:
+        if exc.name != "npudispatch.cli.trace_cmd":
+            raise
+    else:
+        trace.add_parser(sub)

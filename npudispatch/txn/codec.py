@@ -1,0 +1,469 @@
+"""Op framing, decoding and encoding for both formats (TXN_FORMAT.md §3-5).
+
+:func:`scan` finds every op's offset, opcode and length (an :class:`OpIndex`) without building op
+objects; :func:`decode_op` / :func:`encode_op` convert one op between bytes and the typed dataclasses
+of :mod:`npudispatch.txn.ops`. Encoding starts from the op's ``raw`` bytes when their length still
+fits, so padding survives a round trip byte for byte; new ops get zeros there.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from npudispatch.errors import TxnFormatError
+from npudispatch.txn.ops import (
+    FIRST_UNKNOWN_CUSTOM_OP,
+    BlockWrite,
+    CreateScratchpad,
+    CustomOp,
+    DdrPatch,
+    LoadPdi,
+    LoadPmStart,
+    MaskPoll,
+    MaskPollBusy,
+    MaskWrite,
+    MergeSync,
+    Noop,
+    Op,
+    Opcode,
+    Preempt,
+    ReadRegs,
+    RecordTimer,
+    Tct,
+    UpdateReg,
+    UpdateScratch,
+    UpdateStateTable,
+    Write,
+)
+
+CUSTOM_MIN = 0x80
+# Opt DDR_PATCH variants (TXN_FORMAT.md §5): Size 48 = plain patch_op_t, Size 24 = patch_op_opt_t.
+PATCH_SIZE_PLAIN = 48
+PATCH_SIZE_OPT24 = 24
+PATCH_SIZES_OPT = (PATCH_SIZE_PLAIN, PATCH_SIZE_OPT24)
+
+# Fixed-length non-custom ops, identical in both formats.
+_FIXED_COMMON = {
+    Opcode.NOOP: 4,
+    Opcode.PREEMPT: 4,
+    Opcode.LOADPDI: 16,
+    Opcode.LOAD_PM_START: 8,
+    Opcode.CREATE_SCRATCHPAD: 16,
+    Opcode.UPDATE_STATE_TABLE: 8,
+    Opcode.UPDATE_REG: 12,
+    Opcode.UPDATE_SCRATCH: 4,
+}
+_MASK_OPS = (Opcode.MASKWRITE, Opcode.MASKPOLL, Opcode.MASKPOLL_BUSY)
+
+
+def _tables(opt: bool) -> tuple[list[int], list[int]]:
+    """Per-opcode (fixed length | 0 = read Size field | -1 = unknown) and Size-field offset."""
+    fixed = [-1] * 256
+    size_at = [-1] * 256
+    for op, n in _FIXED_COMMON.items():
+        fixed[op] = n
+    for op in range(CUSTOM_MIN, 256):
+        fixed[op], size_at[op] = 0, 4
+    if opt:
+        fixed[Opcode.WRITE] = 12
+        for op in _MASK_OPS:
+            fixed[op] = 16
+        fixed[Opcode.BLOCKWRITE], size_at[Opcode.BLOCKWRITE] = 0, 8
+    else:
+        fixed[Opcode.WRITE], size_at[Opcode.WRITE] = 0, 20
+        fixed[Opcode.BLOCKWRITE], size_at[Opcode.BLOCKWRITE] = 0, 12
+        for op in _MASK_OPS:
+            fixed[op], size_at[op] = 0, 24
+    return fixed, size_at
+
+
+_TABLES = {False: _tables(False), True: _tables(True)}
+
+
+def opcode_name(opcode: int) -> str:
+    """Readable name of an opcode (``CUSTOM_0x86`` for unnamed custom ops)."""
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"CUSTOM_{opcode:#04x}" if opcode >= CUSTOM_MIN else f"UNKNOWN_{opcode:#04x}"
+
+
+def size_problem(opcode: int, size: int, opt: bool) -> str | None:
+    """Why ``size`` is not a valid length for ``opcode`` (None when it is)."""
+    if opcode == Opcode.WRITE and not opt:
+        ok, want = size == 24, "24"
+    elif opcode == Opcode.BLOCKWRITE:
+        base = 12 if opt else 16
+        ok, want = size >= base and (size - base) % 4 == 0, f"{base} + 4*n"
+    elif opcode in _MASK_OPS and not opt:
+        ok, want = size == 32, "32"
+    elif opcode == Opcode.DDR_PATCH:
+        ok = size in (PATCH_SIZES_OPT if opt else (PATCH_SIZE_PLAIN,))
+        want = "48 or 24" if opt else "48"
+    elif opcode in (Opcode.TCT, Opcode.MERGE_SYNC):
+        ok, want = size == 16, "16"
+    elif opcode == Opcode.RECORD_TIMER:
+        ok, want = size == 12, "12"
+    elif opcode == Opcode.READ_REGS:
+        ok, want = size >= 16 and (size - 16) % 8 == 0, "16 + 8*count"
+    elif opcode >= CUSTOM_MIN:
+        ok, want = size >= 8, ">= 8"
+    else:
+        return None
+    return None if ok else f"Size field is {size}, expected {want}"
+
+
+@dataclass(slots=True)
+class OpIndex:
+    """Where every op of a transaction sits: numpy arrays, built once per distinct transaction.
+
+    ``offsets`` are byte offsets from the start of the transaction (header included).
+    """
+
+    offsets: np.ndarray  # int64
+    opcodes: np.ndarray  # uint8
+    sizes: np.ndarray  # int64
+    end: int  # byte offset just past the last op
+    patch_ops: np.ndarray = field(init=False)  # op indices of DDR_PATCH ops
+
+    def __post_init__(self) -> None:
+        self.patch_ops = np.flatnonzero(self.opcodes == Opcode.DDR_PATCH)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def shifted(self, delta: int) -> OpIndex:
+        """The same index for the same ops placed ``delta`` bytes later."""
+        return OpIndex(self.offsets + delta, self.opcodes, self.sizes, self.end + delta)
+
+    @staticmethod
+    def concat(parts: list[OpIndex]) -> OpIndex:
+        """Index of consecutive op streams (already shifted to their final offsets)."""
+        return OpIndex(
+            np.concatenate([p.offsets for p in parts]),
+            np.concatenate([p.opcodes for p in parts]),
+            np.concatenate([p.sizes for p in parts]),
+            parts[-1].end,
+        )
+
+
+def _err(what: str, index: int, off: int, opcode: int | None) -> TxnFormatError:
+    name = "" if opcode is None else f" {opcode_name(opcode)} (opcode {opcode:#04x})"
+    return TxnFormatError(f"op {index}{name} at byte offset {off}: {what}")
+
+
+def _np_tables(opt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """numpy forms of the framing tables: fixed length, Size-field word offset, exact, minimum."""
+    fixed, size_at = _TABLES[opt]
+    exact = np.zeros(256, dtype=np.int64)
+    minimum = np.zeros(256, dtype=np.int64)
+    minimum[CUSTOM_MIN:] = 8
+    minimum[Opcode.BLOCKWRITE] = 12 if opt else 16
+    minimum[Opcode.READ_REGS] = 16
+    exact[[Opcode.TCT, Opcode.MERGE_SYNC]] = 16
+    exact[Opcode.RECORD_TIMER] = 12
+    if not opt:
+        exact[Opcode.WRITE] = 24
+        exact[list(_MASK_OPS)] = 32
+        exact[Opcode.DDR_PATCH] = PATCH_SIZE_PLAIN
+    size_words = np.array([a // 4 if a >= 0 else -1 for a in size_at], dtype=np.int64)
+    return np.array(fixed, dtype=np.int64), size_words, exact, minimum
+
+
+_NP_TABLES = {False: _np_tables(False), True: _np_tables(True)}
+
+
+def _fast_scan(buf: bytes | memoryview, num_ops: int, opt: bool, start: int) -> OpIndex | None:
+    """Vectorised framing for the common case (every op length a multiple of 4, all valid).
+
+    Computes, for every 4-byte position, the length an op starting there would have (numpy), then
+    follows the chain in one tight loop. Returns None whenever anything is unusual, so the exact
+    scalar :func:`scan` can report the error (or handle odd custom-op lengths).
+    """
+    fixed_t, size_w_t, exact_t, min_t = _NP_TABLES[opt]
+    n_words = len(buf) // 4
+    if start % 4 or num_ops > n_words:
+        return None
+    words = np.frombuffer(buf, dtype="<u4", count=n_words)
+    op_at = (words & 0xFF).astype(np.uint8)
+    fixed = fixed_t[op_at]
+    field_pos = np.arange(n_words, dtype=np.int64) + size_w_t[op_at]
+    has_field = (fixed == 0) & (field_pos < n_words)
+    size = np.where(fixed > 0, fixed, 0)
+    size[has_field] = words[field_pos[has_field]]
+    steps = np.where(size % 4 == 0, size >> 2, 0).tolist()
+    starts: list[int] = []
+    append = starts.append
+    p = start >> 2
+    for _ in range(num_ops):
+        step = steps[p] if p < n_words else 0
+        if step == 0:
+            return None
+        append(p)
+        p += step
+    if p > n_words or len(buf) - 4 * p >= 4:
+        return None
+    pos = np.array(starts, dtype=np.int64)
+    opcodes = op_at[pos]
+    sizes = size[pos]
+    exact = exact_t[opcodes]
+    bad = ((exact > 0) & (sizes != exact)) | (sizes < min_t[opcodes])
+    bad |= (opcodes == Opcode.READ_REGS) & ((sizes - 16) % 8 != 0)
+    if opt:
+        bad |= (opcodes == Opcode.DDR_PATCH) & (sizes != 48) & (sizes != 24)
+    if bad.any():
+        return None
+    return OpIndex(pos * 4, opcodes, sizes, 4 * p)
+
+
+def scan(buf: bytes | memoryview, num_ops: int, opt: bool, start: int = 16) -> OpIndex:
+    """Frame ``num_ops`` ops of ``buf`` starting at ``start``; validate every length.
+
+    Raises :class:`TxnFormatError` on truncation, a Size field that disagrees with its opcode, an
+    unknown non-custom opcode, or a NumOps that does not match the bytes. Loops at most
+    ``len(buf) / 4`` times whatever the header claims.
+    """
+    index = _fast_scan(buf, num_ops, opt, start)
+    return index if index is not None else scan_scalar(buf, num_ops, opt, start)
+
+
+def scan_scalar(buf: bytes | memoryview, num_ops: int, opt: bool, start: int = 16) -> OpIndex:
+    """Reference op-by-op framing (same contract as :func:`scan`); gives the precise errors."""
+    fixed, size_at = _TABLES[opt]
+    end = len(buf)
+    u32 = struct.Struct("<I").unpack_from
+    offsets: list[int] = []
+    opcodes: list[int] = []
+    sizes: list[int] = []
+    off = start
+    for i in range(num_ops):
+        if off >= end:
+            raise TxnFormatError(
+                f"header NumOps is {num_ops} but the ops end after op {i - 1} at byte offset "
+                f"{off} (TxnSize {end}): NumOps overruns the buffer"
+            )
+        op = buf[off]
+        size = fixed[op]
+        if size == 0:
+            at = off + size_at[op]
+            if at + 4 > end:
+                raise _err(f"truncated: its Size field needs bytes up to {at + 4}", i, off, op)
+            size = u32(buf, at)[0]
+            problem = size_problem(op, size, opt)
+            if problem:
+                raise _err(problem, i, off, op)
+        elif size < 0:
+            raise _err("unknown opcode (not a known op and below the custom range)", i, off, op)
+        if off + size > end:
+            raise _err(f"truncated: op needs {size} bytes, only {end - off} remain", i, off, op)
+        offsets.append(off)
+        opcodes.append(op)
+        sizes.append(size)
+        off += size
+    # aie-rt rounds TxnSize up to a multiple of 4, so < 4 bytes of trailing pad is legitimate.
+    if end - off >= 4:
+        raise TxnFormatError(
+            f"{end - off} bytes remain after the last op (op {num_ops - 1}, ending at byte "
+            f"offset {off}): header NumOps ({num_ops}) is smaller than the op count or "
+            "TxnSize is too large"
+        )
+    return OpIndex(
+        np.array(offsets, dtype=np.int64),
+        np.array(opcodes, dtype=np.uint8),
+        np.array(sizes, dtype=np.int64),
+        off,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+_P_WRITE = struct.Struct("<8xQI")  # reg_off @8, value @16
+_P_BLOCK = struct.Struct("<8xI")  # reg_off @8 (payload @16)
+_P_MASK = struct.Struct("<8xQII")  # reg_off @8, value @16, mask @20
+_P_PATCH = struct.Struct("<16xI4xQQQ")  # action @16, regaddr @24, argidx @32, argplus @40
+_O_WRITE = struct.Struct("<4xII")  # reg_off @4, value @8
+_O_BLOCK = struct.Struct("<4xI")  # reg_off @4 (payload @12)
+_O_MASK = struct.Struct("<4xIII")  # reg_off, value, mask
+_O_PATCH24 = struct.Struct("<8xIB3xQ")  # regaddr @8, argidx @12, argplus @16
+_PREEMPT = struct.Struct("<xB")
+_LOADPDI = struct.Struct("<xxHIQ")
+_LOAD_PM = struct.Struct("<II")  # opcode | count << 8, pm_load_id
+_SCRATCH = struct.Struct("<xBxxIQ")
+_STATE = struct.Struct("<xBBxI")
+_UPDATE_REG = struct.Struct("<xBBxII")
+_TWO_U32 = struct.Struct("<8xII")
+_ONE_U32 = struct.Struct("<8xI")
+_CUSTOM_HDR = struct.Struct("<B3xI")
+
+
+def decode_op(buf: bytes | memoryview, off: int, size: int, opt: bool, index: int = -1) -> Op:
+    """Decode the op of ``size`` bytes at ``off`` (already framed by :func:`scan`)."""
+    raw = bytes(buf[off : off + size])
+    op = raw[0]
+    if op == Opcode.WRITE:
+        reg, val = _O_WRITE.unpack_from(raw) if opt else _P_WRITE.unpack_from(raw)
+        return Write(reg, val, raw=raw)
+    if op == Opcode.BLOCKWRITE:
+        head = 12 if opt else 16
+        (reg,) = (_O_BLOCK if opt else _P_BLOCK).unpack_from(raw)
+        return BlockWrite(reg, np.frombuffer(raw, dtype="<u4", offset=head).copy(), raw=raw)
+    if op in _MASK_OPS:
+        reg, val, mask = (_O_MASK if opt else _P_MASK).unpack_from(raw)
+        cls = {Opcode.MASKWRITE: MaskWrite, Opcode.MASKPOLL: MaskPoll}.get(op, MaskPollBusy)
+        return cls(reg, val, mask, raw=raw)
+    if op == Opcode.DDR_PATCH:
+        if size == PATCH_SIZE_OPT24 and opt:
+            regaddr, argidx, argplus = _O_PATCH24.unpack_from(raw)
+            return DdrPatch(regaddr, argidx, argplus, raw=raw)
+        action, regaddr, argidx, argplus = _P_PATCH.unpack_from(raw)
+        return DdrPatch(regaddr, argidx, argplus, action=action, raw=raw)
+    if op == Opcode.TCT:
+        return Tct(*_TWO_U32.unpack_from(raw), raw=raw)
+    if op == Opcode.MERGE_SYNC:
+        return MergeSync(*_TWO_U32.unpack_from(raw), raw=raw)
+    if op == Opcode.RECORD_TIMER:
+        return RecordTimer(_ONE_U32.unpack_from(raw)[0], raw=raw)
+    if op == Opcode.READ_REGS:
+        (count,) = _ONE_U32.unpack_from(raw)
+        if 16 + 8 * count != size:
+            raise _err(f"READ_REGS count {count} disagrees with Size {size}", index, off, op)
+        return ReadRegs(struct.unpack_from(f"<{count}Q", raw, 16), raw=raw)
+    if op >= FIRST_UNKNOWN_CUSTOM_OP:
+        return CustomOp(op, raw[8:], raw=raw)
+    if op == Opcode.NOOP:
+        return Noop(raw=raw)
+    if op == Opcode.PREEMPT:
+        return Preempt(_PREEMPT.unpack_from(raw)[0], raw=raw)
+    if op == Opcode.LOADPDI:
+        return LoadPdi(*_LOADPDI.unpack_from(raw), raw=raw)
+    if op == Opcode.LOAD_PM_START:
+        word, pm_id = _LOAD_PM.unpack_from(raw)
+        return LoadPmStart(word >> 8, pm_id, raw=raw)
+    if op == Opcode.CREATE_SCRATCHPAD:
+        return CreateScratchpad(*_SCRATCH.unpack_from(raw), raw=raw)
+    if op == Opcode.UPDATE_STATE_TABLE:
+        return UpdateStateTable(*_STATE.unpack_from(raw), raw=raw)
+    if op == Opcode.UPDATE_REG:
+        return UpdateReg(*_UPDATE_REG.unpack_from(raw), raw=raw)
+    if op == Opcode.UPDATE_SCRATCH:
+        return UpdateScratch(raw=raw)
+    raise _err("unknown opcode", index, off, op)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+def encoded_size(op: Op, opt: bool, patch_size: int | None = None) -> int:
+    """Length in bytes of ``op`` once encoded in the given format."""
+    code = op.opcode
+    if code == Opcode.WRITE:
+        return 12 if opt else 24
+    if code == Opcode.BLOCKWRITE:
+        return (12 if opt else 16) + 4 * len(op.values)  # type: ignore[union-attr]
+    if code in _MASK_OPS:
+        return 16 if opt else 32
+    if code == Opcode.DDR_PATCH:
+        if not opt:
+            return PATCH_SIZE_PLAIN
+        if patch_size is not None:
+            return patch_size
+        raw = op.raw
+        return len(raw) if raw is not None and len(raw) in PATCH_SIZES_OPT else PATCH_SIZE_PLAIN
+    if code in (Opcode.TCT, Opcode.MERGE_SYNC):
+        return 16
+    if code == Opcode.RECORD_TIMER:
+        return 12
+    if code == Opcode.READ_REGS:
+        return 16 + 8 * len(op.addresses)  # type: ignore[union-attr]
+    if isinstance(op, CustomOp):
+        return 8 + len(op.payload)
+    return _FIXED_COMMON[Opcode(code)]
+
+
+def encode_op(
+    op: Op, opt: bool, *, patch_size: int | None = None, use_raw: bool = True, index: int = -1
+) -> bytes:
+    """Serialize one op. Starts from ``op.raw`` when ``use_raw`` and its length still fits."""
+    size = encoded_size(op, opt, patch_size)
+    raw = op.raw if use_raw else None
+    out = bytearray(raw) if raw is not None and len(raw) == size else bytearray(size)
+    try:
+        _fill(out, op, opt, size)
+    except (struct.error, OverflowError, ValueError) as exc:
+        raise TxnFormatError(
+            f"op {index} {opcode_name(op.opcode)}: a field does not fit the "
+            f"{'optimised' if opt else 'plain'} layout ({op!r}): {exc}"
+        ) from None
+    return bytes(out)
+
+
+def _put(out: bytearray, off: int, fmt: str, *values: int) -> None:
+    # struct's "x" pad codes would write zeros over raw padding, so fields are packed one by one.
+    struct.pack_into("<" + fmt, out, off, *values)
+
+
+def _fill(out: bytearray, op: Op, opt: bool, size: int) -> None:
+    code = op.opcode
+    if not 0 <= code <= 0xFF:
+        raise ValueError(f"opcode {code} is not a byte")
+    out[0] = code
+    if code >= CUSTOM_MIN:
+        _put(out, 4, "I", size)
+    match op:
+        case Write():
+            if opt:
+                _put(out, 4, "II", op.reg_off, op.value)
+            else:
+                _put(out, 8, "QII", op.reg_off, op.value, size)
+        case BlockWrite():
+            head = 12 if opt else 16
+            _put(out, head - 8, "II", op.reg_off, size)
+            out[head:] = op.values.astype("<u4").tobytes()
+        case MaskWrite() | MaskPoll() | MaskPollBusy():
+            if opt:
+                _put(out, 4, "III", op.reg_off, op.value, op.mask)
+            else:
+                _put(out, 8, "QIII", op.reg_off, op.value, op.mask, size)
+        case DdrPatch():
+            if size == PATCH_SIZE_OPT24:
+                _put(out, 8, "IB", op.regaddr, op.argidx)
+                _put(out, 16, "Q", op.argplus)
+            else:
+                _put(out, 16, "I", op.action)
+                _put(out, 24, "QQQ", op.regaddr, op.argidx, op.argplus)
+        case Tct() | MergeSync():
+            _put(out, 8, "II", op.word, op.config)
+        case RecordTimer():
+            _put(out, 8, "I", op.timer_id)
+        case ReadRegs():
+            _put(out, 8, "I", len(op.addresses))
+            _put(out, 16, f"{len(op.addresses)}Q", *op.addresses)
+        case CustomOp():
+            if code < FIRST_UNKNOWN_CUSTOM_OP:
+                raise ValueError(
+                    f"CustomOp opcode {code:#x} must be >= {FIRST_UNKNOWN_CUSTOM_OP:#x}"
+                )
+            out[8:] = op.payload
+        case Noop() | UpdateScratch():
+            pass
+        case Preempt():
+            _put(out, 1, "B", op.level)
+        case LoadPdi():
+            _put(out, 2, "HIQ", op.pdi_id, op.pdi_size, op.pdi_address)
+        case LoadPmStart():
+            if not 0 <= op.load_sequence_count < 1 << 24:
+                raise ValueError(f"load_sequence_count {op.load_sequence_count} exceeds 24 bits")
+            _put(out, 0, "II", code | op.load_sequence_count << 8, op.pm_load_id)
+        case CreateScratchpad():
+            _put(out, 1, "B", op.usage_type)
+            _put(out, 4, "IQ", op.size, op.scratch_offset)
+        case UpdateStateTable():
+            _put(out, 1, "BB", op.state_table_idx, op.func)
+            _put(out, 4, "I", op.func_arg)
+        case UpdateReg():
+            _put(out, 1, "BB", op.state_table_idx, op.func)
+            _put(out, 4, "II", op.func_arg, op.reg_off)
+        case _:
+            raise ValueError(f"not a transaction op: {op!r}")
