@@ -35,11 +35,13 @@ from npudispatch.operators.activations import Gelu, NpuGelu, Sigmoid, Silu
 from npudispatch.operators.cast import Cast
 from npudispatch.operators.elementwise import Add, Div, Mul, Sub
 from npudispatch.operators.matmul import Gemm, MatMul, MatMulBias
+from npudispatch.operators.matmul_nbits import MatMulNBits
 from npudispatch.operators.norms import (
     LayerNormalization,
     SimplifiedLayerNormalization,
     SkipSimplifiedLayerNormalization,
 )
+from npudispatch.operators.qmatmul import QLinearMatMul, QMatMul
 from npudispatch.operators.registry import register
 from npudispatch.operators.softmax import Softmax
 from npudispatch.operators.transpose import Transpose
@@ -61,3 +63,6 @@ register(Cast)
 register(MatMul)
 register(Gemm)
 register(MatMulBias)
+register(MatMulNBits)
+register(QMatMul)
+register(QLinearMatMul)
