@@ -4,7 +4,7 @@ kernels and numpy references (ARCHITECTURE.md §2, §4).
 Public entry points: :func:`registry.match` (node -> :class:`~.base.OpConfig` or
 :class:`~.base.Decline`), :func:`registry.support` (for ``graph.partition``),
 :func:`registry.kernels` (kernel id -> callable, for the emulator), and
-:func:`harness.run_single` (run one operator alone on the emulator).
+:func:`npudispatch.testing.harness.run_single` (run one operator alone on the emulator).
 
 Adding an operator
 ------------------
@@ -27,7 +27,7 @@ Adding an operator
    over the columns) from those.
 2. Add one line ``register(MyOp)`` below. Registration order is candidate priority for a
    ``(domain, op_type)``; kernel ids must be unique (checked at import).
-3. Add tests under ``tests/operators/`` comparing ``harness.run_single`` with ``reference`` and
+3. Add tests under ``tests/operators/`` comparing ``npudispatch.testing.harness.run_single`` with ``reference`` and
    with onnxruntime on a one-node model.
 """
 

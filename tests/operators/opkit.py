@@ -18,7 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from npudispatch.operators import harness
+from npudispatch.testing import harness
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ONNX_TYPE = {np.dtype(np.float32): TensorProto.FLOAT, BF16: TensorProto.BFLOAT16}

@@ -9,9 +9,10 @@ from onnx import TensorProto
 from opkit import BF16, one_node_model, random, run_emu
 
 from npudispatch.errors import DeviceError, DeviceHang, UnsupportedOpError
-from npudispatch.operators import dma, harness, registry
+from npudispatch.operators import dma, registry
 from npudispatch.operators.base import REAL_SHAPE_KEY, ArgKind, Decline, OpConfig
 from npudispatch.overlay_abi import ParamsRecord, operand_channels
+from npudispatch.testing import harness
 from npudispatch.txn.rebase import ArgRange, rebase
 
 

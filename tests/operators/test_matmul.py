@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from opkit import BF16, assert_close, one_node_model, random, reference, run_emu, run_ort
 
 from npudispatch.errors import PlanError
-from npudispatch.operators import harness, registry
+from npudispatch.operators import registry
 from npudispatch.operators.base import REAL_SHAPE_KEY, ArgKind, Decline
 from npudispatch.operators.matmul import (
     MAX_WEIGHT_STRIPES,
@@ -33,6 +33,7 @@ from npudispatch.operators.weights import (
     format_bf16,
     stripe_order,
 )
+from npudispatch.testing import harness
 from npudispatch.txn import ops as txops
 from npudispatch.txn.registers import SHIM_BD_BASE, SHIM_BD_STRIDE, SHIM_NUM_BDS, split_addr
 from npudispatch.txn.shim import ShimBd

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from opkit import assert_close, reference
 
-from npudispatch.operators import harness, registry
+from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, Decline
 from npudispatch.operators.matmul_nbits import MatMulNBits, dequantize_nbits
 from npudispatch.operators.qmatmul import QLinearMatMul, QMatMul
@@ -31,6 +31,7 @@ from npudispatch.operators.weights import (
     q4_parts,
     stripe_order,
 )
+from npudispatch.testing import harness
 
 for _cls in (MatMulNBits, QMatMul, QLinearMatMul):
     registry.register(_cls)  # idempotent; operators/__init__.py registers them too
