@@ -1,0 +1,114 @@
+"""``npudispatch inspect MODEL``: node counts, topological order, partitions, unsupported nodes."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from npudispatch import graph
+from npudispatch.cli.common import add_dims_option, parse_dims, print_json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``inspect`` command."""
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show a model's op types, order, NPU/CPU partitions and unsupported nodes",
+        description="Load MODEL (shapes inferred, symbolic dims bound with --dims) and report "
+        "how it would be partitioned between the NPU and the CPU.",
+    )
+    parser.add_argument("model", help="path to an .onnx file")
+    add_dims_option(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def op_key(node: ir.Node) -> str:
+    """Op type, qualified by its domain unless it is the ONNX default domain."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+
+
+def inspect_model(model: ir.Model) -> dict[str, Any]:
+    """The JSON document of ``inspect --json`` (stable keys)."""
+    order = graph.topological_order(model)
+    rep = graph.report(model, graph.default_support)
+    return {
+        "nodes": [n.name for n in order],
+        "op_types": dict(sorted(Counter(op_key(n) for n in order).items())),
+        "partitions": [
+            {
+                "kind": p.kind,
+                "nodes": [n.name for n in p.nodes],
+                "inputs": [v.name for v in p.inputs],
+                "outputs": [v.name for v in p.outputs],
+            }
+            for p in rep.partitions
+        ],
+        "unsupported": [
+            {"node": u.name, "op_type": op_key(u.node), "reason": u.reason} for u in rep.unsupported
+        ],
+    }
+
+
+def _table(header: Sequence[str], rows: list[Sequence[Any]], indent: str = "  ") -> list[str]:
+    cells = [list(map(str, header))] + [list(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+
+
+def _names(values: list[str], limit: int = 6) -> str:
+    shown = ", ".join(values[:limit])
+    return shown + (f", ... (+{len(values) - limit})" if len(values) > limit else "") or "-"
+
+
+def render(model: ir.Model, doc: dict[str, Any], source: str) -> str:
+    """Human-readable report with aligned columns."""
+    labels = graph.partition_names([graph.Partition(p["kind"], []) for p in doc["partitions"]])
+    where = {n: label for label, p in zip(labels, doc["partitions"]) for n in p["nodes"]}
+    by_name = {n.name: n for n in model.graph}
+    kinds = Counter(p["kind"] for p in doc["partitions"])
+    lines = [
+        f"model {source}: {len(doc['nodes'])} nodes, {len(model.graph.inputs)} inputs, "
+        f"{len(model.graph.outputs)} outputs, {len(model.graph.initializers)} initializers; "
+        f"{kinds['npu']} NPU + {kinds['cpu']} CPU partitions",
+        "",
+        "op types:",
+        *_table(["count", "op_type"], [(c, k) for k, c in doc["op_types"].items()]),
+        "",
+        "order:",
+    ]
+    rows = []
+    for i, name in enumerate(doc["nodes"]):
+        node = by_name[name]
+        out = node.outputs[0] if node.outputs else None
+        shape = f"{out.dtype.name if out.dtype else '?'}{list(out.shape or [])}" if out else ""
+        rows.append((i, where[name], op_key(node), name, shape))
+    lines += _table(["#", "part", "op_type", "node", "first output"], rows)
+    lines += ["", "partitions:"]
+    rows = [
+        (label, p["kind"], len(p["nodes"]), _names(p["inputs"]), _names(p["outputs"]))
+        for label, p in zip(labels, doc["partitions"])
+    ]
+    lines += _table(["part", "kind", "nodes", "inputs", "outputs"], rows)
+    lines += ["", f"unsupported ({len(doc['unsupported'])} nodes):"]
+    if doc["unsupported"]:
+        rows = [(u["node"], u["op_type"], u["reason"]) for u in doc["unsupported"]]
+        lines += _table(["node", "op_type", "reason"], rows)
+    else:
+        lines.append("  none: every node can run on the NPU")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and print the report."""
+    model = graph.load(args.model, dims=parse_dims(args.dims))
+    doc = inspect_model(model)
+    if args.json:
+        print_json(doc)
+    else:
+        print(render(model, doc, args.model))
+    return 0
