@@ -11,6 +11,7 @@ from typing import Any
 
 import onnx
 
+from npudispatch.examples.exporter import bert_encoder_layer, llama_decoder_layer
 from npudispatch.examples.golden import GOLDEN
 from npudispatch.examples.llama import llama2_mlp, llama2_mlp_small
 
@@ -18,11 +19,14 @@ __all__ = ["EXAMPLES", "build_example", "register"]
 
 Builder = Callable[..., onnx.ModelProto]
 
-#: Every example by name: DD's golden graphs "G1".."G20" (G18 split in five) and the llama2 MLP.
+#: Every example by name: DD's golden graphs "G1".."G20" (G18 split in five), the llama2 MLP and
+#: exporter-style transformer layers (torch.onnx.export-shaped, symbolic batch/sequence dims).
 EXAMPLES: dict[str, Builder] = {
     **GOLDEN,
     "llama2-mlp": llama2_mlp,
     "llama2-mlp-small": llama2_mlp_small,
+    "llama-decoder-layer": llama_decoder_layer,
+    "bert-encoder-layer": bert_encoder_layer,
 }
 
 

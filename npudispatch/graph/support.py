@@ -26,7 +26,9 @@ SupportQuery = Callable[[ir.Node], str | None]
 Supported = Collection[str | tuple[str, str]] | SupportQuery
 
 #: Domains a plain op-type name matches: ONNX and the onnxruntime contrib domain.
-STANDARD_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
+#: Domains whose op types the default query accepts; "npudispatch" holds the fused ops the
+#: rewriter emits (Silu, Gelu, MatMulBias, QMatMul).
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft", "npudispatch"})
 
 #: Op types that the NPU operator library is expected to cover (the single place to change).
 DEFAULT_NPU_OP_TYPES = frozenset(
@@ -34,6 +36,9 @@ DEFAULT_NPU_OP_TYPES = frozenset(
         "MatMul",
         "Gemm",
         "MatMulNBits",
+        "MatMulBias",
+        "QMatMul",
+        "QLinearMatMul",
         "Add",
         "Sub",
         "Mul",

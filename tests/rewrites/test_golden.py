@@ -79,10 +79,6 @@ def test_llama_mlp_and_norms_land_on_npu():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="graph.default_support does not list npudispatch-domain ops yet (requested in report)",
-)
 def test_llama_mlp_lands_on_npu_with_default_support():
     m = rewritten(llama_decoder_layer())
     assert "Silu" in _npu_ops(m, graph.default_support)
