@@ -21,6 +21,18 @@ from npudispatch.errors import (
 
 __version__ = "0.1.0"
 
+_LAZY = {"Session": "npudispatch.dispatch.session", "compile_model": "npudispatch.dispatch.compile"}
+
+
+def __getattr__(name: str):
+    """Lazy top-level API: ``npudispatch.Session`` and ``npudispatch.compile_model``."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'npudispatch' has no attribute {name!r}")
+
+
 __all__ = [
     "BackendUnavailableError",
     "DeviceError",
@@ -30,7 +42,9 @@ __all__ = [
     "NpuDispatchError",
     "PlanError",
     "RewriteError",
+    "Session",
     "TxnFormatError",
     "UnsupportedOpError",
     "__version__",
+    "compile_model",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from npudispatch.errors import NpuDispatchError
 
-_COMMAND_MODULES = ("example", "inspect_cmd", "txn_cmd")
+_COMMAND_MODULES = ("example", "inspect_cmd", "txn_cmd", "compile_cmd", "run_cmd", "plan_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

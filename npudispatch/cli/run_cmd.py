@@ -1,0 +1,185 @@
+"""``npudispatch run MODEL [--inputs x.npz] [--backend emulator] [--check] [--json]``.
+
+Without ``--inputs``, seeded random inputs (``--seed``). ``--check`` compares every output with
+onnxruntime on the original model and exits 1 on a mismatch. ``--json`` prints
+``{"outputs": {name: {"shape", "dtype", "max_abs", "max_rel", "ok"}}, "kernel_calls", "cpu_segments",
+"bytes_copied", "stage_seconds", "ok"}`` (comparison fields null without ``--check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from npudispatch.cli.common import add_dims_option, parse_dims, print_json
+from npudispatch.errors import ModelError
+
+EXIT_MISMATCH = 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``run`` command."""
+    parser = subparsers.add_parser(
+        "run",
+        help="run a model (NPU partitions on the emulator or xrt, the rest on the CPU)",
+        description="Run a model with npudispatch.Session; optionally check it against onnxruntime.",
+    )
+    parser.add_argument("model", type=Path, help="ONNX model file")
+    parser.add_argument("--inputs", type=Path, help=".npz file with one array per model input")
+    parser.add_argument("--backend", default="emulator", help="emulator (default) or xrt")
+    parser.add_argument("--xclbin", type=Path, help="xclbin for the xrt backend")
+    parser.add_argument(
+        "--fallback",
+        default="onnxruntime",
+        choices=("onnxruntime", "reference", "none"),
+        help="where unsupported nodes run (none: fail on them)",
+    )
+    parser.add_argument("--check", action="store_true", help="compare with onnxruntime")
+    parser.add_argument("--rtol", type=float, default=2e-2, help="relative tolerance (--check)")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=2e-2,
+        help="absolute tolerance, scaled by max(1, max|reference|) (--check)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("-o", "--save-outputs", type=Path, help="write the outputs to this .npz")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_dims_option(parser)
+    parser.set_defaults(func=run)
+
+
+def random_inputs(session: Any, seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs for every model input: normal floats, small non-negative integers."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for arg in session.get_inputs():
+        dtype = dtype_of(arg.type)
+        if np.issubdtype(dtype, np.integer):
+            feeds[arg.name] = rng.integers(0, 32, size=arg.shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[arg.name] = rng.integers(0, 2, size=arg.shape).astype(bool)
+        else:
+            feeds[arg.name] = rng.standard_normal(arg.shape).astype(np.float32).astype(dtype)
+    return feeds
+
+
+def dtype_of(type_string: str) -> np.dtype:
+    """numpy dtype of an onnxruntime type string such as ``tensor(float)``."""
+    import onnx_ir as ir
+
+    inner = type_string.removeprefix("tensor(").removesuffix(")")
+    name = {"float": "FLOAT", "double": "DOUBLE"}.get(inner, inner.upper())
+    return np.dtype(ir.DataType[name].numpy())
+
+
+def load_inputs(path: Path) -> dict[str, np.ndarray]:
+    """Arrays of an .npz file by name."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read inputs from {path}: {exc} (expected an .npz)") from exc
+
+
+def onnxruntime_outputs(
+    model_path: Path, dims: dict[str, int], feeds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Reference outputs: onnxruntime on the original model (dims bound, npudispatch ops given
+    function bodies)."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from npudispatch import graph, opset
+
+    model = graph.load(model_path, dims=dims)
+    if any(n.domain == opset.DOMAIN for n in model.graph.all_nodes()):
+        opset.attach_functions(model)
+    model.ir_version = min(model.ir_version, graph.EXTRACT_IR_VERSION)
+    proto = ir.serde.serialize_model(model)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def compare(actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float) -> dict[str, Any]:
+    """max_abs / max_rel differences and whether ``actual`` is within tolerance."""
+    a = np.asarray(actual).astype(np.float64)
+    e = np.asarray(expected).astype(np.float64)
+    if a.shape != e.shape:
+        return {
+            "max_abs": None,
+            "max_rel": None,
+            "ok": False,
+            "error": f"shape {a.shape} != {e.shape}",
+        }
+    if a.size == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "ok": True}
+    diff = np.abs(a - e)
+    scale = atol * max(1.0, float(np.nanmax(np.abs(e))))
+    ok = bool(np.all(diff <= scale + rtol * np.abs(e)) and not np.isnan(a).any())
+    rel = diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)
+    return {"max_abs": float(diff.max()), "max_rel": float(rel.max()), "ok": ok}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the model; with --check compare with onnxruntime."""
+    from npudispatch.dispatch.session import Session
+
+    dims = parse_dims(args.dims)
+    options: dict[str, Any] = {}
+    if args.xclbin is not None:
+        options["xclbin"] = args.xclbin
+    fallback = None if args.fallback == "none" else args.fallback
+    session = Session(args.model, backend=args.backend, fallback=fallback, dims=dims, **options)
+    feeds = load_inputs(args.inputs) if args.inputs else random_inputs(session, args.seed)
+    outputs = session.run(None, feeds)
+    names = [o.name for o in session.get_outputs()]
+    results = dict(zip(names, outputs))
+    if args.save_outputs:
+        np.savez(args.save_outputs, **{k: np.ascontiguousarray(v) for k, v in results.items()})
+    reference = onnxruntime_outputs(args.model, dims, feeds) if args.check else {}
+    stats = session.last_run_stats
+    summary: dict[str, Any] = {"outputs": {}}
+    all_ok = True
+    for name, value in results.items():
+        entry: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype)}
+        if args.check:
+            entry.update(compare(value, reference[name], args.rtol, args.atol))
+            all_ok &= entry["ok"]
+        else:
+            entry.update({"max_abs": None, "max_rel": None, "ok": None})
+        summary["outputs"][name] = entry
+    summary.update(
+        {
+            "kernel_calls": stats.kernel_calls,
+            "cpu_segments": stats.cpu_segments,
+            "bytes_copied": stats.bytes_copied,
+            "stage_seconds": stats.stage_seconds,
+            "backend": session.backend.name,
+            "ok": all_ok if args.check else None,
+        }
+    )
+    if args.json:
+        print_json(summary)
+    else:
+        for name, entry in summary["outputs"].items():
+            line = f"{name}: {entry['dtype']}{entry['shape']}"
+            if args.check:
+                line += (
+                    f"  max_abs {entry['max_abs']:.3g}  max_rel {entry['max_rel']:.3g}  "
+                    f"{'ok' if entry['ok'] else 'MISMATCH'}"
+                )
+            print(line)
+        print(
+            f"{stats.kernel_calls} kernel call(s), {stats.cpu_segments} CPU segment(s), "
+            f"{stats.bytes_copied:,} B copied, {stats.stage_seconds.get('total', 0.0) * 1e3:.1f} ms"
+        )
+    if args.check and not all_ok:
+        print("npudispatch run: outputs differ from onnxruntime", file=sys.stderr)
+        return EXIT_MISMATCH
+    return 0

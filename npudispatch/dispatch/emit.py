@@ -1,0 +1,476 @@
+"""Emit one NPU partition as a :class:`FusedProgram`: re-based op transactions fused into one.
+
+Re-basing (DD_REFERENCE.md §7, TXN_FORMAT.md §8.3) maps each op's own buffers (``ArgSpec``,
+op-local argidx) onto the five fused buffers with :func:`npudispatch.txn.rebase`:
+
+==========  ==========================================================================
+ArgSpec     fused buffer + offset
+==========  ==========================================================================
+INPUT       the tensor's placement (input, output or scratch buffer; aliases resolved)
+OUTPUT      the tensor's placement
+CONST       3, the op's const region (several CONST specs: consecutive parts of it)
+PARAMS      4, the op's params region
+SCRATCH     2, the shared op scratch pad (several specs: consecutive parts of it)
+==========  ==========================================================================
+
+A constant an operator streams as an activation gets its own const region named
+``CONST_TENSOR_PREFIX + tensor``. The fused transaction is ``txn.fuse`` of the re-based ones;
+:attr:`FusedProgram.instructions` is the wrapped instruction buffer (TXN_FORMAT.md §7.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from npudispatch.dispatch.backends.base import ProgramImage
+from npudispatch.dispatch.plan import BufferKind, BufferPlan
+from npudispatch.errors import ModelError, PlanError
+from npudispatch.operators import registry
+from npudispatch.operators.base import ArgKind, ArgSpec, OpConfig, round_up
+from npudispatch.txn import ArgRange, Transaction, fuse, rebase, wrap
+
+__all__ = [
+    "CONST_TENSOR_PREFIX",
+    "FusedProgram",
+    "Launch",
+    "OpEntry",
+    "TensorBinding",
+    "emit",
+    "numpy_dtype",
+    "value_nbytes",
+]
+
+CONST_TENSOR_PREFIX = "const:"
+PROGRAM_FORMAT = 1
+FILES = ("program.json", "txn.bin", "const.bin", "params.bin")
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype from its name (``bfloat16`` and other ml_dtypes included)."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def value_nbytes(value: ir.Value) -> int:
+    """Bytes of a statically shaped value (0 when its dtype or shape is unknown)."""
+    if value.dtype is None or value.shape is None or not value.shape.is_static():
+        return 0
+    count = int(np.prod([int(d) for d in value.shape], dtype=np.int64))
+    return (count * value.dtype.bitwidth + 7) // 8
+
+
+@dataclass
+class Launch:
+    """One op of a partition: its node, config, buffers, formatted consts and params record."""
+
+    node: ir.Node
+    cfg: OpConfig
+    args: list[ArgSpec]
+    consts: bytes
+    params: bytes
+
+
+@dataclass(frozen=True)
+class TensorBinding:
+    """A host-visible tensor of a program: where the host writes (inputs) or reads (outputs) it.
+
+    ``shape`` is the logical (ONNX) shape, ``padded_shape`` the shape laid out in the buffer;
+    the tensor is the leading ``shape`` corner of the ``padded_shape`` array at ``offset``.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    padded_shape: tuple[int, ...]
+    buffer: int
+    offset: int
+    nbytes: int
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return numpy_dtype(self.dtype)
+
+    @property
+    def is_padded(self) -> bool:
+        return self.shape != self.padded_shape
+
+    def view(self, buffer: np.ndarray) -> np.ndarray:
+        """The logical tensor as a view into the uint8 ``buffer`` (no copy)."""
+        dt = self.np_dtype
+        count = int(np.prod(self.padded_shape, dtype=np.int64))
+        arr = buffer[self.offset : self.offset + count * dt.itemsize].view(dt)
+        arr = arr.reshape(self.padded_shape)
+        if self.is_padded:
+            arr = arr[tuple(slice(0, s) for s in self.shape)]
+        return arr
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"], d["padded_shape"] = list(self.shape), list(self.padded_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorBinding:
+        return cls(
+            d["name"],
+            d["dtype"],
+            tuple(d["shape"]),
+            tuple(d["padded_shape"]),
+            int(d["buffer"]),
+            int(d["offset"]),
+            int(d["nbytes"]),
+        )
+
+
+@dataclass
+class OpEntry:
+    """One op of a fused program (DD ``op_list`` entry plus the kernel id and txn op count)."""
+
+    name: str
+    op_type: str
+    domain: str
+    kernel_id: int
+    in_args: list[str]
+    const_args: list[str]
+    out_args: list[str]
+    attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    txn_ops: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dd_attrs(node: ir.Node) -> dict[str, dict[str, Any]]:
+    """Node attributes in DD's ``{name: {type, value: [str...]}}`` form (DD_REFERENCE §3)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, attr in node.attributes.items():
+        value = attr.value
+        values = list(value) if isinstance(value, list | tuple) else [value]
+        if all(isinstance(v, bool | int | np.integer) for v in values):
+            kind = "int"
+        elif all(isinstance(v, float | int) for v in values):
+            kind = "float"
+        elif all(isinstance(v, str) for v in values):
+            kind = "str"
+        else:
+            continue  # tensors/graphs have no DD attribute form
+        out[name] = {"type": kind, "value": [str(v) for v in values]}
+    return out
+
+
+def _op_entry(launch: Launch, txn_ops: int) -> OpEntry:
+    node = launch.node
+    ins = [v for v in node.inputs if v is not None]
+    return OpEntry(
+        name=node.name,
+        op_type=node.op_type,
+        domain=node.domain,
+        kernel_id=int(launch.cfg.operator.kernel_id),
+        in_args=[v.name for v in ins if not v.is_initializer()],
+        const_args=[v.name for v in ins if v.is_initializer()],
+        out_args=[v.name for v in node.outputs],
+        attrs=_dd_attrs(node),
+        txn_ops=txn_ops,
+    )
+
+
+def _ranges(launch: Launch, plan: BufferPlan) -> list[ArgRange]:
+    node = launch.node
+    name = node.name
+    ranges: list[ArgRange] = []
+    cursor = {ArgKind.CONST: 0, ArgKind.SCRATCH: 0, ArgKind.PARAMS: 0}
+    for a in launch.args:
+        if a.kind in (ArgKind.INPUT, ArgKind.OUTPUT):
+            v = (node.inputs if a.kind == ArgKind.INPUT else node.outputs)[a.index]
+            assert v is not None
+            if v.is_initializer():
+                buffer, offset = (
+                    BufferKind.CONST,
+                    plan.const_regions[CONST_TENSOR_PREFIX + v.name][0],
+                )
+            else:
+                pl = plan.placements[v.name]
+                if a.nbytes > pl.nbytes:
+                    raise PlanError(
+                        f"op {name!r} {a.kind.name} arg {a.index} ({v.name!r}) needs {a.nbytes} B "
+                        f"but the plan gives {pl.nbytes} B; the tensor requests were computed wrong"
+                    )
+                buffer, offset = pl.buffer, pl.offset
+            ranges.append(ArgRange(a.local_argidx, a.offset, a.nbytes, int(buffer), offset))
+            continue
+        if a.kind == ArgKind.SCRATCH:
+            base, step = plan.op_scratch_offset, round_up(a.nbytes, plan.alignment)
+        else:
+            regions = plan.const_regions if a.kind == ArgKind.CONST else plan.params_regions
+            if name not in regions:
+                raise PlanError(f"op {name!r} has a {a.kind.name} arg but no region in the plan")
+            base, step = regions[name][0], round_up(a.nbytes)
+        ranges.append(
+            ArgRange(a.local_argidx, a.offset, a.nbytes, int(a.kind), base + cursor[a.kind])
+        )
+        cursor[a.kind] += step
+    return ranges
+
+
+def _const_tensor_bytes(value: ir.Value, size: int) -> bytes:
+    """Raw bytes of a constant streamed as an activation (ONNX layout, zero-filled to ``size``)."""
+    assert value.const_value is not None
+    data = np.ascontiguousarray(value.const_value.numpy()).tobytes()
+    if len(data) > size:
+        raise PlanError(f"constant {value.name!r} has {len(data)} B, its region {size} B")
+    return data
+
+
+def _binding(value: ir.Value, plan: BufferPlan) -> TensorBinding:
+    pl = plan.placements[value.name]
+    return TensorBinding(
+        name=value.name,
+        dtype=pl.dtype,
+        shape=tuple(pl.shape),
+        padded_shape=tuple(pl.padded_shape) if pl.padded_shape is not None else tuple(pl.shape),
+        buffer=int(pl.buffer),
+        offset=pl.offset,
+        nbytes=pl.nbytes,
+    )
+
+
+def emit(
+    name: str,
+    launches: Sequence[Launch],
+    plan: BufferPlan,
+    io: Any,
+    *,
+    num_cols: int = 4,
+) -> FusedProgram:
+    """Re-base every op transaction onto the plan, fuse, and build the const and params images.
+
+    ``io`` has ``inputs``/``outputs`` (the partition's host-visible values, in order).
+    """
+    txns: list[Transaction] = []
+    ops: list[OpEntry] = []
+    const_image = bytearray(plan.const_bytes)
+    params_image = bytearray(plan.params_bytes)
+    const_tensors: dict[str, dict[str, Any]] = {}
+    for launch in launches:
+        node = launch.node
+        op = launch.cfg.operator
+        try:
+            txn = rebase(op.transaction(launch.cfg, num_cols), _ranges(launch, plan))
+        except Exception as exc:
+            if isinstance(exc, PlanError):
+                raise
+            raise ModelError(
+                f"program {name!r}, op {node.name!r}: re-basing failed: {exc}"
+            ) from exc
+        txns.append(txn)
+        ops.append(_op_entry(launch, txn.num_ops))
+        if launch.consts:
+            off = plan.const_regions[node.name][0]
+            const_image[off : off + len(launch.consts)] = launch.consts
+        if launch.params:
+            off = plan.params_regions[node.name][0]
+            params_image[off : off + len(launch.params)] = launch.params
+        for v in node.inputs:
+            if v is None or not v.is_initializer() or v.name in const_tensors:
+                continue
+            region = plan.const_regions.get(CONST_TENSOR_PREFIX + v.name)
+            owner = CONST_TENSOR_PREFIX + v.name if region else node.name
+            off = (region or plan.const_regions.get(node.name, (0, 0)))[0]
+            if region:
+                data = _const_tensor_bytes(v, region[1])
+                const_image[off : off + len(data)] = data
+            const_tensors[v.name] = {
+                "dtype": np.dtype(v.dtype.numpy()).name if v.dtype else "unknown",
+                "shape": [int(d) for d in v.shape] if v.shape is not None else [],
+                "size_in_bytes": value_nbytes(v),
+                "region": owner,
+                "offset": off,
+            }
+    return FusedProgram(
+        name=name,
+        txn=fuse(txns),
+        plan=plan,
+        const_image=bytes(const_image),
+        params_image=bytes(params_image),
+        ops=ops,
+        inputs=[_binding(v, plan) for v in io.inputs],
+        outputs=[_binding(v, plan) for v in io.outputs],
+        const_tensors=const_tensors,
+        num_cols=num_cols,
+    )
+
+
+@dataclass
+class FusedProgram:
+    """One NPU partition compiled: fused transaction, plan, const/params images, ops, IO bindings.
+
+    Runs without the model: :meth:`save` / :meth:`load` keep everything (kernels are resolved
+    from the operator registry by kernel id when the program is turned into a
+    :class:`~npudispatch.dispatch.backends.ProgramImage`).
+    """
+
+    name: str
+    txn: Transaction
+    plan: BufferPlan
+    const_image: bytes
+    params_image: bytes
+    ops: list[OpEntry]
+    inputs: list[TensorBinding]
+    outputs: list[TensorBinding]
+    const_tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_cols: int = 4
+
+    @property
+    def instructions(self) -> bytes:
+        """The instruction-buffer image: ``{u32 0, u32 size}`` + fused transaction (§7.1)."""
+        return wrap(self.txn)
+
+    @property
+    def kernel_ids(self) -> list[int]:
+        """Distinct kernel ids used, in first-use order."""
+        return list(dict.fromkeys(op.kernel_id for op in self.ops))
+
+    def kernels(self) -> dict[int, Any]:
+        """``kernel id -> kernel`` resolved from the operator registry (ModelError if unknown)."""
+        out = {}
+        for kid in self.kernel_ids:
+            try:
+                out[kid] = registry.operator_for_kernel(kid).kernel
+            except KeyError:
+                raise ModelError(
+                    f"program {self.name!r} uses kernel id {kid}, which no registered operator "
+                    "has; load it with the npudispatch version that compiled it"
+                ) from None
+        return out
+
+    def to_program_image(self) -> ProgramImage:
+        """What a backend runs (raw fused transaction, five buffer sizes, images, kernels)."""
+        return ProgramImage(
+            txn=self.txn.to_bytes(),
+            buffer_sizes=self.plan.buffer_sizes,
+            const_image=self.const_image,
+            params_image=self.params_image,
+            kernels=self.kernels(),
+            name=self.name,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """``plan`` and ``txn`` figures of ``report.json``."""
+        p = self.plan
+        return {
+            "plan": {
+                "scratch_bytes": p.scratch_bytes,
+                "scratch_lower_bound_bytes": p.scratch_lower_bound_bytes,
+                "input_bytes": p.input_bytes,
+                "output_bytes": p.output_bytes,
+                "const_bytes": p.const_bytes,
+                "params_bytes": p.params_bytes,
+            },
+            "txn": {"num_ops": self.txn.num_ops, "bytes": self.txn.nbytes},
+        }
+
+    # --- persistence ---------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``program.json`` document (with sha256 of the three binary files)."""
+        return {
+            "format": PROGRAM_FORMAT,
+            "name": self.name,
+            "num_cols": self.num_cols,
+            "ops": [op.to_dict() for op in self.ops],
+            "inputs": [b.to_dict() for b in self.inputs],
+            "outputs": [b.to_dict() for b in self.outputs],
+            "const_tensors": self.const_tensors,
+            "plan": self.plan.to_dict(),
+            "sha256": {
+                "txn.bin": hashlib.sha256(self.txn.to_bytes()).hexdigest(),
+                "const.bin": hashlib.sha256(self.const_image).hexdigest(),
+                "params.bin": hashlib.sha256(self.params_image).hexdigest(),
+            },
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``program.json``, ``txn.bin`` (raw fused TXN), ``const.bin``, ``params.bin``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "txn.bin").write_bytes(self.txn.to_bytes())
+        (d / "const.bin").write_bytes(self.const_image)
+        (d / "params.bin").write_bytes(self.params_image)
+        (d / "program.json").write_text(json.dumps(self.to_json(), indent=1))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FusedProgram:
+        """Read a program written by :meth:`save`; checks format and file hashes."""
+        d = Path(directory)
+        missing = [f for f in FILES if not (d / f).is_file()]
+        if missing:
+            raise ModelError(f"{d} is not a saved FusedProgram: missing {', '.join(missing)}")
+        doc = json.loads((d / "program.json").read_text())
+        if doc.get("format") != PROGRAM_FORMAT:
+            raise ModelError(
+                f"{d / 'program.json'}: format {doc.get('format')!r}, expected {PROGRAM_FORMAT}; "
+                "re-compile the model with this npudispatch version"
+            )
+        blobs = {f: (d / f).read_bytes() for f in FILES[1:]}
+        for f, data in blobs.items():
+            if hashlib.sha256(data).hexdigest() != doc["sha256"][f]:
+                raise ModelError(f"{d / f} does not match the sha256 in program.json (corrupted?)")
+        program = cls(
+            name=doc["name"],
+            txn=Transaction.from_bytes(blobs["txn.bin"]),
+            plan=BufferPlan.from_dict(doc["plan"]),
+            const_image=blobs["const.bin"],
+            params_image=blobs["params.bin"],
+            ops=[OpEntry(**op) for op in doc["ops"]],
+            inputs=[TensorBinding.from_dict(b) for b in doc["inputs"]],
+            outputs=[TensorBinding.from_dict(b) for b in doc["outputs"]],
+            const_tensors=doc.get("const_tensors", {}),
+            num_cols=int(doc["num_cols"]),
+        )
+        program.kernels()  # fail now, not at the first run, when a kernel id is unknown
+        return program
+
+    # --- views ---------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return (
+            f"FusedProgram({self.name!r}, {len(self.ops)} ops, txn {self.txn.nbytes} B / "
+            f"{self.txn.num_ops} ops, buffers {self.plan.buffer_sizes})"
+        )
+
+    def _repr_html_(self) -> str:
+        """Notebook view: the op list, the IO bindings and the buffer plan."""
+        esc = html.escape
+        rows = "".join(
+            f"<tr><td>{i}</td><td>{esc(op.name)}</td><td>{esc(op.op_type)}</td>"
+            f"<td>{op.kernel_id}</td><td>{esc(', '.join(op.in_args + op.const_args))}</td>"
+            f"<td>{esc(', '.join(op.out_args))}</td><td>{op.txn_ops}</td></tr>"
+            for i, op in enumerate(self.ops)
+        )
+        io = "".join(
+            f"<tr><td>{kind}</td><td>{esc(b.name)}</td><td>{esc(b.dtype)}</td>"
+            f"<td>{list(b.shape)}</td><td>{list(b.padded_shape)}</td><td>{b.offset}</td></tr>"
+            for kind, bs in (("in", self.inputs), ("out", self.outputs))
+            for b in bs
+        )
+        return (
+            f"<div><b>FusedProgram {esc(self.name)}</b>: {len(self.ops)} ops, fused txn "
+            f"{self.txn.nbytes:,} B ({self.txn.num_ops} txn ops), one kernel call"
+            "<table><tr><th>#</th><th>op</th><th>type</th><th>kernel</th><th>inputs</th>"
+            f"<th>outputs</th><th>txn ops</th></tr>{rows}</table>"
+            "<table><tr><th></th><th>tensor</th><th>dtype</th><th>shape</th><th>padded</th>"
+            f"<th>offset</th></tr>{io}</table>{self.plan._repr_html_()}</div>"
+        )

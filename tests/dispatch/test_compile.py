@@ -1,0 +1,130 @@
+"""compile_model: partitions, view handling, tensor requests, report, random DAGs (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from e2e_models import GOLDEN, Builder, assert_close, onnxruntime_run, random_feeds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from npudispatch import Session, compile_model
+from npudispatch.dispatch.compile import npu_support
+
+
+def test_report_document():
+    compiled = compile_model(GOLDEN["G14"]())
+    report = compiled.to_report()
+    assert {"partitions", "npu_node_fraction", "kernel_calls_per_run", "unsupported"} <= set(report)
+    assert report["kernel_calls_per_run"] == 2
+    assert report["npu_node_fraction"] == pytest.approx(3 / 4)
+    npu = [p for p in report["partitions"] if p["kind"] == "npu"]
+    for p in report["partitions"]:
+        assert {"kind", "nodes", "inputs", "outputs"} <= set(p)
+    for p in npu:
+        assert set(p["plan"]) == {
+            "scratch_bytes",
+            "scratch_lower_bound_bytes",
+            "input_bytes",
+            "output_bytes",
+            "const_bytes",
+            "params_bytes",
+        }
+        assert p["txn"]["num_ops"] > 0 and p["txn"]["bytes"] > 16
+    assert report["partitions"][1] == {
+        "name": "cpu0",
+        "kind": "cpu",
+        "nodes": ["cpu_tanh"],
+        "inputs": ["Y2"],
+        "outputs": ["T"],
+    }
+    assert set(compiled.timings) == {"load", "rewrite", "partition", "plan", "emit"}
+
+
+def test_supported_narrows_the_npu_set():
+    compiled = compile_model(GOLDEN["G11"](), supported={"MatMul"})
+    kinds = [p.kind for p in compiled.partitions]
+    assert kinds.count("cpu") >= 1
+    assert all(op.op_type == "MatMul" for p in compiled.programs.values() for op in p.ops)
+
+
+def test_view_between_two_host_tensors_goes_to_cpu():
+    """X -> Identity -> Y with X and Y both host-visible cannot be zero-copy."""
+    b = Builder()
+    b.inp("X", [1, 8])
+    b.node("Identity", ["X"], [b.out("Y", [1, 8])], "copy")
+    b.node("Sigmoid", ["X"], [b.out("S", [1, 8])], "sig")
+    model = b.model("io_view")
+    compiled = compile_model(model, rewrite=False)
+    reasons = {u.name: u.reason for u in compiled.report.unsupported}
+    assert "copy" in reasons and "share memory" in reasons["copy"]
+    feeds = random_feeds(model)
+    y, s = Session(compiled).run(None, feeds)
+    np.testing.assert_array_equal(y, feeds["X"])
+    assert_close(s, onnxruntime_run(model, feeds)["S"])
+
+
+def test_npu_support_query():
+    from npudispatch.graph import load
+
+    model = load(GOLDEN["G14"]())
+    query = npu_support()
+    by_name = {n.name: query(n) for n in model.graph}
+    assert by_name["matmul1"] is None
+    assert "Tanh" in by_name["cpu_tanh"]
+
+
+def test_tensor_requests_are_the_max_over_ops():
+    (program,) = compile_model(GOLDEN["G10"]()).programs.values()
+    for name, pl in program.plan.placements.items():
+        assert pl.nbytes >= int(np.prod(pl.shape)) * 4, name
+        assert pl.nbytes % 4 == 0
+
+
+UNARY = ("Sigmoid",)
+BINARY = ("Add", "Mul", "Sub")
+
+
+@st.composite
+def random_dag(draw):
+    """A random DAG of elementwise ops and MatMuls over [1, 4, 32] float tensors."""
+    n_ops = draw(st.integers(2, 7))
+    b = Builder(draw(st.integers(0, 1000)))
+    values = [b.inp("X0", [1, 4, 32]), b.inp("X1", [1, 4, 32])]
+    for i in range(n_ops):
+        kind = draw(st.sampled_from(["unary", "binary", "matmul"]))
+        a = draw(st.sampled_from(values))
+        out = f"t{i}"
+        if kind == "unary":
+            b.node("Sigmoid", [a], [out], f"op{i}")
+        elif kind == "binary":
+            c = draw(st.sampled_from(values))
+            b.node(draw(st.sampled_from(BINARY)), [a, c], [out], f"op{i}")
+        else:
+            b.node("MatMul", [a, b.weight(f"W{i}", [32, 32])], [out], f"op{i}")
+        values.append(out)
+    produced = values[2:]
+    consumed = {i for n in b.nodes for i in n.input}
+    outs = [v for v in produced if v not in consumed] or [produced[-1]]
+    extra = draw(st.lists(st.sampled_from(produced), max_size=2, unique=True))
+    for v in dict.fromkeys([*outs, *extra]):
+        b.out(v, [1, 4, 32])
+    return b.model("random_dag")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_dag())
+def test_random_dags_plan_and_run(model):
+    session = Session(model)
+    for program in session.programs:
+        plan = program.plan
+        plan.validate()
+        assert plan.scratch_intermediate_bytes >= plan.scratch_lower_bound_bytes
+        for pl in plan.placements.values():
+            assert pl.offset >= 0 and pl.end <= plan.size(pl.buffer)
+    feeds = random_feeds(model)
+    used = {a.name for a in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in used}
+    ref = onnxruntime_run(model, feeds)
+    for out, name in zip(session.run(None, feeds), [o.name for o in session.get_outputs()]):
+        assert_close(out, ref[name], rtol=5e-2, atol=5e-2)
