@@ -1,0 +1,365 @@
+"""Precision: float32 models compute in bf16 on the NPU, with casts only at NPU-partition borders.
+
+For every NPU partition (``npudispatch.graph.partition`` with the operator registry's support,
+zero-copy views included) the pass:
+
+* decides per node whether it can run in bf16: it temporarily gives the node's float32 inputs and
+  outputs the bf16 type (float32 constants as bf16 copies) and asks ``registry.match``; if the
+  op declines bf16 constants (e.g. scales an op needs in float32) it retries with the constants
+  kept float32; if it still declines, the node stays float32 (casts bridge it, reported);
+* converts float32 values that are produced and consumed only by bf16 nodes in place (same
+  name, half the bytes); float32 constants read by bf16 nodes become bf16 initializers
+  (``<name>__bf16``) - no Cast node, converted once at compile time;
+* inserts ``Cast(to=BFLOAT16)`` on float32 values entering the partition (graph inputs, CPU
+  results) and ``Cast(to=FLOAT)`` on values leaving it (graph outputs, values read by CPU nodes
+  or other partitions). The float32 value keeps its name, so graph outputs and CPU consumers are
+  untouched; the bf16 twin is ``<name>__bf16``. Cast is an NPU operator, so the casts run inside
+  the partition (partition count unchanged) and the host moves float32 data as before.
+
+Inserted casts carry ``metadata_props["npudispatch.precision"] = "boundary"``; the pass never
+converts them again, so it is idempotent (a second run reports ``modified=False``).
+
+Tolerance policy (bf16 NPU compute vs float32 onnxruntime)
+----------------------------------------------------------
+bf16 keeps 8 significant bits: unit roundoff ``U = 2**-8`` (3.9e-3). Kernels round operands to
+bf16, compute in float32 and round the result to bf16 (``operators.dtypes``), so each op adds a
+few ``U`` of *relative* error. Budgets per op, in units of U (:data:`BUDGETS`):
+
+=====================================================  ======  ==========================
+family                                                 budget  why
+=====================================================  ======  ==========================
+Cast                                                   1       one rounding
+Add Sub Mul Div Sigmoid Silu Gelu (elementwise)        3       operand + result rounding
+Softmax                                                4       + exp, row sum
+LayerNormalization, (Skip)SimplifiedLayerNormalization 6       row statistics, rsqrt, scale
+MatMul Gemm MatMulBias MatMulNBits QMatMul             4       operand + result rounding
+Transpose, views, CPU (float32) ops                    0       exact data movement / fp32
+=====================================================  ======  ==========================
+
+* ``rtol = U * sqrt(sum of budget**2 over the ops on the path)``: independent roundings add in
+  quadrature (one elementwise op: 1.2e-2; a decoder MLP of ~6 ops: ~4e-2).
+* ``atol = rtol * scale`` for values near zero, where ``scale`` is the typical magnitude of the
+  operands (1 for unit-variance test data). **Matmuls** sum ``K`` products, each carrying the
+  operands' rounding error: the absolute error grows like ``sqrt(K)`` for random-sign data
+  (``K`` in the worst case) while results grow like ``sqrt(K)`` too, so the relative budget is
+  K-independent but ``atol`` scales with ``sqrt(K)``: pass ``k`` (largest reduction length) and
+  :func:`tolerance_for` multiplies ``atol`` by ``sqrt(k)``. Float32 accumulation error
+  (``K * 2**-24``) is negligible below K ~ 1e5.
+* Compare with :meth:`Tolerance.assert_close` / :meth:`Tolerance.close`:
+  ``|actual - expected| <= atol + rtol * |expected|`` elementwise, NaN/inf must agree.
+
+``npudispatch run --check`` should use ``tolerance_for_model(model)`` (op types of the NPU nodes
+and their largest K) scaled by the inputs' RMS magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from npudispatch import graph as graph_layer
+from npudispatch.errors import RewriteError
+from npudispatch.operators import registry
+from npudispatch.operators.base import Decline, node_label
+from npudispatch.rewrites.aliasing import is_view
+
+__all__ = [
+    "BF16_UNIT_ROUNDOFF",
+    "BOUNDARY_KEY",
+    "BUDGETS",
+    "PrecisionPass",
+    "PrecisionReport",
+    "Tolerance",
+    "convert_to_bf16",
+    "npu_support",
+    "tolerance_for",
+    "tolerance_for_model",
+]
+
+SupportQuery = Callable[[ir.Node], str | None]
+
+BOUNDARY_KEY = "npudispatch.precision"
+BOUNDARY = "boundary"
+F32, BF16 = ir.DataType.FLOAT, ir.DataType.BFLOAT16
+
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Sigmoid", "Silu", "Gelu")
+_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
+MATMUL_FAMILY = frozenset({"MatMul", "Gemm", "MatMulBias", "MatMulNBits", "QMatMul"})
+
+#: Error budget per op type in units of :data:`BF16_UNIT_ROUNDOFF` (absent = 0: exact / float32).
+BUDGETS: dict[str, float] = {
+    "Cast": 1.0,
+    **dict.fromkeys(_ELEMENTWISE, 3.0),
+    "Softmax": 4.0,
+    **dict.fromkeys(_NORMS, 6.0),
+    **dict.fromkeys(MATMUL_FAMILY, 4.0),
+}
+
+
+class Tolerance(NamedTuple):
+    """``(rtol, atol)`` of the tolerance policy (unpacks like a tuple)."""
+
+    rtol: float
+    atol: float
+
+    def scaled(self, scale: float) -> Tolerance:
+        """``atol`` for operands of typical magnitude ``scale`` instead of 1."""
+        return Tolerance(self.rtol, self.atol * float(scale))
+
+    def close(self, actual: np.ndarray, expected: np.ndarray) -> bool:
+        """Whether every element is within tolerance (NaN where expected is NaN)."""
+        a = np.asarray(actual, np.float64)
+        e = np.asarray(expected, np.float64)
+        return a.shape == e.shape and bool(
+            np.allclose(a, e, rtol=self.rtol, atol=self.atol, equal_nan=True)
+        )
+
+    def assert_close(self, actual: np.ndarray, expected: np.ndarray, what: str = "") -> None:
+        """``numpy.testing.assert_allclose`` with this tolerance (message names ``what``)."""
+        np.testing.assert_allclose(
+            np.asarray(actual, np.float64),
+            np.asarray(expected, np.float64),
+            rtol=self.rtol,
+            atol=self.atol,
+            equal_nan=True,
+            err_msg=f"{what} outside the bf16 tolerance policy {self}",
+        )
+
+
+def tolerance_for(op_types: Iterable[str], *, k: int | None = None) -> Tolerance:
+    """Tolerance for comparing bf16 NPU results with float32 onnxruntime (module docstring).
+
+    ``op_types``: the op type of every node on the compared path (repeats count). ``k``: the
+    largest matmul reduction length on the path (scales ``atol`` by ``sqrt(k)``).
+    """
+    ops = list(op_types)
+    budget = math.sqrt(sum(BUDGETS.get(op, 0.0) ** 2 for op in ops))
+    rtol = max(budget, 1.0) * BF16_UNIT_ROUNDOFF
+    atol = rtol
+    if k is not None and any(op in MATMUL_FAMILY for op in ops):
+        atol *= math.sqrt(max(k, 1))
+    return Tolerance(rtol, atol)
+
+
+def tolerance_for_model(model: ir.Model, support: SupportQuery | None = None) -> Tolerance:
+    """:func:`tolerance_for` over the model's NPU nodes, ``k`` = their largest matmul K."""
+    query = support or npu_support
+    ops, k = [], None
+    for node in model.graph:
+        if query(node) is not None:
+            continue
+        ops.append(node.op_type)
+        if node.op_type in MATMUL_FAMILY:
+            cfg = registry.match(node)
+            if not isinstance(cfg, Decline) and "K" in cfg.extra:
+                k = max(k or 0, int(cfg.extra["K"]))
+    return tolerance_for(ops, k=k)
+
+
+# ---- the pass -------------------------------------------------------------------------------
+
+
+def npu_support(node: ir.Node) -> str | None:
+    """The NPU support query: zero-copy views, or nodes an operator of the registry takes."""
+    return None if is_view(node) else registry.support(node)
+
+
+@dataclass
+class PrecisionReport:
+    """Per run: casts inserted, values/constants converted, nodes kept in float32 (with reason)."""
+
+    casts: list[str] = field(default_factory=list)
+    converted_values: list[str] = field(default_factory=list)
+    converted_constants: list[str] = field(default_factory=list)
+    kept_float32: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.casts or self.converted_values or self.converted_constants)
+
+
+def _bf16_const(value: ir.Value, name: str) -> ir.Value:
+    arr = np.asarray(value.const_value.numpy(), np.float32).astype(ml_dtypes.bfloat16)  # type: ignore[union-attr]
+    new = ir.Value(
+        name=name,
+        type=ir.TensorType(BF16),
+        shape=ir.Shape(arr.shape),
+        const_value=ir.tensor(arr, name=name),
+        metadata_props=dict(value.metadata_props),
+    )
+    return new
+
+
+def _trial(node: ir.Node, convert_consts: bool) -> str | None:
+    """Whether ``node`` matches with its float32 tensors as bf16 (None) or why not."""
+    saved_types: list[tuple[ir.Value, ir.TypeProtocol | None]] = []
+    swapped: list[tuple[int, ir.Value]] = []
+    try:
+        for slot, v in enumerate(node.inputs):
+            if v is None or v.dtype != F32:
+                continue
+            if v.const_value is not None:
+                if convert_consts:
+                    swapped.append((slot, v))
+                    node.replace_input_with(slot, _bf16_const(v, f"{v.name}__trial"))
+                continue
+            saved_types.append((v, v.type))
+            v.type = ir.TensorType(BF16)
+        for v in node.outputs:
+            if v.dtype == F32:
+                saved_types.append((v, v.type))
+                v.type = ir.TensorType(BF16)
+        result = registry.match(node)
+        return result.reason if isinstance(result, Decline) else None
+    finally:
+        for v, t in saved_types:
+            v.type = t
+        for slot, v in swapped:
+            node.replace_input_with(slot, v)
+
+
+class _Namer:
+    def __init__(self, graph: ir.Graph) -> None:
+        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
+        self.used |= {v.name for n in graph for v in n.outputs}
+        self.used |= {n.name for n in graph}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+def _cast(value: ir.Value, to: ir.DataType, name: str, out_name: str) -> ir.Node:
+    node = ir.node("Cast", [value], {"to": to}, name=name, metadata_props={BOUNDARY_KEY: BOUNDARY})
+    out = node.outputs[0]
+    out.name, out.type = out_name, ir.TensorType(to)
+    out.shape = ir.Shape(value.shape) if value.shape is not None else None
+    out.metadata_props.update(value.metadata_props)
+    return node
+
+
+def _convert_partition(
+    graph: ir.Graph, part: graph_layer.Partition, namer: _Namer, report: PrecisionReport
+) -> list[ir.Node]:
+    """Convert one NPU partition; returns the nodes that must still match (bf16 nodes, casts)."""
+    bf16_nodes: dict[ir.Node, bool] = {}  # node -> convert its float constants
+    for node in part.nodes:
+        if node.metadata_props.get(BOUNDARY_KEY) == BOUNDARY:
+            continue
+        floats = [v for v in (*node.inputs, *node.outputs) if v is not None and v.dtype == F32]
+        if not floats:
+            continue
+        if is_view(node):
+            if node.inputs[0] is not None and node.inputs[0].dtype == F32:
+                bf16_nodes[node] = False  # data input only; shape inputs are int64
+            continue
+        why = _trial(node, True)
+        if why is None:
+            bf16_nodes[node] = True
+        elif _trial(node, False) is None:
+            bf16_nodes[node] = False
+        else:
+            report.kept_float32[node_label(node)] = why
+
+    order = {n: i for i, n in enumerate(graph)}
+    values: dict[ir.Value, None] = {}
+    for node in bf16_nodes:
+        for v in (*node.inputs, *node.outputs):
+            if v is not None and v.dtype == F32:
+                values.setdefault(v)
+    const_cache: dict[ir.Value, ir.Value] = {}
+    checked: list[ir.Node] = [n for n in bf16_nodes if not is_view(n)]
+    for v in values:
+        uses = [(n, i) for n, i in v.uses() if n in bf16_nodes]
+        if v.const_value is not None:
+            uses = [(n, i) for n, i in uses if bf16_nodes[n] and not is_view(n)]
+            if not uses:
+                continue
+            if v not in const_cache:
+                new = _bf16_const(v, namer(f"{v.name}__bf16"))
+                graph.register_initializer(new)
+                const_cache[v] = new
+                report.converted_constants.append(new.name or "")
+            for n, i in uses:
+                n.replace_input_with(i, const_cache[v])
+            if not v.uses() and v.is_initializer() and not v.is_graph_output():
+                graph.initializers.pop(v.name or "", None)
+            continue
+        producer = v.producer()
+        outside = [(n, i) for n, i in v.uses() if n not in bf16_nodes]
+        if producer in bf16_nodes:
+            if not outside and not v.is_graph_output():
+                v.type = ir.TensorType(BF16)  # internal: converted in place
+                report.converted_values.append(v.name or "")
+                continue
+            # Leaving the partition (or read by a float32 node): the bf16 twin is produced
+            # here and Cast back to float32 under the original name.
+            name = v.name or "value"
+            twin_name = namer(f"{name}__bf16")
+            cast = _cast(v, F32, namer(f"{name}__to_float32"), name)
+            f32 = cast.outputs[0]
+            v.name, v.type = twin_name, ir.TensorType(BF16)
+            f32.name = name
+            for n, i in outside:
+                n.replace_input_with(i, f32)
+            for k, out in enumerate(graph.outputs):
+                if out is v:
+                    graph.outputs[k] = f32
+            graph.insert_after(producer, cast)  # type: ignore[arg-type]
+        else:
+            # Entering the partition: one Cast before its first bf16 reader.
+            name = v.name or "value"
+            cast = _cast(v, BF16, namer(f"{name}__to_bf16"), namer(f"{name}__bf16"))
+            for n, i in uses:
+                n.replace_input_with(i, cast.outputs[0])
+            graph.insert_before(min((n for n, _ in uses), key=order.__getitem__), cast)
+        report.casts.append(cast.name or "")
+        checked.append(cast)
+    return checked
+
+
+def convert_to_bf16(model: ir.Model, support: SupportQuery | None = None) -> PrecisionReport:
+    """Run the precision conversion on ``model`` in place (see the module docstring).
+
+    ``support``: NPU support query (default :func:`npu_support`). Raises :class:`RewriteError`
+    naming the node if a converted node or an inserted cast does not match an operator.
+    """
+    report = PrecisionReport()
+    namer = _Namer(model.graph)
+    parts = graph_layer.partition(model, support or npu_support)
+    checked: list[ir.Node] = []
+    for part in parts:
+        if part.kind == "npu":
+            checked += _convert_partition(model.graph, part, namer, report)
+    for node in checked:
+        result = registry.match(node)
+        if isinstance(result, Decline):
+            raise RewriteError(
+                f"precision pass: node '{node_label(node)}' ({node.op_type}) no longer matches "
+                f"an NPU operator after the bf16 conversion: {result.reason}"
+            )
+    return report
+
+
+class PrecisionPass(ir.passes.InPlacePass):
+    """onnx_ir in-place pass wrapping :func:`convert_to_bf16`; ``report`` holds the last run's."""
+
+    def __init__(self, support: SupportQuery | None = None) -> None:
+        super().__init__()
+        self.support = support
+        self.report: PrecisionReport | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.report = convert_to_bf16(model, self.support)
+        return ir.passes.PassResult(model, self.report.modified)
