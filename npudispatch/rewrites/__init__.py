@@ -11,11 +11,23 @@ from npudispatch.rewrites.folding import BindDimsPass, FoldShapesPass, unbound_d
 from npudispatch.rewrites.manager import PassManager, PassRecord, check_invariants, format_records
 from npudispatch.rewrites.matmul import matmul_rules
 from npudispatch.rewrites.norms import rms_norm_rules_set, skip_rms_norm_rules_set
+from npudispatch.rewrites.padding import (
+    PaddingReport,
+    PadTerminalsPass,
+    pad_model,
+    pad_partition_model,
+)
 from npudispatch.rewrites.pipeline import (
     LATE_PASSES_ANCHOR,
     RulesPass,
     default_pipeline,
     rules_pass,
+)
+from npudispatch.rewrites.precision import (
+    PrecisionPass,
+    PrecisionReport,
+    convert_to_bf16,
+    tolerance_for,
 )
 
 __all__ = [
@@ -25,18 +37,26 @@ __all__ = [
     "FoldShapesPass",
     "GraphAnalysis",
     "MarkViewsPass",
+    "PadTerminalsPass",
+    "PaddingReport",
     "PassManager",
     "PassRecord",
+    "PrecisionPass",
+    "PrecisionReport",
     "RulesPass",
     "activation_rules",
     "can_be_view",
     "check_invariants",
+    "convert_to_bf16",
     "default_pipeline",
     "format_records",
     "is_view",
     "matmul_rules",
+    "pad_model",
+    "pad_partition_model",
     "rms_norm_rules_set",
     "rules_pass",
     "skip_rms_norm_rules_set",
+    "tolerance_for",
     "unbound_dims",
 ]

@@ -16,6 +16,8 @@ from npudispatch.rewrites.folding import BindDimsPass, FoldShapesPass
 from npudispatch.rewrites.manager import PassManager
 from npudispatch.rewrites.matmul import matmul_rules
 from npudispatch.rewrites.norms import rms_norm_rules_set, skip_rms_norm_rules_set
+from npudispatch.rewrites.padding import PadTerminalsPass
+from npudispatch.rewrites.precision import PrecisionPass
 
 
 class RulesPass(RewritePass):
@@ -73,12 +75,15 @@ def default_pipeline(
     dump_dir: str | Path | None = None,
     dump_after: Iterable[str] | None = None,
     check: bool = True,
+    pad: bool = False,
+    bf16: bool = False,
 ) -> PassManager:
     """The rewrite pipeline for NPU compilation (in place, run with ``pipeline(model)``).
 
     Order: bind dims (if given) -> fold shape arithmetic -> lift constants -> fusions (activations, RMSNorm,
-    skip-RMSNorm, MatMul) -> user ``extra_passes`` -> DCE -> [padding, precision: added later before
-    :data:`LATE_PASSES_ANCHOR`] -> mark views -> topological sort. Repeated to a fixpoint by default.
+    skip-RMSNorm, MatMul) -> user ``extra_passes`` -> DCE -> terminal padding (``pad``) -> float32 to
+    bf16 compute with casts at NPU-partition borders (``bf16``; after padding, whose tied axes the
+    casts would otherwise pin) -> mark views. Repeated to a fixpoint by default.
     """
     passes: list[ir.passes.PassBase] = []
     if dims:
@@ -93,7 +98,8 @@ def default_pipeline(
         rules_pass(matmul_rules(), "FuseMatMul"),
         *extra_passes,
         common_passes.RemoveUnusedNodesPass(),
-        # --- terminal padding and float32 -> bf16 precision passes go here (other engineer) ---
+        *([PadTerminalsPass()] if pad else []),
+        *([PrecisionPass()] if bf16 else []),
         MarkViewsPass(),
         common_passes.RemoveUnusedOpsetsPass(),
     ]
