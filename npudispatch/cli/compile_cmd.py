@@ -28,7 +28,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-rewrite", action="store_true", help="skip the rewrite pipeline")
     parser.add_argument("--json", action="store_true", help="print report.json on stdout")
     add_dims_option(parser)
+    add_compile_options(parser)
     parser.set_defaults(func=run)
+
+
+def add_compile_options(parser: argparse.ArgumentParser) -> None:
+    """``--no-pad`` / ``--fp32``: turn off terminal padding / bf16 storage (compile, run, plan)."""
+    parser.add_argument(
+        "--no-pad",
+        dest="pad",
+        action="store_false",
+        help="keep every NPU tensor at its declared shape (no terminal padding)",
+    )
+    parser.add_argument(
+        "--fp32",
+        dest="bf16",
+        action="store_false",
+        help="store float32 intermediates as float32 (default: bf16 with casts at NPU borders)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +54,12 @@ def run(args: argparse.Namespace) -> int:
     from npudispatch.dispatch.meta import to_dd_meta
 
     compiled = compile_model(
-        args.model, dims=parse_dims(args.dims), rewrite=not args.no_rewrite, num_cols=args.num_cols
+        args.model,
+        dims=parse_dims(args.dims),
+        rewrite=not args.no_rewrite,
+        num_cols=args.num_cols,
+        pad=args.pad,
+        bf16=args.bf16,
     )
     out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from npudispatch.cli.common import add_dims_option, parse_dims, print_json
+from npudispatch.cli.compile_cmd import add_compile_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", type=Path, help="ONNX model file")
     parser.add_argument("--json", action="store_true", help="print JSON (BufferPlan.to_dict())")
     add_dims_option(parser)
+    add_compile_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the plans."""
     from npudispatch.dispatch.compile import compile_model
 
-    compiled = compile_model(args.model, dims=parse_dims(args.dims))
+    compiled = compile_model(args.model, dims=parse_dims(args.dims), pad=args.pad, bf16=args.bf16)
     programs = [compiled.programs[i] for i in sorted(compiled.programs)]
     if args.json:
         print_json({"plans": {p.name: p.plan.to_dict() for p in programs}})

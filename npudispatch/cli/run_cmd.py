@@ -1,9 +1,13 @@
 """``npudispatch run MODEL [--inputs x.npz] [--backend emulator] [--check] [--json]``.
 
 Without ``--inputs``, seeded random inputs (``--seed``). ``--check`` compares every output with
-onnxruntime on the original model and exits 1 on a mismatch. ``--json`` prints
-``{"outputs": {name: {"shape", "dtype", "max_abs", "max_rel", "ok"}}, "kernel_calls", "cpu_segments",
-"bytes_copied", "stage_seconds", "ok"}`` (comparison fields null without ``--check``).
+onnxruntime on the original model and exits 1 on a mismatch: ``|actual - expected| <= atol + rtol *
+|expected|`` with the bf16 tolerance policy of :func:`npudispatch.rewrites.precision.tolerance_for_model`
+(the compiled model's NPU ops and largest matmul K), ``atol`` scaled by the float inputs' RMS;
+``--rtol`` / ``--atol`` override either. ``--no-pad`` / ``--fp32`` are the compile options.
+``--json`` prints ``{"outputs": {name: {"shape", "dtype", "max_abs", "max_rel", "ok"}},
+"kernel_calls", "cpu_segments", "bytes_copied", "stage_seconds", "tolerance", "ok"}``
+(comparison fields null without ``--check``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from npudispatch.cli.common import add_dims_option, parse_dims, print_json
+from npudispatch.cli.compile_cmd import add_compile_options
 from npudispatch.errors import ModelError
+from npudispatch.rewrites.precision import Tolerance, tolerance_for_model
 
 EXIT_MISMATCH = 1
 
@@ -39,17 +45,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="where unsupported nodes run (none: fail on them)",
     )
     parser.add_argument("--check", action="store_true", help="compare with onnxruntime")
-    parser.add_argument("--rtol", type=float, default=2e-2, help="relative tolerance (--check)")
     parser.add_argument(
-        "--atol",
-        type=float,
-        default=2e-2,
-        help="absolute tolerance, scaled by max(1, max|reference|) (--check)",
+        "--rtol", type=float, help="relative tolerance (--check; default: the bf16 policy)"
+    )
+    parser.add_argument(
+        "--atol", type=float, help="absolute tolerance (--check; default: the bf16 policy)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("-o", "--save-outputs", type=Path, help="write the outputs to this .npz")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     add_dims_option(parser)
+    add_compile_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -106,8 +112,22 @@ def onnxruntime_outputs(
     return dict(zip(names, sess.run(names, feeds)))
 
 
-def compare(actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float) -> dict[str, Any]:
-    """max_abs / max_rel differences and whether ``actual`` is within tolerance."""
+def check_tolerance(
+    session: Any, feeds: dict[str, np.ndarray], rtol: float | None, atol: float | None
+) -> Tolerance:
+    """The --check tolerance: the policy for the compiled model, ``atol`` scaled by the float
+    inputs' RMS (1 when there are none), each field overridden when given."""
+    floats = [
+        np.asarray(v, np.float64) for v in feeds.values() if np.issubdtype(v.dtype, np.floating)
+    ]
+    rms = max((float(np.sqrt(np.mean(v**2))) for v in floats if v.size), default=0.0)
+    tol = tolerance_for_model(session.compiled.model).scaled(rms if rms > 0 else 1.0)
+    return Tolerance(tol.rtol if rtol is None else rtol, tol.atol if atol is None else atol)
+
+
+def compare(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> dict[str, Any]:
+    """max_abs / max_rel differences and whether ``actual`` is within ``tol``
+    (``|a - e| <= atol + rtol * |e|`` elementwise; NaN/inf must agree)."""
     a = np.asarray(actual).astype(np.float64)
     e = np.asarray(expected).astype(np.float64)
     if a.shape != e.shape:
@@ -119,11 +139,10 @@ def compare(actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float) 
         }
     if a.size == 0:
         return {"max_abs": 0.0, "max_rel": 0.0, "ok": True}
-    diff = np.abs(a - e)
-    scale = atol * max(1.0, float(np.nanmax(np.abs(e))))
-    ok = bool(np.all(diff <= scale + rtol * np.abs(e)) and not np.isnan(a).any())
+    finite = np.isfinite(a) & np.isfinite(e)
+    diff = np.where(finite, np.abs(a - e), 0.0)
     rel = diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)
-    return {"max_abs": float(diff.max()), "max_rel": float(rel.max()), "ok": ok}
+    return {"max_abs": float(diff.max()), "max_rel": float(rel.max()), "ok": tol.close(a, e)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,7 +154,15 @@ def run(args: argparse.Namespace) -> int:
     if args.xclbin is not None:
         options["xclbin"] = args.xclbin
     fallback = None if args.fallback == "none" else args.fallback
-    session = Session(args.model, backend=args.backend, fallback=fallback, dims=dims, **options)
+    session = Session(
+        args.model,
+        backend=args.backend,
+        fallback=fallback,
+        dims=dims,
+        pad=args.pad,
+        bf16=args.bf16,
+        **options,
+    )
     feeds = load_inputs(args.inputs) if args.inputs else random_inputs(session, args.seed)
     outputs = session.run(None, feeds)
     names = [o.name for o in session.get_outputs()]
@@ -143,13 +170,15 @@ def run(args: argparse.Namespace) -> int:
     if args.save_outputs:
         np.savez(args.save_outputs, **{k: np.ascontiguousarray(v) for k, v in results.items()})
     reference = onnxruntime_outputs(args.model, dims, feeds) if args.check else {}
+    tol = check_tolerance(session, feeds, args.rtol, args.atol) if args.check else None
     stats = session.last_run_stats
     summary: dict[str, Any] = {"outputs": {}}
     all_ok = True
     for name, value in results.items():
         entry: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype)}
         if args.check:
-            entry.update(compare(value, reference[name], args.rtol, args.atol))
+            assert tol is not None
+            entry.update(compare(value, reference[name], tol))
             all_ok &= entry["ok"]
         else:
             entry.update({"max_abs": None, "max_rel": None, "ok": None})
@@ -161,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             "bytes_copied": stats.bytes_copied,
             "stage_seconds": stats.stage_seconds,
             "backend": session.backend.name,
+            "tolerance": tol._asdict() if tol is not None else None,
             "ok": all_ok if args.check else None,
         }
     )
@@ -179,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
             f"{stats.kernel_calls} kernel call(s), {stats.cpu_segments} CPU segment(s), "
             f"{stats.bytes_copied:,} B copied, {stats.stage_seconds.get('total', 0.0) * 1e3:.1f} ms"
         )
+        if tol is not None:
+            print(f"tolerance: rtol {tol.rtol:.3g}, atol {tol.atol:.3g} (bf16 policy unless given)")
     if args.check and not all_ok:
         print("npudispatch run: outputs differ from onnxruntime", file=sys.stderr)
         return EXIT_MISMATCH

@@ -17,7 +17,7 @@ For every NPU partition (ARCHITECTURE.md §1-2, DD_REFERENCE.md §8):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from npudispatch.graph import Partition, PartitionReport
 from npudispatch.graph.support import Supported, as_support_query
 from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, Decline, OpConfig, round_up, tensor_spec
-from npudispatch.rewrites import MarkViewsPass, default_pipeline, is_view
+from npudispatch.rewrites import MarkViewsPass, can_be_view, default_pipeline, is_view
 
 __all__ = ["CompiledModel", "compile_model", "npu_support", "plan_partition"]
 
@@ -98,11 +98,12 @@ class CompiledModel:
 
 
 def _partition_dict(part: Partition) -> dict[str, Any]:
+    io = partition_io(part)
     return {
         "kind": part.kind,
         "nodes": [n.name for n in part.nodes],
-        "inputs": [v.name for v in part.inputs],
-        "outputs": [v.name for v in part.outputs],
+        "inputs": [v.name for v in io.inputs],
+        "outputs": [v.name for v in io.outputs],
     }
 
 
@@ -117,7 +118,7 @@ def npu_support(supported: Supported | None = None) -> Callable[[ir.Node], str |
     def query(node: ir.Node) -> str | None:
         if user is not None and (reason := user(node)) is not None:
             return str(reason)
-        if is_view(node):
+        if is_view(node) or can_be_view(node):  # unmarked views: during the rewrite pipeline
             return None
         return registry.support(node)
 
@@ -131,12 +132,18 @@ def compile_model(
     rewrite: bool = True,
     supported: Supported | None = None,
     num_cols: int = 4,
+    pad: bool = True,
+    bf16: bool = True,
 ) -> CompiledModel:
     """Compile a model: one :class:`FusedProgram` per NPU partition.
 
     ``dims`` binds symbolic dimensions; ``rewrite=False`` skips the rewrite pipeline (views are
     still marked so they stay zero-copy); ``supported`` narrows what may run on the NPU;
-    ``num_cols`` is the number of AIE columns the transactions use. An ``ir.Model`` argument is
+    ``num_cols`` is the number of AIE columns the transactions use. ``pad`` pads NPU tensors to
+    the operators' granularity (copy-in zero-pads, copy-out crops: graph inputs and outputs keep
+    the user's shapes, see :mod:`npudispatch.rewrites.padding`); ``bf16`` stores float32
+    intermediates in bf16 with casts at NPU-partition borders (:mod:`~npudispatch.rewrites.precision`);
+    both are rewrite passes, so ``rewrite=False`` turns them off too. An ``ir.Model`` argument is
     rewritten in place. Raises :class:`ModelError` / :class:`PlanError` naming the culprit.
     """
     timings: dict[str, float] = {}
@@ -146,7 +153,10 @@ def compile_model(
 
     t0 = time.perf_counter()
     if rewrite:
-        default_pipeline()(model)  # graph.load already bound ``dims`` everywhere
+        # graph.load already bound ``dims`` everywhere. Padding and precision must see the same
+        # NPU set as the partitioning below, or CPU segments would get padded / bf16 tensors.
+        narrowed = npu_support(supported) if supported is not None else None
+        default_pipeline(pad=pad, bf16=bf16, support=narrowed)(model)
     else:
         MarkViewsPass()(model)
     timings["rewrite"] = time.perf_counter() - t0
@@ -259,6 +269,31 @@ class PartitionIO:
     outputs: list[ir.Value]
 
 
+def _in_graph_order(values: list[ir.Value], graph_values: Sequence[ir.Value]) -> list[ir.Value]:
+    """``values`` with the graph's own inputs/outputs among them put in the graph's order.
+
+    Partitions list boundary values in node order, which boundary casts and fusions shuffle;
+    the host-visible bindings of a program follow the model's declared order instead (other
+    boundary values keep their slots).
+    """
+    rank = {v: i for i, v in enumerate(graph_values)}
+    slots = [i for i, v in enumerate(values) if v in rank]
+    ordered = list(values)
+    for i, v in zip(slots, sorted((values[i] for i in slots), key=rank.__getitem__)):
+        ordered[i] = v
+    return ordered
+
+
+def partition_io(part: Partition) -> PartitionIO:
+    """The partition's boundary values, the model's inputs/outputs among them in graph order."""
+    owner = part.nodes[0].graph if part.nodes else None
+    if owner is None:
+        return PartitionIO(list(part.inputs), list(part.outputs))
+    return PartitionIO(
+        _in_graph_order(part.inputs, owner.inputs), _in_graph_order(part.outputs, owner.outputs)
+    )
+
+
 def _match(node: ir.Node) -> OpConfig:
     cfg = registry.match(node)
     if isinstance(cfg, Decline):
@@ -275,6 +310,7 @@ def plan_partition(
     """Match the partition's ops, derive tensor requests and lifetimes, build the buffer plan."""
     if part.kind != "npu":
         raise ValueError(f"plan_partition needs an NPU partition, got a {part.kind} one")
+    io = partition_io(part)
     launches: list[Launch] = []
     for node in part.nodes:
         if is_view(node):
@@ -328,7 +364,7 @@ def plan_partition(
 
     requests: list[TensorRequest] = []
     aliases: dict[str, tuple[str, int]] = {}
-    ordered = [*part.inputs, *part.outputs]
+    ordered = [*io.inputs, *io.outputs]
     ordered += [v for v in root_of if v not in host_in and v not in host_out]
     for v in ordered:
         if v.is_initializer():
@@ -372,5 +408,4 @@ def plan_partition(
     for tname, (_, size) in const_inputs.items():
         op_consts[CONST_TENSOR_PREFIX + tname] = size
     plan = build_plan(requests, aliases, op_scratch, op_consts, op_params, alignment=ALIGN)
-    io = PartitionIO(list(part.inputs), list(part.outputs))
     return launches, plan, io

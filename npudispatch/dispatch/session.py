@@ -27,7 +27,7 @@ from npudispatch.dispatch.compile import CompiledModel, compile_model
 from npudispatch.dispatch.emit import FusedProgram
 from npudispatch.errors import ModelError, UnsupportedOpError
 from npudispatch.graph import Partition
-from npudispatch.operators.base import REAL_SHAPE_KEY
+from npudispatch.rewrites.padding import host_shape
 
 __all__ = ["NodeArg", "Session", "SessionRunStats"]
 
@@ -70,9 +70,10 @@ def _type_string(dtype: ir.DataType | None) -> str:
 
 
 def _logical_shape(value: ir.Value) -> list[int]:
-    real = value.metadata_props.get(REAL_SHAPE_KEY)
-    if real:
-        return [int(x) for x in real.split(",") if x]
+    """The user's shape: the unpadded one of a padded graph input/output (-1: unknown dim)."""
+    shape = host_shape(value)
+    if shape is not None:
+        return list(shape)
     return [int(d) if isinstance(d, int) else -1 for d in (value.shape or [])]
 
 
@@ -161,7 +162,9 @@ class Session:
     ``backend`` is a backend name (``"emulator"``, ``"xrt"``; ``backend_options`` are passed to
     :func:`~npudispatch.dispatch.backends.get_backend`) or a backend object, which several sessions
     may share (one device context). ``fallback=None`` refuses models with unsupported nodes
-    (:class:`UnsupportedOpError` listing each node and why). ``dims`` binds symbolic dims.
+    (:class:`UnsupportedOpError` listing each node and why). ``dims`` binds symbolic dims;
+    ``pad`` / ``bf16`` are the compilation options of :func:`compile_model`. Inputs and outputs
+    always have the user's shapes and dtypes: padding happens in the copy-in / copy-out.
     """
 
     def __init__(
@@ -170,15 +173,21 @@ class Session:
         backend: str | Backend = "emulator",
         fallback: Fallback = "onnxruntime",
         dims: Mapping[str, int] | None = None,
+        *,
+        pad: bool = True,
+        bf16: bool = True,
         **backend_options: Any,
     ) -> None:
         engine = _default_engine(fallback)
-        if isinstance(model_or_path, CompiledModel) and dims:
-            raise ValueError("dims cannot be applied to an already compiled model; pass the model")
+        if isinstance(model_or_path, CompiledModel) and (dims or not (pad and bf16)):
+            raise ValueError(
+                "dims / pad / bf16 cannot be applied to an already compiled model; pass them to "
+                "compile_model or give Session the model"
+            )
         compiled = (
             model_or_path
             if isinstance(model_or_path, CompiledModel)
-            else compile_model(model_or_path, dims=dims)
+            else compile_model(model_or_path, dims=dims, pad=pad, bf16=bf16)
         )
         if engine is None and compiled.report.unsupported:
             lines = [

@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from npudispatch.operators.base import Decline, OpConfig, Operator, ShapeConstraints
 from npudispatch.operators.dtypes import F32, store, to_compute
-from npudispatch.operators.elementwise import LANES, match_float_node
+from npudispatch.operators.elementwise import LANES, match_float_node, same_axes
 from npudispatch.opset import DOMAIN
 
 NPU_DOMAIN = DOMAIN
@@ -76,11 +76,10 @@ class _Unary(Operator):
         return [self.fn(x, self.op_dims(cfg)).astype(cfg.outputs[0].dtype)]
 
     def granularity(self, cfg: OpConfig) -> ShapeConstraints:
-        """Last axis a multiple of :data:`LANES`; input and output padded alike."""
+        """Last axis a multiple of :data:`LANES`; input and output padded alike (every axis)."""
         rank = len(cfg.outputs[0].shape)
         rule = (1,) * (rank - 1) + (LANES,) if rank else ()
-        tied = ((("in", 0, rank - 1), ("out", 0, rank - 1)),) if rank else ()
-        return ShapeConstraints((rule,), (rule,), tied)
+        return ShapeConstraints((rule,), (rule,), same_axes(rank))
 
 
 class Sigmoid(_Unary):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from npudispatch.operators.base import Decline, OpConfig, Operator
+from npudispatch.operators.base import Decline, OpConfig, Operator, ShapeConstraints
 from npudispatch.operators.dtypes import FLOAT_DTYPES, np_dtype
-from npudispatch.operators.elementwise import match_float_node
+from npudispatch.operators.elementwise import match_float_node, same_axes
 
 
 class Cast(Operator):
@@ -37,6 +37,11 @@ class Cast(Operator):
         if y.dtype != target or y.shape != x.shape:
             return Decline(f"{label}: output {y.shape} {y.dtype} does not match to={target}")
         return cfg
+
+    def granularity(self, cfg: OpConfig) -> ShapeConstraints:
+        """Any size; input and output padded alike on every axis (the match needs equal shapes)."""
+        rank = len(cfg.outputs[0].shape)
+        return ShapeConstraints(((1,) * rank,), ((1,) * rank,), same_axes(rank))
 
     def compute(self, inputs, outputs, dims, floats):
         return [np.asarray(inputs[0]).astype(outputs[0].dtype)]

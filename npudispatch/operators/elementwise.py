@@ -133,7 +133,8 @@ class _Binary(Operator):
         return [y.astype(cfg.outputs[0].dtype)]
 
     def granularity(self, cfg: OpConfig) -> ShapeConstraints:
-        """Last axis a multiple of :data:`LANES` on every tensor where it is not broadcast (1)."""
+        """Last axis a multiple of :data:`LANES` on every tensor where it is not broadcast (1);
+        every output axis tied to the operand axes (right-aligned) that are not broadcast."""
 
         def rule(spec: TensorSpec | None) -> tuple[int, ...] | None:
             if spec is None or not spec.shape:
@@ -142,14 +143,26 @@ class _Binary(Operator):
 
         ins = tuple(None if i in cfg.consts else rule(s) for i, s in enumerate(cfg.inputs))
         out = cfg.outputs[0]
-        tied = tuple(
-            ("in", i, len(s.shape) - 1)
-            for i, s in enumerate(cfg.inputs)
-            if s is not None and s.shape and s.shape[-1] > 1
-        )
-        if out.shape:
-            tied += (("out", 0, len(out.shape) - 1),)
-        return ShapeConstraints(ins, (rule(out),), (tied,) if len(tied) > 1 else ())
+        tied: list[tuple[tuple[str, int, int], ...]] = []
+        for j in range(len(out.shape)):
+            back = len(out.shape) - j  # axis position counted from the right
+            group = tuple(
+                ("in", i, len(s.shape) - back)
+                for i, s in enumerate(cfg.inputs)
+                if s is not None and len(s.shape) >= back and s.shape[-back] > 1
+            )
+            if group:
+                tied.append((*group, ("out", 0, j)))
+        return ShapeConstraints(ins, (rule(out),), tuple(tied))
+
+
+def same_axes(
+    rank: int, perm: list[int] | None = None
+) -> tuple[tuple[tuple[str, int, int], ...], ...]:
+    """Ties of a one-input op whose output axis ``i`` is input axis ``perm[i]`` (identity by
+    default): an op that requires exactly matching shapes keeps matching after padding."""
+    order = perm if perm is not None else list(range(rank))
+    return tuple((("in", 0, p), ("out", 0, i)) for i, p in enumerate(order))
 
 
 class Add(_Binary):

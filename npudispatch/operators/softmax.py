@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from npudispatch.operators.base import Decline, OpConfig, Operator, ShapeConstraints
 from npudispatch.operators.dtypes import F32, store, to_compute
-from npudispatch.operators.elementwise import LANES, match_float_node
+from npudispatch.operators.elementwise import LANES, match_float_node, same_axes
 
 
 def softmax_last(x: np.ndarray, real_len: int) -> np.ndarray:
@@ -70,7 +70,7 @@ class Softmax(Operator):
         return [y.astype(cfg.outputs[0].dtype)]
 
     def granularity(self, cfg: OpConfig) -> ShapeConstraints:
-        """Last axis a multiple of :data:`LANES`; input and output padded alike."""
+        """Last axis a multiple of :data:`LANES`; input and output padded alike (every axis)."""
         rank = len(cfg.outputs[0].shape)
         rule = (1,) * (rank - 1) + (LANES,)
-        return ShapeConstraints((rule,), (rule,), ((("in", 0, rank - 1), ("out", 0, rank - 1)),))
+        return ShapeConstraints((rule,), (rule,), same_axes(rank))

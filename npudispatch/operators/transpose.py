@@ -14,8 +14,8 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch.operators import dma
-from npudispatch.operators.base import Decline, OpConfig, Operator
-from npudispatch.operators.elementwise import match_float_node
+from npudispatch.operators.base import Decline, OpConfig, Operator, ShapeConstraints
+from npudispatch.operators.elementwise import match_float_node, same_axes
 
 MAX_WRAP = 1023
 MAX_STEP = 1 << 20
@@ -60,6 +60,14 @@ class Transpose(Operator):
         if not (r <= MAX_WRAP and c <= MAX_WRAP and r * c < MAX_STEP) or r * c == 0:
             return None
         return dma.Pattern(d0_wrap=r, d0_step=c, d1_wrap=c, d1_step=1, d2_step=r * c)
+
+    def granularity(self, cfg: OpConfig) -> ShapeConstraints:
+        """Any size; output axis ``i`` padded like input axis ``perm[i]`` (zero lanes move with
+        their axis, so the permuted tensor is zero-padded too)."""
+        rank = len(cfg.outputs[0].shape)
+        return ShapeConstraints(
+            ((1,) * rank,), ((1,) * rank,), same_axes(rank, list(cfg.extra["perm"]))
+        )
 
     def op_dims(self, cfg: OpConfig) -> list[int]:
         return [int(cfg.extra["gather"] is not None), *cfg.extra["perm"]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -75,8 +75,9 @@ def default_pipeline(
     dump_dir: str | Path | None = None,
     dump_after: Iterable[str] | None = None,
     check: bool = True,
-    pad: bool = False,
-    bf16: bool = False,
+    pad: bool = True,
+    bf16: bool = True,
+    support: Callable[[ir.Node], str | None] | None = None,
 ) -> PassManager:
     """The rewrite pipeline for NPU compilation (in place, run with ``pipeline(model)``).
 
@@ -84,6 +85,11 @@ def default_pipeline(
     skip-RMSNorm, MatMul) -> user ``extra_passes`` -> DCE -> terminal padding (``pad``) -> float32 to
     bf16 compute with casts at NPU-partition borders (``bf16``; after padding, whose tied axes the
     casts would otherwise pin) -> mark views. Repeated to a fixpoint by default.
+
+    ``pad=False`` keeps every shape as declared; ``bf16=False`` keeps float32 storage (kernels
+    still compute in bf16). ``support`` (``node -> None | reason``) narrows which nodes the
+    padding and precision passes treat as NPU nodes; pass the dispatcher's support query when it
+    keeps some registry operators on the CPU, so CPU segments see user shapes and float32.
     """
     passes: list[ir.passes.PassBase] = []
     if dims:
@@ -98,8 +104,8 @@ def default_pipeline(
         rules_pass(matmul_rules(), "FuseMatMul"),
         *extra_passes,
         common_passes.RemoveUnusedNodesPass(),
-        *([PadTerminalsPass()] if pad else []),
-        *([PrecisionPass()] if bf16 else []),
+        *([PadTerminalsPass(support)] if pad else []),
+        *([PrecisionPass(support)] if bf16 else []),
         MarkViewsPass(),
         common_passes.RemoveUnusedOpsetsPass(),
     ]

@@ -67,7 +67,7 @@ from npudispatch import graph as graph_layer
 from npudispatch.errors import RewriteError
 from npudispatch.operators import registry
 from npudispatch.operators.base import Decline, node_label
-from npudispatch.rewrites.aliasing import is_view
+from npudispatch.rewrites.aliasing import can_be_view, is_view
 
 __all__ = [
     "BF16_UNIT_ROUNDOFF",
@@ -167,9 +167,15 @@ def tolerance_for_model(model: ir.Model, support: SupportQuery | None = None) ->
 # ---- the pass -------------------------------------------------------------------------------
 
 
+def _view(node: ir.Node) -> bool:
+    """A zero-copy view, marked or not yet: the pipeline marks views after this pass, and a view
+    left out of its partition would split it and get float32 casts on both sides."""
+    return is_view(node) or can_be_view(node)
+
+
 def npu_support(node: ir.Node) -> str | None:
-    """The NPU support query: zero-copy views, or nodes an operator of the registry takes."""
-    return None if is_view(node) else registry.support(node)
+    """The NPU support query: zero-copy views (marked or markable), or registry operators."""
+    return None if _view(node) else registry.support(node)
 
 
 @dataclass
@@ -254,15 +260,21 @@ def _convert_partition(
 ) -> list[ir.Node]:
     """Convert one NPU partition; returns the nodes that must still match (bf16 nodes, casts)."""
     bf16_nodes: dict[ir.Node, bool] = {}  # node -> convert its float constants
-    for node in part.nodes:
-        if node.metadata_props.get(BOUNDARY_KEY) == BOUNDARY:
-            continue
+    compute = [n for n in part.nodes if n.metadata_props.get(BOUNDARY_KEY) != BOUNDARY]
+    if all(_view(n) for n in compute):
+        return []  # views only: nothing computes, and the dispatcher runs them on the CPU
+    for node in compute:
         floats = [v for v in (*node.inputs, *node.outputs) if v is not None and v.dtype == F32]
         if not floats:
             continue
-        if is_view(node):
-            if node.inputs[0] is not None and node.inputs[0].dtype == F32:
+        if _view(node):
+            src = node.inputs[0]
+            if src is not None and src.dtype == F32 and src.const_value is None:
                 bf16_nodes[node] = False  # data input only; shape inputs are int64
+            elif src is not None and src.const_value is not None:
+                # A view of a float32 constant stays float32 (the dispatcher cannot alias a
+                # constant; it runs such a view on the CPU); its output enters with a cast.
+                report.kept_float32[node_label(node)] = "view of a constant"
             continue
         why = _trial(node, True)
         if why is None:
@@ -279,11 +291,11 @@ def _convert_partition(
             if v is not None and v.dtype == F32:
                 values.setdefault(v)
     const_cache: dict[ir.Value, ir.Value] = {}
-    checked: list[ir.Node] = [n for n in bf16_nodes if not is_view(n)]
+    checked: list[ir.Node] = [n for n in bf16_nodes if not _view(n)]
     for v in values:
         uses = [(n, i) for n, i in v.uses() if n in bf16_nodes]
         if v.const_value is not None:
-            uses = [(n, i) for n, i in uses if bf16_nodes[n] and not is_view(n)]
+            uses = [(n, i) for n, i in uses if bf16_nodes[n] and not _view(n)]
             if not uses:
                 continue
             if v not in const_cache:

@@ -61,7 +61,13 @@ def test_images_hold_consts_and_params_at_their_regions(g11):
     assert set(plan.params_regions) == {op.name for op in g11.ops}
     for op, (off, size) in plan.const_regions.items():
         assert any(g11.const_image[off : off + size]), f"const region of {op} is empty"
-    assert [op.op_type for op in g11.ops] == ["MatMul", "MatMul", "Silu", "Mul", "MatMul"]
+    # bf16 by default: the float32 input and output are cast at the partition border, inside it.
+    mlp = ["MatMul", "MatMul", "Silu", "Mul", "MatMul"]
+    assert [op.op_type for op in g11.ops] == ["Cast", *mlp, "Cast"]
+    assert [op.out_args for op in g11.ops[:1]] == [["X__bf16"]]
+    assert [op.out_args for op in g11.ops[-1:]] == [["C"]]
+    (fp32,) = compile_model(GOLDEN["G11"](), bf16=False).programs.values()
+    assert [op.op_type for op in fp32.ops] == mlp
     assert g11.instructions[8:] == g11.txn.to_bytes()
     assert unwrap(g11.instructions) == g11.txn
 
@@ -118,9 +124,12 @@ def test_dd_meta_json_keys(g11):
         assert set(v) == {"buffer_size", "xrt_arg_id", "packed_tensors"}
     assert meta["fused_tensors"]["in"]["packed_tensors"] == ["X"]
     assert meta["fused_tensors"]["out"]["packed_tensors"] == ["C"]
-    op = meta["op_list"][0]
+    cast, op = meta["op_list"][:2]
     assert set(op) == {"name", "type", "in_args", "const_args", "out_args", "attrs"}
-    assert op["type"] == "MatMul" and op["const_args"] == ["W1"] and op["in_args"] == ["X"]
+    # The boundary cast feeds the bf16 twin of X; the weights are bf16 copies (no Cast node).
+    assert cast["type"] == "Cast" and cast["in_args"] == ["X"] and cast["out_args"] == ["X__bf16"]
+    assert op["type"] == "MatMul" and op["const_args"] == ["W1__bf16"]
+    assert op["in_args"] == ["X__bf16"]
     assert "Silu" in [o["type"] for o in meta["op_list"]]  # npudispatch domain dropped
     x = meta["tensor_map"]["X"]
     assert x == {
@@ -132,8 +141,11 @@ def test_dd_meta_json_keys(g11):
         "offset": 0,
     }
     assert x["size_in_bytes"] >= 2 * 64 * 4
-    assert meta["tensor_map"]["W1"]["packed_buffer_label"] == "const"
-    assert meta["tensor_map"]["Y0"]["packed_buffer_label"] == "scratch"
+    w1 = meta["tensor_map"]["W1__bf16"]
+    assert w1["packed_buffer_label"] == "const" and w1["dtype"] == "bfloat16"
+    y0 = meta["tensor_map"]["Y0"]
+    assert y0["packed_buffer_label"] == "scratch" and y0["dtype"] == "bfloat16"
+    assert meta["tensor_map"]["X__bf16"]["size_in_bytes"] == 2 * 64 * 2  # half of X's bytes
     assert set(meta["aux_info"]) == {"original_inputs", "original_outputs"}
 
 

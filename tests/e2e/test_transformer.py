@@ -81,9 +81,15 @@ def test_llama2_mlp_full_size_scratch_reaches_lower_bound():
     """DD_REFERENCE §14: DD needs 401,408 B of scratch on the llama2 MLP, the bound is 393,216 B."""
     from npudispatch import compile_model
 
-    compiled = compile_model(build_example("llama2-mlp"))
+    compiled = compile_model(build_example("llama2-mlp"))  # bf16 + padding: the defaults
     assert [p.kind for p in compiled.partitions] == ["npu"]
     (program,) = compiled.programs.values()
     plan = program.plan
     assert plan.scratch_intermediate_bytes == plan.scratch_lower_bound_bytes
     assert plan.scratch_lower_bound_bytes < plan.dd_no_reuse_bytes
+    assert {pl.dtype for n, pl in plan.placements.items() if pl.buffer.name == "SCRATCH"} == {
+        "bfloat16"
+    }
+    (fp32,) = compile_model(build_example("llama2-mlp"), bf16=False).programs.values()
+    assert fp32.plan.scratch_intermediate_bytes == fp32.plan.scratch_lower_bound_bytes
+    assert plan.scratch_intermediate_bytes * 2 == fp32.plan.scratch_intermediate_bytes

@@ -246,7 +246,31 @@ def test_granularity_ties_last_axes():
     cfg = registry.match(_node(m))
     g = cfg.operator.granularity(cfg)
     assert g.inputs == ((1, 1, 8), (1, 1, 8)) and g.outputs == ((1, 1, 8),)
-    assert g.tied == ((("in", 0, 2), ("in", 1, 2), ("out", 0, 2)),)
+    # Axis 0 is broadcast in b only, axis 1 everywhere (not tied), axis 2 nowhere.
+    assert g.tied == (
+        (("in", 0, 0), ("out", 0, 0)),
+        (("in", 0, 2), ("in", 1, 2), ("out", 0, 2)),
+    )
+
+
+def test_granularity_ties_every_axis_of_same_shape_ops():
+    """Unary ops, Softmax, Cast: each input axis tied to the same output axis; Transpose: to the
+    permuted one (their match requires exactly those shapes)."""
+    x = [("x", np.float32, (2, 3, 5))]
+    cases = {
+        ("Sigmoid", ()): ((0, 0), (1, 1), (2, 2)),
+        ("Softmax", (("axis", -1),)): ((0, 0), (1, 1), (2, 2)),
+        ("Cast", (("to", 16),)): ((0, 0), (1, 1), (2, 2)),
+        ("Transpose", (("perm", (2, 0, 1)),)): ((2, 0), (0, 1), (1, 2)),
+    }
+    for (op, attrs), pairs in cases.items():
+        shape = (5, 2, 3) if op == "Transpose" else (2, 3, 5)
+        dtype = BF16 if op == "Cast" else np.float32
+        m = one_node_model(op, x, [("y", dtype, shape)], **dict(attrs))
+        cfg = registry.match(_node(m))
+        assert not isinstance(cfg, Decline), (op, cfg)
+        g = cfg.operator.granularity(cfg)
+        assert g.tied == tuple((("in", 0, i), ("out", 0, o)) for i, o in pairs), op
 
 
 def test_one_column_partition_runs():

@@ -18,14 +18,16 @@ from npudispatch.examples import golden
 from npudispatch.examples.exporter import bert_encoder_layer, llama_decoder_layer
 from npudispatch.opset import DOMAIN
 from npudispatch.rewrites import default_pipeline
+from npudispatch.rewrites.padding import host_shape
+from npudispatch.rewrites.precision import BOUNDARY_KEY
 
 DIMS = {"batch": 1, "sequence": 8}
 BUILDERS = {"llama_decoder_layer": llama_decoder_layer, "bert_encoder_layer": bert_encoder_layer}
 
 
-def rewritten(proto: onnx.ModelProto, dims=DIMS) -> ir.Model:
+def rewritten(proto: onnx.ModelProto, dims=DIMS, **options) -> ir.Model:
     m = graph.load(proto, dims=dims)
-    default_pipeline()(m)
+    default_pipeline(**options)(m)
     return m
 
 
@@ -40,12 +42,27 @@ def feeds(name: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_exporter_layer_snapshot_and_numerics(name):
+    """The fusions alone (no padding, float32 storage): the rewritten model is still a float32
+    ONNX model onnxruntime runs, equal to the original within float32 reordering error."""
     proto = BUILDERS[name]()
-    m = rewritten(proto)
+    m = rewritten(proto, pad=False, bf16=False)
     check_snapshot(name, snapshot_text(m))
     f = feeds(name)
     ref = run_ort(ir.from_proto(proto), f)[0]
     np.testing.assert_allclose(run_ort(m, f)[0], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_exporter_layer_default_pipeline_snapshot(name):
+    """The default pipeline adds terminal padding and bf16 storage. Its numerics are checked
+    through Session (tests/e2e): padded and bf16 graphs are not runnable as plain ONNX."""
+    m = rewritten(BUILDERS[name]())
+    check_snapshot(f"{name}_pad_bf16", snapshot_text(m))
+    casts = [n for n in m.graph if n.op_type == "Cast"]
+    assert casts and all(n.metadata_props.get(BOUNDARY_KEY) == "boundary" for n in casts)
+    # The user-facing signature is unchanged: float32 inputs/outputs at their declared shapes.
+    assert all(v.dtype == ir.DataType.FLOAT for v in [*m.graph.inputs, *m.graph.outputs])
+    assert [host_shape(v) for v in m.graph.outputs] == [(1, 8, 64)]
 
 
 def test_llama_fusions_present():

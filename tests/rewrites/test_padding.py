@@ -370,21 +370,43 @@ def test_matmul_padded_k_and_n():
     assert_zero_padding(padded, raw)
 
 
-def test_sigmoid_feeding_padded_k_backs_off():
-    # Sigmoid ties only its last axis, but matches only identical in/out shapes: padding K of
-    # s (axis 0) makes it decline, so the pass pins s and z and retries.
-    text = f"""
-    g (float[5,21] x, float[13,6] z) => (float[5,6] y) <{const("w", floats(21, 13))}> {{
-      h = MatMul(x, w)
-      s = Sigmoid(z)
-      y = MatMul(h, s)
-    }}
-    """
-    m = prepared(text)
+SIGMOID_FEEDS_K = f"""
+g (float[5,21] x, float[13,6] z) => (float[5,6] y) <{const("w", floats(21, 13))}> {{
+  h = MatMul(x, w)
+  s = Sigmoid(z)
+  y = MatMul(h, s)
+}}
+"""
+
+
+def test_operator_under_declaring_ties_backs_off(monkeypatch):
+    # An operator whose granularity ties only its last axis but matches only identical in/out
+    # shapes: padding K of s (axis 0) makes it decline, so the pass pins s and z and retries.
+    from npudispatch.operators.activations import _Unary
+    from npudispatch.operators.base import ShapeConstraints
+
+    def last_axis_only(self, cfg):
+        rank = len(cfg.outputs[0].shape)
+        rule = (1,) * (rank - 1) + (8,)
+        return ShapeConstraints((rule,), (rule,), ((("in", 0, rank - 1), ("out", 0, rank - 1)),))
+
+    monkeypatch.setattr(_Unary, "granularity", last_axis_only)
+    m = prepared(SIGMOID_FEEDS_K)
     report = pad_model(m)
     assert report.retries == 1 and "s" in report.pinned and "declines" in report.pinned["s"]
     assert all(isinstance(registry.match(n), OpConfig) for n in m.graph)
     assert not report.modified and len(report.skipped) == 2
+
+
+def test_sigmoid_ties_every_axis_so_padded_k_needs_no_back_off():
+    # Unary ops tie every input axis to the same output axis: K of s (axis 0) pads z too.
+    feeds = {"x": floats(5, 21), "z": floats(13, 6)}
+    m, report, raw = check_equivalent(SIGMOID_FEEDS_K, feeds)
+    assert report.retries == 0 and not report.skipped
+    assert report.padded_values["z"] == ((13, 6), (16, 8))
+    assert report.padded_values["s"] == ((13, 6), (16, 8))
+    assert report.padded_values["y"] == ((5, 6), (5, 8))
+    assert_zero_padding(m, raw)
 
 
 def test_cpu_border_numerics_and_graph_io_crop():

@@ -192,15 +192,17 @@ def test_tolerance_covers_bf16_matmul_but_not_a_real_error(k):
 
 
 def test_default_pipeline_with_padding_and_precision():
-    # The wiring proposed to the coordinator: fusions, then padding, then precision.
+    # The default wiring: fusions, then padding, then precision, then view marks.
     from npudispatch.rewrites import LATE_PASSES_ANCHOR, default_pipeline
-    from npudispatch.rewrites.padding import PadTerminalsPass
 
     text = mlp_text(k=30, n=44)
     original, m = prepared(text), prepared(text)
     pm = default_pipeline()
-    pm.add(PadTerminalsPass(), before=LATE_PASSES_ANCHOR)
-    pm.add(PrecisionPass(), before=LATE_PASSES_ANCHOR)
+    names = pm.names
+    assert names.index("PadTerminalsPass") < names.index("PrecisionPass")
+    assert names.index("PrecisionPass") < names.index(LATE_PASSES_ANCHOR)
+    off = default_pipeline(pad=False, bf16=False).names
+    assert "PadTerminalsPass" not in off and "PrecisionPass" not in off
     pm(m)
     assert max(r.step for r in pm.records) == 1  # fixpoint reached in the second round
     hb = next(v for n in m.graph for v in n.outputs if v.name == "hb")
