@@ -102,7 +102,9 @@ class _Norm(Operator):
                 )
         for j, (spec, kind) in enumerate(zip(cfg.outputs, self.output_kinds)):
             want = x.shape if kind in ("y", "sum") else x.shape[:axis] + (1,) * (rank - axis)
-            if not node.outputs[j].name:
+            out = node.outputs[j]
+            # Omitted (nameless) or unread: the rewriter names every output it creates.
+            if not out.name or (not out.uses() and not out.is_graph_output()):
                 if kind in ("mean", "inv_std"):
                     cfg.outputs[j] = TensorSpec(want, F32)
                 continue

@@ -16,6 +16,7 @@ residual stream) it is kept as output 3 (``input_skip_bias_sum``).
 
 from __future__ import annotations
 
+import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from npudispatch.rewrites._checks import (
@@ -126,9 +127,17 @@ def _skip_rewrite_single(op, a, b, weight, normed, **_):
 
 def _skip_rewrite_keep_sum(op, a, b, weight, normed, **_):
     eps = normed.producer().attributes.get_float("epsilon", 1e-5)
-    y, _mean, _inv_std, s = op.SkipSimplifiedLayerNormalization(
+    y, mean, inv_std, s = op.SkipSimplifiedLayerNormalization(
         a, b, weight, epsilon=eps, _domain=MS_DOMAIN, _outputs=4
     )
+    # Outputs 1 and 2 only exist to reach output 3; ORT types them float over the reduced last
+    # axis. Typing them keeps downstream passes and the operator matcher from seeing unknowns.
+    reduced = None
+    if a.shape is not None and a.shape.rank() > 0:
+        reduced = ir.Shape([*list(a.shape)[:-1], 1])
+    for stat in (mean, inv_std):
+        stat.dtype = ir.DataType.FLOAT
+        stat.shape = reduced
     return y, s
 
 

@@ -140,3 +140,14 @@ def test_random_dags_plan_and_run(model):
     ref = onnxruntime_run(model, feeds)
     for out, name in zip(session.run(None, feeds), [o.name for o in session.get_outputs()]):
         assert_close(out, ref[name], rtol=5e-2, atol=5e-2)
+
+
+def test_fused_skip_rmsnorm_runs_on_the_npu():
+    """The residual skip-RMSNorm fusion types its unread statistics outputs, so it stays on the NPU."""
+    from npudispatch.examples.exporter import llama_decoder_layer
+
+    compiled = compile_model(llama_decoder_layer(), dims={"batch": 1, "sequence": 8})
+    declined = {u["op_type"] for u in compiled.to_report()["unsupported"]}
+    assert "SkipSimplifiedLayerNormalization" not in declined
+    npu_ops = {n.op_type for p in compiled.partitions if p.kind == "npu" for n in p.nodes}
+    assert "SkipSimplifiedLayerNormalization" in npu_ops
