@@ -11,6 +11,8 @@ import onnx_ir as ir
 
 from npudispatch import graph
 from npudispatch.cli.common import add_dims_option, parse_dims, print_json
+from npudispatch.dispatch.compile import npu_support
+from npudispatch.rewrites import default_pipeline
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", help="path to an .onnx file")
     add_dims_option(parser)
+    parser.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="run the default rewrite pipeline first (what `compile` partitions)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -32,10 +39,14 @@ def op_key(node: ir.Node) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
 
 
-def inspect_model(model: ir.Model) -> dict[str, Any]:
-    """The JSON document of ``inspect --json`` (stable keys)."""
+def inspect_model(model: ir.Model, support: graph.SupportQuery | None = None) -> dict[str, Any]:
+    """The JSON document of ``inspect --json`` (stable keys).
+
+    ``support`` defaults to the NPU operator library (views plus every node an operator takes),
+    so the reasons are the library's own decline reasons.
+    """
     order = graph.topological_order(model)
-    rep = graph.report(model, graph.default_support)
+    rep = graph.report(model, support if support is not None else npu_support())
     return {
         "nodes": [n.name for n in order],
         "op_types": dict(sorted(Counter(op_key(n) for n in order).items())),
@@ -106,6 +117,8 @@ def render(model: ir.Model, doc: dict[str, Any], source: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Load the model and print the report."""
     model = graph.load(args.model, dims=parse_dims(args.dims))
+    if args.rewrite:
+        default_pipeline()(model)
     doc = inspect_model(model)
     if args.json:
         print_json(doc)

@@ -151,3 +151,16 @@ def test_fused_skip_rmsnorm_runs_on_the_npu():
     assert "SkipSimplifiedLayerNormalization" not in declined
     npu_ops = {n.op_type for p in compiled.partitions if p.kind == "npu" for n in p.nodes}
     assert "SkipSimplifiedLayerNormalization" in npu_ops
+
+
+def test_views_of_shape_arithmetic_stay_on_the_cpu():
+    """Unsqueeze/Reshape of int64 shape tensors is CPU work, not an NPU view."""
+    import onnx_ir as ir
+
+    shape_in = ir.val("s", ir.DataType.INT64, [])
+    axes = ir.val("axes", const_value=ir.tensor(np.array([0], np.int64), name="axes"))
+    node = ir.node("Unsqueeze", [shape_in, axes])
+    reason = npu_support()(node)
+    assert reason is not None and "INT64" in reason and "shape arithmetic" in reason
+    data = ir.val("x", ir.DataType.FLOAT, [4])
+    assert npu_support()(ir.node("Unsqueeze", [data, axes])) is None
