@@ -157,10 +157,13 @@ def test_views_of_shape_arithmetic_stay_on_the_cpu():
     """Unsqueeze/Reshape of int64 shape tensors is CPU work, not an NPU view."""
     import onnx_ir as ir
 
-    shape_in = ir.val("s", ir.DataType.INT64, [])
-    axes = ir.val("axes", const_value=ir.tensor(np.array([0], np.int64), name="axes"))
-    node = ir.node("Unsqueeze", [shape_in, axes])
-    reason = npu_support()(node)
+    def unsqueeze(dtype: ir.DataType) -> ir.Node:
+        data = ir.val("s", dtype, [])
+        axes = ir.val("axes", const_value=ir.tensor(np.array([0], np.int64), name="axes"))
+        node = ir.node("Unsqueeze", [data, axes])
+        node.outputs[0].dtype, node.outputs[0].shape = dtype, ir.Shape([1])
+        return node
+
+    reason = npu_support()(unsqueeze(ir.DataType.INT64))
     assert reason is not None and "INT64" in reason and "shape arithmetic" in reason
-    data = ir.val("x", ir.DataType.FLOAT, [4])
-    assert npu_support()(ir.node("Unsqueeze", [data, axes])) is None
+    assert npu_support()(unsqueeze(ir.DataType.FLOAT)) is None
