@@ -1,0 +1,266 @@
+"""Pictures of a partitioned model: matplotlib partition view, DOT/graphviz export, HTML tables.
+
+Every function takes a *source*: a compiled model (``npudispatch.compile_model`` result), a
+:class:`~npudispatch.graph.PartitionReport`, or a model (``onnx_ir.Model``, ``onnx.ModelProto``
+or path) which is then partitioned with the NPU support query of the compiler (or ``supported``).
+
+* :func:`plot_partitions` draws nodes left to right by topological generation (a node's column
+  is its longest path from the graph inputs), edges between them, each node coloured by its
+  partition: blues for NPU partitions, oranges for CPU ones;
+* :func:`to_dot` returns the same view as Graphviz DOT text (no dependency);
+  :func:`to_graphviz` renders it with the ``graphviz`` package when that is installed;
+* :func:`partition_html` is a table of the partitions (kind, ops, inputs, outputs) and of the
+  nodes left on the CPU with the reason.
+
+matplotlib is an optional dependency (``pip install npudispatch[viz]``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import onnx_ir as ir
+
+from npudispatch import graph
+from npudispatch.errors import ModelError
+from npudispatch.graph import Partition, PartitionReport
+from npudispatch.graph.support import Supported
+from npudispatch.txn.html import html_table
+
+__all__ = [
+    "PartitionView",
+    "partition_html",
+    "partition_view",
+    "plot_partitions",
+    "short_op",
+    "to_dot",
+    "to_graphviz",
+]
+
+_NPU_COLORS = ("#4c78a8", "#72b7b2", "#54a24b", "#9ecae9", "#2f5d8a")
+_CPU_COLORS = ("#f58518", "#e45756", "#ffbf79", "#b279a2", "#ff9d98")
+_SHORT = (("Normalization", "Norm"), ("Simplified", "Simp"))
+
+
+def short_op(op_type: str) -> str:
+    """A compact box label: ``SkipSimplifiedLayerNormalization`` -> ``SkipSimpLayerNorm``."""
+    for long, short in _SHORT:
+        op_type = op_type.replace(long, short)
+    return op_type
+
+
+@dataclass
+class PartitionView:
+    """A partitioned graph ready to draw.
+
+    ``partitions`` and ``labels`` (``npu0``, ``cpu0``...) are in run order; ``digraph`` has the
+    ``ir.Node`` objects as nodes; ``position`` maps a node to ``(column, row)``; ``owner`` to the
+    index of its partition; ``unsupported`` maps CPU nodes to the reason they are not on the NPU.
+    """
+
+    partitions: list[Partition]
+    labels: list[str]
+    digraph: nx.DiGraph
+    position: dict[ir.Node, tuple[float, float]]
+    owner: dict[ir.Node, int]
+    unsupported: dict[ir.Node, str]
+
+    def color(self, index: int) -> str:
+        """Colour of partition ``index``: a blue/green for NPU, an orange/red for CPU ones."""
+        kind = self.partitions[index].kind
+        ordinal = int(self.labels[index][3:])
+        palette = _NPU_COLORS if kind == "npu" else _CPU_COLORS
+        return palette[ordinal % len(palette)]
+
+
+def _report(source: Any, supported: Supported | None) -> tuple[PartitionReport, list[str] | None]:
+    if isinstance(source, PartitionReport):
+        return source, None
+    if hasattr(source, "report") and hasattr(source, "model"):  # CompiledModel (duck-typed)
+        return source.report, list(source.labels)
+    model = source if isinstance(source, ir.Model) else graph.load(source)
+    if supported is None:
+        from npudispatch.dispatch.compile import npu_support
+
+        query: Supported = npu_support()
+    else:
+        query = supported
+    return graph.report(model, query), None
+
+
+def partition_view(source: Any, *, supported: Supported | None = None) -> PartitionView:
+    """Partition ``source`` (see the module docstring) and lay it out by topological generation."""
+    rep, labels = _report(source, supported)
+    parts = rep.partitions
+    if not parts or not any(p.nodes for p in parts):
+        raise ModelError("nothing to draw: the partition report has no nodes (empty graph)")
+    labels = labels or graph.partition_names(parts)
+    owner = {node: i for i, part in enumerate(parts) for node in part.nodes}
+    first = next(n for p in parts for n in p.nodes)
+    digraph = graph.to_networkx(first.graph)
+    digraph.remove_nodes_from([n for n in list(digraph) if n not in owner])
+    position: dict[ir.Node, tuple[float, float]] = {}
+    for column, generation in enumerate(nx.topological_generations(digraph)):
+        # Keep a partition's nodes together within a column, then file order.
+        members = sorted(generation, key=lambda n: (owner[n], digraph.nodes[n]["index"]))
+        for row, node in enumerate(members):
+            position[node] = (float(column), row - (len(members) - 1) / 2)
+    reasons = {u.node: u.reason for u in rep.unsupported}
+    return PartitionView(parts, labels, digraph, position, owner, reasons)
+
+
+def plot_partitions(
+    source: Any,
+    *,
+    supported: Supported | None = None,
+    ax: Any = None,
+    labels: bool = True,
+    title: str | None = None,
+) -> Any:
+    """Draw the partition view with matplotlib; returns the ``Axes``.
+
+    One rounded box per node (its op type as label when ``labels``), grey arrows for the data
+    edges, a legend entry per partition (``npu0 (19 nodes)``). Raises ImportError with the
+    install hint when matplotlib is missing.
+    """
+    try:
+        from matplotlib.patches import Patch
+    except ImportError as exc:
+        raise ImportError(
+            "plot_partitions needs matplotlib, an optional dependency: "
+            "pip install 'npudispatch[viz]'"
+        ) from exc
+    view = partition_view(source, supported=supported)
+    pos = view.position
+    columns = max(x for x, _ in pos.values()) + 1
+    rows = max(Counter(x for x, _ in pos.values()).values())
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(min(3 + 1.3 * columns, 30), min(2 + 0.8 * rows, 12)))
+    for u, v in view.digraph.edges:
+        ax.annotate(
+            "",
+            xy=pos[v],
+            xytext=pos[u],
+            arrowprops={
+                "arrowstyle": "-|>",
+                "color": "#999999",
+                "lw": 0.8,
+                "shrinkA": 12,
+                "shrinkB": 12,
+            },
+            zorder=1,
+        )
+    fontsize = 8 if rows < 8 else 6
+    for node, (x, y) in pos.items():
+        index = view.owner[node]
+        ax.text(
+            x,
+            y,
+            short_op(node.op_type) if labels else "",
+            ha="center",
+            va="center",
+            fontsize=fontsize,
+            zorder=3,
+            bbox={
+                "boxstyle": "round,pad=0.3",
+                "facecolor": view.color(index),
+                "edgecolor": "black" if node in view.unsupported else "none",
+                "alpha": 0.9,
+            },
+        )
+        if not labels:
+            ax.plot([x], [y], "o", color=view.color(index), markersize=8, zorder=3)
+    handles = [
+        Patch(color=view.color(i), label=f"{label} ({len(part.nodes)} nodes)")
+        for i, (label, part) in enumerate(zip(view.labels, view.partitions))
+    ]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set_xlim(-0.7, columns - 0.3)
+    ys = [y for _, y in pos.values()]
+    ax.set_ylim(min(ys) - 0.8, max(ys) + 0.8)
+    ax.set_xlabel("topological generation")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_yticks([])
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    npu = sum(len(p.nodes) for p in view.partitions if p.kind == "npu")
+    total = sum(len(p.nodes) for p in view.partitions)
+    n = len(view.partitions)
+    outline = " (black outline: no NPU operator)" if view.unsupported else ""
+    ax.set_title(title or f"{n} partition{'s' * (n != 1)}, {npu}/{total} nodes on the NPU{outline}")
+    return ax
+
+
+def _dot_id(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_dot(source: Any, *, supported: Supported | None = None) -> str:
+    """The partition view as Graphviz DOT: one cluster per partition, nodes in run order."""
+    view = partition_view(source, supported=supported)
+    ids = {node: f"n{k}" for k, node in enumerate(view.position)}
+    lines = ["digraph partitions {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled"];']
+    for i, (label, part) in enumerate(zip(view.labels, view.partitions)):
+        lines.append(f"  subgraph cluster_{i} {{")
+        lines.append(f"    label={_dot_id(f'{label} ({part.kind}, {len(part.nodes)} nodes)')};")
+        for node in part.nodes:
+            tooltip = node.name or ""
+            if node in view.unsupported:
+                tooltip += f" (CPU: {view.unsupported[node]})"
+            lines.append(
+                f"    {ids[node]} [label={_dot_id(node.op_type)}, "
+                f'fillcolor="{view.color(i)}", tooltip={_dot_id(tooltip)}];'
+            )
+        lines.append("  }")
+    for u, v in view.digraph.edges:
+        tensors = ", ".join(val.name or "?" for val in view.digraph.edges[u, v]["values"])
+        lines.append(f"  {ids[u]} -> {ids[v]} [tooltip={_dot_id(tensors)}];")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def to_graphviz(source: Any, *, supported: Supported | None = None) -> Any:
+    """A ``graphviz.Source`` of :func:`to_dot` (displays as SVG in notebooks).
+
+    Needs the ``graphviz`` Python package (and the ``dot`` program to render); raises
+    ImportError with the install hint otherwise — use :func:`plot_partitions` instead.
+    """
+    try:
+        import graphviz
+    except ImportError as exc:
+        raise ImportError(
+            "to_graphviz needs the 'graphviz' package (pip install graphviz, plus the dot "
+            "program); plot_partitions() draws the same view with matplotlib"
+        ) from exc
+    return graphviz.Source(to_dot(source, supported=supported))
+
+
+def partition_html(source: Any, *, supported: Supported | None = None) -> str:
+    """HTML tables: one row per partition, then the nodes kept off the NPU and why."""
+    rep, labels = _report(source, supported)
+    labels = labels or graph.partition_names(rep.partitions)
+    rows = []
+    for label, part in zip(labels, rep.partitions):
+        ops = Counter(n.op_type for n in part.nodes)
+        rows.append(
+            (
+                label,
+                part.kind,
+                len(part.nodes),
+                ", ".join(f"{op}×{n}" if n > 1 else op for op, n in ops.items()),
+                ", ".join(v.name or "?" for v in part.inputs),
+                ", ".join(v.name or "?" for v in part.outputs),
+            )
+        )
+    out = html_table(("partition", "kind", "nodes", "ops", "inputs", "outputs"), rows)
+    if rep.unsupported:
+        out += "<div><b>not on the NPU</b></div>" + html_table(
+            ("node", "op", "reason"),
+            [(u.name, f"{u.domain}.{u.op_type}", u.reason) for u in rep.unsupported],
+        )
+    return f'<div class="npudispatch-partitions">{out}</div>'

@@ -1,0 +1,68 @@
+"""The notebooks: committed without outputs, and each one runs top to bottom (nbclient).
+
+Each notebook runs in a fresh kernel with a temporary working directory, ``NPUD_PROGRESS=0`` and
+``NPUD_CORPUS`` pointing at the AMD corpus when it is present (03 skips its cells otherwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from corpus_util import CORPUS_DIR, corpus_available
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+EXPECTED = ["01_quickstart", "02_rewrites", "03_transactions", "04_memory"]
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+CELL_TIMEOUT_S = 120
+
+
+def test_every_expected_notebook_is_there():
+    assert [p.stem for p in NOTEBOOKS] == EXPECTED
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_outputs_are_stripped(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    dirty = [
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)
+    ]
+    assert not dirty, (
+        f"{path.name}: code cells {dirty} keep outputs or execution counts; clear them "
+        "(Jupyter: Edit > Clear All Outputs) before committing"
+    )
+    assert "widgets" not in nb.metadata, f"{path.name}: widget state in the notebook metadata"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("NPUD_PROGRESS", "0")
+    if corpus_available():
+        monkeypatch.setenv("NPUD_CORPUS", str(CORPUS_DIR))
+    else:
+        monkeypatch.delenv("NPUD_CORPUS", raising=False)
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError naming the cell on any exception
+    errors = [
+        out
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out.output_type == "error"
+    ]
+    assert not errors
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code), "a code cell did not run"
