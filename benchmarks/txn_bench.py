@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from npudispatch.txn import INDEX_CACHE, ArgRange, Transaction, fuse, rebase
+from npudispatch.txn import INDEX_CACHE, ArgRange, Transaction, fuse_rebased
 
 CORPUS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "dd_stx_txn"
 TARGET_BYTES = 100 << 20
@@ -30,8 +30,9 @@ def _corpus() -> list[bytes]:
 
 
 def _pipeline(program: list[tuple[bytes, list[ArgRange]]]) -> bytes:
-    rebased = [rebase(Transaction.from_bytes(data), mapping) for data, mapping in program]
-    return fuse(rebased).to_bytes()
+    return fuse_rebased(
+        [(Transaction.from_bytes(data), mapping) for data, mapping in program]
+    ).to_bytes()
 
 
 def _measure(program: list[tuple[bytes, list[ArgRange]]], repeats: int) -> tuple[float, ...]:

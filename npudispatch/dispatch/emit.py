@@ -14,7 +14,7 @@ SCRATCH     2, the shared op scratch pad (several specs: consecutive parts of it
 ==========  ==========================================================================
 
 A constant an operator streams as an activation gets its own const region named
-``CONST_TENSOR_PREFIX + tensor``. The fused transaction is ``txn.fuse`` of the re-based ones;
+``CONST_TENSOR_PREFIX + tensor``. The fused transaction is ``txn.fuse_rebased`` of the op transactions (one copy);
 :attr:`FusedProgram.instructions` is the wrapped instruction buffer (TXN_FORMAT.md §7.1).
 """
 
@@ -34,10 +34,10 @@ import onnx_ir as ir
 
 from npudispatch.dispatch.backends.base import ProgramImage
 from npudispatch.dispatch.plan import BufferKind, BufferPlan
-from npudispatch.errors import ModelError, PlanError
+from npudispatch.errors import ModelError, PlanError, TxnFormatError
 from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, ArgSpec, OpConfig, round_up
-from npudispatch.txn import ArgRange, Transaction, fuse, rebase, wrap
+from npudispatch.txn import ArgRange, Transaction, fuse_rebased, rebase, wrap
 
 __all__ = [
     "CONST_TENSOR_PREFIX",
@@ -246,6 +246,23 @@ def _binding(value: ir.Value, plan: BufferPlan) -> TensorBinding:
     )
 
 
+def _fuse_rebased(
+    name: str, launches: Sequence[Any], items: list[tuple[Transaction, list[ArgRange]]]
+) -> Transaction:
+    """Re-base and fuse in one copy; on a bad patch, name the op whose argument map misses it."""
+    try:
+        return fuse_rebased(items)
+    except TxnFormatError:
+        for launch, (txn, ranges) in zip(launches, items):
+            try:
+                rebase(txn, ranges)
+            except TxnFormatError as exc:
+                raise ModelError(
+                    f"program {name!r}, op {launch.node.name!r}: re-basing failed: {exc}"
+                ) from exc
+        raise
+
+
 def emit(
     name: str,
     launches: Sequence[Launch],
@@ -258,7 +275,7 @@ def emit(
 
     ``io`` has ``inputs``/``outputs`` (the partition's host-visible values, in order).
     """
-    txns: list[Transaction] = []
+    txns: list[tuple[Transaction, list[ArgRange]]] = []
     ops: list[OpEntry] = []
     const_image = bytearray(plan.const_bytes)
     params_image = bytearray(plan.params_bytes)
@@ -266,15 +283,8 @@ def emit(
     for launch in launches:
         node = launch.node
         op = launch.cfg.operator
-        try:
-            txn = rebase(op.transaction(launch.cfg, num_cols), _ranges(launch, plan))
-        except Exception as exc:
-            if isinstance(exc, PlanError):
-                raise
-            raise ModelError(
-                f"program {name!r}, op {node.name!r}: re-basing failed: {exc}"
-            ) from exc
-        txns.append(txn)
+        txn = op.transaction(launch.cfg, num_cols)
+        txns.append((txn, _ranges(launch, plan)))
         ops.append(_op_entry(launch, txn.num_ops))
         if launch.consts:
             off = plan.const_regions[node.name][0]
@@ -300,7 +310,7 @@ def emit(
             }
     return FusedProgram(
         name=name,
-        txn=fuse(txns),
+        txn=_fuse_rebased(name, launches, txns),
         plan=plan,
         const_image=bytes(const_image),
         params_image=bytes(params_image),

@@ -3,7 +3,7 @@
 from npudispatch.txn.builder import TxnBuilder
 from npudispatch.txn.codec import OpIndex, decode_op, encode_op, opcode_name, scan
 from npudispatch.txn.explain import BdTransfer, DataMovement, DmaTask, Transfer, explain
-from npudispatch.txn.fuse import fuse, to_opt, to_plain, unwrap, wrap
+from npudispatch.txn.fuse import fuse, fuse_rebased, to_opt, to_plain, unwrap, wrap
 from npudispatch.txn.header import HEADER_SIZE, TxnHeader
 from npudispatch.txn.inspect import describe_op, dump, stats
 from npudispatch.txn.ops import CustomOp, Op, Opcode
@@ -31,6 +31,7 @@ __all__ = [
     "encode_op",
     "explain",
     "fuse",
+    "fuse_rebased",
     "opcode_name",
     "patches",
     "rebase",

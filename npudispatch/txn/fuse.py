@@ -9,23 +9,17 @@ from dataclasses import replace
 from npudispatch.errors import TxnFormatError
 from npudispatch.txn.codec import PATCH_SIZE_PLAIN, PATCH_SIZES_OPT, OpIndex, encode_op
 from npudispatch.txn.header import HEADER_SIZE, OPT_VERSION, PLAIN_VERSION
+from npudispatch.txn.rebase import ArgRange, mapped_fields, patch_fields_of, patched_parts
 from npudispatch.txn.transaction import Framing, Transaction
 
 TRANSACTION_OP = 0  # aie_controller op-list type of a wrapped transaction (§7.1)
 WRAP_HEADER_SIZE = 8
 
 
-def fuse(txns: Sequence[Transaction]) -> Transaction:
-    """Concatenate transactions like DD's ``fuse_txns``: first header, then every op stream.
-
-    NumOps and TxnSize are the sums; NumCols is the maximum. Refuses mixed formats and mismatched
-    DevGen or NumRows. Trailing pad bytes of the inputs are dropped (they would otherwise land
-    between ops); the corpus has none.
-    """
+def _check_fusable(txns: Sequence[Transaction]) -> None:
     if not txns:
         raise TxnFormatError("fuse() needs at least one transaction")
     first = txns[0]._header
-    framed = [t.framed() for t in txns]
     for i, t in enumerate(txns[1:], start=1):
         h = t._header
         if h.is_opt != first.is_opt:
@@ -39,19 +33,23 @@ def fuse(txns: Sequence[Transaction]) -> Transaction:
                 f"transaction 0 (DevGen {first.dev_gen}, NumRows {first.num_rows}): they target "
                 "different devices"
             )
+
+
+def _assemble(
+    txns: Sequence[Transaction], bodies: list[tuple[list[bytes | memoryview], OpIndex]]
+) -> Transaction:
+    """One header + every body (given as parts to join), NumOps/TxnSize summed, NumCols max."""
     parts: list[bytes | memoryview] = [b""]  # slot for the header, filled below
     shifts: list[tuple[OpIndex, int]] = []
     pos = HEADER_SIZE
-    num_ops = 0
-    for data, index in framed:
-        parts.append(memoryview(data)[HEADER_SIZE : index.end])
+    for body, index in bodies:
+        parts += body
         shifts.append((index, pos - HEADER_SIZE))
         pos += index.end - HEADER_SIZE
-        num_ops += len(index)
     header = replace(
-        first,
+        txns[0]._header,
         num_cols=max(t._header.num_cols for t in txns),
-        num_ops=num_ops,
+        num_ops=sum(len(index) for _, index in bodies),
         txn_size=pos,
     )
     parts[0] = header.pack()
@@ -61,6 +59,39 @@ def fuse(txns: Sequence[Transaction]) -> Transaction:
         return OpIndex.concat([index.shifted(delta) for index, delta in shifts])
 
     return Transaction._from_parts(header, data, Framing(None, make=make_index, end=pos))
+
+
+def fuse(txns: Sequence[Transaction]) -> Transaction:
+    """Concatenate transactions like DD's ``fuse_txns``: first header, then every op stream.
+
+    NumOps and TxnSize are the sums; NumCols is the maximum. Refuses mixed formats and mismatched
+    DevGen or NumRows. Trailing pad bytes of the inputs are dropped (they would otherwise land
+    between ops); the corpus has none.
+    """
+    _check_fusable(txns)
+    bodies = []
+    for t in txns:
+        data, index = t.framed()
+        bodies.append(([memoryview(data)[HEADER_SIZE : index.end]], index))
+    return _assemble(txns, bodies)
+
+
+def fuse_rebased(items: Sequence[tuple[Transaction, Sequence[ArgRange]]]) -> Transaction:
+    """``fuse([rebase(t, m) for t, m in items])`` with every byte copied exactly once.
+
+    The emitter's path: each op transaction is re-based through its argument map (rules of
+    :func:`~npudispatch.txn.rebase.rebase`) while the fused image is assembled, instead of
+    materializing every re-based transaction first and copying it again.
+    """
+    txns = [t for t, _ in items]
+    _check_fusable(txns)
+    bodies = []
+    for t, mapping in items:
+        data, index = t.framed()
+        _, _, pf = patch_fields_of(t)
+        argidx, argplus = mapped_fields(pf, mapping)
+        bodies.append((patched_parts(data, pf, argidx, argplus, HEADER_SIZE, index.end), index))
+    return _assemble(txns, bodies)
 
 
 def wrap(txn: Transaction) -> bytes:

@@ -63,13 +63,56 @@ def patch_fields(data: bytes, index: OpIndex, opt: bool) -> PatchFields:
     return PatchFields(ops, offs, short, argidx, _gather_u64(arr, plus_at))
 
 
-def _fields_of(txn: Transaction) -> tuple[bytes, Framing, PatchFields]:
+def patch_fields_of(txn: Transaction) -> tuple[bytes, Framing, PatchFields]:
     """Bytes, framing and patch fields of ``txn`` (patch fields cached with the framing)."""
     data, framing = txn.framing()
     pf = framing.patches
     if pf is None:
         pf = framing.patches = patch_fields(data, framing.index, txn.is_opt)
     return data, framing, pf  # type: ignore[return-value]
+
+
+def _check_fits(pf: PatchFields, argidx: np.ndarray) -> None:
+    too_big = pf.short & (argidx > 0xFF)
+    if too_big.any():
+        k = int(np.flatnonzero(too_big)[0])
+        raise TxnFormatError(
+            f"op {int(pf.op_index[k])} DDR_PATCH at byte offset {int(pf.offsets[k])}: new argidx "
+            f"{int(argidx[k])} does not fit the u8 field of an opt Size-24 patch; convert with "
+            "to_opt(..., patch_size=48)"
+        )
+
+
+def patched_parts(
+    data: bytes, pf: PatchFields, argidx: np.ndarray, argplus: np.ndarray, start: int, end: int
+) -> list[bytes | memoryview]:
+    """``data[start:end]`` as slices interleaved with the new patch fields (nothing copied yet).
+
+    Joining the parts yields the re-based bytes in one memcpy pass; :func:`fuse_rebased` joins the
+    parts of many transactions at once so every byte is copied exactly once.
+    """
+    _check_fits(pf, argidx)
+    view = memoryview(data)
+    fields = np.stack([argidx, argplus], axis=1).astype("<u8").tobytes()
+    offs = pf.offsets.tolist()
+    parts: list[bytes | memoryview]
+    if not pf.short.any():
+        cuts = [start, *(o + 48 for o in offs)]
+        parts = [None] * (2 * len(offs) + 1)  # type: ignore[list-item]
+        parts[0::2] = [view[a : b + 32] for a, b in zip(cuts, offs)] + [view[cuts[-1] : end]]
+        parts[1::2] = [fields[16 * k : 16 * k + 16] for k in range(len(offs))]
+    else:
+        parts, pos = [], start
+        for k, (off, short) in enumerate(zip(offs, pf.short.tolist())):
+            new = fields[16 * k : 16 * k + 16]
+            if short:
+                parts += [view[pos : off + 12], new[:1], view[off + 13 : off + 16], new[8:]]
+                pos = off + 24
+            else:
+                parts += [view[pos : off + 32], new]
+                pos = off + 48
+        parts.append(view[pos:end])
+    return parts
 
 
 def _write(
@@ -80,35 +123,7 @@ def _write(
     argidx: np.ndarray,
     argplus: np.ndarray,
 ) -> Transaction:
-    too_big = pf.short & (argidx > 0xFF)
-    if too_big.any():
-        k = int(np.flatnonzero(too_big)[0])
-        raise TxnFormatError(
-            f"op {int(pf.op_index[k])} DDR_PATCH at byte offset {int(pf.offsets[k])}: new argidx "
-            f"{int(argidx[k])} does not fit the u8 field of an opt Size-24 patch; convert with "
-            "to_opt(..., patch_size=48)"
-        )
-    # One memcpy pass: the untouched stretches between patches interleaved with the new fields.
-    view = memoryview(data)
-    fields = np.stack([argidx, argplus], axis=1).astype("<u8").tobytes()
-    offs = pf.offsets.tolist()
-    parts: list[bytes | memoryview]
-    if not pf.short.any():
-        cuts = [0, *(o + 48 for o in offs)]
-        parts = [None] * (2 * len(offs) + 1)  # type: ignore[list-item]
-        parts[0::2] = [view[a : b + 32] for a, b in zip(cuts, offs)] + [view[cuts[-1] :]]
-        parts[1::2] = [fields[16 * k : 16 * k + 16] for k in range(len(offs))]
-    else:
-        parts, pos = [], 0
-        for k, (off, short) in enumerate(zip(offs, pf.short.tolist())):
-            new = fields[16 * k : 16 * k + 16]
-            if short:
-                parts += [view[pos : off + 12], new[:1], view[off + 13 : off + 16], new[8:]]
-                pos = off + 24
-            else:
-                parts += [view[pos : off + 32], new]
-                pos = off + 48
-        parts.append(view[pos:])
+    parts = patched_parts(data, pf, argidx, argplus, 0, len(data))
     out = Framing(framing.index, pf.with_values(argidx, argplus))
     return Transaction._from_parts(txn._header, b"".join(parts), out)
 
@@ -121,7 +136,13 @@ def rebase(txn: Transaction, mapping: Sequence[ArgRange]) -> Transaction:
     ``(fused_argidx, fused_offset + p - offset)``. A patch no range covers raises
     :class:`TxnFormatError` naming op index, byte offset, argidx and argplus.
     """
-    data, framing, pf = _fields_of(txn)
+    data, framing, pf = patch_fields_of(txn)
+    new_idx, new_plus = mapped_fields(pf, mapping)
+    return _write(txn, data, framing, pf, new_idx, new_plus)
+
+
+def mapped_fields(pf: PatchFields, mapping: Sequence[ArgRange]) -> tuple[np.ndarray, np.ndarray]:
+    """New (argidx, argplus) of every patch in ``pf`` under ``mapping`` (rules of :func:`rebase`)."""
     by_arg: dict[int, list[ArgRange]] = {}
     for r in mapping:
         if min(r.size, r.offset, r.fused_offset, r.local_argidx, r.fused_argidx) < 0:
@@ -158,12 +179,12 @@ def rebase(txn: Transaction, mapping: Sequence[ArgRange]) -> Transaction:
             f"argidx {int(pf.argidx[j])} + argplus {int(pf.argplus[j]):#x} lies in no ArgRange "
             "of the mapping; add a range covering it (the op's buffer map is incomplete)"
         )
-    return _write(txn, data, framing, pf, new_idx, new_plus)
+    return new_idx, new_plus
 
 
 def rebase_tiling(txn: Transaction, offsets: Mapping[int, int]) -> Transaction:
     """DD's tiling overload: ``argplus += offsets[argidx]`` for the argidx values given."""
-    data, framing, pf = _fields_of(txn)
+    data, framing, pf = patch_fields_of(txn)
     plus = pf.argplus.copy()
     for a, delta in offsets.items():
         plus[pf.argidx == np.uint64(a)] += np.uint64(delta)
@@ -172,7 +193,7 @@ def rebase_tiling(txn: Transaction, offsets: Mapping[int, int]) -> Transaction:
 
 def patches(txn: Transaction) -> list[tuple[int, int, int, int]]:
     """``(op_index, byte_offset, argidx, argplus)`` of every DDR_PATCH, without decoding ops."""
-    _, _, pf = _fields_of(txn)
+    _, _, pf = patch_fields_of(txn)
     return list(
         zip(
             pf.op_index.tolist(),

@@ -165,3 +165,25 @@ def test_repr_html_and_summary(g11):
     summary = g11.summary()
     assert summary["txn"] == {"num_ops": g11.txn.num_ops, "bytes": g11.txn.nbytes}
     assert summary["plan"]["scratch_bytes"] == g11.plan.size(BufferKind.SCRATCH)
+
+
+def test_rebase_failure_names_the_op():
+    """A patch outside an op's argument map is reported with the op's name, not just a byte offset."""
+    from types import SimpleNamespace
+
+    from npudispatch.dispatch.emit import _fuse_rebased
+    from npudispatch.errors import ModelError
+    from npudispatch.txn import ArgRange, TxnBuilder
+    from npudispatch.txn.shim import ShimBd
+
+    def one_patch(argplus: int):
+        b = TxnBuilder()
+        b.shim_bd(0, 0, ShimBd(length_words=4), argidx=0, argplus=argplus)
+        return b.build()
+
+    ok = (one_patch(0x10), [ArgRange(0, 0, 0x100, 2, 0)])
+    bad = (one_patch(0x200), [ArgRange(0, 0, 0x100, 2, 0)])
+    launches = [SimpleNamespace(node=SimpleNamespace(name=n)) for n in ("good_op", "bad_op")]
+    with pytest.raises(ModelError, match=r"op 'bad_op': re-basing failed.*lies in no ArgRange"):
+        _fuse_rebased("npu0", launches, [ok, bad])
+    assert _fuse_rebased("npu0", launches[:1], [ok]).num_ops == 2

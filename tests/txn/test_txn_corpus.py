@@ -17,6 +17,7 @@ from npudispatch.txn import (
     Transaction,
     explain,
     fuse,
+    fuse_rebased,
     patches,
     rebase,
     stats,
@@ -138,6 +139,10 @@ def test_fuse_llama2_mlp_with_rebase(corpus_dir):
                 r = hit[0]
                 expected.append((r.fused_argidx, r.fused_offset + op.argplus - r.offset))
     fused = fuse(parts)
+    single_copy = fuse_rebased(
+        [(Transaction.from_bytes(raw[n]), [ArgRange(*r) for r in rs]) for n, rs in maps]
+    )
+    assert single_copy.to_bytes() == fused.to_bytes()
     heads = [struct.unpack_from("<II", raw[name], 8) for name, _ in maps]
     data = fused.to_bytes()
     assert struct.unpack_from("<II", data, 8) == (

@@ -13,6 +13,7 @@ from npudispatch.txn import (
     TxnBuilder,
     explain,
     fuse,
+    fuse_rebased,
     patches,
     rebase,
     rebase_tiling,
@@ -182,3 +183,23 @@ def test_explain_chain_loop_and_unpatched_rewrite():
     assert first.issue_token and first.waits == [5]
     assert [(x.bd_id, x.argidx, x.offset) for x in second.bds] == [(1, None, 0x7000)]
     assert second.waits == []
+
+
+@pytest.mark.parametrize("patch_size", [None, 48, 24])
+def test_fuse_rebased_equals_fuse_of_rebased(patch_size):
+    """The single-copy path gives the very bytes of rebase-then-fuse, in every patch format."""
+    parts = [_patched((0, 0x10), (1, 0x20), (0, 0x180)), _patched((1, 0x4), cols=2), _patched()]
+    if patch_size is not None:
+        parts = [to_opt(t, patch_size=patch_size) for t in parts]
+    maps = [
+        [ArgRange(0, 0, 0x200, 2, 0x1000), ArgRange(1, 0, 0x40, 3, 0x40)],
+        [ArgRange(1, 0, 0x40, 4, 0x100)],
+        [],
+    ]
+    want = fuse([rebase(t, m) for t, m in zip(parts, maps)]).to_bytes()
+    got = fuse_rebased(list(zip(parts, maps)))
+    assert got.to_bytes() == want
+    assert Transaction.from_bytes(got.to_bytes()).to_bytes() == want
+    assert [p[2:] for p in patches(got)] == [(2, 0x1010), (3, 0x60), (2, 0x1180), (4, 0x104)]
+    with pytest.raises(TxnFormatError, match="lies in no ArgRange"):
+        fuse_rebased([(parts[0], maps[1])])
