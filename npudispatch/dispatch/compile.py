@@ -38,6 +38,7 @@ from npudispatch.graph import Partition, PartitionReport
 from npudispatch.graph.support import DEFAULT_NPU_DTYPES, Supported, as_support_query
 from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, Decline, OpConfig, round_up, tensor_spec
+from npudispatch.progress import progress
 from npudispatch.rewrites import MarkViewsPass, can_be_view, default_pipeline, is_view
 
 __all__ = ["CompiledModel", "compile_model", "npu_support", "plan_partition"]
@@ -79,6 +80,13 @@ class CompiledModel:
         total = sum(len(p.nodes) for p in self.partitions)
         npu = sum(len(p.nodes) for p in self.partitions if p.kind == "npu")
         return npu / total if total else 0.0
+
+    def _repr_html_(self) -> str:
+        """Notebook view: the partitions (and why nodes stay on the CPU), then each program."""
+        from npudispatch.viz import partition_html
+
+        programs = "".join(p._repr_html_() for p in self.programs.values())
+        return partition_html(self) + programs
 
     def to_report(self) -> dict[str, Any]:
         """The ``report.json`` document of ``npudispatch compile`` (see the CLI docs)."""
@@ -182,9 +190,8 @@ def compile_model(
     programs: dict[int, FusedProgram] = {}
     labels = graph.partition_names(rep.partitions)
     t_plan = t_emit = 0.0
-    for i, part in enumerate(rep.partitions):
-        if part.kind != "npu":
-            continue
+    npu_parts = [(i, p) for i, p in enumerate(rep.partitions) if p.kind == "npu"]
+    for i, part in progress(npu_parts, desc="compile NPU partitions"):
         t0 = time.perf_counter()
         launches, plan, io = plan_partition(part, num_cols=num_cols)
         t1 = time.perf_counter()

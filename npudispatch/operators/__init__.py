@@ -33,6 +33,7 @@ Adding an operator
 
 from npudispatch.operators.activations import Gelu, NpuGelu, Sigmoid, Silu
 from npudispatch.operators.cast import Cast
+from npudispatch.operators.datamove import Concat, Slice, Split
 from npudispatch.operators.elementwise import Add, Div, Mul, Sub
 from npudispatch.operators.matmul import Gemm, MatMul, MatMulBias
 from npudispatch.operators.matmul_nbits import MatMulNBits
@@ -60,6 +61,9 @@ register(SimplifiedLayerNormalization)
 register(SkipSimplifiedLayerNormalization)
 register(Transpose)
 register(Cast)
+register(Split)
+register(Concat)
+register(Slice)
 register(MatMul)
 register(Gemm)
 register(MatMulBias)

@@ -227,6 +227,12 @@ class Transaction:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def _repr_html_(self) -> str:
+        """Notebook summary: header, op histogram, DDR patches by argidx, data movement."""
+        from npudispatch.txn.html import transaction_html  # html imports this module
+
+        return transaction_html(self)
+
     def __repr__(self) -> str:
         fmt = "opt 1.0" if self.is_opt else "plain 0.1"
         h = self._header
