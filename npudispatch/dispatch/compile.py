@@ -326,7 +326,8 @@ def plan_partition(
         raise ValueError(f"plan_partition needs an NPU partition, got a {part.kind} one")
     io = partition_io(part)
     launches: list[Launch] = []
-    for node in part.nodes:
+    # Matching formats each op's weights once (the long step for big models).
+    for node in progress(part.nodes, desc="match ops + format weights"):
         if is_view(node):
             continue
         cfg = _match(node)
