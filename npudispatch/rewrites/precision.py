@@ -186,10 +186,16 @@ class PrecisionReport:
     converted_values: list[str] = field(default_factory=list)
     converted_constants: list[str] = field(default_factory=list)
     kept_float32: dict[str, str] = field(default_factory=dict)
+    folded_round_trips: list[str] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
-        return bool(self.casts or self.converted_values or self.converted_constants)
+        return bool(
+            self.casts
+            or self.converted_values
+            or self.converted_constants
+            or self.folded_round_trips
+        )
 
 
 def _bf16_const(value: ir.Value, name: str) -> ir.Value:
@@ -361,7 +367,41 @@ def convert_to_bf16(model: ir.Model, support: SupportQuery | None = None) -> Pre
                 f"precision pass: node '{node_label(node)}' ({node.op_type}) no longer matches "
                 f"an NPU operator after the bf16 conversion: {result.reason}"
             )
+    report.folded_round_trips += fold_cast_round_trips(model)
     return report
+
+
+def _cast_to(node: ir.Node) -> int | None:
+    if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+        return None
+    return node.attributes.get_int("to", None)
+
+
+def fold_cast_round_trips(model: ir.Model) -> list[str]:
+    """Remove lossless ``bf16 -> float32 -> bf16`` Cast pairs left between NPU ops.
+
+    They appear when a node the precision pass saw on the CPU joins the NPU later (a rewrite in a
+    later fixpoint step): its boundary casts then sit between two bf16 NPU ops. Widening bf16 to
+    float32 and rounding back is exact, so consumers of the second cast can read the original bf16
+    value. Returns the names of the folded second casts.
+    """
+    folded: list[str] = []
+    for node in list(model.graph):
+        if _cast_to(node) != BF16 or node.inputs[0] is None:
+            continue
+        wide = node.inputs[0]
+        first = wide.producer()
+        if first is None or _cast_to(first) != ir.DataType.FLOAT:
+            continue
+        src = first.inputs[0]
+        if src is None or src.dtype != BF16 or node.outputs[0].is_graph_output():
+            continue
+        node.outputs[0].replace_all_uses_with(src)
+        folded.append(node.name or node.outputs[0].name or "")
+        model.graph.remove(node, safe=True)
+        if not wide.uses() and not wide.is_graph_output():
+            model.graph.remove(first, safe=True)
+    return folded
 
 
 class PrecisionPass(ir.passes.InPlacePass):

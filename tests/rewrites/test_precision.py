@@ -211,3 +211,40 @@ def test_default_pipeline_with_padding_and_precision():
     tol = tolerance_for([n.op_type for n in original.graph], k=44)
     for got, ref in zip(run_nodes(m, {"x": x}), run_ort(original, {"x": x})):
         tol.assert_close(got, ref)
+
+
+def _cast_chain(src_dtype: ir.DataType, extra_use: bool) -> ir.Model:
+    a = ir.val("a", src_dtype, [4])
+    widen = ir.node("Cast", [a], {"to": ir.DataType.FLOAT}, name="widen")
+    widen.outputs[0].dtype, widen.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([4])
+    narrow = ir.node("Cast", [widen.outputs[0]], {"to": ir.DataType.BFLOAT16}, name="narrow")
+    narrow.outputs[0].dtype, narrow.outputs[0].shape = ir.DataType.BFLOAT16, ir.Shape([4])
+    sig = ir.node("Sigmoid", [narrow.outputs[0]], name="sig")
+    sig.outputs[0].name, sig.outputs[0].dtype = "y", ir.DataType.BFLOAT16
+    sig.outputs[0].shape = ir.Shape([4])
+    nodes, outputs = [widen, narrow, sig], [sig.outputs[0]]
+    if extra_use:
+        neg = ir.node("Neg", [widen.outputs[0]], name="neg")
+        neg.outputs[0].name, neg.outputs[0].dtype = "z", ir.DataType.FLOAT
+        neg.outputs[0].shape = ir.Shape([4])
+        nodes.append(neg)
+        outputs.append(neg.outputs[0])
+    g = ir.Graph([a], outputs, nodes=nodes, opset_imports={"": 20}, name="g")
+    return ir.Model(g, ir_version=10)
+
+
+def test_fold_cast_round_trips():
+    from npudispatch.rewrites.precision import fold_cast_round_trips
+
+    m = _cast_chain(ir.DataType.BFLOAT16, extra_use=False)
+    assert fold_cast_round_trips(m) == ["narrow"]
+    assert [n.op_type for n in m.graph] == ["Sigmoid"]
+    assert m.graph.node("sig").inputs[0] is m.graph.inputs[0]
+
+    shared = _cast_chain(ir.DataType.BFLOAT16, extra_use=True)
+    assert fold_cast_round_trips(shared) == ["narrow"]
+    assert [n.op_type for n in shared.graph] == ["Cast", "Sigmoid", "Neg"]  # widen still feeds Neg
+
+    lossy = _cast_chain(ir.DataType.FLOAT, extra_use=False)  # f32 -> f32 -> bf16 rounds: keep
+    assert fold_cast_round_trips(lossy) == []
+    assert len(list(lossy.graph)) == 3
