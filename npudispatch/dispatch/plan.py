@@ -452,15 +452,6 @@ class BufferPlan:
                     label=name,
                 )
             )
-            ax.text(
-                pl.first + (pl.last - pl.first + 1) / 2,
-                pl.offset + pl.nbytes / 2,
-                name,
-                ha="center",
-                va="center",
-                fontsize=8,
-                clip_on=True,
-            )
         if self.op_scratch_bytes:
             ax.add_patch(
                 Rectangle(
@@ -475,7 +466,9 @@ class BufferPlan:
             )
         ax.axhline(self.scratch_lower_bound_bytes, color="red", linestyle="--", label="lower bound")
         ax.set_xlim(lo, hi)
-        ax.set_ylim(0, max(self.scratch_bytes, self.scratch_lower_bound_bytes, 1))
+        # Headroom so the lower-bound line stays visible when the plan reaches it.
+        ax.set_ylim(0, 1.05 * max(self.scratch_bytes, self.scratch_lower_bound_bytes, 1))
+        _label_boxes(ax, scratch)
         ax.set_xlabel("op index (tensor lifetime)")
         ax.set_ylabel("scratch offset (bytes)")
         ax.set_title(
@@ -484,6 +477,38 @@ class BufferPlan:
             f"{self.scratch_lower_bound_bytes:,} B"
         )
         return ax
+
+
+def _short_label(name: str) -> str:
+    """Readable tensor label: exporter names like ``/model/layers.0/mlp/Mul_output_0`` -> ``mlp/Mul``."""
+    parts = [p for p in name.replace("_output_0", "").split("/") if p]
+    return "/".join(parts[-2:]) if len(parts) > 1 else (parts[0] if parts else name)
+
+
+def _label_boxes(ax: Any, scratch: list[tuple[str, Placement]]) -> None:
+    """Label each tensor's rectangle with a short name, only where the text fits inside it."""
+    fig = ax.figure
+    fig.canvas.draw_idle()
+    to_px = ax.transData.transform
+    char_px = 8 * fig.dpi / 72 * 0.6  # fontsize 8, average glyph ~0.6 em
+    line_px = 8 * fig.dpi / 72 * 1.3
+    for name, pl in scratch:
+        (x0, y0), (x1, y1) = (
+            to_px((pl.first, pl.offset)),
+            to_px((pl.last + 1, pl.offset + pl.nbytes)),
+        )
+        label = _short_label(name)
+        if abs(x1 - x0) < char_px * len(label) + 4 or abs(y1 - y0) < line_px:
+            continue
+        ax.text(
+            pl.first + (pl.last - pl.first + 1) / 2,
+            pl.offset + pl.nbytes / 2,
+            label,
+            ha="center",
+            va="center",
+            fontsize=8,
+            clip_on=True,
+        )
 
 
 def _check_disjoint(buffer: BufferKind, items: list[tuple[str, int, int, int, int]]) -> None:
