@@ -11,22 +11,27 @@ from npudispatch.txn.registers import ShimChannel
 
 
 class _Located:
-    """Mixin: fields naming where the problem surfaced, and a message prefix built from them."""
+    """Mixin: fields naming where the problem surfaced, and a message prefix built from them.
+
+    Listed before the :class:`DeviceError` subclass so its ``__init__`` runs first and hands the
+    prefixed message on to the exception.
+    """
 
     op_index: int | None
     channel: ShimChannel | None
     bd: int | None
     address: int | None
 
-    def _init_location(
+    def __init__(
         self,
         message: str,
-        op_index: int | None,
-        opname: str | None,
-        channel: ShimChannel | None,
-        bd: int | None,
-        address: int | None,
-    ) -> str:
+        *,
+        op_index: int | None = None,
+        opname: str | None = None,
+        channel: ShimChannel | None = None,
+        bd: int | None = None,
+        address: int | None = None,
+    ) -> None:
         self.op_index, self.channel, self.bd, self.address = op_index, channel, bd, address
         parts = []
         if op_index is not None:
@@ -39,39 +44,15 @@ class _Located:
             parts.append(f"BD {bd}")
         if address is not None:
             parts.append(f"address {address:#x}")
-        return (", ".join(parts) + ": " if parts else "") + message
+        super().__init__((", ".join(parts) + ": " if parts else "") + message)
 
 
 class EmulatorHang(_Located, DeviceHang):
     """A wait that can never complete on the virtual NPU; ``op_index``/``channel``/``bd`` say where."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        op_index: int | None = None,
-        opname: str | None = None,
-        channel: ShimChannel | None = None,
-        bd: int | None = None,
-        address: int | None = None,
-    ) -> None:
-        super().__init__(self._init_location(message, op_index, opname, channel, bd, address))
-
 
 class EmulatorFault(_Located, DeviceFault):
     """A DMA or patch touched an address outside every argument buffer (or an invalid argidx)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        op_index: int | None = None,
-        opname: str | None = None,
-        channel: ShimChannel | None = None,
-        bd: int | None = None,
-        address: int | None = None,
-    ) -> None:
-        super().__init__(self._init_location(message, op_index, opname, channel, bd, address))
 
 
 class KernelContractError(DeviceError):

@@ -11,11 +11,10 @@ import math
 from typing import ClassVar
 
 import numpy as np
-import onnx_ir as ir
 
-from npudispatch.operators.base import Decline, OpConfig, Operator, ShapeConstraints
+from npudispatch.operators.base import Decline, OpConfig, ShapeConstraints, TensorSpec
 from npudispatch.operators.dtypes import F32, store, to_compute
-from npudispatch.operators.elementwise import LANES, match_float_node, same_axes
+from npudispatch.operators.elementwise import LANES, FloatUnaryOp, same_axes
 from npudispatch.opset import DOMAIN
 
 NPU_DOMAIN = DOMAIN
@@ -43,21 +42,15 @@ def gelu(x: np.ndarray, approximate: str) -> np.ndarray:
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
-class _Unary(Operator):
+class _Unary(FloatUnaryOp):
     """One float input, one output of the same shape and dtype."""
 
     def fn(self, x: np.ndarray, cfg_dims: list[int]) -> np.ndarray:
         raise TypeError(f"{type(self).__name__} must define fn()")
 
-    def match(self, node: ir.Node) -> OpConfig | Decline:
-        if node.op_type != self.op_type:
-            return Decline(f"op type {node.op_type} is not {self.op_type}")
-        cfg = match_float_node(self, node, (1, 1))
-        if isinstance(cfg, Decline):
-            return cfg
-        x, y = cfg.inputs[0], cfg.outputs[0]
-        assert x is not None
-        label = f"{node.op_type} node '{cfg.node_name}'"
+    def match_unary(
+        self, cfg: OpConfig, x: TensorSpec, y: TensorSpec, label: str
+    ) -> OpConfig | Decline:
         if (x.shape, x.dtype) != (y.shape, y.dtype):
             return Decline(
                 f"{label}: output {y.shape} {y.dtype} differs from input {x.shape} {x.dtype}"

@@ -168,12 +168,16 @@ class Operator(ABC):
             spec = cfg.inputs[i]
             assert spec is not None
             args.append(_arg(ArgKind.INPUT, len(args), spec.nbytes, i, spec))
-        const_bytes = len(self.format_consts(cfg))
+        const_bytes = self.const_region_bytes(cfg)
         if const_bytes:
-            args.append(ArgSpec(ArgKind.CONST, len(args), 0, round_up(const_bytes)))
+            args.append(ArgSpec(ArgKind.CONST, len(args), 0, const_bytes))
         for j, spec in enumerate(cfg.outputs):
             args.append(_arg(ArgKind.OUTPUT, len(args), spec.nbytes, j, spec))
         return args
+
+    def const_region_bytes(self, cfg: OpConfig) -> int:
+        """Size of the const region buffer (0 = none); override when formatting it is costly."""
+        return round_up(len(self.format_consts(cfg)))
 
     def buffers(self, cfg: OpConfig) -> list[ArgSpec]:
         """:meth:`io_buffers` plus the params record (last local argidx)."""
@@ -196,8 +200,17 @@ class Operator(ABC):
     def params_record(self, cfg: OpConfig) -> ParamsRecord:
         """The params record: operand/output stream sizes, op dims, tensor table + floats."""
         io = self.io_buffers(cfg)
-        operand_bytes = [a.nbytes for a in _operands(io)]
-        output_bytes = [a.nbytes for a in io if a.kind == ArgKind.OUTPUT]
+        return self.build_record(
+            cfg,
+            operand_bytes=[a.nbytes for a in _operands(io)],
+            output_bytes=[a.nbytes for a in io if a.kind == ArgKind.OUTPUT],
+        )
+
+    def build_record(
+        self, cfg: OpConfig, *, operand_bytes: list[int], output_bytes: list[int]
+    ) -> ParamsRecord:
+        """A record of this launch with the given stream sizes: kernel id, :meth:`op_dims` and the
+        payload (tensor table of every node input and output, then :meth:`op_floats`)."""
         table = records.encode_table(
             [
                 None
@@ -339,3 +352,43 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
 def node_label(node: ir.Node) -> str:
     """Printable node name for messages (``<unnamed Add>`` when the node has no name)."""
     return node.name or f"<unnamed {node.op_type}>"
+
+
+def op_label(node: ir.Node) -> str:
+    """``Add node 'name'``: how decline messages name a node."""
+    return f"{node.op_type} node '{node_label(node)}'"
+
+
+def check_node_kind(op: Operator, node: ir.Node) -> Decline | None:
+    """Decline when ``node`` is not ``op``'s op type and domain (``""`` = ``"ai.onnx"``)."""
+    if node.op_type != op.op_type:
+        return Decline(f"op type {node.op_type} is not {op.op_type}")
+    if (node.domain or "ai.onnx") != (op.domain or "ai.onnx"):
+        want = f"'{op.domain}'" if op.domain else "the ONNX domain"
+        return Decline(f"{op_label(node)}: domain '{node.domain}' is not {want}")
+    return None
+
+
+def node_config(
+    op: Operator,
+    node: ir.Node,
+    inputs: list[TensorSpec | None],
+    outputs: list[TensorSpec],
+    *,
+    consts: dict[int, np.ndarray] | None = None,
+    attrs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> OpConfig:
+    """:class:`OpConfig` of ``node`` for ``op``: name, op type and domain taken from the node;
+    ``attrs`` default to the node's attribute values."""
+    return OpConfig(
+        operator=op,
+        node_name=node_label(node),
+        op_type=node.op_type,
+        domain=node.domain,
+        inputs=inputs,
+        outputs=outputs,
+        attrs={k: a.value for k, a in node.attributes.items()} if attrs is None else attrs,
+        consts={} if consts is None else consts,
+        extra={} if extra is None else extra,
+    )

@@ -9,31 +9,25 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from npudispatch.operators.base import Decline, OpConfig, Operator, ShapeConstraints
+from npudispatch.operators.base import Decline, OpConfig, ShapeConstraints, TensorSpec
 from npudispatch.operators.dtypes import FLOAT_DTYPES, np_dtype
-from npudispatch.operators.elementwise import match_float_node, same_axes
+from npudispatch.operators.elementwise import FloatUnaryOp, same_axes
 
 
-class Cast(Operator):
+class Cast(FloatUnaryOp):
     """ONNX Cast with ``to`` in {FLOAT, BFLOAT16} from float32/bfloat16."""
 
     op_type = "Cast"
     kernel_id = 50
 
-    def match(self, node: ir.Node) -> OpConfig | Decline:
-        if node.op_type != self.op_type:
-            return Decline(f"op type {node.op_type} is not {self.op_type}")
-        cfg = match_float_node(self, node, (1, 1))
-        if isinstance(cfg, Decline):
-            return cfg
-        label = f"Cast node '{cfg.node_name}'"
+    def match_unary(
+        self, cfg: OpConfig, x: TensorSpec, y: TensorSpec, label: str
+    ) -> OpConfig | Decline:
         to = cfg.attrs.get("to")
         target = np_dtype(ir.DataType(int(to))) if to is not None else None
         if target not in FLOAT_DTYPES:
             name = ir.DataType(int(to)).name if to is not None else "missing"
             return Decline(f"{label}: target type {name} not supported (FLOAT or BFLOAT16 only)")
-        x, y = cfg.inputs[0], cfg.outputs[0]
-        assert x is not None
         if y.dtype != target or y.shape != x.shape:
             return Decline(f"{label}: output {y.shape} {y.dtype} does not match to={target}")
         return cfg

@@ -52,15 +52,16 @@ from npudispatch.operators.base import (
     Operator,
     ShapeConstraints,
     TensorSpec,
+    check_node_kind,
     const_array,
-    node_label,
+    node_config,
+    op_label,
     tensor_spec,
 )
+from npudispatch.operators.dma import MAX_STEP, MAX_WRAP
 from npudispatch.operators.dtypes import BF16, F32
 from npudispatch.overlay_abi import ParamsRecord, output_channels
 
-MAX_WRAP = 1023  # d0/d1 wrap fields are 10 bits
-MAX_STEP = 1 << 20  # step fields are 20 bits, stored minus one
 MAX_SCATTER = len(output_channels(1))  # strided output streams a one-column launch can take
 MODE_KERNEL, MODE_DMA = 0, 1
 
@@ -155,6 +156,11 @@ def _axis_extents(shape: Sequence[int], axis: int) -> tuple[int, int]:
     )
 
 
+def _through(stream: dma.Stream, window: Window) -> dma.Stream:
+    """The part of ``stream`` that ``window`` covers, with its pattern."""
+    return dma.Stream(stream.argidx, stream.offset + window.offset, window.nbytes, window.pattern)
+
+
 def _parts_window(
     shape: Sequence[int], axis: int, part: int, n: int, itemsize: int
 ) -> Window | None:
@@ -229,20 +235,20 @@ def _norm_axis(axis: int, rank: int, label: str) -> int | Decline:
     return axis % rank
 
 
-def _label(node: ir.Node) -> str:
-    return f"{node.op_type} node '{node_label(node)}'"
-
-
-def _check_domain(node: ir.Node, op_type: str) -> Decline | None:
-    if node.op_type != op_type:
-        return Decline(f"op type {node.op_type} is not {op_type}")
-    if node.domain not in ("", "ai.onnx"):
-        return Decline(f"{_label(node)}: domain '{node.domain}' is not the ONNX domain")
-    return None
-
-
 class _DataMove(Operator):
-    """Shared plumbing: mode in ``dims[0]``, operand sizes from the streams, output streams."""
+    """Shared plumbing: mode in ``dims[0]``, operand sizes from the streams, output streams.
+
+    ``cfg.extra["window"]`` (Split, Slice), when set, is the one strided read of the operand.
+    """
+
+    def operand_streams(self, cfg: OpConfig) -> list[dma.Stream]:
+        """The linear operand streams, or the one operand read through ``cfg.extra["window"]``."""
+        streams = super().operand_streams(cfg)
+        window: Window | None = cfg.extra.get("window")
+        if window is None:
+            return streams
+        (s,) = streams
+        return [_through(s, window)]
 
     def output_streams(self, cfg: OpConfig) -> list[dma.Stream]:
         """DMA streams of the outputs (linear unless overridden)."""
@@ -265,6 +271,17 @@ class _DataMove(Operator):
             outputs=self.output_streams(cfg),
             num_cols=num_cols,
         ).build()
+
+    def match_data_input(self, node: ir.Node, max_inputs: int) -> tuple[TensorSpec, str] | Decline:
+        """For a one-data-input op (Split, Slice): op kind, arity ``1..max_inputs`` and input 0;
+        returns its spec and the node label."""
+        if (bad := check_node_kind(self, node)) is not None:
+            return bad
+        label = op_label(node)
+        if not 1 <= len(node.inputs) <= max_inputs:
+            return Decline(f"{label}: expects 1..{max_inputs} inputs, got {len(node.inputs)}")
+        x = _data_spec(node.inputs[0], f"{label} input 0")
+        return x if isinstance(x, Decline) else (x, label)
 
     def kernel(self, record: ParamsRecord, operands: Sequence[Any]) -> list[np.ndarray]:
         table = records.decode_table(record.payload)
@@ -311,14 +328,10 @@ class Split(_DataMove):
     kernel_id = 60
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
-        if (bad := _check_domain(node, self.op_type)) is not None:
-            return bad
-        label = _label(node)
-        if not 1 <= len(node.inputs) <= 2:
-            return Decline(f"{label}: expects 1..2 inputs, got {len(node.inputs)}")
-        x = _data_spec(node.inputs[0], f"{label} input 0")
-        if isinstance(x, Decline):
-            return x
+        got = self.match_data_input(node, 2)
+        if isinstance(got, Decline):
+            return got
+        x, label = got
         rank = len(x.shape)
         axis = _norm_axis(int(node.attributes.get_int("axis", 0)), rank, label)
         if isinstance(axis, Decline):
@@ -359,18 +372,13 @@ class Split(_DataMove):
                     f"{x.dtype}"
                 )
             outs.append(spec)
-        cfg = OpConfig(
-            operator=self,
-            node_name=node_label(node),
-            op_type=node.op_type,
-            domain=node.domain,
-            inputs=[x] + [None] * (len(node.inputs) - 1),  # sizes travel in dims
-            outputs=outs,
-            attrs={k: a.value for k, a in node.attributes.items()},
-            consts={},
+        return node_config(
+            self,
+            node,
+            [x] + [None] * (len(node.inputs) - 1),  # sizes travel in dims
+            outs,
             extra={"axis": axis, "sizes": sizes, "window": self._gather(x, outs, axis, sizes)},
         )
-        return cfg
 
     @staticmethod
     def _gather(
@@ -400,13 +408,6 @@ class Split(_DataMove):
     def op_dims(self, cfg: OpConfig) -> list[int]:
         mode = MODE_DMA if cfg.extra["window"] is not None else MODE_KERNEL
         return [mode, cfg.extra["axis"], *cfg.extra["sizes"]]
-
-    def operand_streams(self, cfg: OpConfig) -> list[dma.Stream]:
-        (s,) = super().operand_streams(cfg)
-        w: Window | None = cfg.extra["window"]
-        return (
-            [s] if w is None else [dma.Stream(s.argidx, s.offset + w.offset, w.nbytes, w.pattern)]
-        )
 
     def move(self, table, inputs, dims):
         axis, sizes = dims[0], dims[1:]
@@ -439,9 +440,9 @@ class Concat(_DataMove):
     kernel_id = 61
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
-        if (bad := _check_domain(node, self.op_type)) is not None:
+        if (bad := check_node_kind(self, node)) is not None:
             return bad
-        label = _label(node)
+        label = op_label(node)
         if not node.inputs or len(node.outputs) != 1:
             return Decline(f"{label}: needs inputs and one output")
         ins: list[TensorSpec] = []
@@ -480,14 +481,11 @@ class Concat(_DataMove):
             return Decline(
                 f"{label}: inputs sum to {total} on axis {axis}, output has {out.logical_shape[axis]}"
             )
-        return OpConfig(
-            operator=self,
-            node_name=node_label(node),
-            op_type=node.op_type,
-            domain=node.domain,
-            inputs=list(ins),
-            outputs=[out],
-            attrs={k: a.value for k, a in node.attributes.items()},
+        return node_config(
+            self,
+            node,
+            list(ins),
+            [out],
             consts=consts,
             extra={"axis": axis, "windows": self._scatter(ins, out, axis)},
         )
@@ -540,7 +538,7 @@ class Concat(_DataMove):
         windows: list[Window] | None = cfg.extra["windows"]
         if not windows:
             return [s]
-        return [dma.Stream(s.argidx, s.offset + w.offset, w.nbytes, w.pattern) for w in windows]
+        return [_through(s, w) for w in windows]
 
     def forward(self, table, operands, record):
         inputs = records.unpack_inputs(table, operands, record.operand_bytes)
@@ -591,14 +589,10 @@ class Slice(_DataMove):
     kernel_id = 62
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
-        if (bad := _check_domain(node, self.op_type)) is not None:
-            return bad
-        label = _label(node)
-        if not 1 <= len(node.inputs) <= 5:
-            return Decline(f"{label}: expects 1..5 inputs, got {len(node.inputs)}")
-        x = _data_spec(node.inputs[0], f"{label} input 0")
-        if isinstance(x, Decline):
-            return x
+        got = self.match_data_input(node, 5)
+        if isinstance(got, Decline):
+            return got
+        x, label = got
         rank = len(x.shape)
         params: dict[str, list[int] | None] = {}
         for index, name in enumerate(("starts", "ends", "axes", "steps"), start=1):
@@ -639,15 +633,11 @@ class Slice(_DataMove):
                 f"{label}: output is {out.logical_shape} {out.dtype}, expected {want} {x.dtype}"
             )
         whole = [window[ax] == (0, 1, real[ax]) for ax in range(rank)]
-        return OpConfig(
-            operator=self,
-            node_name=node_label(node),
-            op_type=node.op_type,
-            domain=node.domain,
-            inputs=[x] + [None] * (len(node.inputs) - 1),  # bounds travel in dims
-            outputs=[out],
-            attrs={k: a.value for k, a in node.attributes.items()},
-            consts={},
+        return node_config(
+            self,
+            node,
+            [x] + [None] * (len(node.inputs) - 1),  # bounds travel in dims
+            [out],
             extra={"slices": window, "whole": whole, "window": self._read(x, out, window, whole)},
         )
 
@@ -678,13 +668,6 @@ class Slice(_DataMove):
     def op_dims(self, cfg: OpConfig) -> list[int]:
         mode = MODE_DMA if cfg.extra["window"] is not None else MODE_KERNEL
         return [mode, *(v for triple in cfg.extra["slices"] for v in triple)]
-
-    def operand_streams(self, cfg: OpConfig) -> list[dma.Stream]:
-        (s,) = super().operand_streams(cfg)
-        w: Window | None = cfg.extra["window"]
-        return (
-            [s] if w is None else [dma.Stream(s.argidx, s.offset + w.offset, w.nbytes, w.pattern)]
-        )
 
     def move(self, table, inputs, dims):
         (_, spec), x = table.inputs[0], inputs[0]

@@ -23,6 +23,8 @@ from npudispatch.txn.registers import SHIM_NUM_BDS, ShimChannel
 from npudispatch.txn.shim import ShimBd
 
 STRIPE_MIN_BYTES = 2048  # below this per channel, another channel costs more than it saves
+MAX_WRAP = (1 << 10) - 1  # BD d0/d1 wraps are 10-bit fields (TXN_FORMAT §10.1)
+MAX_STEP = 1 << 20  # BD steps are 20-bit "step - 1" fields
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ class Stream:
 
 
 @dataclass
-class _Piece:
+class Piece:
+    """A run of one stream on one channel: one BD."""
+
     stream: Stream
     start: int  # byte offset inside the stream (linear streams only)
     nbytes: int
@@ -74,17 +78,17 @@ class _Piece:
 class Plan:
     """Per-channel BD chains of one launch (exposed for inspection and tests)."""
 
-    runs: dict[ShimChannel, list[_Piece]] = field(default_factory=dict)
+    runs: dict[ShimChannel, list[Piece]] = field(default_factory=dict)
 
 
-def stripe(streams: list[Stream], channels: list[ShimChannel]) -> dict[ShimChannel, list[_Piece]]:
+def stripe(streams: list[Stream], channels: list[ShimChannel]) -> dict[ShimChannel, list[Piece]]:
     """Cut the concatenation of ``streams`` into consecutive per-channel runs (channel order)."""
     total = sum(s.nbytes for s in streams)
     if total == 0:
         return {}
     n_chan = max(1, min(len(channels), total // STRIPE_MIN_BYTES))
     target = -(-total // (4 * n_chan)) * 4
-    runs: dict[ShimChannel, list[_Piece]] = {}
+    runs: dict[ShimChannel, list[Piece]] = {}
     ch, fill = 0, 0
 
     def advance() -> None:
@@ -102,7 +106,7 @@ def stripe(streams: list[Stream], channels: list[ShimChannel]) -> dict[ShimChann
         if s.pattern is not None:
             if fill:
                 advance()
-            runs.setdefault(channels[ch], []).append(_Piece(s, 0, s.nbytes))
+            runs.setdefault(channels[ch], []).append(Piece(s, 0, s.nbytes))
             fill = target  # the channel is full: nothing may follow a strided stream on it
             continue
         pos = 0
@@ -111,7 +115,7 @@ def stripe(streams: list[Stream], channels: list[ShimChannel]) -> dict[ShimChann
                 advance()
             last = ch + 1 >= len(channels)
             take = s.nbytes - pos if last else min(s.nbytes - pos, target - fill)
-            runs.setdefault(channels[ch], []).append(_Piece(s, pos, take))
+            runs.setdefault(channels[ch], []).append(Piece(s, pos, take))
             pos, fill = pos + take, fill + take
     return runs
 
@@ -141,15 +145,22 @@ def emit(
         raise PlanError("the params record must be streamed linearly")
     plan = Plan()
     plan.runs.update(stripe(outputs, output_channels(num_cols)))
-    plan.runs[PARAMS_CHANNEL] = [_Piece(params, 0, params.nbytes)]
+    plan.runs[PARAMS_CHANNEL] = [Piece(params, 0, params.nbytes)]
     plan.runs.update(stripe(operands, operand_channels(num_cols)))
+    program(builder, plan.runs, what="launch", hint="use more columns or fewer operands")
+    return plan
+
+
+def program(builder, runs: dict[ShimChannel, list[Piece]], *, what: str, hint: str) -> None:
+    """Program ``runs`` into ``builder``: per channel one BD chain (BD ids allocated per column)
+    and one task, in dict order; then a wait for every channel. ``what``/``hint`` word the error
+    raised when a column runs out of BDs."""
     next_bd: dict[int, int] = {}
-    for chan, pieces in plan.runs.items():
+    for chan, pieces in runs.items():
         first = next_bd.get(chan.col, 0)
         if first + len(pieces) > SHIM_NUM_BDS:
             raise PlanError(
-                f"launch needs more than {SHIM_NUM_BDS} shim BDs in column {chan.col}: "
-                "use more columns or fewer operands"
+                f"{what} needs more than {SHIM_NUM_BDS} shim BDs in column {chan.col}: {hint}"
             )
         next_bd[chan.col] = first + len(pieces)
         for k, piece in enumerate(pieces):
@@ -166,6 +177,5 @@ def emit(
                 argplus=piece.stream.offset + piece.start,
             )
         builder.push_task(chan.col, chan.direction, chan.channel, first)
-    for chan in plan.runs:
+    for chan in runs:
         builder.wait_channel_idle(chan.col, chan.direction, chan.channel)
-    return plan

@@ -8,6 +8,7 @@ region. Kernel math: operands rounded to bf16, float32 arithmetic, result rounde
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -20,8 +21,10 @@ from npudispatch.operators.base import (
     Operator,
     ShapeConstraints,
     TensorSpec,
+    check_node_kind,
     const_array,
-    node_label,
+    node_config,
+    op_label,
     tensor_spec,
 )
 from npudispatch.operators.dtypes import F32, FLOAT_DTYPES, store, to_compute
@@ -37,16 +40,17 @@ def match_float_node(
     const_inputs: tuple[int, ...] = (),
     unnamed_output: Callable[[int, list[TensorSpec | None]], TensorSpec] | None = None,
 ) -> OpConfig | Decline:
-    """Shared matching for float ops: arity, static shapes, float32/bf16 dtypes, constant inputs.
+    """Shared matching for float ops: op type and domain, arity, static shapes, float32/bf16
+    dtypes, constant inputs.
 
     ``const_inputs``: input indices that may be initializers (they go to ``cfg.consts``); any
     other constant input is still accepted and streamed as an activation-like operand.
     ``unnamed_output(j, input_specs)``: spec of an omitted optional output (empty name), which
     the kernel still writes (it gets a buffer nobody reads); without it such outputs decline.
     """
-    label = f"{node.op_type} node '{node_label(node)}'"
-    if (node.domain or "ai.onnx") != (op.domain or "ai.onnx"):
-        return Decline(f"{label}: domain '{node.domain}' is not '{op.domain}'")
+    if (bad := check_node_kind(op, node)) is not None:
+        return bad
+    label = op_label(node)
     lo, hi = n_inputs
     if not lo <= len(node.inputs) <= hi:
         return Decline(f"{label}: expects {lo}..{hi} inputs, got {len(node.inputs)}")
@@ -74,16 +78,26 @@ def match_float_node(
     dtype = specs[0].dtype if specs[0] is not None else None
     if dtype not in FLOAT_DTYPES:
         return Decline(f"{label}: dtype {dtype} not supported (float32 or bfloat16 only)")
-    return OpConfig(
-        operator=op,
-        node_name=node_label(node),
-        op_type=node.op_type,
-        domain=node.domain,
-        inputs=specs,
-        outputs=outs,
-        attrs={k: a.value for k, a in node.attributes.items()},
-        consts=consts,
-    )
+    return node_config(op, node, specs, outs, consts=consts)
+
+
+class FloatUnaryOp(Operator):
+    """An op with one float32/bf16 input and one output; :meth:`match` runs
+    :func:`match_float_node` and hands the specs to :meth:`match_unary`."""
+
+    def match(self, node: ir.Node) -> OpConfig | Decline:
+        cfg = match_float_node(self, node, (1, 1))
+        if isinstance(cfg, Decline):
+            return cfg
+        x = cfg.inputs[0]
+        assert x is not None
+        return self.match_unary(cfg, x, cfg.outputs[0], op_label(node))
+
+    @abstractmethod
+    def match_unary(
+        self, cfg: OpConfig, x: TensorSpec, y: TensorSpec, label: str
+    ) -> OpConfig | Decline:
+        """Op-specific checks of input ``x`` and output ``y``; ``label`` names the node."""
 
 
 class _Binary(Operator):
@@ -92,14 +106,12 @@ class _Binary(Operator):
     ufunc: ClassVar[np.ufunc]
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
-        if node.op_type != self.op_type:
-            return Decline(f"op type {node.op_type} is not {self.op_type}")
         cfg = match_float_node(self, node, (2, 2), const_inputs=(0, 1))
         if isinstance(cfg, Decline):
             return cfg
         a, b = cfg.inputs
         assert a is not None and b is not None
-        label = f"{node.op_type} node '{cfg.node_name}'"
+        label = op_label(node)
         if a.dtype != b.dtype or cfg.outputs[0].dtype != a.dtype:
             return Decline(
                 f"{label}: mixed dtypes {a.dtype}, {b.dtype} -> {cfg.outputs[0].dtype} "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ from npudispatch.operators.base import (
     ShapeConstraints,
     TensorSpec,
     const_array,
-    node_label,
+    node_config,
     round_up,
     tensor_spec,
 )
@@ -59,12 +60,11 @@ from npudispatch.overlay_abi import (
     operand_channels,
     output_channels,
 )
-from npudispatch.txn.registers import SHIM_NUM_BDS, ShimChannel
-from npudispatch.txn.shim import ShimBd
+from npudispatch.txn.registers import ShimChannel
 
 MAX_WEIGHT_STRIPES = 5  # 4 columns give 7 operand channels: activation, 5 weight stripes, extras
-WRAP_MAX = (1 << 10) - 1  # BD d0/d1 wraps are 10-bit fields (TXN_FORMAT §10.1)
-STEP_MAX = 1 << 20  # BD steps are 20-bit "step - 1" fields
+WRAP_MAX = dma.MAX_WRAP
+STEP_MAX = dma.MAX_STEP
 N_GRANULE = 8  # output N is padded to whole 8-lane bf16 vectors
 
 VARIANT_CONST, VARIANT_ACT = 0, 1
@@ -136,35 +136,18 @@ def emit_launch(
     """
     if num_cols < 1:
         raise PlanError(f"num_cols must be >= 1, got {num_cols}")
-    runs: dict[ShimChannel, list[tuple[dma.Stream, int, int]]] = {}
-    for chan, pieces in dma.stripe(list(outputs), output_channels(num_cols)).items():
-        runs[chan] = [(p.stream, p.start, p.nbytes) for p in pieces]
-    runs[PARAMS_CHANNEL] = [(params, 0, params.nbytes)]
+    runs = dma.stripe(list(outputs), output_channels(num_cols))
+    runs[PARAMS_CHANNEL] = [dma.Piece(params, 0, params.nbytes)]
     chans = operand_channels(num_cols)
     for i, s in enumerate(x for x in operands if x.nbytes):
-        runs.setdefault(chans[min(i, len(chans) - 1)], []).append((s, 0, s.nbytes))
-    next_bd: dict[int, int] = {}
-    for chan, pieces in runs.items():
-        first = next_bd.get(chan.col, 0)
-        if first + len(pieces) > SHIM_NUM_BDS:
-            raise PlanError(
-                f"matmul launch needs more than {SHIM_NUM_BDS} shim BDs in column {chan.col}: "
-                "use more columns (num_cols) for this operator"
-            )
-        next_bd[chan.col] = first + len(pieces)
-        for k, (stream, start, nbytes) in enumerate(pieces):
-            bd = ShimBd(length_words=nbytes // 4)
-            if stream.pattern is not None:
-                stream.pattern.apply(bd)
-            if k + 1 < len(pieces):
-                bd.use_next_bd, bd.next_bd = True, first + k + 1
-            builder.shim_bd(
-                chan.col, first + k, bd, argidx=stream.argidx, argplus=stream.offset + start
-            )
-        builder.push_task(chan.col, chan.direction, chan.channel, first)
-    for chan in runs:
-        builder.wait_channel_idle(chan.col, chan.direction, chan.channel)
-    return runs
+        runs.setdefault(chans[min(i, len(chans) - 1)], []).append(dma.Piece(s, 0, s.nbytes))
+    dma.program(
+        builder,
+        runs,
+        what="matmul launch",
+        hint="use more columns (num_cols) for this operator",
+    )
+    return {chan: [(p.stream, p.start, p.nbytes) for p in pieces] for chan, pieces in runs.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +181,36 @@ def _check_float(spec: TensorSpec, what: str) -> Decline | None:
     if spec.dtype not in FLOAT_DTYPES:
         return Decline(f"{what} has dtype {spec.dtype}; NPU matmul takes float32 or bfloat16")
     return None
+
+
+@dataclass(frozen=True)
+class TiledOperands:
+    """One launch of a const-weight matmul kernel, decoded: what :meth:`TiledMatMul.compute_tiled`
+    works from.
+
+    ``acts``: activation tensors by node input index; ``parts``: the const parts as uint8 (weight
+    image first); ``dims``: the record dims ``[variant, K, N, stripes, bias_rows, *op-specific]``,
+    whose first five are also unpacked into the fields below; ``floats``: the record floats.
+    """
+
+    table: records.Table
+    acts: dict[int, np.ndarray]
+    parts: list[np.ndarray]
+    dims: list[int]
+    floats: list[float]
+    k: int
+    n: int
+    stripes: int
+    bias_rows: int  # rows of the float32 bias part, 0 = no bias
+
+    @property
+    def out(self) -> TensorSpec:
+        """Spec of output 0."""
+        return self.table.outputs[0]
+
+    def store_output(self, y: np.ndarray) -> list[np.ndarray]:
+        """Float result ``y`` fitted to output 0's padded shape, rounded to its dtype."""
+        return [store(fit(y, self.out.shape), self.out.dtype)]
 
 
 class TiledMatMul(Operator):
@@ -241,39 +254,11 @@ class TiledMatMul(Operator):
             off += size
         return out
 
-    # ---- buffers / record / transaction -----------------------------------------------------
-    def buffers(self, cfg: OpConfig) -> list[ArgSpec]:
-        """Activations, then one const region, outputs, params (each its own local argidx)."""
-        args: list[ArgSpec] = []
-        for i in self.activation_inputs(cfg):
-            s = cfg.inputs[i]
-            assert s is not None
-            args.append(
-                ArgSpec(ArgKind.INPUT, len(args), 0, round_up(s.nbytes), i, s.shape, s.dtype)
-            )
-        const_bytes = sum(size for _, size in self.part_offsets(cfg))
-        if const_bytes:
-            args.append(ArgSpec(ArgKind.CONST, len(args), 0, const_bytes))
-        for j, s in enumerate(cfg.outputs):
-            args.append(
-                ArgSpec(ArgKind.OUTPUT, len(args), 0, round_up(s.nbytes), j, s.shape, s.dtype)
-            )
-        args.append(ArgSpec(ArgKind.PARAMS, len(args), 0, len(self.params(cfg))))
-        return args
+    def const_region_bytes(self, cfg: OpConfig) -> int:
+        """The parts' padded sizes (no need to concatenate the weight image)."""
+        return sum(size for _, size in self.part_offsets(cfg))
 
-    def _buffers_no_params(self, cfg: OpConfig) -> list[ArgSpec]:
-        # params() needs the operand layout but not its own size: avoid the recursion.
-        args = []
-        for i in self.activation_inputs(cfg):
-            s = cfg.inputs[i]
-            assert s is not None
-            args.append(ArgSpec(ArgKind.INPUT, len(args), 0, round_up(s.nbytes), i))
-        if self._parts(cfg):
-            args.append(ArgSpec(ArgKind.CONST, len(args), 0, 0))
-        for j, s in enumerate(cfg.outputs):
-            args.append(ArgSpec(ArgKind.OUTPUT, len(args), 0, round_up(s.nbytes), j))
-        return args
-
+    # ---- record / transaction ---------------------------------------------------------------
     def operand_streams(self, cfg: OpConfig, args: Sequence[ArgSpec]) -> list[dma.Stream]:
         """Operand streams in order: activations, striped weight image, extra parts."""
         streams = [
@@ -307,24 +292,12 @@ class TiledMatMul(Operator):
 
     def params_record(self, cfg: OpConfig) -> ParamsRecord:
         """Header with one operand per activation, the weight image and each extra part."""
-        args = self._buffers_no_params(cfg)
-        operand_bytes = [a.nbytes for a in args if a.kind == ArgKind.INPUT]
-        operand_bytes += [size for _, size in self.part_offsets(cfg)]
-        table = records.encode_table(
-            [
-                None
-                if s is None
-                else (s, records.SRC_CONST if i in cfg.consts else records.SRC_OPERAND)
-                for i, s in enumerate(cfg.inputs)
-            ],
-            cfg.outputs,
-        )
-        return ParamsRecord(
-            kernel_id=self.kernel_id,
-            operand_bytes=operand_bytes,
-            output_bytes=[a.nbytes for a in args if a.kind == ArgKind.OUTPUT],
-            dims=list(self.op_dims(cfg)),
-            payload=table + records.encode_floats(self.op_floats(cfg)),
+        io = self.io_buffers(cfg)
+        return self.build_record(
+            cfg,
+            operand_bytes=[a.nbytes for a in io if a.kind == ArgKind.INPUT]
+            + [size for _, size in self.part_offsets(cfg)],
+            output_bytes=[a.nbytes for a in io if a.kind == ArgKind.OUTPUT],
         )
 
     def transaction(self, cfg: OpConfig, num_cols: int = 4):  # -> Transaction
@@ -367,32 +340,27 @@ class TiledMatMul(Operator):
             np.frombuffer(memoryview(p).cast("B"), dtype=np.uint8)
             for p in operands[len(act_specs) :]
         ]
-        outs = self.compute_tiled(table, acts, parts, list(record.dims), floats)
+        dims = list(record.dims)
+        _, k, n, stripes, bias_rows = dims[:5]
+        t = TiledOperands(table, acts, parts, dims, floats, k, n, stripes, bias_rows)
+        outs = self.compute_tiled(t)
         return records.pack_outputs(outs, table.outputs, record.output_bytes)
 
-    def compute_tiled(
-        self,
-        table: records.Table,
-        acts: dict[int, np.ndarray],
-        parts: list[np.ndarray],
-        dims: list[int],
-        floats: list[float],
-    ) -> list[np.ndarray]:
-        """bf16 matmul on the decoded weight image, × alpha, + bias part (if any)."""
-        _, k, n, stripes, bias_rows = dims[:5]
-        out = table.outputs[0]
-        a = acts[0]
-        a = a[..., :k] if not self.trans_a(dims) else a[:k, ...].T
-        w = decode_bf16(parts[0], k, n, stripes)[:k, :n]
+    def compute_tiled(self, t: TiledOperands) -> list[np.ndarray]:
+        """bf16 matmul on the decoded bf16 weight image, × alpha, + bias part (if any)."""
+        k, n, bias_rows, floats = t.k, t.n, t.bias_rows, t.floats
+        a = t.acts[0]
+        a = a[..., :k] if not self.trans_a(t.dims) else a[:k, ...].T
+        w = decode_bf16(t.parts[0], k, n, t.stripes)[:k, :n]
         acc = to_compute(a) @ w
         acc = acc * np.float32(floats[0]) if floats and floats[0] != 1.0 else acc
         if bias_rows:
-            bias = parts[1][: bias_rows * _ceil(n) * 4].view("<f4").reshape(bias_rows, _ceil(n))
+            bias = t.parts[1][: bias_rows * _ceil(n) * 4].view("<f4").reshape(bias_rows, _ceil(n))
             if bias_rows == 1:
                 acc = acc + bias[0, :n]
             else:  # per-row C (Gemm): padded rows of A get no bias
                 acc[..., :bias_rows, :] += bias[:, :n]
-        return [store(fit(acc, out.shape), out.dtype)]
+        return t.store_output(acc)
 
     def trans_a(self, dims: list[int]) -> bool:
         """Whether the activation arrives transposed (Gemm ``transA``)."""
@@ -480,13 +448,9 @@ class MatMul(TiledMatMul):
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
         """Float32/bf16 A; B constant 2-d, or an activation of the same dtype."""
-        a = tensor_spec(node.inputs[0] if node.inputs else None, "input A")
+        a = match_activation(node, 0, "input A")
         if isinstance(a, Decline):
             return a
-        if const_array(node.inputs[0]) is not None:
-            return Decline(f"input A '{node.inputs[0].name}' is constant: fold on the CPU")
-        if (bad := _check_float(a, "input A")) is not None:
-            return bad
         b_val = node.inputs[1] if len(node.inputs) > 1 else None
         b = tensor_spec(b_val, "input B")
         if isinstance(b, Decline):
@@ -495,7 +459,6 @@ class MatMul(TiledMatMul):
         if isinstance(out, Decline):
             return out
         b_arr = const_array(b_val)
-        name = node_label(node)
         if b_arr is None:
             if b.dtype != a.dtype:
                 return Decline(
@@ -503,10 +466,8 @@ class MatMul(TiledMatMul):
                 )
             if len(a.shape) < 2 or len(b.shape) < 2:
                 return Decline("two-activation MatMul needs rank >= 2 operands")
-            return OpConfig(
-                self, name, node.op_type, node.domain, [a, b], [out], {}, {},
-                {"variant": VARIANT_ACT, "K": real_dim(a, -1), "N": real_dim(b, -1)},
-            )  # fmt: skip
+            extra = {"variant": VARIANT_ACT, "K": real_dim(a, -1), "N": real_dim(b, -1)}
+            return node_config(self, node, [a, b], [out], attrs={}, extra=extra)
         if (bad := _check_float(b, "input B")) is not None:
             return bad
         if b_arr.ndim != 2:
@@ -514,10 +475,8 @@ class MatMul(TiledMatMul):
         k, n = b_arr.shape
         if real_dim(a, -1) != k:
             return Decline(f"A's last axis is {real_dim(a, -1)} but B has K={k}")
-        return OpConfig(
-            self, name, node.op_type, node.domain, [a, b], [out], {}, {1: b_arr},
-            {"variant": VARIANT_CONST, "K": k, "N": n},
-        )  # fmt: skip
+        extra = {"variant": VARIANT_CONST, "K": k, "N": n}
+        return node_config(self, node, [a, b], [out], consts={1: b_arr}, attrs={}, extra=extra)
 
     def layout(self, cfg: OpConfig) -> TileLayout:
         """bf16 tiles of B."""
@@ -537,23 +496,15 @@ class MatMul(TiledMatMul):
         """``[variant, K, N, stripes, 0]``."""
         return [cfg.extra["variant"], cfg.extra["K"], cfg.extra["N"], self.stripes(cfg), 0]
 
-    def compute_tiled(
-        self,
-        table: records.Table,
-        acts: dict[int, np.ndarray],
-        parts: list[np.ndarray],
-        dims: list[int],
-        floats: list[float],
-    ) -> list[np.ndarray]:
+    def compute_tiled(self, t: TiledOperands) -> list[np.ndarray]:
         """Const weights: the tiled kernel; two activations: batched bf16 ``np.matmul``."""
-        if dims[0] != VARIANT_ACT:
-            return super().compute_tiled(table, acts, parts, dims, floats)
-        a_spec, out = table.inputs[0][1], table.outputs[0]
+        if t.dims[0] != VARIANT_ACT:
+            return super().compute_tiled(t)
+        a_spec = t.table.inputs[0][1]
         assert a_spec is not None
         k = real_dim(a_spec, -1)  # padded K lanes are zeros in both operands; crop anyway
-        a, b = acts[0][..., :k], acts[1][..., :k, :]
-        y = np.matmul(to_compute(a), to_compute(b))
-        return [store(fit(y, out.shape), out.dtype)]
+        a, b = t.acts[0][..., :k], t.acts[1][..., :k, :]
+        return t.store_output(np.matmul(to_compute(a), to_compute(b)))
 
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """``A @ B`` in float32."""
@@ -606,9 +557,9 @@ class MatMulBias(TiledMatMul):
         bias_spec = tensor_spec(bias_val, "bias")
         if isinstance(bias_spec, Decline):
             return bias_spec
-        return OpConfig(
-            self, node_label(node), node.op_type, node.domain, [a, b_spec, bias_spec], [out], {},
-            {1: b_arr, 2: bias.reshape(-1)}, {"K": k, "N": n, "bias_rows": 1},
+        return node_config(
+            self, node, [a, b_spec, bias_spec], [out], consts={1: b_arr, 2: bias.reshape(-1)},
+            attrs={}, extra={"K": k, "N": n, "bias_rows": 1},
         )  # fmt: skip
 
     def const_parts(self, cfg: OpConfig) -> list[np.ndarray]:
@@ -667,9 +618,7 @@ class Gemm(TiledMatMul):
             return out
         attrs = {"alpha": alpha, "beta": beta, "transA": trans_a, "transB": trans_b}
         extra = {"K": k, "N": n, "M": m, "alpha": alpha, "bias_rows": bias_rows}
-        return OpConfig(
-            self, node_label(node), node.op_type, node.domain, inputs, [out], attrs, consts, extra
-        )
+        return node_config(self, node, inputs, [out], consts=consts, attrs=attrs, extra=extra)
 
     def const_parts(self, cfg: OpConfig) -> list[np.ndarray]:
         """bf16 image of B', then ``beta · C`` as float32 ``[rows, Np]`` if C is given."""

@@ -18,14 +18,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from npudispatch.operators import records
-from npudispatch.operators.base import Decline, OpConfig, TensorSpec, const_array, node_label
-from npudispatch.operators.dtypes import F32, store, to_compute
+from npudispatch.operators.base import Decline, OpConfig, TensorSpec, const_array, node_config
+from npudispatch.operators.dtypes import F32, to_compute
 from npudispatch.operators.matmul import (
     TiledMatMul,
+    TiledOperands,
     attr_value,
     bias_part,
-    fit,
     match_activation,
     output_spec,
     real_dim,
@@ -126,9 +125,7 @@ class MatMulNBits(TiledMatMul):
             specs.pop()
         attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
         extra = {"K": k, "N": n, "block_size": block, "bias_rows": int(bias is not None)}
-        return OpConfig(
-            self, node_label(node), node.op_type, node.domain, specs, [out], attrs, consts, extra
-        )
+        return node_config(self, node, specs, [out], consts=consts, attrs=attrs, extra=extra)
 
     def layout(self, cfg: OpConfig) -> TileLayout:
         """q4 tiles."""
@@ -146,22 +143,14 @@ class MatMulNBits(TiledMatMul):
         """``[0, K, N, stripes, bias_rows, block_size]``."""
         return [*super().op_dims(cfg), cfg.extra["block_size"]]
 
-    def compute_tiled(
-        self,
-        table: records.Table,
-        acts: dict[int, np.ndarray],
-        parts: list[np.ndarray],
-        dims: list[int],
-        floats: list[float],
-    ) -> list[np.ndarray]:
+    def compute_tiled(self, t: TiledOperands) -> list[np.ndarray]:
         """Decode the q4 image, dequantize (bf16), bf16 matmul, add the bias part."""
-        _, k, n, stripes, bias_rows, block = dims[:6]
-        out = table.outputs[0]
-        w = decode_q4(parts[0], k, n, block, stripes).dequantize()[:k, :n]
-        acc = to_compute(acts[0][..., :k]) @ w
-        if bias_rows:
-            acc = acc + parts[1][: 4 * n].view("<f4")
-        return [store(fit(acc, out.shape), out.dtype)]
+        k, n, block = t.k, t.n, t.dims[5]
+        w = decode_q4(t.parts[0], k, n, block, t.stripes).dequantize()[:k, :n]
+        acc = to_compute(t.acts[0][..., :k]) @ w
+        if t.bias_rows:
+            acc = acc + t.parts[1][: 4 * n].view("<f4")
+        return t.store_output(acc)
 
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """``A @ dequantize(B) (+ bias)`` in float32 (onnxruntime semantics)."""

@@ -20,17 +20,16 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from npudispatch.operators import records
 from npudispatch.operators.base import (
     Decline,
     OpConfig,
     TensorSpec,
     const_array,
-    node_label,
+    node_config,
     tensor_spec,
 )
 from npudispatch.operators.dtypes import F32
-from npudispatch.operators.matmul import TiledMatMul, fit, real_dim
+from npudispatch.operators.matmul import TiledMatMul, TiledOperands, fit, real_dim
 from npudispatch.operators.weights import (
     TileLayout,
     decode_int8,
@@ -124,9 +123,7 @@ class QMatMul(TiledMatMul):
             "b_scale": col[4].astype(F32),
             "b_zp": col[5].astype(np.int32),
         }
-        return OpConfig(
-            self, node_label(node), node.op_type, node.domain, specs, [out], {}, consts, extra
-        )
+        return node_config(self, node, specs, [out], consts=consts, attrs={}, extra=extra)
 
     def layout(self, cfg: OpConfig) -> TileLayout:
         """8-bit tiles."""
@@ -149,28 +146,19 @@ class QMatMul(TiledMatMul):
         """``[a_scale, y_scale]``."""
         return [cfg.extra["a_scale"], cfg.extra["y_scale"]]
 
-    def compute_tiled(
-        self,
-        table: records.Table,
-        acts: dict[int, np.ndarray],
-        parts: list[np.ndarray],
-        dims: list[int],
-        floats: list[float],
-    ) -> list[np.ndarray]:
+    def compute_tiled(self, t: TiledOperands) -> list[np.ndarray]:
         """Integer accumulate on the decoded image, float32 requantization."""
-        _, k, n, stripes, _, a_zp, y_zp = dims[:7]
-        a_scale, y_scale = floats[:2]
-        out = table.outputs[0]
-        w_spec = table.inputs[3][1]
+        k, n, (a_zp, y_zp), (a_scale, y_scale) = t.k, t.n, t.dims[5:7], t.floats[:2]
+        w_spec = t.table.inputs[3][1]
         assert w_spec is not None
         np_ = int8_layout(k, n).np_
-        b_scale = parts[1][: 4 * np_].view("<f4")[:n]
-        b_zp = parts[1][4 * np_ : 8 * np_].view("<i4")[:n]
-        w = decode_int8(parts[0], k, n, w_spec.dtype, stripes)[:k, :n]
-        a = acts[0][..., :k].astype(np.float64) - a_zp
+        b_scale = t.parts[1][: 4 * np_].view("<f4")[:n]
+        b_zp = t.parts[1][4 * np_ : 8 * np_].view("<i4")[:n]
+        w = decode_int8(t.parts[0], k, n, w_spec.dtype, t.stripes)[:k, :n]
+        a = t.acts[0][..., :k].astype(np.float64) - a_zp
         acc = a @ (w.astype(np.float64) - b_zp)  # exact integer sums (see module doc)
         real = acc.astype(F32) * (np.float32(a_scale) * b_scale)
-        return [fit(requantize(real, y_scale, y_zp, out.dtype), out.shape)]
+        return [fit(requantize(real, y_scale, y_zp, t.out.dtype), t.out.shape)]
 
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """DequantizeLinear → float32 MatMul → QuantizeLinear (ONNX semantics)."""

@@ -8,11 +8,10 @@ lanes neither contribute to the max/sum nor receive a value (they stay zero).
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 
-from npudispatch.operators.base import Decline, OpConfig, Operator, ShapeConstraints
+from npudispatch.operators.base import Decline, OpConfig, ShapeConstraints, TensorSpec
 from npudispatch.operators.dtypes import F32, store, to_compute
-from npudispatch.operators.elementwise import LANES, match_float_node, same_axes
+from npudispatch.operators.elementwise import LANES, FloatUnaryOp, same_axes
 
 
 def softmax_last(x: np.ndarray, real_len: int) -> np.ndarray:
@@ -25,28 +24,22 @@ def softmax_last(x: np.ndarray, real_len: int) -> np.ndarray:
     return out
 
 
-class Softmax(Operator):
+class Softmax(FloatUnaryOp):
     """ONNX Softmax-13 for float32/bfloat16."""
 
     op_type = "Softmax"
     kernel_id = 20
 
-    def match(self, node: ir.Node) -> OpConfig | Decline:
-        if node.op_type != self.op_type:
-            return Decline(f"op type {node.op_type} is not {self.op_type}")
-        cfg = match_float_node(self, node, (1, 1))
-        if isinstance(cfg, Decline):
-            return cfg
-        x = cfg.inputs[0]
-        assert x is not None
-        label = f"Softmax node '{cfg.node_name}'"
+    def match_unary(
+        self, cfg: OpConfig, x: TensorSpec, y: TensorSpec, label: str
+    ) -> OpConfig | Decline:
         rank = len(x.shape)
         if rank == 0:
             return Decline(f"{label}: scalar input has no axis to normalise")
         axis = int(cfg.attrs.get("axis", -1))
         if not -rank <= axis < rank:
             return Decline(f"{label}: axis {axis} out of range for rank {rank}")
-        if (cfg.outputs[0].shape, cfg.outputs[0].dtype) != (x.shape, x.dtype):
+        if (y.shape, y.dtype) != (x.shape, x.dtype):
             return Decline(f"{label}: output shape/dtype differs from the input")
         cfg.extra["axis"] = axis % rank
         return cfg

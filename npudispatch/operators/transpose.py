@@ -11,38 +11,29 @@ streamed linearly and permuted by the kernel (``dims[0] = 0``). ``dims[1:]`` = p
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 
 from npudispatch.operators import dma
-from npudispatch.operators.base import Decline, OpConfig, Operator, ShapeConstraints
-from npudispatch.operators.elementwise import match_float_node, same_axes
-
-MAX_WRAP = 1023
-MAX_STEP = 1 << 20
+from npudispatch.operators.base import Decline, OpConfig, ShapeConstraints, TensorSpec
+from npudispatch.operators.dma import MAX_STEP, MAX_WRAP
+from npudispatch.operators.elementwise import FloatUnaryOp, same_axes
 
 
-class Transpose(Operator):
+class Transpose(FloatUnaryOp):
     """ONNX Transpose for float32/bfloat16."""
 
     op_type = "Transpose"
     kernel_id = 40
 
-    def match(self, node: ir.Node) -> OpConfig | Decline:
-        if node.op_type != self.op_type:
-            return Decline(f"op type {node.op_type} is not {self.op_type}")
-        cfg = match_float_node(self, node, (1, 1))
-        if isinstance(cfg, Decline):
-            return cfg
-        x = cfg.inputs[0]
-        assert x is not None
+    def match_unary(
+        self, cfg: OpConfig, x: TensorSpec, y: TensorSpec, label: str
+    ) -> OpConfig | Decline:
         rank = len(x.shape)
         perm = [int(p) for p in cfg.attrs.get("perm", range(rank - 1, -1, -1))]
-        label = f"Transpose node '{cfg.node_name}'"
         if sorted(perm) != list(range(rank)):
             return Decline(f"{label}: perm {perm} is not a permutation of 0..{rank - 1}")
         want = tuple(x.shape[p] for p in perm)
-        if cfg.outputs[0].shape != want or cfg.outputs[0].dtype != x.dtype:
-            return Decline(f"{label}: output {cfg.outputs[0].shape} is not the permuted {want}")
+        if y.shape != want or y.dtype != x.dtype:
+            return Decline(f"{label}: output {y.shape} is not the permuted {want}")
         cfg.extra["perm"] = perm
         cfg.extra["gather"] = self._gather_pattern(x.shape, x.dtype, perm)
         return cfg
