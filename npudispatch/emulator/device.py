@@ -260,7 +260,14 @@ class VirtualNpu:
                 "the 48-bit shim address",
                 **self._loc(address=op.regaddr),
             )
-        self._store(op.regaddr, addr & 0xFFFFFFFC)
+        if addr & 3:
+            # The BD address field drops bits 1:0: the DMA would silently start up to 3 bytes early.
+            raise EmulatorFault(
+                f"DDR_PATCH {describe_arg(op.argidx)} + {op.argplus:#x} = {addr:#x} is not 4-byte "
+                "aligned; shim DMAs address 32-bit words: align the tensor placement or the patch",
+                **self._loc(address=op.regaddr),
+            )
+        self._store(op.regaddr, addr)
         hi = self._reg(op.regaddr + 4)
         self._store(op.regaddr + 4, (hi & 0xFFFF0000) | (addr >> 32))
 

@@ -184,6 +184,18 @@ def test_ddr_patch_argidx_above_4_faults() -> None:
     assert info.value.op_index == 1
 
 
+def test_misaligned_ddr_patch_faults() -> None:
+    """A BD address keeps only bits 31:2: an unaligned patch would read from the wrong byte."""
+    npu, *_ = setup()
+    ops = [
+        BlockWrite(shim_bd_addr(0, 0), ShimBd(length_words=4).encode()),
+        DdrPatch(0x1D004, 0, 258),
+    ]
+    with pytest.raises(DeviceFault, match="not 4-byte aligned") as info:
+        npu.run(ops)
+    assert info.value.op_index == 1
+
+
 def test_register_outside_partition_faults() -> None:
     npu, *_ = setup(num_cols=2)
     with pytest.raises(DeviceFault, match="outside the 2-column"):
