@@ -9,19 +9,13 @@ import numpy as np
 import pytest
 from emu_progs import add_one, float_add, params_image
 
+from npudispatch import txn
 from npudispatch.emulator import KernelRegistry, VirtualNpu
 from npudispatch.errors import DeviceError
 from npudispatch.overlay_abi import ParamsRecord, operand_channels, output_channels
 from npudispatch.txn.ops import DdrPatch
 from npudispatch.txn.registers import Direction
 from npudispatch.txn.shim import ShimBd
-
-txn = pytest.importorskip("npudispatch.txn")
-if not all(hasattr(txn, n) for n in ("TxnBuilder", "Transaction", "explain", "fuse")):
-    pytest.skip(
-        "the txn codec (TxnBuilder/Transaction/explain/fuse) is not available yet",
-        allow_module_level=True,
-    )
 
 KERNELS = KernelRegistry({1: add_one, 2: float_add})
 MM2S, S2MM = Direction.MM2S, Direction.S2MM
