@@ -35,11 +35,12 @@ from npudispatch.dispatch.emit import (
 from npudispatch.dispatch.plan import BufferPlan, TensorRequest, build_plan
 from npudispatch.errors import ModelError, UnsupportedOpError
 from npudispatch.graph import Partition, PartitionReport
-from npudispatch.graph.support import DEFAULT_NPU_DTYPES, Supported, as_support_query
+from npudispatch.graph.support import Supported, as_support_query
 from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, Decline, OpConfig, round_up, tensor_spec
 from npudispatch.progress import progress
-from npudispatch.rewrites import MarkViewsPass, can_be_view, default_pipeline, is_view
+from npudispatch.rewrites import MarkViewsPass, default_pipeline, is_view
+from npudispatch.rewrites.support import npu_support as rewrite_support
 
 __all__ = ["CompiledModel", "compile_model", "npu_support", "plan_partition"]
 
@@ -126,16 +127,7 @@ def npu_support(supported: Supported | None = None) -> Callable[[ir.Node], str |
     def query(node: ir.Node) -> str | None:
         if user is not None and (reason := user(node)) is not None:
             return str(reason)
-        if is_view(node) or can_be_view(node):  # unmarked views: during the rewrite pipeline
-            data = node.inputs[0] if node.inputs else None
-            if data is not None and data.dtype is not None and data.dtype not in DEFAULT_NPU_DTYPES:
-                # e.g. Unsqueeze of an int64 shape scalar: shape arithmetic belongs to the CPU.
-                return (
-                    f"{node.op_type} of {data.dtype.name} data {data.name!r} is shape arithmetic, "
-                    "not NPU data"
-                )
-            return None
-        return registry.support(node)
+        return rewrite_support(node)
 
     return query
 

@@ -68,6 +68,7 @@ from npudispatch.errors import RewriteError
 from npudispatch.operators import registry
 from npudispatch.operators.base import Decline, node_label
 from npudispatch.rewrites.aliasing import can_be_view, is_view
+from npudispatch.rewrites.support import npu_support
 
 __all__ = [
     "BF16_UNIT_ROUNDOFF",
@@ -171,11 +172,6 @@ def _view(node: ir.Node) -> bool:
     """A zero-copy view, marked or not yet: the pipeline marks views after this pass, and a view
     left out of its partition would split it and get float32 casts on both sides."""
     return is_view(node) or can_be_view(node)
-
-
-def npu_support(node: ir.Node) -> str | None:
-    """The NPU support query: zero-copy views (marked or markable), or registry operators."""
-    return None if _view(node) else registry.support(node)
 
 
 @dataclass
