@@ -11,15 +11,26 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from npudispatch.errors import NpuDispatchError
 
 _COMMAND_MODULES = ("example", "inspect_cmd", "txn_cmd", "compile_cmd", "run_cmd", "plan_cmd")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (exit 2), like every other CLI error.
+
+    Sub-parsers inherit the class, so each command reports its own name and help command.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every registered command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="npudispatch",
         description="Compile ONNX models for AMD Ryzen AI NPUs and run them (emulator by default).",
     )

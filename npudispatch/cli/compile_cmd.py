@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from npudispatch.cli.common import add_dims_option, parse_dims, print_json
+from npudispatch.cli.common import add_dims_option, output_dir, parse_dims, print_json, writing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from npudispatch.dispatch.compile import compile_model
     from npudispatch.dispatch.meta import to_dd_meta
 
+    output_dir(args.output, "the compiled programs")  # fail before a long compile
     compiled = compile_model(
         args.model,
         dims=parse_dims(args.dims),
@@ -61,16 +62,17 @@ def run(args: argparse.Namespace) -> int:
         pad=args.pad,
         bf16=args.bf16,
     )
-    out: Path = args.output
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.output, "the compiled programs")
     report = compiled.to_report()
-    for i, entry in enumerate(report["partitions"]):
-        if i in compiled.programs:
-            program = compiled.programs[i]
-            program.save(out / program.name)
-            (out / program.name / "meta.json").write_text(json.dumps(to_dd_meta(program), indent=1))
-            entry["program"] = program.name
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    with writing(out, "the compiled programs"):
+        for i, entry in enumerate(report["partitions"]):
+            if i in compiled.programs:
+                program = compiled.programs[i]
+                program.save(out / program.name)
+                meta = json.dumps(to_dd_meta(program), indent=1)
+                (out / program.name / "meta.json").write_text(meta)
+                entry["program"] = program.name
+        (out / "report.json").write_text(json.dumps(report, indent=2))
     if args.json:
         print_json(report)
     else:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 
+from npudispatch.cli.common import output_file, writing
 from npudispatch.errors import ModelError
 from npudispatch.examples import EXAMPLES, build_example
 
@@ -46,18 +47,19 @@ def run(args: argparse.Namespace) -> int:
         raise ModelError("example needs NAME and -o FILE (or --list to see the names)")
     if args.name not in EXAMPLES:
         raise ModelError(f"unknown example {args.name!r}; run `npudispatch example --list`")
+    output_file(args.output, "the example model")
     model = build_example(args.name, seed=args.seed)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    if args.external_data:
-        onnx.save(
-            model,
-            args.output,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=args.output.name + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save(model, args.output)
+    with writing(args.output, "the example model"):
+        if args.external_data:
+            onnx.save(
+                model,
+                args.output,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=args.output.name + ".data",
+                size_threshold=1024,
+            )
+        else:
+            onnx.save(model, args.output)
     print(f"wrote {args.output} ({len(model.graph.node)} nodes)")
     return 0

@@ -13,15 +13,26 @@ onnxruntime on the original model and exits 1 on a mismatch: ``|actual - expecte
 from __future__ import annotations
 
 import argparse
+import io
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from npudispatch.cli.common import add_dims_option, parse_dims, print_json
+from npudispatch.cli.common import (
+    add_dims_option,
+    non_negative,
+    output_file,
+    parse_dims,
+    print_json,
+    read_input_file,
+    writing,
+)
 from npudispatch.cli.compile_cmd import add_compile_options
-from npudispatch.errors import ModelError
+from npudispatch.dispatch.backends import BACKENDS
+from npudispatch.errors import BackendUnavailableError, ModelError
 from npudispatch.rewrites.precision import Tolerance, tolerance_for_model
 
 EXIT_MISMATCH = 1
@@ -36,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", type=Path, help="ONNX model file")
     parser.add_argument("--inputs", type=Path, help=".npz file with one array per model input")
-    parser.add_argument("--backend", default="emulator", help="emulator (default) or xrt")
+    parser.add_argument(
+        "--backend", default="emulator", choices=BACKENDS, help="emulator (default) or xrt"
+    )
     parser.add_argument("--xclbin", type=Path, help="xclbin for the xrt backend")
     parser.add_argument(
         "--fallback",
@@ -46,12 +59,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--check", action="store_true", help="compare with onnxruntime")
     parser.add_argument(
-        "--rtol", type=float, help="relative tolerance (--check; default: the bf16 policy)"
+        "--rtol",
+        type=non_negative(float),
+        help="relative tolerance (--check; default: the bf16 policy)",
     )
     parser.add_argument(
-        "--atol", type=float, help="absolute tolerance (--check; default: the bf16 policy)"
+        "--atol",
+        type=non_negative(float),
+        help="absolute tolerance (--check; default: the bf16 policy)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument(
+        "--seed", type=non_negative(int), default=0, help="seed of the random inputs"
+    )
     parser.add_argument("-o", "--save-outputs", type=Path, help="write the outputs to this .npz")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     add_dims_option(parser)
@@ -84,12 +103,33 @@ def dtype_of(type_string: str) -> np.dtype:
 
 
 def load_inputs(path: Path) -> dict[str, np.ndarray]:
-    """Arrays of an .npz file by name."""
+    """Arrays of an .npz file by name (refuses pickled object arrays)."""
+    data = read_input_file(path, "--inputs .npz")
+    fix = "save the inputs with numpy.savez(FILE, NAME=array, ...), one array per model input"
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise ModelError(f"--inputs {str(path)!r} is not an .npz archive; {fix}")
     try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read inputs from {path}: {exc} (expected an .npz)") from exc
+        with np.load(io.BytesIO(data)) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"cannot read --inputs {str(path)!r}: {exc}; {fix}") from exc
+
+
+def check_input_names(feeds: dict[str, np.ndarray], session: Any, source: Path) -> None:
+    """Every model input and nothing else must be in the ``--inputs`` file."""
+    expected = [arg.name for arg in session.get_inputs()]
+    missing = [n for n in expected if n not in feeds]
+    extra = sorted(set(feeds) - set(expected))
+    if missing or extra:
+        problems = []
+        if missing:
+            problems.append(f"lacks {missing}")
+        if extra:
+            problems.append(f"has unknown input(s) {extra}")
+        raise ModelError(
+            f"--inputs {str(source)!r} {' and '.join(problems)}; the model's inputs are "
+            f"{expected}: save exactly one array per input name"
+        )
 
 
 def onnxruntime_outputs(
@@ -151,8 +191,24 @@ def run(args: argparse.Namespace) -> int:
 
     dims = parse_dims(args.dims)
     options: dict[str, Any] = {}
-    if args.xclbin is not None:
+    if args.backend == "xrt":
+        if args.xclbin is None:
+            raise BackendUnavailableError(
+                "--backend xrt needs --xclbin FILE (the overlay/mlir-aie .xclbin); without an "
+                "NPU use the default --backend emulator"
+            )
+        if not args.xclbin.is_file():
+            raise BackendUnavailableError(
+                f"--xclbin {str(args.xclbin)!r} is not a file; give the path of the .xclbin"
+            )
         options["xclbin"] = args.xclbin
+    elif args.xclbin is not None:
+        raise BackendUnavailableError(
+            f"--xclbin is only used with --backend xrt, not {args.backend}; drop it or add "
+            "--backend xrt"
+        )
+    if args.save_outputs is not None:
+        output_file(args.save_outputs, "the outputs")
     fallback = None if args.fallback == "none" else args.fallback
     session = Session(
         args.model,
@@ -163,12 +219,17 @@ def run(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         **options,
     )
-    feeds = load_inputs(args.inputs) if args.inputs else random_inputs(session, args.seed)
+    if args.inputs:
+        feeds = load_inputs(args.inputs)
+        check_input_names(feeds, session, args.inputs)
+    else:
+        feeds = random_inputs(session, args.seed)
     outputs = session.run(None, feeds)
     names = [o.name for o in session.get_outputs()]
     results = dict(zip(names, outputs))
     if args.save_outputs:
-        np.savez(args.save_outputs, **{k: np.ascontiguousarray(v) for k, v in results.items()})
+        with writing(args.save_outputs, "the outputs"):
+            np.savez(args.save_outputs, **{k: np.ascontiguousarray(v) for k, v in results.items()})
     reference = onnxruntime_outputs(args.model, dims, feeds) if args.check else {}
     tol = check_tolerance(session, feeds, args.rtol, args.atol) if args.check else None
     stats = session.last_run_stats

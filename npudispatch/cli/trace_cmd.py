@@ -8,12 +8,11 @@ calls :func:`add_parser` when this module exists.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from npudispatch.cli.common import print_json
+from npudispatch.cli.common import load_transaction, print_json
 from npudispatch.emulator import TraceResult, trace_transaction
 from npudispatch.errors import TxnFormatError
-from npudispatch.txn import Transaction, unwrap
+from npudispatch.txn import Transaction
 
 
 def add_parser(txn_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -38,16 +37,7 @@ def add_parser(txn_subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def _load(path: str) -> Transaction:
-    file = Path(path)
-    if not file.is_file():
-        raise TxnFormatError(f"{path}: no such transaction file")
-    data = file.read_bytes()
-    try:
-        if data[:4] == b"\0\0\0\0" and int.from_bytes(data[4:8], "little") == len(data):
-            return unwrap(data)  # instruction-buffer image: 8-byte frame + transaction
-        return Transaction.from_bytes(data)
-    except TxnFormatError as exc:
-        raise TxnFormatError(f"{path}: {exc}") from None
+    return load_transaction(path)
 
 
 def _parse_argv(text: str | None) -> list[int] | None:
@@ -59,6 +49,13 @@ def _parse_argv(text: str | None) -> list[int] | None:
         values = []
     if len(values) != 5:
         raise TxnFormatError(f"--argv expects five integers separated by commas, got {text!r}")
+    for i, a in enumerate(values):
+        # the emulator's rule for buffer addresses (checked here to report it as a CLI error)
+        if a <= 0 or a % 4 or a >= 2**48:
+            raise TxnFormatError(
+                f"--argv: address {i} ({a:#x}) must be a non-zero, 4-byte aligned address below "
+                "2**48"
+            )
     return values
 
 

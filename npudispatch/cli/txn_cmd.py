@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from pathlib import Path
 
-from npudispatch.cli.common import print_json
-from npudispatch.errors import TxnFormatError
+from npudispatch.cli.common import load_transaction, print_json
 from npudispatch.txn import Transaction, describe_op, dump, explain, opcode_name, stats
 
 _TXN_SUBPARSERS: argparse._SubParsersAction | None = None
@@ -21,20 +19,7 @@ def txn_subparsers() -> argparse._SubParsersAction:
 
 
 def _load(path: str) -> Transaction:
-    file = Path(path)
-    if not file.is_file():
-        raise TxnFormatError(f"{path}: no such transaction file")
-    data = file.read_bytes()
-    if (
-        len(data) >= 8
-        and data[:4] == b"\0\0\0\0"
-        and int.from_bytes(data[4:8], "little") == len(data)
-    ):
-        data = data[8:]  # an instruction-buffer image from wrap(): skip the 8-byte frame
-    try:
-        return Transaction.from_bytes(data)
-    except TxnFormatError as exc:
-        raise TxnFormatError(f"{path}: {exc}") from None
+    return load_transaction(path)
 
 
 def _dump(args: argparse.Namespace) -> int:

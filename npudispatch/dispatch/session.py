@@ -25,7 +25,7 @@ from npudispatch.dispatch.backends import Backend, get_backend
 from npudispatch.dispatch.backends.base import Prepared
 from npudispatch.dispatch.compile import CompiledModel, compile_model
 from npudispatch.dispatch.emit import FusedProgram
-from npudispatch.errors import ModelError, UnsupportedOpError
+from npudispatch.errors import BackendUnavailableError, ModelError, UnsupportedOpError
 from npudispatch.graph import Partition
 from npudispatch.rewrites.padding import host_shape
 
@@ -150,10 +150,24 @@ def _default_engine(fallback: Fallback) -> str | None:
     if fallback is None:
         return None
     if fallback not in ("onnxruntime", "reference"):
-        raise ValueError(f"fallback must be 'onnxruntime', 'reference' or None, got {fallback!r}")
+        raise ModelError(f"fallback must be 'onnxruntime', 'reference' or None, got {fallback!r}")
     if fallback == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
         return "reference"  # documented: onnx.reference when onnxruntime is not installed
     return fallback
+
+
+def _make_backend(name: str, options: Mapping[str, Any]) -> Backend:
+    """``get_backend`` with its argument errors (unknown name, missing or unknown option)
+    reported as :class:`BackendUnavailableError`."""
+    try:
+        return get_backend(name, **options)
+    except (ValueError, TypeError) as exc:
+        # only argument errors; a TypeError raised deeper (e.g. by pyxrt) is not the user's
+        if isinstance(exc, ModelError) or (
+            isinstance(exc, TypeError) and "unexpected keyword argument" not in str(exc)
+        ):
+            raise
+        raise BackendUnavailableError(f"cannot create backend {name!r}: {exc}") from exc
 
 
 class Session:
@@ -180,7 +194,7 @@ class Session:
     ) -> None:
         engine = _default_engine(fallback)
         if isinstance(model_or_path, CompiledModel) and (dims or not (pad and bf16)):
-            raise ValueError(
+            raise ModelError(
                 "dims / pad / bf16 cannot be applied to an already compiled model; pass them to "
                 "compile_model or give Session the model"
             )
@@ -200,11 +214,11 @@ class Session:
                 + "\nuse fallback='onnxruntime' (or 'reference') to run them on the CPU"
             )
         self.compiled = compiled
-        self.backend: Backend = (
-            get_backend(backend, **backend_options) if isinstance(backend, str) else backend
-        )
         if not isinstance(backend, str) and backend_options:
-            raise ValueError("backend_options are only used with a backend name, not an object")
+            raise ModelError("backend_options are only used with a backend name, not an object")
+        self.backend: Backend = (
+            _make_backend(backend, backend_options) if isinstance(backend, str) else backend
+        )
         model = compiled.model
         self._segments: list[_CpuSegment | _NpuSegment] = []
         for i, (label, part) in enumerate(zip(compiled.labels, compiled.partitions)):
@@ -238,15 +252,21 @@ class Session:
         return [s.program for s in self._segments if isinstance(s, _NpuSegment)]
 
     def _validate(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        known = {n for n, _, _ in self._inputs}
-        unknown = sorted(set(feeds) - known)
-        if unknown:
+        expected = [n for n, _, _ in self._inputs]
+        if not isinstance(feeds, Mapping):
             raise ModelError(
-                f"unknown input name(s) {unknown}; the model's inputs are {sorted(known)}"
+                f"feeds must be a dict {{input name: array}}, got {type(feeds).__name__}; the "
+                f"model's inputs are {expected}"
             )
-        missing = [n for n, _, _ in self._inputs if n not in feeds]
-        if missing:
-            raise ModelError(f"missing input(s) {missing}: feed every model input")
+        unknown = sorted(set(feeds) - set(expected), key=str)
+        missing = [n for n in expected if n not in feeds]
+        if unknown or missing:
+            problems = [f"unknown input name(s) {unknown}"] if unknown else []
+            problems += [f"missing input(s) {missing}"] if missing else []
+            raise ModelError(
+                f"{' and '.join(problems)}; the model's inputs are {expected}: feed each of "
+                "them exactly once"
+            )
         env: dict[str, np.ndarray] = {}
         for name, dtype, shape in self._inputs:
             arr = np.asarray(feeds[name])
@@ -258,7 +278,8 @@ class Session:
                 )
             if list(arr.shape) != list(shape):
                 raise ModelError(
-                    f"input {name!r} has shape {list(arr.shape)}, the model expects {shape}"
+                    f"input {name!r} has shape {list(arr.shape)}, the model expects {shape}; "
+                    "reshape it (or compile the model for this shape with dims=)"
                 )
             env[name] = arr
         return env
@@ -274,6 +295,11 @@ class Session:
         stats = SessionRunStats()
         t_start = time.perf_counter()
         all_outputs = [n for n, _, _ in self._outputs]
+        if isinstance(output_names, str | bytes):
+            raise ModelError(
+                f"output_names must be a list of names or None, got the string {output_names!r}; "
+                f"use [{output_names!r}]"
+            )
         names = all_outputs if output_names is None else list(output_names)
         bad = [n for n in names if n not in all_outputs]
         if bad:

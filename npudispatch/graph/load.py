@@ -27,6 +27,7 @@ ModelLike = str | os.PathLike[str] | onnx.ModelProto | ir.Model
 # tensors: inference only needs their type, and serializing big weights would copy them.
 _INFERENCE_INLINE_LIMIT = 1024
 _OPAQUE_DOMAIN = "npudispatch.opaque"
+_MAX_DIM = 2**63 - 1
 
 
 def load(model: ModelLike, dims: Mapping[str, int] | None = None) -> ir.Model:
@@ -80,12 +81,24 @@ def _to_ir(model: ModelLike) -> ir.Model:
         _check_proto_external_data(model.graph, None)
         return ir.from_proto(model)
     path = Path(model)
+    if path.is_dir():
+        raise ModelError(f"model path {str(path)!r} is a directory; give the path to a .onnx file")
     if not path.is_file():
         raise ModelError(f"model file {str(path)!r} does not exist (give a path to a .onnx file)")
+    size = path.stat().st_size
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
-        raise ModelError(f"cannot parse {str(path)!r} as an ONNX model: {exc}") from exc
+        raise ModelError(
+            f"cannot parse {str(path)!r} ({size} bytes) as an ONNX model: {exc}; the file is "
+            "truncated or not an ONNX model (re-export or re-download it)"
+        ) from exc
+    if not proto.HasField("graph") or not proto.graph.output:
+        # An empty (or unrelated but parseable) file decodes to a ModelProto without a graph.
+        raise ModelError(
+            f"{str(path)!r} ({size} bytes) holds no ONNX graph with outputs; the file is empty "
+            "or not an ONNX model (re-export or re-download it)"
+        )
     _check_proto_external_data(proto.graph, path.parent)
     ir_model = ir.from_proto(proto)
     ir.external_data.set_base_dir(ir_model.graph, path.parent)
@@ -209,8 +222,12 @@ def _bind_dims(graph: ir.Graph, dims: dict[str, int]) -> None:
     if not dims:
         return
     for name, size in dims.items():
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ModelError(f"dims[{name!r}] must be a non-negative int, got {size!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= _MAX_DIM:
+            raise ModelError(
+                f"dims[{name!r}] must be an int between 0 and 2**63-1 (ONNX dims are int64), "
+                f"got {size!r}"
+            )
+    known = sorted(_symbolic_dim_names(graph))  # before binding, for the error message
     used: set[str] = set()
     for value in _main_graph_values(graph):
         shape = value.shape
@@ -226,7 +243,6 @@ def _bind_dims(graph: ir.Graph, dims: dict[str, int]) -> None:
         value.shape = ir.Shape(new)
     unused = sorted(set(dims) - used)
     if unused:
-        known = sorted(_symbolic_dim_names(graph))
         raise ModelError(
             f"dims names {unused} do not appear in the model; its symbolic dims are "
             f"{known or 'none'} (check the spelling of dims=/--dims)"
