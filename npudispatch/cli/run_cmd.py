@@ -2,12 +2,13 @@
 
 Without ``--inputs``, seeded random inputs (``--seed``). ``--check`` compares every output with
 onnxruntime on the original model and exits 1 on a mismatch: ``|actual - expected| <= atol + rtol *
-|expected|`` with the bf16 tolerance policy of :func:`npudispatch.rewrites.precision.tolerance_for_model`
-(the compiled model's NPU ops and largest matmul K), ``atol`` scaled by the float inputs' RMS;
-``--rtol`` / ``--atol`` override either. ``--no-pad`` / ``--fp32`` are the compile options.
-``--json`` prints ``{"outputs": {name: {"shape", "dtype", "max_abs", "max_rel", "ok"}},
+|expected|`` with, per output, the bf16 policy of
+:func:`npudispatch.rewrites.precision.tolerance_for_output` (the NPU ops on that output's path),
+``atol`` relative to the reference output's RMS; ``--rtol`` / ``--atol`` override either.
+``--no-pad`` / ``--fp32`` are the compile options. ``--json`` prints
+``{"outputs": {name: {"shape", "dtype", "max_abs", "max_rel", "ok", "tolerance"}},
 "kernel_calls", "cpu_segments", "bytes_copied", "stage_seconds", "tolerance", "ok"}``
-(comparison fields null without ``--check``).
+(comparison fields null without ``--check``; ``tolerance`` maps each output to its rtol/atol).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from npudispatch.cli.common import (
 from npudispatch.cli.compile_cmd import add_compile_options
 from npudispatch.dispatch.backends import BACKENDS
 from npudispatch.errors import BackendUnavailableError, ModelError
-from npudispatch.rewrites.precision import Tolerance, tolerance_for_model
+from npudispatch.rewrites.precision import Tolerance, tolerance_for_output
 
 EXIT_MISMATCH = 1
 
@@ -153,15 +154,14 @@ def onnxruntime_outputs(
 
 
 def check_tolerance(
-    session: Any, feeds: dict[str, np.ndarray], rtol: float | None, atol: float | None
+    session: Any, name: str, expected: np.ndarray, rtol: float | None, atol: float | None
 ) -> Tolerance:
-    """The --check tolerance: the policy for the compiled model, ``atol`` scaled by the float
-    inputs' RMS (1 when there are none), each field overridden when given."""
-    floats = [
-        np.asarray(v, np.float64) for v in feeds.values() if np.issubdtype(v.dtype, np.floating)
-    ]
-    rms = max((float(np.sqrt(np.mean(v**2))) for v in floats if v.size), default=0.0)
-    tol = tolerance_for_model(session.compiled.model).scaled(rms if rms > 0 else 1.0)
+    """The --check tolerance of output ``name``: the bf16 policy over the NPU ops on its path,
+    ``atol`` relative to the reference output's RMS; ``--rtol``/``--atol`` override either."""
+    e = np.asarray(expected, np.float64)
+    finite = e[np.isfinite(e)]
+    rms = float(np.sqrt(np.mean(finite**2))) if finite.size else 0.0
+    tol = tolerance_for_output(session.compiled.model, name).scaled(rms if rms > 0 else 1.0)
     return Tolerance(tol.rtol if rtol is None else rtol, tol.atol if atol is None else atol)
 
 
@@ -231,15 +231,17 @@ def run(args: argparse.Namespace) -> int:
         with writing(args.save_outputs, "the outputs"):
             np.savez(args.save_outputs, **{k: np.ascontiguousarray(v) for k, v in results.items()})
     reference = onnxruntime_outputs(args.model, dims, feeds) if args.check else {}
-    tol = check_tolerance(session, feeds, args.rtol, args.atol) if args.check else None
     stats = session.last_run_stats
     summary: dict[str, Any] = {"outputs": {}}
+    tolerances: dict[str, Tolerance] = {}
     all_ok = True
     for name, value in results.items():
         entry: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype)}
         if args.check:
-            assert tol is not None
+            tol = check_tolerance(session, name, reference[name], args.rtol, args.atol)
+            tolerances[name] = tol
             entry.update(compare(value, reference[name], tol))
+            entry["tolerance"] = tol._asdict()
             all_ok &= entry["ok"]
         else:
             entry.update({"max_abs": None, "max_rel": None, "ok": None})
@@ -251,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
             "bytes_copied": stats.bytes_copied,
             "stage_seconds": stats.stage_seconds,
             "backend": session.backend.name,
-            "tolerance": tol._asdict() if tol is not None else None,
+            "tolerance": {k: t._asdict() for k, t in tolerances.items()} if args.check else None,
             "ok": all_ok if args.check else None,
         }
     )
@@ -270,8 +272,11 @@ def run(args: argparse.Namespace) -> int:
             f"{stats.kernel_calls} kernel call(s), {stats.cpu_segments} CPU segment(s), "
             f"{stats.bytes_copied:,} B copied, {stats.stage_seconds.get('total', 0.0) * 1e3:.1f} ms"
         )
-        if tol is not None:
-            print(f"tolerance: rtol {tol.rtol:.3g}, atol {tol.atol:.3g} (bf16 policy unless given)")
+        for name, tol in tolerances.items():
+            print(
+                f"tolerance {name}: rtol {tol.rtol:.3g}, atol {tol.atol:.3g} "
+                "(bf16 policy over its NPU ops unless given)"
+            )
     if args.check and not all_ok:
         print("npudispatch run: outputs differ from onnxruntime", file=sys.stderr)
         return EXIT_MISMATCH

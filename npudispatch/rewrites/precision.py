@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import ml_dtypes
+import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
@@ -81,6 +82,7 @@ __all__ = [
     "npu_support",
     "tolerance_for",
     "tolerance_for_model",
+    "tolerance_for_output",
 ]
 
 SupportQuery = Callable[[ir.Node], str | None]
@@ -163,6 +165,27 @@ def tolerance_for_model(model: ir.Model, support: SupportQuery | None = None) ->
             if not isinstance(cfg, Decline) and "K" in cfg.extra:
                 k = max(k or 0, int(cfg.extra["K"]))
     return tolerance_for(ops, k=k)
+
+
+def tolerance_for_output(
+    model: ir.Model, output: str, support: SupportQuery | None = None
+) -> Tolerance:
+    """Tolerance for one graph output, relative to that output's own scale.
+
+    Budgets only the NPU ops on the output's path (its producer and every ancestor the support
+    query puts on the NPU), with no ``sqrt(K)`` factor: with float32 accumulation, bf16 rounding
+    of a dot product's terms gives an error proportional to the result's magnitude. Scale the
+    result with ``.scaled(rms(reference output))`` before comparing.
+    """
+    query = support or npu_support
+    digraph = graph_layer.to_networkx(model)
+    value = next((v for v in model.graph.outputs if v.name == output), None)
+    if value is None:
+        known = [v.name for v in model.graph.outputs]
+        raise KeyError(f"model has no graph output {output!r} (outputs: {known})")
+    producer = value.producer()
+    path = [] if producer is None else [producer, *nx.ancestors(digraph, producer)]
+    return tolerance_for([n.op_type for n in path if query(n) is None])
 
 
 # ---- the pass -------------------------------------------------------------------------------

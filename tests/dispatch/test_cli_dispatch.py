@@ -126,3 +126,34 @@ def test_dims_option(tmp_path, capsys):
     )
     assert json_out(capsys)["ok"] is True
     assert main(["plan", str(path), "--dims", "batch=1", "--dims", "sequence=4", "--json"]) == 0
+
+
+@pytest.mark.parametrize("example", ["llama2-mlp-small", "llama-decoder-layer"])
+def test_run_check_default_policy_catches_a_ten_percent_error(
+    example, tmp_path, capsys, monkeypatch
+):
+    """The default --check tolerance passes real bf16 results but not a 10 % systematic error
+    (the old whole-model policy, atol scaled by sqrt(K) and the input RMS, accepted 75 %)."""
+    import onnx
+
+    from npudispatch.dispatch.session import Session
+    from npudispatch.examples import build_example
+
+    path = tmp_path / "m.onnx"
+    onnx.save(build_example(example), path)
+    args = ["run", str(path), "--check", "--json", "--dims", "batch=1,sequence=8"]
+    if example == "llama2-mlp-small":
+        args = args[:4]
+    assert main(args) == 0
+    capsys.readouterr()
+
+    real_run = Session.run
+
+    def skewed(self, names, feeds):
+        outs = real_run(self, names, feeds)
+        return [o + np.float32(0.10) * np.sqrt(np.mean(np.square(o))) for o in outs]
+
+    monkeypatch.setattr(Session, "run", skewed)
+    assert main(args) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and not any(o["ok"] for o in doc["outputs"].values())
