@@ -33,7 +33,7 @@ from npudispatch.dispatch.emit import (
     value_nbytes,
 )
 from npudispatch.dispatch.plan import BufferPlan, TensorRequest, build_plan
-from npudispatch.errors import ModelError, UnsupportedOpError
+from npudispatch.errors import ModelError, PlanError, UnsupportedOpError
 from npudispatch.graph import Partition, PartitionReport
 from npudispatch.graph.support import Supported, as_support_query
 from npudispatch.operators import registry
@@ -43,6 +43,9 @@ from npudispatch.rewrites import MarkViewsPass, default_pipeline, is_view
 from npudispatch.rewrites.support import npu_support as rewrite_support
 
 __all__ = ["CompiledModel", "compile_model", "npu_support", "plan_partition"]
+
+#: Widest partition of an AIE2P (Strix) array (TXN_FORMAT.md §9: partitions 1-8 columns).
+MAX_PARTITION_COLS = 8
 
 ALIGN = 64
 
@@ -183,6 +186,10 @@ def compile_model(
     labels = graph.partition_names(rep.partitions)
     t_plan = t_emit = 0.0
     npu_parts = [(i, p) for i, p in enumerate(rep.partitions) if p.kind == "npu"]
+    if not 1 <= num_cols <= MAX_PARTITION_COLS:
+        raise PlanError(
+            f"num_cols={num_cols}: an AIE2P partition is 1 to {MAX_PARTITION_COLS} columns wide"
+        )
     for i, part in progress(npu_parts, desc="compile NPU partitions"):
         t0 = time.perf_counter()
         launches, plan, io = plan_partition(part, num_cols=num_cols)

@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from npudispatch.dispatch.backends.base import ProgramImage
 from npudispatch.dispatch.plan import BufferKind, BufferPlan
-from npudispatch.errors import ModelError, PlanError, TxnFormatError
+from npudispatch.errors import ModelError, NpuDispatchError, PlanError, TxnFormatError
 from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, ArgSpec, OpConfig, round_up
 from npudispatch.txn import ArgRange, Transaction, fuse_rebased, rebase, wrap
@@ -428,12 +428,30 @@ class FusedProgram:
         missing = [f for f in FILES if not (d / f).is_file()]
         if missing:
             raise ModelError(f"{d} is not a saved FusedProgram: missing {', '.join(missing)}")
-        doc = json.loads((d / "program.json").read_text())
-        if doc.get("format") != PROGRAM_FORMAT:
+        try:
+            doc = json.loads((d / "program.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(
+                f"{d / 'program.json'} is corrupt ({exc}); re-compile or re-save the program"
+            ) from exc
+        if not isinstance(doc, dict) or doc.get("format") != PROGRAM_FORMAT:
+            doc = doc if isinstance(doc, dict) else {}
             raise ModelError(
                 f"{d / 'program.json'}: format {doc.get('format')!r}, expected {PROGRAM_FORMAT}; "
                 "re-compile the model with this npudispatch version"
             )
+        try:
+            return cls._from_doc(d, doc)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, NpuDispatchError):
+                raise
+            raise ModelError(
+                f"{d / 'program.json'} is incomplete or inconsistent ({type(exc).__name__}: "
+                f"{exc}); re-compile or re-save the program"
+            ) from exc
+
+    @classmethod
+    def _from_doc(cls, d: Path, doc: dict[str, Any]) -> FusedProgram:
         blobs = {f: (d / f).read_bytes() for f in FILES[1:]}
         for f, data in blobs.items():
             if hashlib.sha256(data).hexdigest() != doc["sha256"][f]:

@@ -222,10 +222,10 @@ def _bind_dims(graph: ir.Graph, dims: dict[str, int]) -> None:
     if not dims:
         return
     for name, size in dims.items():
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= _MAX_DIM:
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= _MAX_DIM:
             raise ModelError(
-                f"dims[{name!r}] must be an int between 0 and 2**63-1 (ONNX dims are int64), "
-                f"got {size!r}"
+                f"dims[{name!r}] must be an int between 1 and 2**63-1 (ONNX dims are int64; 0 leaves "
+                f"empty tensors with nothing to compute), got {size!r}"
             )
     known = sorted(_symbolic_dim_names(graph))  # before binding, for the error message
     used: set[str] = set()

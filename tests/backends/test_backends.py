@@ -207,7 +207,7 @@ def test_bad_io_and_bad_programs_are_rejected(program):
         backend.execute(prepared, bytes(N), np.zeros(N, np.float32))
     with pytest.raises(ValueError, match="const image has 512 bytes"):
         ProgramImage(txn=program.txn, buffer_sizes=(N, N, 0, N, 64), const_image=bytes(512))
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(BackendUnavailableError, match="unknown backend"):
         get_backend("tpu")
 
 

@@ -167,3 +167,14 @@ def test_views_of_shape_arithmetic_stay_on_the_cpu():
     reason = npu_support()(unsqueeze(ir.DataType.INT64))
     assert reason is not None and "INT64" in reason and "shape arithmetic" in reason
     assert npu_support()(unsqueeze(ir.DataType.FLOAT)) is None
+
+
+def test_num_cols_and_zero_dims_are_refused_up_front():
+    """Configuration errors surface at compile time with the fix, not as a device hang later."""
+    from npudispatch.errors import ModelError, PlanError
+    from npudispatch.examples.exporter import llama_decoder_layer
+
+    with pytest.raises(PlanError, match="1 to 8 columns"):
+        compile_model(GOLDEN["G7"](), num_cols=9)
+    with pytest.raises(ModelError, match="between 1 and"):
+        compile_model(llama_decoder_layer(), dims={"batch": 0, "sequence": 8})

@@ -101,6 +101,16 @@ def test_load_rejects_corrupt_or_incomplete_dirs(tmp_path, g11):
     (d / "program.json").write_text(json.dumps(doc))
     with pytest.raises(ModelError, match="kernel id 99999"):
         FusedProgram.load(d)
+    g11.save(d)
+    (d / "program.json").write_text('{"format": ')
+    with pytest.raises(ModelError, match=r"program\.json is corrupt"):
+        FusedProgram.load(d)
+    g11.save(d)
+    doc = json.loads((d / "program.json").read_text())
+    del doc["plan"]
+    (d / "program.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match=r"incomplete or inconsistent.*'plan'"):
+        FusedProgram.load(d)
     (d / "txn.bin").unlink()
     with pytest.raises(ModelError, match=r"missing txn\.bin"):
         FusedProgram.load(d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from npudispatch.dispatch.backends.base import Backend, Prepared, ProgramImage, RunStats
+from npudispatch.errors import BackendUnavailableError
 
 BACKENDS = ("emulator", "xrt")
 
@@ -23,11 +24,11 @@ def get_backend(name: str = "emulator", **options: Any) -> Backend:
         from npudispatch.dispatch.backends.xrt import XrtBackend
 
         if "xclbin" not in options:
-            raise ValueError(
+            raise BackendUnavailableError(
                 "the 'xrt' backend needs xclbin=<path to the overlay/mlir-aie .xclbin>"
             )
         return XrtBackend(**options)
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 __all__ = ["BACKENDS", "Backend", "Prepared", "ProgramImage", "RunStats", "get_backend"]
