@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -152,7 +153,14 @@ def _default_engine(fallback: Fallback) -> str | None:
     if fallback not in ("onnxruntime", "reference"):
         raise ModelError(f"fallback must be 'onnxruntime', 'reference' or None, got {fallback!r}")
     if fallback == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
-        return "reference"  # documented: onnx.reference when onnxruntime is not installed
+        # Documented: onnx.reference computes the same ONNX semantics when onnxruntime is absent.
+        warnings.warn(
+            "onnxruntime is not installed: CPU segments run on onnx.reference "
+            "(slower; pip install onnxruntime)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return "reference"
     return fallback
 
 

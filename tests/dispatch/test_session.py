@@ -148,3 +148,23 @@ def test_cpu_segment_without_any_implementation_is_a_clear_error():
 
     with pytest.raises(UnsupportedOpError, match=r"cpu0 \[silu \(amd\.com\.SILU\)\].*onnxruntime"):
         Session(build_example("G6"))
+
+
+def test_cpu_segments_fall_back_to_onnx_reference_without_onnxruntime(monkeypatch):
+    """No onnxruntime installed: CPU segments run on onnx.reference, with a warning, same answer."""
+    import importlib.util
+
+    model = GOLDEN["G14"]()  # NPU, then a CPU-only op
+    feeds = random_feeds(model, seed=5)
+    expected = onnxruntime_run(model, feeds)
+    real_find_spec = importlib.util.find_spec
+
+    def no_ort(name, *args, **kw):
+        return None if name == "onnxruntime" else real_find_spec(name, *args, **kw)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_ort)
+    with pytest.warns(RuntimeWarning, match="onnxruntime is not installed"):
+        session = Session(model)
+    assert [s.engine for s in session._segments if hasattr(s, "engine")] == ["reference"]
+    for (name, ref), got in zip(expected.items(), session.run(None, feeds)):
+        assert_close(got, ref)
