@@ -157,7 +157,7 @@ def _plan_synthetic(quick: bool) -> list[Row]:
 
 def _txn(quick: bool) -> list[Row]:
     sizes = {"target_bytes": 2 << 20, "repeats": 1} if quick else {}
-    r = _quiet(lambda: txn_bench.run(**sizes))
+    r = _quiet(txn_bench.run, **sizes)
     if "skipped" in r:
         return [Row("txn", None, "parse+rebase+fuse / memcpy", r["skipped"], {}, r["skipped"])]
     return [
