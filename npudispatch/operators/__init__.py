@@ -34,7 +34,7 @@ Adding an operator
 from npudispatch.operators.activations import Gelu, NpuGelu, Sigmoid, Silu
 from npudispatch.operators.cast import Cast
 from npudispatch.operators.datamove import Concat, Slice, Split
-from npudispatch.operators.elementwise import Add, Div, Mul, Sub
+from npudispatch.operators.elementwise import Add, Div, Max, Min, Mul, Sub, Where
 from npudispatch.operators.matmul import Gemm, MatMul, MatMulBias
 from npudispatch.operators.matmul_nbits import MatMulNBits
 from npudispatch.operators.norms import (
@@ -43,19 +43,55 @@ from npudispatch.operators.norms import (
     SkipSimplifiedLayerNormalization,
 )
 from npudispatch.operators.qmatmul import QLinearMatMul, QMatMul
+from npudispatch.operators.reduce import ReduceMax, ReduceMean, ReduceMin, ReduceSum
 from npudispatch.operators.registry import register
 from npudispatch.operators.softmax import Softmax
 from npudispatch.operators.transpose import Transpose
+from npudispatch.operators.unary import (
+    Abs,
+    Cos,
+    Erf,
+    Exp,
+    Log,
+    Neg,
+    Pow,
+    Reciprocal,
+    Relu,
+    Sin,
+    Softplus,
+    Sqrt,
+    Tanh,
+)
 
 register(Add)
 register(Sub)
 register(Mul)
 register(Div)
+register(Max)
+register(Min)
+register(Where)
 register(Sigmoid)
 register(Silu)
 register(NpuGelu)
 register(Gelu)
+register(Relu)
+register(Neg)
+register(Abs)
+register(Exp)
+register(Log)
+register(Tanh)
+register(Erf)
+register(Sqrt)
+register(Reciprocal)
+register(Sin)
+register(Cos)
+register(Softplus)
+register(Pow)
 register(Softmax)
+register(ReduceMean)
+register(ReduceSum)
+register(ReduceMax)
+register(ReduceMin)
 register(LayerNormalization)
 register(SimplifiedLayerNormalization)
 register(SkipSimplifiedLayerNormalization)

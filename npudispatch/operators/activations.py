@@ -1,8 +1,8 @@
 """Unary activations: Sigmoid, npudispatch.Silu, npudispatch.Gelu and standard Gelu (opset 20).
 
-Every kernel rounds its input to bf16, evaluates in float32 and rounds the result to bf16. The
-elementwise kernels are lane-local, so padded lanes cannot leak; their outputs (e.g. Sigmoid(0) =
-0.5) are zeroed by the framework outside the real shape.
+Built on :class:`~.unary.UnaryOp` (bf16 compute rule, float64 evaluation); Gelu's erf is the
+vectorized :func:`~.unary.erf`. The kernels are lane-local, so padded lanes cannot leak; their
+outputs (e.g. Sigmoid(0) = 0.5) are zeroed by the framework outside the real shape.
 """
 
 from __future__ import annotations
@@ -12,19 +12,14 @@ from typing import ClassVar
 
 import numpy as np
 
-from npudispatch.operators.base import Decline, OpConfig, ShapeConstraints, TensorSpec
-from npudispatch.operators.dtypes import F32, store, to_compute
-from npudispatch.operators.elementwise import LANES, FloatUnaryOp, same_axes
+from npudispatch.operators.base import Decline, OpConfig
+from npudispatch.operators.unary import UnaryOp, erf
 from npudispatch.opset import DOMAIN
 
 NPU_DOMAIN = DOMAIN
 
-_erf = np.frompyfunc(math.erf, 1, 1)
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """Element-wise error function in float64 (numpy has none; scipy is not a dependency)."""
-    return _erf(np.asarray(x, dtype=np.float64)).astype(np.float64)
+# Old name of the shared unary base (now unary.UnaryOp); tests/rewrites/test_padding.py patches it.
+_Unary = UnaryOp
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -42,61 +37,28 @@ def gelu(x: np.ndarray, approximate: str) -> np.ndarray:
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
-class _Unary(FloatUnaryOp):
-    """One float input, one output of the same shape and dtype."""
-
-    def fn(self, x: np.ndarray, cfg_dims: list[int]) -> np.ndarray:
-        raise TypeError(f"{type(self).__name__} must define fn()")
-
-    def match_unary(
-        self, cfg: OpConfig, x: TensorSpec, y: TensorSpec, label: str
-    ) -> OpConfig | Decline:
-        if (x.shape, x.dtype) != (y.shape, y.dtype):
-            return Decline(
-                f"{label}: output {y.shape} {y.dtype} differs from input {x.shape} {x.dtype}"
-            )
-        return self.check_attrs(cfg, label)
-
-    def check_attrs(self, cfg: OpConfig, label: str) -> OpConfig | Decline:
-        """Validate attributes (default: none expected)."""
-        return cfg
-
-    def compute(self, inputs, outputs, dims, floats):
-        return [store(self.fn(to_compute(inputs[0]), dims), outputs[0].dtype)]
-
-    def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        x = np.asarray(inputs[0]).astype(F32)
-        return [self.fn(x, self.op_dims(cfg)).astype(cfg.outputs[0].dtype)]
-
-    def granularity(self, cfg: OpConfig) -> ShapeConstraints:
-        """Last axis a multiple of :data:`LANES`; input and output padded alike (every axis)."""
-        rank = len(cfg.outputs[0].shape)
-        rule = (1,) * (rank - 1) + (LANES,) if rank else ()
-        return ShapeConstraints((rule,), (rule,), same_axes(rank))
-
-
-class Sigmoid(_Unary):
+class Sigmoid(UnaryOp):
     """ONNX Sigmoid."""
 
     op_type = "Sigmoid"
     kernel_id = 10
 
-    def fn(self, x, dims):
+    def fn(self, x, dims, floats):
         return sigmoid(x)
 
 
-class Silu(_Unary):
+class Silu(UnaryOp):
     """``npudispatch.Silu(X) = X * Sigmoid(X)``."""
 
     domain = NPU_DOMAIN
     op_type = "Silu"
     kernel_id = 11
 
-    def fn(self, x, dims):
+    def fn(self, x, dims, floats):
         return np.asarray(x, np.float64) * sigmoid(x)
 
 
-class _GeluBase(_Unary):
+class _GeluBase(UnaryOp):
     """Gelu with attribute ``approximate`` ("none" | "tanh"); dims = [1 if tanh else 0]."""
 
     APPROX: ClassVar[tuple[str, ...]] = ("none", "tanh")
@@ -115,7 +77,7 @@ class _GeluBase(_Unary):
     def op_dims(self, cfg: OpConfig) -> list[int]:
         return [int(cfg.extra["approximate"] == "tanh")]
 
-    def fn(self, x, dims):
+    def fn(self, x, dims, floats):
         return gelu(x, "tanh" if dims[0] else "none")
 
 

@@ -1,4 +1,5 @@
-"""Add, Sub, Mul, Div with ONNX multidirectional (numpy) broadcasting, float32 and bfloat16.
+"""Add, Sub, Mul, Div, Max, Min and Where with ONNX multidirectional (numpy) broadcasting,
+float32 and bfloat16.
 
 Broadcasting happens in the kernel, not in the DMA: each operand is streamed once at its own size
 (a [1,1,N] bias is N elements on the wire, not M·N) and the core broadcasts from local memory,
@@ -207,3 +208,83 @@ class Div(_Binary):
     op_type = "Div"
     kernel_id = 4
     ufunc = np.divide
+
+
+class Max(_Binary):
+    """ONNX Max with exactly two inputs (NaN propagates, like onnxruntime)."""
+
+    op_type = "Max"
+    kernel_id = 5
+    ufunc = np.maximum
+
+
+class Min(_Binary):
+    """ONNX Min with exactly two inputs (NaN propagates, like onnxruntime)."""
+
+    op_type = "Min"
+    kernel_id = 6
+    ufunc = np.minimum
+
+
+WIRE_BOOL = np.dtype(np.uint8)
+"""How a bool tensor travels: one byte per element, 0 or 1 (numpy's bool layout)."""
+
+
+class Where(_Binary):
+    """ONNX Where(condition, X, Y): bool condition, float32/bf16 X and Y, all three broadcast.
+
+    The condition is 1 byte per element on the wire; its spec says uint8 (the kernel reads
+    ``!= 0``) because records carry no bool dtype code. Any input but not all may be a constant
+    (masks often are); constants travel in the const region.
+    """
+
+    op_type = "Where"
+    kernel_id = 7
+
+    def match(self, node: ir.Node) -> OpConfig | Decline:
+        if (bad := check_node_kind(self, node)) is not None:
+            return bad
+        label = op_label(node)
+        if len(node.inputs) != 3 or len(node.outputs) != 1:
+            return Decline(f"{label}: expects 3 inputs and 1 output")
+        specs: list[TensorSpec] = []
+        consts: dict[int, np.ndarray] = {}
+        for i, value in enumerate(node.inputs):
+            spec = tensor_spec(value, f"{label} input {i}")
+            if isinstance(spec, Decline):
+                return spec
+            if (arr := const_array(value)) is not None:
+                consts[i] = arr
+            specs.append(spec)
+        out = tensor_spec(node.outputs[0], f"{label} output 0")
+        if isinstance(out, Decline):
+            return out
+        cond, x, y = specs
+        if cond.dtype != np.dtype(bool):
+            return Decline(f"{label}: condition dtype {cond.dtype} is not bool")
+        if x.dtype not in FLOAT_DTYPES or not x.dtype == y.dtype == out.dtype:
+            return Decline(
+                f"{label}: X/Y/output dtypes {x.dtype}, {y.dtype} -> {out.dtype} (float32 or "
+                "bfloat16, all the same; insert a Cast)"
+            )
+        if len(consts) == 3:
+            return Decline(f"{label}: every input is constant (fold it on the CPU instead)")
+        try:
+            shape = np.broadcast_shapes(cond.shape, x.shape, y.shape)
+        except ValueError:
+            return Decline(f"{label}: shapes {cond.shape}, {x.shape}, {y.shape} do not broadcast")
+        if shape != out.shape:
+            return Decline(f"{label}: output shape {out.shape} is not the broadcast shape {shape}")
+        wire = TensorSpec(cond.shape, WIRE_BOOL, cond.real_shape)
+        if 0 in consts:
+            consts[0] = consts[0].astype(WIRE_BOOL)
+        return node_config(self, node, [wire, x, y], [out], consts=consts)
+
+    def compute(self, inputs, outputs, dims, floats):
+        cond, x, y = inputs
+        return [store(np.where(cond != 0, to_compute(x), to_compute(y)), outputs[0].dtype)]
+
+    def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        cond, x, y = inputs
+        picked = np.where(np.asarray(cond).astype(bool), np.asarray(x), np.asarray(y))
+        return [picked.astype(cfg.outputs[0].dtype)]

@@ -174,7 +174,7 @@ def g14_mixed(m: int = 4) -> onnx.ModelProto:
     b = Builder(14)
     b.node("MatMul", [b.inp("X", [1, m, H]), b.weight("W0", [H, H])], ["Y1"], "matmul1")
     b.node("MatMul", ["Y1", b.weight("W1", [H, H])], ["Y2"], "matmul2")
-    b.node("Tanh", ["Y2"], ["T"], "cpu_tanh")
+    b.node("Atan", ["Y2"], ["T"], "cpu_atan")
     b.node("MatMul", ["T", b.weight("W2", [H, H])], [b.out("Y3", [1, m, H])], "matmul3")
     return b.model("g14_mixed")
 

@@ -52,7 +52,7 @@ def reversed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def mlp_with_cpu_gap(seed: int = 0) -> onnx.ModelProto:
-    """Standard ops: MatMul -> Add -> [Relu on CPU] -> MatMul -> Add, with a side Mul branch."""
+    """Standard ops: MatMul -> Add -> [Atan on CPU] -> MatMul -> Add, with a side Mul branch."""
     rng = np.random.default_rng(seed)
     w1 = rng.standard_normal((8, 16)).astype(np.float32)
     b1 = rng.standard_normal(16).astype(np.float32)
@@ -60,7 +60,7 @@ def mlp_with_cpu_gap(seed: int = 0) -> onnx.ModelProto:
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
         helper.make_node("Add", ["h", "b1"], ["h1"], name="add1"),
-        helper.make_node("Relu", ["h1"], ["r"], name="relu"),
+        helper.make_node("Atan", ["h1"], ["r"], name="relu"),
         helper.make_node("MatMul", ["r", "w2"], ["o"], name="mm2"),
         helper.make_node("Mul", ["x", "x"], ["sq"], name="square"),
         helper.make_node("Add", ["o", "sq"], ["y"], name="add2"),

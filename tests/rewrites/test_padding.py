@@ -7,6 +7,8 @@ crop to the real shape on copy-out. :func:`run_nodes` is reused by test_precisio
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -118,6 +120,13 @@ def floats(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
 
+@pytest.fixture(autouse=True)
+def _data_independent_of_test_order(request):
+    """Each test draws from its own seed, so pytest-xdist's distribution cannot change its data."""
+    global RNG
+    RNG = np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
 def const(name: str, arr: np.ndarray) -> str:
     """Textual-ONNX initializer declaration."""
     dims = ",".join(map(str, arr.shape))
@@ -136,11 +145,13 @@ def check_equivalent(text: str, feeds: dict[str, np.ndarray], opset_version: int
     got = run_nodes(padded, feeds, raw=raw)
     base = run_nodes(original, feeds)
     ref = run_ort(original, feeds)
-    tol = tolerance_for([n.op_type for n in original.graph])
+    policy = tolerance_for([n.op_type for n in original.graph])
     for g, b, r in zip(got, base, ref):
         assert g.shape == r.shape
         np.testing.assert_allclose(g, b, rtol=2**-7, atol=1e-6)
-        tol.assert_close(g, r)
+        # The policy's atol is relative to the output's scale (as `npudispatch run --check`).
+        rms = float(np.sqrt(np.mean(np.square(r, dtype=np.float64)))) if r.size else 1.0
+        policy.scaled(rms or 1.0).assert_close(g, r)
     return padded, report, raw
 
 
@@ -218,11 +229,11 @@ def test_shared_constant_padded_per_use():
 
 
 def test_cpu_border_is_pinned_and_cpu_nodes_untouched():
-    # Sin has no NPU operator: its input and output keep the user's shapes.
+    # Atan has no NPU operator: its input and output keep the user's shapes.
     text = """
     g (float[2,11] x) => (float[2,11] y) {
       s = Sigmoid(x)
-      t = Sin(s)
+      t = Atan(s)
       y = Softmax<axis=-1>(t)
     }
     """
@@ -230,24 +241,24 @@ def test_cpu_border_is_pinned_and_cpu_nodes_untouched():
     report = pad_model(m)
     assert not report.modified
     assert {g.skipped is not None for g in report.groups} == {True}
-    assert "Sin" in report.skipped[0].skipped
+    assert "Atan" in report.skipped[0].skipped
     assert all(_static(v) == (2, 11) for v in m.graph.inputs)
 
 
 def test_cpu_node_only_pins_its_own_tensors():
     text = """
     g (float[2,11] x) => (float[2,11] y, float[2,11] c) {
-      c = Cos(x)
+      c = Atan(x)
       s = Sigmoid(c)
       y = Softmax<axis=-1>(s)
     }
     """
     m = prepared(text)
     report = pad_model(m)
-    # c is read by Sigmoid but written by Cos (CPU): the whole tied chain stays unpadded.
+    # c is read by Sigmoid but written by Atan (CPU): the whole tied chain stays unpadded.
     assert not report.modified and report.skipped
-    cos = next(n for n in m.graph if n.op_type == "Cos")
-    assert _static(cos.inputs[0]) == _static(cos.outputs[0]) == (2, 11)
+    cpu_op = next(n for n in m.graph if n.op_type == "Atan")
+    assert _static(cpu_op.inputs[0]) == _static(cpu_op.outputs[0]) == (2, 11)
 
 
 def test_per_partition_vs_whole_model():
@@ -257,7 +268,7 @@ def test_per_partition_vs_whole_model():
     g (float[2,11] x) => (float[2,11] y) {
       s = Sigmoid(x)
       t = Softmax<axis=-1>(s)
-      c = Cos(t)
+      c = Atan(t)
       u = Sigmoid(c)
       y = Softmax<axis=-1>(u)
     }
@@ -414,10 +425,10 @@ def test_cpu_border_numerics_and_graph_io_crop():
     g (float[2,11] x, float[2,11] z) => (float[2,11] y, float[2,11] c) {
       s = Sigmoid(x)
       t = Softmax<axis=-1>(s)
-      c = Cos(t)
+      c = Atan(t)
       u = Sigmoid(z)
       y = Softmax<axis=-1>(u)
     }
     """
     _, report, _ = check_equivalent(text, {"x": floats(2, 11), "z": floats(2, 11)})
-    assert set(report.padded_values) == {"z", "u", "y"}  # the chain through Cos is pinned
+    assert set(report.padded_values) == {"z", "u", "y"}  # the chain through Atan is pinned

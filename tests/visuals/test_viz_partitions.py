@@ -18,13 +18,13 @@ matplotlib.use("Agg")
 
 
 def tanh_sandwich() -> onnx.ModelProto:
-    """MatMul -> Tanh (no NPU operator) -> MatMul: NPU, CPU, NPU partitions."""
+    """MatMul -> Atan (no NPU operator) -> MatMul: NPU, CPU, NPU partitions."""
     rng = np.random.default_rng(0)
     f32 = TensorProto.FLOAT
     g = helper.make_graph(
         [
             helper.make_node("MatMul", ["X", "W1"], ["h"], name="fc1"),
-            helper.make_node("Tanh", ["h"], ["t"], name='act "<tanh>"'),
+            helper.make_node("Atan", ["h"], ["t"], name='act "<tanh>"'),
             helper.make_node("MatMul", ["t", "W2"], ["Y"], name="fc2"),
         ],
         "sandwich",
@@ -52,8 +52,8 @@ def test_layout_follows_edges_and_partitions(compiled):
     assert set(view.position) == set(nodes)
     for u, v in view.digraph.edges:
         assert view.position[u][0] < view.position[v][0]  # left to right in topological order
-    tanh = next(n for n in nodes if n.op_type == "Tanh")
-    assert view.owner[tanh] == 1 and "Tanh" in view.unsupported[tanh]
+    tanh = next(n for n in nodes if n.op_type == "Atan")
+    assert view.owner[tanh] == 1 and "Atan" in view.unsupported[tanh]
     assert view.color(0) != view.color(2)  # two NPU partitions, two shades
     assert view.color(1) in viz._CPU_COLORS and view.color(0) in viz._NPU_COLORS
 
@@ -74,8 +74,8 @@ def test_plot_draws_one_box_per_node_and_a_legend(compiled):
     ax = viz.plot_partitions(compiled)
     labelled = [t for t in ax.texts if t.get_bbox_patch() is not None]  # not the arrows
     boxes = {t.get_text(): t for t in labelled}
-    assert set(boxes) == {"MatMul", "Tanh"} and len(labelled) == 3
-    edge = boxes["Tanh"].get_bbox_patch().get_edgecolor()
+    assert set(boxes) == {"MatMul", "Atan"} and len(labelled) == 3
+    edge = boxes["Atan"].get_bbox_patch().get_edgecolor()
     assert tuple(edge[:3]) == (0.0, 0.0, 0.0)  # unsupported node outlined in black
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["npu0 (1 nodes)", "cpu0 (1 nodes)", "npu1 (1 nodes)"]
@@ -96,7 +96,7 @@ def test_dot_has_clusters_edges_and_escapes(compiled):
     assert dot.startswith("digraph partitions {") and dot.endswith("}")
     assert dot.count("subgraph cluster_") == 3
     assert dot.count(" -> ") == 2
-    assert 'label="Tanh"' in dot
+    assert 'label="Atan"' in dot
     assert '\\"<tanh>\\"' in dot  # the quoted node name stays inside one DOT string
 
 
@@ -110,7 +110,7 @@ def test_partition_html_lists_partitions_and_reasons(compiled):
     out = viz.partition_html(compiled)
     for label in ("npu0", "cpu0", "npu1"):
         assert f"<td>{label}</td>" in out
-    assert "not on the NPU" in out and "ai.onnx.Tanh" in out
+    assert "not on the NPU" in out and "ai.onnx.Atan" in out
     assert "&lt;tanh&gt;" in out and "<tanh>" not in out
 
 
