@@ -464,7 +464,11 @@ class BufferPlan:
                     label=_PAD_NAME,
                 )
             )
-        ax.axhline(self.scratch_lower_bound_bytes, color="red", linestyle="--", label="lower bound")
+        bound = ax.axhline(
+            self.scratch_lower_bound_bytes, color="red", linestyle="--", label="lower bound"
+        )
+        extras = [bound, *(p for p in ax.patches if p.get_label() == _PAD_NAME)]
+        ax.legend(handles=extras, loc="upper right", fontsize=8)
         ax.set_xlim(lo, hi)
         # Headroom so the lower-bound line stays visible when the plan reaches it.
         ax.set_ylim(0, 1.05 * max(self.scratch_bytes, self.scratch_lower_bound_bytes, 1))
