@@ -349,6 +349,33 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return np.asarray(value.const_value.numpy())
 
 
+def opset_version(node: ir.Node, domain: str | None = None) -> int | None:
+    """The opset version that defines ``node``'s semantics, or None when nothing declares it.
+
+    ONNX ops change meaning between opset versions (Softmax-13 normalises one axis where
+    Softmax-1/11 flattens at ``axis``; Clip-11, Split-13, Squeeze/Unsqueeze-13, ReduceSum-13,
+    Reduce*-18, Pad-11 and Slice-10 turned attributes into inputs), so a ``match`` whose
+    semantics depend on the version must ask this instead of assuming the newest one.
+
+    ``domain`` defaults to the node's own domain (``""`` and ``"ai.onnx"`` are the same opset).
+    Looks at the node's explicit ``version`` (set by onnx_ir builders), then at the opset imports
+    of the graph holding the node (for a whole model, the model's imports; partitions extracted
+    by ``graph.partition.extract`` keep them). A node in no graph, or in a graph that does not
+    import the domain, gives None: callers must then ``Decline`` (naming the node and saying
+    the opset version is unknown) rather than guess.
+    """
+    if node.version is not None and domain is None:
+        return int(node.version)
+    want = node.domain if domain is None else domain
+    keys = ("", "ai.onnx") if want in ("", "ai.onnx") else (want,)
+    graph = node.graph
+    imports = getattr(graph, "opset_imports", None) or {}
+    for key in keys:
+        if key in imports:
+            return int(imports[key])
+    return None
+
+
 def node_label(node: ir.Node) -> str:
     """Printable node name for messages (``<unnamed Add>`` when the node has no name)."""
     return node.name or f"<unnamed {node.op_type}>"
