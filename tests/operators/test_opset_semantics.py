@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 from onnx import helper
+from opkit import assert_close, one_node_model, random, reference, run_emu, run_ort
 
-from npudispatch.operators.base import opset_version
+import npudispatch
+from npudispatch.operators.base import Decline, opset_version
+from npudispatch.operators.softmax import Softmax
 
 
 def _node_in_model(domain_key: str, version: int) -> ir.Node:
@@ -31,3 +35,55 @@ def test_opset_version_prefers_the_node_version_and_is_none_when_unknown():
     node.version = 13
     assert opset_version(node) == 13
     assert opset_version(ir.Node("", "Softmax", [])) is None
+
+
+# ---- Softmax: opset <= 12 coerces to 2-D at `axis` (default 1), opset >= 13 one axis (-1) ----
+
+
+@pytest.mark.parametrize(
+    ("opset", "shape", "axis"),
+    [
+        (11, (2, 3, 4), 1),  # flattened tail [3*4]: differs from per-axis normalisation
+        (11, (2, 3, 4), None),  # default axis is 1 before opset 13
+        (11, (2, 3, 4), 0),  # the whole tensor is one row
+        (12, (3, 37), -1),  # last axis: both meanings agree
+        (13, (2, 3, 4), 1),
+        (13, (2, 3, 4), None),  # default axis is -1 from opset 13
+    ],
+)
+def test_softmax_matches_onnxruntime_in_its_opset(opset, shape, axis, float_dtype):
+    attrs = {} if axis is None else {"axis": axis}
+    model = one_node_model(
+        "Softmax", [("x", float_dtype, shape)], [("y", float_dtype, shape)], opset=opset, **attrs
+    )
+    feeds = {"x": random(shape, float_dtype, 3, scale=3.0)}
+    res = run_emu(model, feeds)
+    expected = run_ort(model, feeds)[0]
+    assert_close(res["y"], expected, scale=2e-3)
+    assert_close(res["y"], reference(res, feeds)[0], scale=2e-3)
+
+
+def test_softmax_opset11_through_session_with_padding():
+    """Whole pipeline (terminal padding of the 37-lane axis, bf16): flattened rows stay right."""
+    shape = (2, 3, 37)
+    model = one_node_model(
+        "Softmax", [("x", np.float32, shape)], [("y", np.float32, shape)], opset=11, axis=1
+    )
+    x = random(shape, np.float32, 5, scale=3.0)
+    sess = npudispatch.Session(model)
+    (y,) = sess.run(None, {"x": x})
+    expected = run_ort(model, {"x": x})[0]
+    np.testing.assert_allclose(y.reshape(2, -1).sum(axis=1), 1.0, atol=2e-2)
+    assert_close(y, expected, scale=2e-3)
+
+
+def test_softmax_without_a_declared_opset_is_declined():
+    node = ir.Node(
+        "",
+        "Softmax",
+        [ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3]))],
+    )
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    node.outputs[0].shape = ir.Shape([2, 3])
+    result = Softmax().match(node)
+    assert isinstance(result, Decline) and "opset" in result.reason
