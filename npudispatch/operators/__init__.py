@@ -43,6 +43,7 @@ from npudispatch.operators.norms import (
     SkipSimplifiedLayerNormalization,
 )
 from npudispatch.operators.qmatmul import QLinearMatMul, QMatMul
+from npudispatch.operators.quantize import DequantizeLinear, QuantizeLinear
 from npudispatch.operators.reduce import ReduceMax, ReduceMean, ReduceMin, ReduceSum
 from npudispatch.operators.registry import register
 from npudispatch.operators.softmax import Softmax
@@ -106,3 +107,5 @@ register(MatMulBias)
 register(MatMulNBits)
 register(QMatMul)
 register(QLinearMatMul)
+register(QuantizeLinear)
+register(DequantizeLinear)

@@ -27,6 +27,8 @@ _CODES: dict[np.dtype, int] = {
     np.dtype(np.int16): 6,
     np.dtype(np.int32): 7,
     np.dtype(np.int64): 8,
+    np.dtype(ml_dtypes.int4): 9,  # one value per byte (ml_dtypes storage)
+    np.dtype(ml_dtypes.uint4): 10,
 }
 _BY_CODE = {code: dt for dt, code in _CODES.items()}
 
