@@ -24,6 +24,8 @@ class Cast(FloatUnaryOp):
         self, cfg: OpConfig, x: TensorSpec, y: TensorSpec, label: str
     ) -> OpConfig | Decline:
         to = cfg.attrs.get("to")
+        if to is not None and not isinstance(to, int):  # Cast-1 named the type as a string
+            return Decline(f"{label}: 'to' is {to!r}, not an ONNX type code (opset 1 Cast)")
         target = np_dtype(ir.DataType(int(to))) if to is not None else None
         if target not in FLOAT_DTYPES:
             name = ir.DataType(int(to)).name if to is not None else "missing"

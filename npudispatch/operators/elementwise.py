@@ -26,6 +26,7 @@ from npudispatch.operators.base import (
     const_array,
     node_config,
     op_label,
+    opset_version,
     tensor_spec,
 )
 from npudispatch.operators.dtypes import F32, FLOAT_DTYPES, store, to_compute
@@ -101,6 +102,36 @@ class FloatUnaryOp(Operator):
         """Op-specific checks of input ``x`` and output ``y``; ``label`` names the node."""
 
 
+NUMPY_BROADCAST_SINCE = 7
+"""First opset where Add/Sub/Mul/Div broadcast like numpy (before: ``broadcast``/``axis`` attrs)."""
+
+
+def _legacy_broadcast(node: ir.Node, a: TensorSpec, b: TensorSpec, label: str) -> Decline | None:
+    """Decline the opset <= 6 broadcasts that numpy broadcasting would get wrong.
+
+    Before opset 7, B is broadcast onto A only with ``broadcast=1``, aligned at ``axis`` (default:
+    B's shape is a suffix of A's). That equals numpy broadcasting only when B aligns at the end.
+    """
+    version = opset_version(node)
+    legacy = (version is not None and version < NUMPY_BROADCAST_SINCE) or (
+        version is None and ("broadcast" in node.attributes or "axis" in node.attributes)
+    )
+    if not legacy or a.shape == b.shape:
+        return None
+    if not node.attributes.get_int("broadcast", 0):
+        return Decline(
+            f"{label}: opset {version} without broadcast=1 needs equal shapes, got {a.shape} "
+            f"and {b.shape}"
+        )
+    axis = node.attributes.get_int("axis", len(a.shape) - len(b.shape))
+    if axis % max(len(a.shape), 1) != len(a.shape) - len(b.shape):
+        return Decline(
+            f"{label}: opset {version} broadcast of {b.shape} onto {a.shape} at axis {axis} is "
+            "not numpy broadcasting; upgrade the model to opset >= 7 (onnx.version_converter)"
+        )
+    return None
+
+
 class _Binary(Operator):
     """One class per ONNX binary arithmetic op; subclasses set ``ufunc``."""
 
@@ -120,6 +151,8 @@ class _Binary(Operator):
             )
         if len(cfg.consts) == 2:
             return Decline(f"{label}: both inputs are constant (fold it on the CPU instead)")
+        if (legacy := _legacy_broadcast(node, a, b, label)) is not None:
+            return legacy
         try:
             shape = np.broadcast_shapes(a.shape, b.shape)
         except ValueError:

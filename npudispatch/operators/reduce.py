@@ -26,9 +26,13 @@ from npudispatch.operators.base import (
     ShapeConstraints,
     const_array,
     op_label,
+    opset_version,
 )
 from npudispatch.operators.dtypes import F32, store, to_compute
 from npudispatch.operators.elementwise import LANES, match_float_node
+
+AXES_INPUT_SINCE = {"ReduceSum": 13, "ReduceMean": 18, "ReduceMax": 18, "ReduceMin": 18}
+"""Opset from which each reduction takes ``axes`` as an input instead of an attribute."""
 
 
 def reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool) -> tuple[int, ...]:
@@ -95,6 +99,18 @@ class _Reduce(Operator):
         """``axes`` from the attribute or the constant second input; None when neither is set."""
         attr = cfg.attrs.get("axes")
         value = node.inputs[1] if len(node.inputs) > 1 else None
+        version, since = opset_version(node), AXES_INPUT_SINCE.get(node.op_type, 18)
+        if version is not None and (attr is not None, value is not None) != (False, False):
+            if version >= since and attr is not None:
+                return Decline(
+                    f"{label}: 'axes' attribute is not part of {node.op_type}-{version} (an input "
+                    f"since opset {since}); onnxruntime rejects this model"
+                )
+            if version < since and value is not None:
+                return Decline(
+                    f"{label}: {node.op_type}-{version} has no 'axes' input (an attribute before "
+                    f"opset {since}); onnxruntime rejects this model"
+                )
         if value is None:
             return None if attr is None else [int(a) for a in attr]
         if attr is not None:

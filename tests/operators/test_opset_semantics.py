@@ -87,3 +87,82 @@ def test_softmax_without_a_declared_opset_is_declined():
     node.outputs[0].shape = ir.Shape([2, 3])
     result = Softmax().match(node)
     assert isinstance(result, Decline) and "opset" in result.reason
+
+
+def _decline_reason(model) -> str:
+    from npudispatch.operators import registry
+
+    result = registry.match(next(iter(ir.from_proto(model).graph)))
+    assert isinstance(result, Decline), "expected the NPU to decline"
+    return result.reason
+
+
+# ---- Add/Sub/Mul/Div before opset 7: `broadcast`/`axis` attributes, not numpy broadcasting ----
+
+
+def test_legacy_broadcast_at_an_inner_axis_is_declined():
+    """Add-6 broadcast=1 axis=1 adds B along axis 1; numpy would add it along the last axis."""
+    model = one_node_model(
+        "Add",
+        [("a", np.float32, (2, 3, 3)), ("b", np.float32, (3,))],
+        [("y", np.float32, (2, 3, 3))],
+        opset=6,
+        broadcast=1,
+        axis=1,
+    )
+    assert "axis 1 is not numpy broadcasting" in _decline_reason(model)
+
+
+def test_legacy_broadcast_without_the_flag_is_declined():
+    model = one_node_model(
+        "Mul",
+        [("a", np.float32, (2, 3)), ("b", np.float32, (3,))],
+        [("y", np.float32, (2, 3))],
+        opset=6,
+    )
+    assert "without broadcast=1" in _decline_reason(model)
+
+
+def test_legacy_suffix_broadcast_equals_numpy_and_runs():
+    """broadcast=1 without axis aligns B at the end: identical to numpy, so the NPU takes it."""
+    model = one_node_model(
+        "Add",
+        [("a", np.float32, (2, 3, 4)), ("b", np.float32, (4,))],
+        [("y", np.float32, (2, 3, 4))],
+        opset=6,
+        broadcast=1,
+    )
+    a, b = random((2, 3, 4), np.float32, 1), random((4,), np.float32, 2)
+    res = run_emu(model, {"a": a, "b": b})
+    assert_close(res["y"], a + b)
+
+
+# ---- Cast-1 names the target type as a string ----
+
+
+def test_cast_opset1_string_target_is_declined():
+    model = one_node_model(
+        "Cast", [("x", np.float32, (2, 8))], [("y", np.float32, (2, 8))], opset=1, to="FLOAT"
+    )
+    assert "not an ONNX type code" in _decline_reason(model)
+
+
+# ---- Reduce*: axes attribute before opset 13 (ReduceSum) / 18 (others), an input after ----
+
+
+def test_reduce_axes_attribute_in_an_opset_without_it_is_declined():
+    model = one_node_model(
+        "ReduceMean", [("x", np.float32, (4, 8))], [("y", np.float32, (4, 1))], opset=18, axes=[-1]
+    )
+    assert "not part of ReduceMean-18" in _decline_reason(model)
+
+
+def test_reduce_axes_input_in_an_opset_without_it_is_declined():
+    model = one_node_model(
+        "ReduceSum",
+        [("x", np.float32, (4, 8)), ("axes", np.int64, (1,))],
+        [("y", np.float32, (4, 1))],
+        initializers={"axes": np.array([-1], np.int64)},
+        opset=11,
+    )
+    assert "has no 'axes' input" in _decline_reason(model)
