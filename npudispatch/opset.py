@@ -21,6 +21,13 @@ Ops
     ``QuantizeLinear(MatMul(DequantizeLinear(a, a_scale, a_zp), DequantizeLinear(b, b_scale, b_zp,
     axis=1)), y_scale, y_zp)``; ``a`` uint8/uint16, ``b`` int8/uint8 and 2-D ``[K, N]``,
     ``b_scale``/``b_zp`` scalar (per tensor) or ``[N]`` (per output channel).
+``FusedConv(X, W, B) -> Y``, attributes of ONNX ``Conv`` plus ``activation`` (string), ``alpha``,
+``beta`` (floats)
+    ``Y = act(Conv(X, W, B))`` with ``act`` one of :data:`CONV_ACTIVATIONS`: ``Relu``, ``Clip``
+    (``min = alpha``, ``max = beta``), ``HardSigmoid`` (``alpha``, ``beta`` as in ONNX),
+    ``HardSwish``, ``Sigmoid``, ``Silu``, ``LeakyRelu`` (``alpha``). ``B`` is required (the
+    rewriter writes zeros when the Conv had none). Each activation is its own function overload
+    (named like the activation), selected by :func:`attach_functions`.
 
 Name clashes with the reference evaluator (pitfall 15): ``Gelu`` is also a standard op (opset 20)
 with the same single attribute ``approximate`` and the same semantics, so ``ReferenceEvaluator``
@@ -81,6 +88,24 @@ OPS: dict[str, OpSpec] = {
         {},
         "QuantizeLinear(MatMul(DequantizeLinear(a), DequantizeLinear(b, axis=1)))",
     ),
+    "FusedConv": OpSpec(
+        "FusedConv",
+        ("X", "W", "B"),
+        ("Y",),
+        {"activation": "Relu", "alpha": "(per activation)", "beta": "(per activation)"},
+        "Y = activation(Conv(X, W, B)); Conv attributes as in ONNX Conv",
+    ),
+}
+
+#: Activations of ``FusedConv``: name -> (default alpha, default beta), ONNX's defaults.
+CONV_ACTIVATIONS: dict[str, tuple[float, float]] = {
+    "Relu": (0.0, 0.0),
+    "Clip": (-math.inf, math.inf),  # alpha = min, beta = max
+    "HardSigmoid": (0.2, 0.5),
+    "HardSwish": (1.0 / 6.0, 0.5),
+    "Sigmoid": (0.0, 0.0),
+    "Silu": (0.0, 0.0),
+    "LeakyRelu": (0.01, 0.0),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +166,36 @@ _BODIES: dict[tuple[str, str], str] = {
         }""",
 }
 
+_CONV = (
+    "C = Conv <auto_pad: string = @auto_pad, dilations: ints = @dilations, group: int = @group, "
+    "kernel_shape: ints = @kernel_shape, pads: ints = @pads, strides: ints = @strides> (X, W, B)"
+)
+# HardSwish and Clip are spelled with ops every opset >= 6 has (HardSwish is opset 14,
+# Clip's min/max inputs opset 11), because the body takes the model's default opset.
+_CONV_ACTIVATION_BODIES = {
+    "Relu": "Y = Relu (C)",
+    "Clip": """lo = Constant <value_float: float = @alpha> ()
+            hi = Constant <value_float: float = @beta> ()
+            lo_t = CastLike (lo, C)
+            hi_t = CastLike (hi, C)
+            m = Max (C, lo_t)
+            Y = Min (m, hi_t)""",
+    "HardSigmoid": "Y = HardSigmoid <alpha: float = @alpha, beta: float = @beta> (C)",
+    "HardSwish": """h = HardSigmoid <alpha: float = 0.16666667, beta: float = 0.5> (C)
+            Y = Mul (C, h)""",
+    "Sigmoid": "Y = Sigmoid (C)",
+    "Silu": """s = Sigmoid (C)
+            Y = Mul (C, s)""",
+    "LeakyRelu": "Y = LeakyRelu <alpha: float = @alpha> (C)",
+}
+for _act, _body in _CONV_ACTIVATION_BODIES.items():
+    _BODIES[("FusedConv", _act)] = f"""
+        FusedConv <auto_pad, dilations, group, kernel_shape, pads, strides, activation, alpha,
+                   beta> (X, W, B) => (Y) {{
+            {_CONV}
+            {_body}
+        }}"""
+
 
 def function_for(op_type: str, overload: str = "", opset: int = 18) -> ir.Function:
     """The ONNX function body of ``npudispatch.<op_type>`` (``overload`` selects a variant)."""
@@ -183,6 +238,14 @@ def attach_functions(model: ir.Model) -> list[tuple[str, str, str]]:
                     f"node {node.name!r}: Gelu approximate={approx!r}, expected 'none' or 'tanh'"
                 )
             node.overload = GELU_TANH_OVERLOAD if approx == "tanh" else ""
+        if node.op_type == "FusedConv":
+            act = node.attributes.get_string("activation", "")
+            if act not in CONV_ACTIVATIONS:
+                raise ModelError(
+                    f"node {node.name!r}: FusedConv activation={act!r}, expected one of "
+                    f"{sorted(CONV_ACTIVATIONS)}"
+                )
+            node.overload = act
         ident = (DOMAIN, node.op_type, node.overload)
         if ident not in model.functions:
             model.functions[ident] = function_for(node.op_type, node.overload, opset)
@@ -261,7 +324,48 @@ class QMatMul(OpRun):
         return (_quantize(np.matmul(af, bf), y_scale, y_zp),)
 
 
+def conv_activation(y: np.ndarray, name: str, alpha: float, beta: float) -> np.ndarray:
+    """``FusedConv``'s activation ``name`` applied to ``y``, evaluated in float64."""
+    y = np.asarray(y, np.float64)
+    if name == "Relu":
+        return np.maximum(y, 0.0)
+    if name == "Clip":
+        return np.minimum(np.maximum(y, alpha), beta)
+    if name == "HardSigmoid":
+        return np.clip(alpha * y + beta, 0.0, 1.0)
+    if name == "HardSwish":
+        return y * np.clip(y / 6.0 + 0.5, 0.0, 1.0)
+    if name in ("Sigmoid", "Silu"):
+        e = np.exp(-np.abs(y))
+        sig = np.where(y >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        return sig if name == "Sigmoid" else y * sig
+    if name == "LeakyRelu":
+        return np.where(y >= 0, y, alpha * y)
+    raise ModelError(f"FusedConv activation {name!r}, expected one of {sorted(CONV_ACTIVATIONS)}")
+
+
+class FusedConv(OpRun):
+    """``npudispatch.FusedConv``: ``activation(Conv(X, W, B))`` (onnx.reference's Conv)."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, w, b, activation=None, alpha=None, beta=None, auto_pad=None,
+             dilations=None, group=None, kernel_shape=None, pads=None, strides=None):  # fmt: skip
+        from onnx.reference.ops.op_conv import _conv_implementation
+
+        name = activation.decode() if isinstance(activation, bytes) else activation or "Relu"
+        auto = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad or "NOTSET"
+        y = _conv_implementation(
+            x, w, b, auto, dilations, group or 1, kernel_shape or list(w.shape[2:]), pads, strides
+        )
+        da, db = CONV_ACTIVATIONS[name]
+        a = da if alpha is None else alpha
+        bb = db if beta is None else beta
+        return (conv_activation(y, name, a, bb).astype(x.dtype),)
+
+
 _REFERENCE_OPS: dict[str, type[OpRun]] = {
+    "FusedConv": FusedConv,
     "Silu": Silu,
     "Gelu": Gelu,
     "MatMulBias": MatMulBias,
@@ -282,17 +386,27 @@ def reference_op(op_type: str) -> type[OpRun]:
         raise ModelError(f"unknown op {DOMAIN}.{op_type}; known ops: {sorted(OPS)}") from None
 
 
+# Quantized fused ops (QDQAdd, QDQSoftmax, ...): specs and bodies generated from one table.
+from npudispatch.opset_quant import quantized_bodies, quantized_specs  # noqa: E402
+
+OPS.update({name: OpSpec(name, *spec) for name, spec in quantized_specs().items()})
+_BODIES.update(quantized_bodies())
+
+
 __all__ = [
+    "CONV_ACTIVATIONS",
     "DOMAIN",
     "GELU_TANH_OVERLOAD",
     "OPS",
     "VERSION",
+    "FusedConv",
     "Gelu",
     "MatMulBias",
     "OpSpec",
     "QMatMul",
     "Silu",
     "attach_functions",
+    "conv_activation",
     "function_for",
     "gelu",
     "reference_op",

@@ -33,6 +33,7 @@ Adding an operator
 
 from npudispatch.operators.activations import Gelu, NpuGelu, Sigmoid, Silu
 from npudispatch.operators.cast import Cast
+from npudispatch.operators.conv import Conv, ConvTranspose, FusedConv
 from npudispatch.operators.datamove import Concat, Slice, Split
 from npudispatch.operators.elementwise import Add, Div, Max, Min, Mul, Sub, Where
 from npudispatch.operators.matmul import Gemm, MatMul, MatMulBias
@@ -42,6 +43,7 @@ from npudispatch.operators.norms import (
     SimplifiedLayerNormalization,
     SkipSimplifiedLayerNormalization,
 )
+from npudispatch.operators.pool import AveragePool, GlobalAveragePool, GlobalMaxPool, MaxPool
 from npudispatch.operators.qmatmul import QLinearMatMul, QMatMul
 from npudispatch.operators.quantize import DequantizeLinear, QuantizeLinear
 from npudispatch.operators.reduce import ReduceMax, ReduceMean, ReduceMin, ReduceSum
@@ -109,3 +111,10 @@ register(QMatMul)
 register(QLinearMatMul)
 register(QuantizeLinear)
 register(DequantizeLinear)
+register(Conv)
+register(FusedConv)
+register(ConvTranspose)
+register(MaxPool)
+register(AveragePool)
+register(GlobalAveragePool)
+register(GlobalMaxPool)
