@@ -102,8 +102,8 @@ class VirtualNpu:
 
     The buffers are copied in (word-padded internally); read results from :attr:`buffers`.
     Registers and buffers persist across :meth:`run` calls (one call = one kernel invocation);
-    :attr:`stats` and :attr:`transfers` describe the last run. After a :class:`DeviceError` the
-    device state is that of a hung NPU: create a new instance.
+    :attr:`stats` and :attr:`transfers` describe the last run. A failed run resets the control
+    state (:meth:`reset`); the buffers keep whatever the failed run wrote.
     """
 
     def __init__(
@@ -128,15 +128,12 @@ class VirtualNpu:
             self.memory = SymbolicMemory(argv)
         else:
             self.memory = HostMemory(buffers if buffers is not None else [None] * NUM_ARGS, argv)
+        self.kernels = kernels if kernels is not None else KernelRegistry()
         self.regs: dict[int, int] = {}
-        self.overlay = Overlay(num_cols, kernels if kernels is not None else KernelRegistry())
-        self.queues: dict[ShimChannel, deque[Task]] = {
-            ShimChannel(c, d, ch): deque()
-            for c in range(num_cols)
-            for d in (Direction.MM2S, Direction.S2MM)
-            for ch in (0, 1)
-        }
+        self.overlay = Overlay(num_cols, self.kernels)
+        self.queues: dict[ShimChannel, deque[Task]] = {}
         self.tokens: list[tuple[int, int, Direction, int]] = []
+        self.reset()
         self.stats = RunStats()
         self.transfers: list[Transfer] = []
         self._op_index: int | None = None
@@ -153,6 +150,24 @@ class VirtualNpu:
         }
 
     # ------------------------------------------------------------------ public API
+    def reset(self) -> None:
+        """Return the array to its power-on control state; the five buffers are kept.
+
+        Clears registers, task queues, pending tokens and the overlay's FIFOs and pending
+        outputs, like the driver's reset of a hung context. :meth:`run` calls it when a run
+        fails (hang, fault, kernel exception, interrupt), so half-consumed streams of a failed
+        run never leak into the next one.
+        """
+        self.regs = {}
+        self.overlay = Overlay(self.num_cols, self.kernels)
+        self.queues = {
+            ShimChannel(c, d, ch): deque()
+            for c in range(self.num_cols)
+            for d in (Direction.MM2S, Direction.S2MM)
+            for ch in (0, 1)
+        }
+        self.tokens = []
+
     @property
     def argv(self) -> list[int]:
         """The five buffer addresses DDR_PATCH adds ``argplus`` to."""
@@ -168,7 +183,8 @@ class VirtualNpu:
 
         Raises :class:`~npudispatch.errors.DeviceHang` / :class:`~npudispatch.errors.DeviceFault`
         (as located :class:`EmulatorHang` / :class:`EmulatorFault`) when the program cannot
-        complete or touches memory outside the buffers.
+        complete or touches memory outside the buffers. Any failure resets the control state
+        (:meth:`reset`), so the next run starts clean.
         """
         header = getattr(program, "header", None)
         cols = getattr(header, "num_cols", None)
@@ -196,8 +212,13 @@ class VirtualNpu:
                 self.stats.ops[self._opname] += 1
             self._op_index, self._opname = None, "end of program"
             self._finish()
-        finally:
+        except BaseException:
             self.stats.kernel_launches = self.overlay.launches - launches0
+            self.reset()  # a failed run must not leave streams behind for the next one
+            raise
+        else:
+            self.stats.kernel_launches = self.overlay.launches - launches0
+        finally:
             self._op_index, self._opname = None, None
         return self.stats
 
