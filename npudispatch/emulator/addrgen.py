@@ -61,6 +61,36 @@ def word_offsets(bd: ShimBd) -> np.ndarray:
     return grid.reshape(-1)[:length]
 
 
+def extent_words(bd: ShimBd) -> int:
+    """Words from the base to one past the highest word ``bd`` touches, without expanding it.
+
+    Exact: steps are non-negative, so the highest offset is the last element of the pattern or
+    the last element of the last complete d0 row / d1 plane before it. The emulator bounds-checks
+    this extent before :func:`word_offsets` allocates one index per word.
+    """
+    length, n0, n1 = bd.length_words, bd.d0_wrap, bd.d1_wrap
+    if length <= 0:
+        return 0
+    if n0 == 0:
+        return length
+    last = length - 1
+    if n1 == 0:
+        i1, i0 = divmod(last, n0)
+        best = i1 * bd.d1_step + i0 * bd.d0_step
+        if i1:
+            best = max(best, (i1 - 1) * bd.d1_step + (n0 - 1) * bd.d0_step)
+        return best + 1
+    i2, rest = divmod(last, n0 * n1)
+    i1, i0 = divmod(rest, n0)
+    full_row, full_plane = (n0 - 1) * bd.d0_step, (n1 - 1) * bd.d1_step + (n0 - 1) * bd.d0_step
+    best = i2 * bd.d2_step + i1 * bd.d1_step + i0 * bd.d0_step
+    if i1:
+        best = max(best, i2 * bd.d2_step + (i1 - 1) * bd.d1_step + full_row)
+    if i2:
+        best = max(best, (i2 - 1) * bd.d2_step + full_plane)
+    return best + 1
+
+
 @dataclass(frozen=True, slots=True)
 class WordPattern:
     """The words one BD execution touches: ``base_word + offsets`` (``offsets`` None = linear)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from npudispatch.emulator.addrgen import base_byte_address, pattern
+from npudispatch.emulator.addrgen import base_byte_address, extent_words, pattern
 from npudispatch.emulator.dma import (
     QUEUE_DEPTH,
     ChainError,
@@ -422,6 +422,24 @@ class VirtualNpu:
             )
         return loc
 
+    def _bd_pattern(self, task: Task, bd_id: int, bd: Any, rep: int) -> tuple[Location, Any]:
+        """Bounds-check one BD execution from its extent, then expand its address pattern.
+
+        The extent is computed without expanding (a corrupt BD of 2^28 words must fault, not
+        allocate gigabytes first); a BD moving more bytes than all device memory together is
+        refused as well (it can only be a corrupt length revisiting the same words).
+        """
+        address = base_byte_address(bd, rep)
+        loc = self._locate(task, bd_id, address, 4 * extent_words(bd))
+        total = sum(int(b.size) for b in self.buffers)
+        if bd.length_bytes > total:
+            raise EmulatorFault(
+                f"DMA of the task queued by op #{task.op_index} moves {bd.length_bytes} B, more "
+                f"than all {total} B of device memory: the BD's length field is corrupt",
+                **self._loc(channel=task.channel, bd=bd_id, address=address),
+            )
+        return loc, pattern(bd, rep)
+
     def _trace_task(self, task: Task) -> None:
         # Tolerant on purpose: real transactions may use BDs programmed by control packets or
         # raw addresses; such executions are recorded with argidx None (as txn.explain does).
@@ -437,8 +455,7 @@ class VirtualNpu:
     def _run_mm2s(self, task: Task) -> None:
         assert isinstance(self.memory, HostMemory)
         for rep, bd_id, bd in task.executions():
-            pat = pattern(bd, rep)
-            loc = self._locate(task, bd_id, pat.base_word * 4, pat.span_words * 4)
+            loc, pat = self._bd_pattern(task, bd_id, bd, rep)
             self.overlay.feed(task.channel, self.memory.read(loc, pat))
             self._record(task, bd_id, loc.argidx, loc.offset, bd.length_bytes)
         self._finish_task(task)
@@ -447,8 +464,7 @@ class VirtualNpu:
         assert isinstance(self.memory, HostMemory)
         pos = 0
         for rep, bd_id, bd in task.executions():
-            pat = pattern(bd, rep)
-            loc = self._locate(task, bd_id, pat.base_word * 4, pat.span_words * 4)
+            loc, pat = self._bd_pattern(task, bd_id, bd, rep)
             self.memory.write(loc, pat, data[pos : pos + bd.length_bytes])
             pos += bd.length_bytes
             self._record(task, bd_id, loc.argidx, loc.offset, bd.length_bytes)
