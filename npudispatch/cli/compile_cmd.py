@@ -1,15 +1,17 @@
-"""``npudispatch compile MODEL -o DIR``: write the fused programs and ``DIR/report.json``.
+"""``npudispatch compile MODEL -o DIR``: write the whole compiled model, runnable without MODEL.
 
-Layout: ``DIR/<partition>/`` (program.json, txn.bin, const.bin, params.bin, meta.json — the DD
-meta JSON) per NPU partition, and ``DIR/report.json`` with ``partitions`` (kind, nodes, inputs,
-outputs; NPU ones add ``program``, ``plan`` and ``txn``), ``npu_node_fraction``,
-``kernel_calls_per_run``, ``unsupported`` and ``timings``.
+Layout (:mod:`npudispatch.dispatch.artifact`): ``DIR/compiled.json`` (inputs, outputs, segments
+in run order, file hashes), ``DIR/npuN/`` (program.json, txn.bin, const.bin, params.bin, meta.json
+— the DD meta JSON) per NPU partition, ``DIR/cpuN/model.onnx`` per CPU segment, and
+``DIR/report.json`` with ``partitions`` (kind, nodes, inputs, outputs; NPU ones add ``program``,
+``plan`` and ``txn``), ``npu_node_fraction``, ``kernel_calls_per_run``, ``unsupported`` and
+``timings``. Segment folders of an earlier compile into the same DIR are removed.
+``npudispatch run DIR`` and ``Session(DIR)`` run it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from npudispatch.cli.common import add_dims_option, output_dir, parse_dims, print_json, writing
@@ -49,30 +51,26 @@ def add_compile_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Compile and write the programs and the report."""
+    """Compile and write the whole compiled model (programs, CPU segments, report)."""
+    from npudispatch.dispatch.artifact import CompiledArtifact
     from npudispatch.dispatch.compile import compile_model
-    from npudispatch.dispatch.meta import to_dd_meta
 
     output_dir(args.output, "the compiled programs")  # fail before a long compile
+    dims = parse_dims(args.dims)
     compiled = compile_model(
         args.model,
-        dims=parse_dims(args.dims),
+        dims=dims,
         rewrite=not args.no_rewrite,
         num_cols=args.num_cols,
         pad=args.pad,
         bf16=args.bf16,
     )
     out = output_dir(args.output, "the compiled programs")
-    report = compiled.to_report()
+    options = {"pad": args.pad, "bf16": args.bf16, "dims": dims, "num_cols": args.num_cols}
+    artifact = CompiledArtifact.from_compiled(compiled, options)
     with writing(out, "the compiled programs"):
-        for i, entry in enumerate(report["partitions"]):
-            if i in compiled.programs:
-                program = compiled.programs[i]
-                program.save(out / program.name)
-                meta = json.dumps(to_dd_meta(program), indent=1)
-                (out / program.name / "meta.json").write_text(meta)
-                entry["program"] = program.name
-        (out / "report.json").write_text(json.dumps(report, indent=2))
+        artifact.save(out)
+    report = artifact.report
     if args.json:
         print_json(report)
     else:
@@ -80,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"wrote {out}: {len(compiled.partitions)} partitions ({npu} NPU), "
             f"{report['npu_node_fraction']:.0%} of nodes on the NPU, "
-            f"{report['kernel_calls_per_run']} kernel call(s) per run"
+            f"{report['kernel_calls_per_run']} kernel call(s) per run; "
+            f"run it with `npudispatch run {out}`"
         )
     return 0

@@ -46,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run a model (NPU partitions on the emulator or xrt, the rest on the CPU)",
         description="Run a model with npudispatch.Session; optionally check it against onnxruntime.",
     )
-    parser.add_argument("model", type=Path, help="ONNX model file")
+    parser.add_argument(
+        "model", type=Path, help="ONNX model file, or a program folder from `compile -o`"
+    )
     parser.add_argument("--inputs", type=Path, help=".npz file with one array per model input")
     parser.add_argument(
         "--backend", default="emulator", choices=BACKENDS, help="emulator (default) or xrt"
@@ -84,6 +86,12 @@ def random_inputs(session: Any, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
     for arg in session.get_inputs():
+        free = [d for d in arg.shape if not isinstance(d, int)]
+        if free:
+            raise ModelError(
+                f"input {arg.name!r} has free dims {arg.shape}; random inputs need a shape: "
+                "give --inputs data.npz or bind the dims with --dims NAME=INT"
+            )
         dtype = dtype_of(arg.type)
         if np.issubdtype(dtype, np.integer):
             feeds[arg.name] = rng.integers(0, 32, size=arg.shape).astype(dtype)
@@ -187,6 +195,7 @@ def compare(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> dict[st
 
 def run(args: argparse.Namespace) -> int:
     """Run the model; with --check compare with onnxruntime."""
+    from npudispatch.dispatch.artifact import is_program_dir
     from npudispatch.dispatch.session import Session
 
     dims = parse_dims(args.dims)
@@ -209,6 +218,11 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.save_outputs is not None:
         output_file(args.save_outputs, "the outputs")
+    if args.check and is_program_dir(args.model):
+        raise ModelError(
+            f"--check compares with onnxruntime on the original model, and {str(args.model)!r} "
+            "is a compiled program folder; run `npudispatch run MODEL.onnx --check` instead"
+        )
     fallback = None if args.fallback == "none" else args.fallback
     session = Session(
         args.model,

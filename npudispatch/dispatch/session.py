@@ -4,6 +4,11 @@ NPU partitions run as fused programs (one kernel call each) on a backend; CPU se
 onnxruntime (extracted sub-models, ``npudispatch`` ops given ONNX function bodies) or on
 ``onnx.reference`` (``fallback="reference"``, or automatically when onnxruntime is absent).
 
+A session runs a model file / proto / ``onnx_ir.Model``, a :class:`CompiledModel`, or a program
+folder written by ``npudispatch compile -o`` (no model needed). A model whose inputs have free dims
+is compiled on the first ``run`` with each new set of input shapes (:mod:`.dynamic`); compiled
+specialisations are kept in memory (least recently used evicted) and on disk (:mod:`.cache`).
+
 Copy-in writes each feed straight into its (padded) placement of a zeroed input image; copy-out
 returns views cropped out of the output image: one copy each way, no staging arrays.
 """
@@ -11,42 +16,75 @@ returns views cropped out of the output image: one copy each way, no staging arr
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from npudispatch import graph, opset
+from npudispatch.dispatch import dynamic
+from npudispatch.dispatch.artifact import (
+    CompiledArtifact,
+    CpuSegmentModel,
+    TensorSpec,
+    is_program_dir,
+    model_metadata,
+)
 from npudispatch.dispatch.backends import Backend, get_backend
 from npudispatch.dispatch.backends.base import Prepared
+from npudispatch.dispatch.cache import CompileCache, resolve_cache
 from npudispatch.dispatch.compile import CompiledModel, compile_model
+from npudispatch.dispatch.dynamic import ModelSource, Shapes, Signature
 from npudispatch.dispatch.emit import FusedProgram
 from npudispatch.errors import BackendUnavailableError, ModelError, UnsupportedOpError
-from npudispatch.graph import Partition
-from npudispatch.rewrites.padding import host_shape
 
-__all__ = ["NodeArg", "Session", "SessionRunStats"]
+__all__ = ["CompileEvent", "NodeArg", "Session", "SessionRunStats"]
 
 Fallback = Literal["onnxruntime", "reference"] | None
+#: Compiled specialisations a session keeps in memory by default (least recently used evicted).
+DEFAULT_MAX_SPECIALISATIONS = 8
 
 
 @dataclass(frozen=True)
 class NodeArg:
-    """A model input or output as onnxruntime describes it: ``name``, ``shape``, ``type``."""
+    """A model input or output as onnxruntime describes it: ``name``, ``shape``, ``type``.
+
+    ``shape`` holds ints, the names of symbolic dims (str) and None for unnamed free dims.
+    """
 
     name: str
-    shape: list[int]
+    shape: list[Any]
     type: str  # "tensor(float)", "tensor(bfloat16)", ...
+
+
+@dataclass(frozen=True)
+class CompileEvent:
+    """One specialisation made ready: its input shapes, how (``"compiled"``, ``"disk cache"``,
+    ``"program"`` for a loaded one), the seconds it took, and the run that needed it (None: at
+    construction or in :meth:`Session.warmup`)."""
+
+    input_shapes: dict[str, tuple[int, ...]]
+    source: Literal["compiled", "disk cache", "program"]
+    seconds: float
+    run: int | None
 
 
 @dataclass
 class SessionRunStats:
-    """One ``run``: kernel calls, bytes copied to/from the device, CPU segments, seconds per stage."""
+    """One ``run``: kernel calls, bytes copied to/from the device, CPU segments, seconds per stage.
+
+    ``compiled`` is set when this run had to make its input shapes' program ready (``compile``
+    says how and how long); ``input_shapes`` are the fed shapes, ``program_shapes`` the shapes
+    the program was compiled for (they differ when bucketing pads).
+    """
 
     kernel_calls: int = 0
     bytes_to_device: int = 0
@@ -54,6 +92,13 @@ class SessionRunStats:
     cpu_segments: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     device: list[dict[str, Any]] = field(default_factory=list)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    program_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    compile: CompileEvent | None = None
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile is not None
 
     @property
     def bytes_copied(self) -> int:
@@ -63,45 +108,38 @@ class SessionRunStats:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
 
-def _type_string(dtype: ir.DataType | None) -> str:
-    if dtype is None:
-        return "tensor(unknown)"
-    name = {ir.DataType.FLOAT: "float", ir.DataType.DOUBLE: "double"}.get(dtype)
-    return f"tensor({name or dtype.name.lower()})"
-
-
-def _logical_shape(value: ir.Value) -> list[int]:
-    """The user's shape: the unpadded one of a padded graph input/output (-1: unknown dim)."""
-    shape = host_shape(value)
-    if shape is not None:
-        return list(shape)
-    return [int(d) if isinstance(d, int) else -1 for d in (value.shape or [])]
-
-
 class _CpuSegment:
     """A CPU partition as a runnable sub-model (onnxruntime or onnx.reference)."""
 
-    def __init__(self, model: ir.Model, part: Partition, label: str, engine: str) -> None:
-        sub = graph.extract(model, part, name=f"{model.graph.name or 'main'}_{label}")
-        opset.attach_functions(sub)
-        proto = ir.serde.serialize_model(sub)
-        self.inputs = [v.name for v in part.inputs]
-        self.outputs = [v.name for v in part.outputs]
+    def __init__(self, segment: CpuSegmentModel, engine: str) -> None:
+        label = segment.name
+        self.inputs = list(segment.inputs)
+        self.outputs = list(segment.outputs)
         self.engine = engine
         self._lock = threading.Lock()
         try:
             if engine == "onnxruntime":
-                import onnxruntime as ort
+                # The class itself, not ``onnxruntime.InferenceSession``, which
+                # npudispatch.onnxruntime.patch() may have pointed back at us.
+                from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
 
-                self._sess = ort.InferenceSession(
-                    proto.SerializeToString(), providers=["CPUExecutionProvider"]
+                source = (  # a saved segment is opened by path: its weights sit next to it
+                    str(segment.path)
+                    if segment.model is None
+                    else ir.serde.serialize_model(segment.model).SerializeToString()
                 )
+                self._sess = InferenceSession(source, providers=["CPUExecutionProvider"])
             else:
                 from onnx.reference import ReferenceEvaluator
 
+                proto = (
+                    onnx.load(str(segment.path))
+                    if segment.model is None
+                    else ir.serde.serialize_model(segment.model)
+                )
                 self._sess = ReferenceEvaluator(proto, new_ops=opset.reference_ops())
         except Exception as exc:  # ORT raises its own pybind types; keep ours on top
-            nodes = ", ".join(f"{n.name} ({n.domain or 'ai.onnx'}.{n.op_type})" for n in part.nodes)
+            nodes = ", ".join(segment.node_labels())
             raise UnsupportedOpError(
                 f"CPU segment {label} [{nodes}] cannot run on {engine} either: {exc}. These nodes "
                 "have no NPU operator (see the partition report) and no CPU implementation; "
@@ -178,89 +216,304 @@ def _make_backend(name: str, options: Mapping[str, Any]) -> Backend:
         raise BackendUnavailableError(f"cannot create backend {name!r}: {exc}") from exc
 
 
-class Session:
-    """Run an ONNX model with NPU partitions on ``backend`` and CPU segments on ``fallback``.
-
-    ``backend`` is a backend name (``"emulator"``, ``"xrt"``; ``backend_options`` are passed to
-    :func:`~npudispatch.dispatch.backends.get_backend`) or a backend object, which several sessions
-    may share (one device context). ``fallback=None`` refuses models with unsupported nodes
-    (:class:`UnsupportedOpError` listing each node and why). ``dims`` binds symbolic dims;
-    ``pad`` / ``bf16`` are the compilation options of :func:`compile_model`. Inputs and outputs
-    always have the user's shapes and dtypes: padding happens in the copy-in / copy-out.
-    """
+class _Variant:
+    """One compiled specialisation, its segments prepared on the backend."""
 
     def __init__(
         self,
-        model_or_path: graph.ModelLike | CompiledModel,
-        backend: str | Backend = "emulator",
-        fallback: Fallback = "onnxruntime",
-        dims: Mapping[str, int] | None = None,
-        *,
-        pad: bool = True,
-        bf16: bool = True,
-        **backend_options: Any,
+        artifact: CompiledArtifact,
+        compiled: CompiledModel | None,
+        backend: Backend,
+        engine: str | None,
     ) -> None:
-        engine = _default_engine(fallback)
-        if isinstance(model_or_path, CompiledModel) and (dims or not (pad and bf16)):
-            raise ModelError(
-                "dims / pad / bf16 cannot be applied to an already compiled model; pass them to "
-                "compile_model or give Session the model"
-            )
-        compiled = (
-            model_or_path
-            if isinstance(model_or_path, CompiledModel)
-            else compile_model(model_or_path, dims=dims, pad=pad, bf16=bf16)
-        )
-        if engine is None and compiled.report.unsupported:
+        if engine is None and artifact.unsupported:
             lines = [
-                f"  {u.name} ({u.domain}.{u.op_type}): {u.reason}"
-                for u in compiled.report.unsupported
+                f"  {u['node']} ({u['domain']}.{u['op_type']}): {u['reason']}"
+                for u in artifact.unsupported
             ]
             raise UnsupportedOpError(
                 f"{len(lines)} node(s) cannot run on the NPU and fallback=None:\n"
                 + "\n".join(lines)
                 + "\nuse fallback='onnxruntime' (or 'reference') to run them on the CPU"
             )
+        self.artifact = artifact
         self.compiled = compiled
-        if not isinstance(backend, str) and backend_options:
-            raise ModelError("backend_options are only used with a backend name, not an object")
-        self.backend: Backend = (
-            _make_backend(backend, backend_options) if isinstance(backend, str) else backend
-        )
-        model = compiled.model
-        self._segments: list[_CpuSegment | _NpuSegment] = []
-        for i, (label, part) in enumerate(zip(compiled.labels, compiled.partitions)):
-            if part.kind == "npu":
-                self._segments.append(_NpuSegment(compiled.programs[i], self.backend))
+        self.segments: list[_CpuSegment | _NpuSegment] = []
+        for seg in artifact.segments:
+            if isinstance(seg, FusedProgram):
+                self.segments.append(_NpuSegment(seg, backend))
             else:
                 assert engine is not None
-                self._segments.append(_CpuSegment(model, part, label, engine))
-        self._inputs = [(v.name, v.dtype, _logical_shape(v)) for v in model.graph.inputs]
-        self._outputs = [(v.name, v.dtype, _logical_shape(v)) for v in model.graph.outputs]
-        self._consts = {
-            name: v for name, v in model.graph.initializers.items() if v.const_value is not None
-        }
+                self.segments.append(_CpuSegment(seg, engine))
+
+    def run(self, env: dict[str, np.ndarray], stats: SessionRunStats) -> None:
+        for seg in self.segments:
+            if isinstance(seg, _NpuSegment):
+                env.update(seg.run(env, stats))
+            else:
+                t0 = time.perf_counter()
+                env.update(seg.run(env))
+                stats.add("cpu", time.perf_counter() - t0)
+                stats.cpu_segments += 1
+
+
+def _key(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(sorted((k, tuple(int(d) for d in v)) for k, v in shapes.items()))
+
+
+def _signature(specs: Sequence[TensorSpec]) -> list[Signature]:
+    return [Signature(s.name, s.dtype, tuple(s.shape)) for s in specs]
+
+
+def _pad_to(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    if tuple(arr.shape) == tuple(shape):
+        return arr
+    out = np.zeros(shape, dtype=arr.dtype)
+    out[tuple(slice(0, s) for s in arr.shape)] = arr
+    return out
+
+
+class Session:
+    """Run an ONNX model with NPU partitions on ``backend`` and CPU segments on ``fallback``.
+
+    ``model_or_path``: an ONNX file, ``ModelProto`` or ``onnx_ir.Model``; a :class:`CompiledModel`;
+    or a program folder (``npudispatch compile MODEL -o DIR``, :meth:`CompiledModel.save`), which
+    runs without the model. ``backend`` is a backend name (``"emulator"``, ``"xrt"``;
+    ``backend_options`` are passed to :func:`~npudispatch.dispatch.backends.get_backend`) or a
+    backend object, which several sessions may share. ``fallback=None`` refuses models with
+    unsupported nodes (:class:`UnsupportedOpError` listing each node and why).
+
+    Shapes: ``dims`` binds symbolic dims by name, ``input_shapes`` whole input shapes
+    (``{"x": (1, 3, 320, 320)}``). Dims left free are bound from the feeds: the first ``run`` with
+    new input shapes compiles for them (see :attr:`compile_log`, ``last_run_stats.compile``),
+    :meth:`warmup` does it ahead of time, and up to ``max_specialisations`` programs stay in memory
+    (least recently used evicted). ``bucket`` (off by default) rounds free dims up to a multiple,
+    ``{"height": 32}`` or ``{"x:2": 32}``: feeds are zero-padded on copy-in and outputs cropped,
+    so use it only where zero padding does not change the unpadded results.
+
+    ``cache``: the persistent compile cache (:mod:`npudispatch.dispatch.cache`); None uses the
+    user's cache folder unless ``NPUDISPATCH_CACHE=0``, False turns it off, a path or
+    :class:`~npudispatch.dispatch.cache.CompileCache` picks the folder. ``pad`` / ``bf16`` are the
+    compilation options of :func:`compile_model`. Inputs and outputs always have the user's shapes
+    and dtypes: padding happens in the copy-in / copy-out.
+    """
+
+    def __init__(
+        self,
+        model_or_path: graph.ModelLike | CompiledModel | CompiledArtifact,
+        backend: str | Backend = "emulator",
+        fallback: Fallback = "onnxruntime",
+        dims: Mapping[str, int] | None = None,
+        *,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        pad: bool = True,
+        bf16: bool = True,
+        cache: CompileCache | str | os.PathLike[str] | bool | None = None,
+        max_specialisations: int = DEFAULT_MAX_SPECIALISATIONS,
+        bucket: Mapping[str, int] | None = None,
+        **backend_options: Any,
+    ) -> None:
+        engine = _default_engine(fallback)
+        if not isinstance(max_specialisations, int) or max_specialisations < 1:
+            raise ModelError(
+                f"max_specialisations must be an int >= 1, got {max_specialisations!r}"
+            )
+        if not isinstance(backend, str) and backend_options:
+            raise ModelError("backend_options are only used with a backend name, not an object")
+        prebuilt = isinstance(model_or_path, CompiledModel | CompiledArtifact) or is_program_dir(
+            model_or_path
+        )
+        if prebuilt and (dims or input_shapes or bucket or not (pad and bf16)):
+            raise ModelError(
+                "dims / input_shapes / bucket / pad / bf16 cannot be applied to an already "
+                "compiled model; pass them to compile_model or give Session the model"
+            )
         self.fallback = engine
+        self._engine = engine
+        self._max = max_specialisations
+        self._options: dict[str, Any] = {"pad": pad, "bf16": bf16, "dims": dict(dims or {})}
+        self._lock = threading.RLock()
         self._stats_lock = threading.Lock()
+        self._variants: OrderedDict[Any, _Variant] = OrderedDict()
+        self._current: _Variant | None = None
+        self._runs = 0
+        self._output_shapes: dict[Any, Shapes] = {}
+        self.compile_log: list[CompileEvent] = []
         self.last_run_stats: SessionRunStats | None = None
+        self._source: ModelSource | None = None
+        self._cache: CompileCache | None = None
+        self._bucket = dict(bucket or {})
+        if prebuilt:
+            t0 = time.perf_counter()
+            compiled = model_or_path if isinstance(model_or_path, CompiledModel) else None
+            if compiled is not None:
+                artifact = CompiledArtifact.from_compiled(compiled)
+            elif isinstance(model_or_path, CompiledArtifact):
+                artifact = model_or_path
+            else:
+                artifact = CompiledArtifact.load(model_or_path)  # type: ignore[arg-type]
+            self.backend = self._make(backend, backend_options)
+            self._inputs = _signature(artifact.inputs)
+            self._outputs = _signature(artifact.outputs)
+            self._metadata = dict(artifact.metadata)
+            shapes = {s.name: tuple(s.shape) for s in artifact.inputs}
+            variant = _Variant(artifact, compiled, self.backend, engine)
+            self._remember(shapes, variant)
+            source = "compiled" if compiled is not None else "program"
+            self.compile_log.append(CompileEvent(shapes, source, time.perf_counter() - t0, None))
+            return
+        self._source = ModelSource(model_or_path)  # type: ignore[arg-type]
+        declared_in, declared_out = dynamic.read_signature(self._source.proto)
+        unknown_dims = sorted(set(dims or {}) - dynamic.dim_names(self._source.proto))
+        if unknown_dims:
+            raise ModelError(
+                f"dims names {unknown_dims} do not appear in the model's inputs/outputs; its "
+                f"symbolic dims are {sorted(dynamic.dim_names(self._source.proto)) or 'none'} "
+                "(check the spelling of dims=/--dims)"
+            )
+        self._inputs = dynamic.pin(declared_in, dims, input_shapes)
+        self._outputs = dynamic.pin(declared_out, dims, None)
+        self._pinned = bool(input_shapes)
+        self._metadata = model_metadata(self._source.proto)
+        if self._bucket:
+            dynamic.check_bucket(self._inputs, self._bucket)
+        self._cache = resolve_cache(cache)
+        self.backend = self._make(backend, backend_options)
+        if all(s.is_static for s in self._inputs):
+            static = {s.name: tuple(int(d) for d in s.dims) for s in self._inputs}  # type: ignore[arg-type]
+            self._specialisation(static, run=None)
+
+    @staticmethod
+    def _make(backend: str | Backend, options: Mapping[str, Any]) -> Backend:
+        return _make_backend(backend, options) if isinstance(backend, str) else backend
+
+    # --- specialisations -----------------------------------------------------------------------
+
+    def _remember(self, shapes: Shapes, variant: _Variant) -> None:
+        self._variants[_key(shapes)] = variant
+        self._variants.move_to_end(_key(shapes))
+        while len(self._variants) > self._max:
+            self._variants.popitem(last=False)
+        self._current = variant
+
+    def _specialisation(
+        self, shapes: Shapes, run: int | None
+    ) -> tuple[_Variant, CompileEvent | None]:
+        """The program for ``shapes``: in memory, else from the disk cache, else compiled."""
+        key = _key(shapes)
+        with self._lock:
+            variant = self._variants.get(key)
+            if variant is not None:
+                self._variants.move_to_end(key)
+                return variant, None
+            if self._source is None:
+                have = [dict(k) for k in self._variants]
+                raise ModelError(
+                    f"this session runs a compiled program for input shapes {have}, not "
+                    f"{dict(shapes)}; compile the model for these shapes"
+                )
+            t0 = time.perf_counter()
+            material = None
+            artifact = None
+            compiled = None
+            if self._cache is not None:
+                options = {k: v for k, v in self._options.items()}
+                material = self._cache.key_material(self._source.digest, shapes, options)
+                artifact = self._cache.load(material)
+            how: Literal["compiled", "disk cache"] = "disk cache"
+            if artifact is None:
+                how = "compiled"
+                compiled = self._compile(shapes)
+                artifact = CompiledArtifact.from_compiled(compiled, self._options)
+                artifact.metadata = dict(self._metadata)
+                if self._cache is not None and material is not None:
+                    self._cache.store(material, artifact)
+            variant = _Variant(artifact, compiled, self.backend, self._engine)
+            self._remember(shapes, variant)
+            event = CompileEvent(dict(shapes), how, time.perf_counter() - t0, run)
+            self.compile_log.append(event)
+            return variant, event
+
+    def _compile(self, shapes: Shapes) -> CompiledModel:
+        assert self._source is not None
+        opts = {"pad": self._options["pad"], "bf16": self._options["bf16"]}
+        user_dims = self._options["dims"]
+        declared, _ = dynamic.read_signature(self._source.proto)
+        if not self._pinned and all(
+            s.is_static or all(isinstance(d, int) or d in user_dims for d in s.dims)
+            for s in declared
+        ):
+            # dims= alone binds every input: compile the user's model as given (first time)
+            return compile_model(self._source.take_original(), dims=user_dims or None, **opts)
+        model = self._source.fresh()
+        bind = dynamic.specialise(model, shapes)
+        return compile_model(model, dims=bind or None, **opts)
+
+    def warmup(
+        self, shapes: Mapping[str, Sequence[int]] | Sequence[Mapping[str, Sequence[int]]]
+    ) -> list[CompileEvent]:
+        """Compile ahead of time for one set of input shapes (``{"x": (1, 3, 640, 640)}``) or a
+        list of them; returns what each took (empty events for shapes already in memory)."""
+        sets = [shapes] if isinstance(shapes, Mapping) else list(shapes)
+        events = []
+        for s in sets:
+            feeds = {
+                sig.name: np.broadcast_to(np.zeros((), sig.np_dtype), tuple(s.get(sig.name, ())))
+                for sig in self._inputs
+            }
+            missing = [sig.name for sig in self._inputs if sig.name not in s]
+            if missing:
+                raise ModelError(f"warmup shapes lack input(s) {missing}; give every input's shape")
+            bound = dynamic.bind_shapes(self._inputs, feeds)
+            if self._bucket:
+                bound = dynamic.bucket_shapes(self._inputs, bound, self._bucket)
+            _, event = self._specialisation(bound, run=None)
+            if event is not None:
+                events.append(event)
+        return events
 
     # --- onnxruntime-like API ------------------------------------------------------------------
 
     def get_inputs(self) -> list[NodeArg]:
-        """The model inputs (logical shapes)."""
-        return [NodeArg(n, list(s), _type_string(d)) for n, d, s in self._inputs]
+        """The model inputs (logical shapes; free dims by name, or None when unnamed)."""
+        return [NodeArg(s.name, s.ort_shape(), dynamic.type_string(s.dtype)) for s in self._inputs]
 
     def get_outputs(self) -> list[NodeArg]:
-        """The model outputs (logical shapes)."""
-        return [NodeArg(n, list(s), _type_string(d)) for n, d, s in self._outputs]
+        """The model outputs (logical shapes; free dims by name, or None when unnamed)."""
+        return [NodeArg(s.name, s.ort_shape(), dynamic.type_string(s.dtype)) for s in self._outputs]
+
+    def get_modelmeta(self) -> dict[str, Any]:
+        """The model's metadata (producer, graph name, ``custom_metadata_map``...)."""
+        return dict(self._metadata)
+
+    @property
+    def compiled(self) -> CompiledModel | None:
+        """The :class:`CompiledModel` of the most recently used specialisation (None for a loaded
+        program folder; re-compiled on access when it came from the disk cache)."""
+        variant = self._current
+        if variant is None:
+            return None
+        if variant.compiled is None and self._source is not None:
+            shapes = {s.name: tuple(s.shape) for s in variant.artifact.inputs}
+            variant.compiled = self._compile(shapes)
+        return variant.compiled
+
+    @property
+    def artifact(self) -> CompiledArtifact | None:
+        """The most recently used specialisation as a saveable :class:`CompiledArtifact`."""
+        return self._current.artifact if self._current is not None else None
 
     @property
     def programs(self) -> list[FusedProgram]:
-        """The fused programs, one per NPU partition, in run order."""
+        """The fused programs of the most recently used specialisation, in run order."""
         return [s.program for s in self._segments if isinstance(s, _NpuSegment)]
 
+    @property
+    def _segments(self) -> list[_CpuSegment | _NpuSegment]:
+        return self._current.segments if self._current is not None else []
+
     def _validate(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        expected = [n for n, _, _ in self._inputs]
+        expected = [s.name for s in self._inputs]
         if not isinstance(feeds, Mapping):
             raise ModelError(
                 f"feeds must be a dict {{input name: array}}, got {type(feeds).__name__}; the "
@@ -271,38 +524,29 @@ class Session:
         if unknown or missing:
             problems = [f"unknown input name(s) {unknown}"] if unknown else []
             problems += [f"missing input(s) {missing}"] if missing else []
-            raise ModelError(
-                f"{' and '.join(problems)}; the model's inputs are {expected}: feed each of "
-                "them exactly once"
+            ort = (
+                f"Required inputs ({missing}) are missing from input feed ({list(feeds)})"
+                if missing
+                else f"Invalid input name: {unknown[0]}"
             )
-        env: dict[str, np.ndarray] = {}
-        for name, dtype, shape in self._inputs:
-            arr = np.asarray(feeds[name])
-            want = np.dtype(dtype.numpy()) if dtype is not None else arr.dtype
-            if arr.dtype != want:
-                raise ModelError(
-                    f"input {name!r} has dtype {arr.dtype}, the model expects {want} "
-                    f"({_type_string(dtype)}); convert it with .astype()"
-                )
-            if list(arr.shape) != list(shape):
-                raise ModelError(
-                    f"input {name!r} has shape {list(arr.shape)}, the model expects {shape}; "
-                    "reshape it (or compile the model for this shape with dims=)"
-                )
-            env[name] = arr
-        return env
+            raise ModelError(
+                f"{ort}: {' and '.join(problems)}; the model's inputs are {expected}: feed each "
+                "of them exactly once"
+            )
+        return {s.name: np.asarray(feeds[s.name]) for s in self._inputs}
 
     def run(
         self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run_options: Any = None
     ) -> list[np.ndarray]:
         """Run the model; returns the requested outputs (all when ``output_names`` is None).
 
-        Thread-safe: each backend program serializes its own executions, CPU segments are
-        re-entrant, and every call works on its own images. ``last_run_stats`` is set at the end.
+        New input shapes compile first (see the class docstring). Thread-safe: each backend
+        program serializes its own executions, CPU segments are re-entrant, and every call works
+        on its own images. ``last_run_stats`` is set at the end.
         """
         stats = SessionRunStats()
         t_start = time.perf_counter()
-        all_outputs = [n for n, _, _ in self._outputs]
+        all_outputs = [s.name for s in self._outputs]
         if isinstance(output_names, str | bytes):
             raise ModelError(
                 f"output_names must be a list of names or None, got the string {output_names!r}; "
@@ -311,33 +555,57 @@ class Session:
         names = all_outputs if output_names is None else list(output_names)
         bad = [n for n in names if n not in all_outputs]
         if bad:
-            raise ModelError(f"unknown output name(s) {bad}; the model's outputs are {all_outputs}")
+            raise ModelError(
+                f"Invalid output name:{bad[0]}: unknown output name(s) {bad}; the model's "
+                f"outputs are {all_outputs}"
+            )
         env = self._validate(feeds)
+        shapes = dynamic.bind_shapes(self._inputs, env)
+        program_shapes = (
+            dynamic.bucket_shapes(self._inputs, shapes, self._bucket) if self._bucket else shapes
+        )
+        stats.input_shapes, stats.program_shapes = shapes, program_shapes
         stats.add("validate", time.perf_counter() - t_start)
-        for seg in self._segments:
-            if isinstance(seg, _NpuSegment):
-                env.update(seg.run(env, stats))
-            else:
-                t0 = time.perf_counter()
-                env.update(seg.run(env))
-                stats.add("cpu", time.perf_counter() - t0)
-                stats.cpu_segments += 1
+        with self._lock:
+            self._runs += 1
+            run_index = self._runs
+        variant, event = self._specialisation(program_shapes, run=run_index)
+        stats.compile = event
+        if event is not None:
+            stats.add("compile", event.seconds)
+        if program_shapes != shapes:
+            env = {k: _pad_to(v, program_shapes[k]) for k, v in env.items()}
+        variant.run(env, stats)
+        crop = self._crop_shapes(shapes) if program_shapes != shapes else {}
         results = []
         for n in names:
             if n in env:
-                results.append(env[n])
-            elif n in self._consts:
-                results.append(self._consts[n].const_value.numpy())
+                value = env[n]
+            elif n in variant.artifact.constants:
+                value = variant.artifact.constants[n]
             else:
                 raise ModelError(f"output {n!r} was produced by no partition (internal error)")
+            if n in crop and tuple(value.shape) != crop[n]:
+                value = value[tuple(slice(0, s) for s in crop[n])]
+            results.append(value)
         stats.add("total", time.perf_counter() - t_start)
         with self._stats_lock:
             self.last_run_stats = stats
         return results
 
+    def _crop_shapes(self, shapes: Shapes) -> Shapes:
+        """Output shapes for the real (unbucketed) input shapes, inferred once per shape set."""
+        key = _key(shapes)
+        if key not in self._output_shapes:
+            assert self._source is not None
+            if len(self._output_shapes) >= 4 * self._max:
+                self._output_shapes.clear()
+            self._output_shapes[key] = dynamic.infer_output_shapes(self._source.proto, shapes)
+        return self._output_shapes[key]
+
     def __repr__(self) -> str:
         kinds = "".join("N" if isinstance(s, _NpuSegment) else "C" for s in self._segments)
         return (
-            f"Session({len(self._segments)} segments [{kinds}], backend {self.backend.name!r}, "
-            f"fallback {self.fallback!r})"
+            f"Session({len(self._segments)} segments [{kinds}], {len(self._variants)} "
+            f"specialisation(s), backend {self.backend.name!r}, fallback {self.fallback!r})"
         )

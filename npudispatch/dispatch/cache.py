@@ -1,0 +1,192 @@
+"""Persistent compile cache: compiled models saved on disk, found again by another process.
+
+An entry is a :class:`~npudispatch.dispatch.artifact.CompiledArtifact` folder named by the sha256
+of its key: the model's content hash (the ``.onnx`` bytes and every external-data file it
+references), the bound input shapes, the compile options and the npudispatch version together
+with a fingerprint of its own source files (so a changed operator never reuses an old program).
+``key.json`` in the entry repeats the key; an entry whose key, format or any file hash does not
+match is *stale or corrupt*: it is removed and rebuilt, never run.
+
+Location: ``$NPUDISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/npudispatch``, else
+``~/.cache/npudispatch``. ``NPUDISPATCH_CACHE=0`` (or ``off``/``false``/``no``) disables it;
+``Session(..., cache=False | DIR | CompileCache)`` overrides both. Entries are written to a
+temporary folder and renamed into place, so a reader never sees half an entry.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from npudispatch.dispatch.artifact import CompiledArtifact
+from npudispatch.errors import NpuDispatchError
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "CACHE_ENV",
+    "CompileCache",
+    "code_fingerprint",
+    "default_cache_dir",
+    "model_digest",
+    "resolve_cache",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "NPUDISPATCH_CACHE_DIR"
+CACHE_ENV = "NPUDISPATCH_CACHE"
+_KEY_FILE = "key.json"
+_OFF = {"0", "off", "false", "no"}
+
+
+def default_cache_dir() -> Path:
+    """``$NPUDISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/npudispatch``, else ``~/.cache/...``."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "npudispatch"
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 over npudispatch's own ``.py`` files: programs depend on operator code."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _external_files(proto: onnx.ModelProto) -> list[str]:
+    locations: set[str] = set()
+    stack = [proto.graph]
+    while stack:
+        g = stack.pop()
+        for t in g.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                locations.update(e.value for e in t.external_data if e.key == "location")
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+    return sorted(locations)
+
+
+def model_digest(proto: onnx.ModelProto, base_dir: Path | None, file: Path | None = None) -> str:
+    """Content hash of a model: the file's bytes (or the serialized proto) and its external data.
+
+    ``proto`` is the model read without external data; ``base_dir`` resolves its locations.
+    """
+    h = hashlib.sha256()
+    if file is not None:
+        with open(file, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    else:
+        h.update(hashlib.sha256(proto.SerializeToString(deterministic=True)).digest())
+    for location in _external_files(proto):
+        h.update(location.encode())
+        target = (base_dir or Path()) / location
+        if target.is_file():  # a missing file is reported by the loader, with its reason
+            with open(target, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+class CompileCache:
+    """Compiled models on disk under ``directory`` (see the module docstring)."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+
+    def __repr__(self) -> str:
+        return f"CompileCache({str(self.directory)!r})"
+
+    @staticmethod
+    def key_material(
+        digest: str, shapes: Mapping[str, Sequence[int]], options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Everything the compiled program depends on, as one JSON-able document."""
+        from npudispatch import __version__
+
+        return {
+            "model_sha256": digest,
+            "input_shapes": {k: [int(d) for d in v] for k, v in sorted(shapes.items())},
+            "options": {k: options[k] for k in sorted(options)},
+            "npudispatch": __version__,
+            "code": code_fingerprint(),
+        }
+
+    @staticmethod
+    def key(material: Mapping[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+    def entry(self, key: str) -> Path:
+        return self.directory / key[:2] / key
+
+    def load(self, material: Mapping[str, Any]) -> CompiledArtifact | None:
+        """The cached artifact for ``material``, or None (a bad entry is removed, never run)."""
+        entry = self.entry(self.key(material))
+        if not entry.is_dir():
+            return None
+        try:
+            stored = json.loads((entry / _KEY_FILE).read_text())
+            if stored != json.loads(json.dumps(material, sort_keys=True)):
+                raise NpuDispatchError(f"{entry / _KEY_FILE} holds another key (stale entry)")
+            return CompiledArtifact.load(entry)
+        except (OSError, ValueError, NpuDispatchError) as exc:
+            log.warning("compile cache: dropping bad entry %s (%s); re-compiling", entry, exc)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+
+    def store(self, material: Mapping[str, Any], artifact: CompiledArtifact) -> Path | None:
+        """Save ``artifact`` under its key; a write failure is logged, not raised (the run
+        goes on with the program in memory)."""
+        entry = self.entry(self.key(material))
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name[:16]}-", dir=entry.parent))
+            try:
+                artifact.save(tmp)
+                (tmp / _KEY_FILE).write_text(json.dumps(material, sort_keys=True))
+                if entry.exists():  # another process won the race, or a bad entry is in place
+                    shutil.rmtree(entry, ignore_errors=True)
+                os.replace(tmp, entry)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            return entry
+        except OSError as exc:
+            log.warning("compile cache: cannot write %s (%s); continuing without it", entry, exc)
+            return None
+
+    def clear(self) -> None:
+        """Remove every entry."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def resolve_cache(
+    cache: CompileCache | str | os.PathLike[str] | bool | None,
+) -> CompileCache | None:
+    """``Session``'s ``cache=`` argument: None (default: on unless ``NPUDISPATCH_CACHE=0``),
+    False (off), True (default folder), a folder, or a :class:`CompileCache`."""
+    if isinstance(cache, CompileCache):
+        return cache
+    if cache is False:
+        return None
+    if cache is None and os.environ.get(CACHE_ENV, "").strip().lower() in _OFF:
+        return None
+    if cache is None or cache is True:
+        return CompileCache()
+    return CompileCache(cache)

@@ -1,0 +1,353 @@
+"""Dynamic input shapes: the declared signature, binding it from feeds, specialising, bucketing.
+
+A model's inputs may have free dims (named ``batch`` or unnamed). :class:`Session` compiles one
+specialisation per set of input shapes it is fed: :func:`bind_shapes` checks each feed against
+the declared signature (rank, fixed dims, dtype, in onnxruntime's words) and returns the concrete
+shapes; :func:`specialise` writes them into a fresh copy of the model before compilation.
+
+Bucketing (opt-in, for models where zero padding does not change the unpadded results): chosen
+dims are rounded up to a multiple (:func:`bucket_shapes`), so nearby sizes share one program;
+copy-in zero-pads, and every output is cropped to the shape onnx shape inference gives for the
+real input shapes (:func:`infer_output_shapes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from npudispatch import graph
+from npudispatch.errors import ModelError
+
+__all__ = [
+    "Dim",
+    "ModelSource",
+    "Signature",
+    "bind_shapes",
+    "bucket_shapes",
+    "infer_output_shapes",
+    "pin",
+    "read_signature",
+    "specialise",
+    "type_string",
+]
+
+#: A declared dim: a size, a symbolic name, or None (unnamed, free).
+Dim = int | str | None
+Shapes = dict[str, tuple[int, ...]]
+
+
+def type_string(dtype: ir.DataType | None) -> str:
+    """onnxruntime's type string: ``tensor(float)``, ``tensor(int64)``, ``tensor(bfloat16)``..."""
+    if dtype is None:
+        return "tensor(unknown)"
+    name = {ir.DataType.FLOAT: "float", ir.DataType.DOUBLE: "double"}.get(dtype)
+    return f"tensor({name or dtype.name.lower()})"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A declared model input or output: name, element type and dims (see :data:`Dim`)."""
+
+    name: str
+    dtype: ir.DataType
+    dims: tuple[Dim, ...]
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.dims)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype.numpy())
+
+    def ort_shape(self) -> list[int | str | None]:
+        """The shape as onnxruntime's ``NodeArg.shape`` shows it (names as str, None unknown)."""
+        return list(self.dims)
+
+
+def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...]:
+    tt = value.type.tensor_type
+    if not tt.HasField("shape"):
+        return ()
+    out: list[Dim] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            out.append(int(d.dim_value))
+        elif d.dim_param:
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def read_signature(proto: onnx.ModelProto) -> tuple[list[Signature], list[Signature]]:
+    """Declared inputs (initializers listed as inputs left out: they are constants) and outputs."""
+    consts = {t.name for t in proto.graph.initializer}
+
+    def sig(v: onnx.ValueInfoProto) -> Signature:
+        elem = v.type.tensor_type.elem_type
+        if not elem:
+            raise ModelError(f"graph input/output {v.name!r} declares no tensor element type")
+        return Signature(v.name, ir.DataType(elem), _dims(v))
+
+    inputs = [sig(v) for v in proto.graph.input if v.name not in consts]
+    return inputs, [sig(v) for v in proto.graph.output]
+
+
+def dim_names(proto: onnx.ModelProto) -> set[str]:
+    """Every symbolic dim name in the main graph's inputs, outputs and value_info."""
+    g = proto.graph
+    return {
+        d.dim_param
+        for v in (*g.input, *g.output, *g.value_info)
+        for d in v.type.tensor_type.shape.dim
+        if d.dim_param
+    }
+
+
+def pin(
+    inputs: Sequence[Signature],
+    dims: Mapping[str, int] | None,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+) -> list[Signature]:
+    """The signature with ``dims`` (by dim name) and ``input_shapes`` (whole shapes) applied."""
+    by_name = {s.name: s for s in inputs}
+    unknown = sorted(set(input_shapes or {}) - set(by_name))
+    if unknown:
+        raise ModelError(
+            f"input_shapes names {unknown}, which are not model inputs; the inputs are "
+            f"{list(by_name)}"
+        )
+    out = []
+    for s in inputs:
+        new = [dims[d] if isinstance(d, str) and dims and d in dims else d for d in s.dims]
+        if input_shapes and s.name in input_shapes:
+            shape = [int(x) for x in input_shapes[s.name]]
+            if len(shape) != len(new):
+                raise ModelError(
+                    f"input_shapes[{s.name!r}] has rank {len(shape)}, the model's input has rank "
+                    f"{len(new)} {list(s.dims)}; give {len(new)} dims"
+                )
+            for axis, (want, have) in enumerate(zip(shape, new)):
+                if want < 1 or (isinstance(have, int) and have != want):
+                    raise ModelError(
+                        f"input_shapes[{s.name!r}] = {shape} sets dim {axis} to {want}, but the "
+                        f"model fixes it to {have} ({list(s.dims)})"
+                        if want >= 1
+                        else f"input_shapes[{s.name!r}] = {shape}: every dim must be >= 1"
+                    )
+            new = shape
+        out.append(Signature(s.name, s.dtype, tuple(new)))
+    return out
+
+
+def bind_shapes(inputs: Sequence[Signature], feeds: Mapping[str, np.ndarray]) -> Shapes:
+    """The concrete shape of every input, checked against the signature like onnxruntime does.
+
+    Raises :class:`ModelError` with onnxruntime's wording for a wrong dtype, a rank change or a
+    fixed dim that differs, followed by what to do.
+    """
+    shapes: Shapes = {}
+    for s in inputs:
+        arr = feeds[s.name]
+        if arr.dtype != s.np_dtype:
+            got = type_string(_ir_dtype(arr.dtype))
+            raise ModelError(
+                f"Unexpected input data type. Actual: ({got}) , expected: "
+                f"({type_string(s.dtype)}): input {s.name!r} has dtype {arr.dtype}, the model "
+                f"expects {s.np_dtype}; convert it with .astype()"
+            )
+        if arr.ndim != len(s.dims):
+            raise ModelError(
+                f"Invalid rank for input: {s.name} Got: {arr.ndim} Expected: {len(s.dims)} "
+                f"Please fix either the inputs or the model: input {s.name!r} has shape "
+                f"{list(arr.shape)}, the model expects {_show(s.dims)}"
+            )
+        bad = [
+            (i, got, want)
+            for i, (got, want) in enumerate(zip(arr.shape, s.dims))
+            if isinstance(want, int) and got != want
+        ]
+        if bad:
+            indices = " ".join(f"index: {i} Got: {g} Expected: {w}" for i, g, w in bad)
+            raise ModelError(
+                f"Got invalid dimensions for input: {s.name} for the following indices {indices}"
+                f" Please fix either the inputs or the model: input {s.name!r} has shape "
+                f"{list(arr.shape)}, the model expects {_show(s.dims)}; reshape it (or compile "
+                "for this shape with input_shapes=/dims=)"
+            )
+        if 0 in arr.shape:
+            raise ModelError(
+                f"input {s.name!r} has shape {list(arr.shape)} with a zero-size dim; empty "
+                "tensors have nothing to compute on the NPU"
+            )
+        shapes[s.name] = tuple(int(d) for d in arr.shape)
+    return shapes
+
+
+def _ir_dtype(dtype: np.dtype) -> ir.DataType | None:
+    try:
+        return ir.DataType.from_numpy(dtype)
+    except (TypeError, ValueError):
+        return None
+
+
+def _show(dims: Sequence[Dim]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def specialise(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Give the graph inputs of ``model`` the concrete ``shapes`` (in place).
+
+    Returns the symbolic dims to bind elsewhere in the graph (value_info, custom-op outputs): each
+    input dim name that got a single value and still appears outside the inputs. A name that got
+    two values (exporters reuse ``?`` for unrelated dims) means nothing and is left to inference.
+    """
+    values: dict[str, set[int]] = {}
+    for v in model.graph.inputs:
+        if v.name not in shapes:
+            continue
+        shape = tuple(int(d) for d in shapes[v.name])
+        for d, n in zip(v.shape or (), shape):
+            if isinstance(d, ir.SymbolicDim) and d.value:
+                values.setdefault(d.value, set()).add(n)
+        v.shape = ir.Shape(shape)
+    graph_inputs = set(model.graph.inputs)
+    remaining: set[str] = set()
+    candidates = [*model.graph.initializers.values(), *model.graph.outputs]
+    candidates += [o for node in model.graph for o in node.outputs]
+    for v in candidates:
+        if v in graph_inputs or v.shape is None:
+            continue
+        remaining.update(d.value for d in v.shape if isinstance(d, ir.SymbolicDim) and d.value)
+    return {k: next(iter(s)) for k, s in values.items() if len(s) == 1 and k in remaining}
+
+
+def bucket_shapes(inputs: Sequence[Signature], shapes: Shapes, bucket: Mapping[str, int]) -> Shapes:
+    """``shapes`` with the chosen dims rounded up to their multiple.
+
+    ``bucket`` maps a symbolic dim name (``"height"``) or ``"input:axis"`` (``"x:2"``, for
+    unnamed dims) to a multiple; only free dims can be bucketed.
+    """
+    out: Shapes = {}
+    for s in inputs:
+        shape = list(shapes[s.name])
+        for axis, d in enumerate(s.dims):
+            multiple = bucket.get(f"{s.name}:{axis}") or (
+                bucket.get(d) if isinstance(d, str) else None
+            )
+            if multiple and not isinstance(d, int):
+                shape[axis] = -(-shape[axis] // int(multiple)) * int(multiple)
+        out[s.name] = tuple(shape)
+    return out
+
+
+def check_bucket(inputs: Sequence[Signature], bucket: Mapping[str, int]) -> None:
+    """Refuse bucket keys that name no free dim, and multiples below 1."""
+    free = {f"{s.name}:{i}" for s in inputs for i, d in enumerate(s.dims) if not isinstance(d, int)}
+    free |= {d for s in inputs for d in s.dims if isinstance(d, str)}
+    for key, multiple in bucket.items():
+        if key not in free:
+            raise ModelError(
+                f"bucket key {key!r} names no free input dim; free dims are {sorted(free)} "
+                "(a symbolic dim name, or 'input:axis')"
+            )
+        if not isinstance(multiple, int) or multiple < 1:
+            raise ModelError(f"bucket[{key!r}] must be an int >= 1, got {multiple!r}")
+
+
+def infer_output_shapes(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> Shapes:
+    """Output shapes for the given input shapes, by onnx shape inference (weights not copied)."""
+    graph = onnx.GraphProto(name=proto.graph.name)
+    graph.node.extend(proto.graph.node)
+    graph.output.extend(proto.graph.output)
+    for v in proto.graph.input:
+        if v.name in shapes:
+            t = v.type.tensor_type
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(v.name, t.elem_type, list(shapes[v.name]))
+            )
+    small = 1024
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) <= small:
+            graph.initializer.append(t)  # shape constants feed data propagation
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+    for o in graph.output:  # forget declared output dims: they are what we ask for
+        o.type.tensor_type.ClearField("shape")
+    model = onnx.ModelProto(ir_version=proto.ir_version, graph=graph)
+    model.opset_import.extend(proto.opset_import)
+    model.functions.extend(proto.functions)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError and friends
+        raise ModelError(f"bucketing: cannot infer the output shapes to crop to: {exc}") from exc
+    out: Shapes = {}
+    for o in inferred.graph.output:
+        dims = _dims(o)
+        if not o.type.tensor_type.HasField("shape") or not all(isinstance(d, int) for d in dims):
+            raise ModelError(
+                f"bucketing: the shape of output {o.name!r} for inputs {dict(shapes)} cannot be "
+                f"inferred ({_show(dims)}), so it cannot be cropped; run without bucket="
+            )
+        out[o.name] = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+    return out
+
+
+class ModelSource:
+    """The model a session compiles from: read once, copied fresh for every specialisation."""
+
+    def __init__(self, model: graph.ModelLike) -> None:
+        self.original: graph.ModelLike | None = model
+        self.file: Path | None = None
+        self.base_dir: Path | None = None
+        if isinstance(model, onnx.ModelProto):
+            self.proto = model
+        elif isinstance(model, ir.Model):
+            self.proto = ir.to_proto(model)
+            self.base_dir = next(
+                (
+                    Path(v.const_value.base_dir)
+                    for v in model.graph.initializers.values()
+                    if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.base_dir
+                ),
+                None,
+            )
+        else:
+            self.file = Path(model)
+            self.base_dir = self.file.parent
+            try:
+                self.proto = onnx.load(str(self.file), load_external_data=False)
+                if not self.proto.graph.output:
+                    raise ValueError("no graph outputs")
+            except Exception as exc:
+                graph.load(self.file)  # raises the ModelError that says what is wrong
+                raise ModelError(f"cannot read model {str(self.file)!r}: {exc}") from exc
+        self._digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """Content hash of the model and its external data (the compile cache's key)."""
+        from npudispatch.dispatch.cache import model_digest as _model_digest
+
+        if self._digest is None:
+            self._digest = _model_digest(self.proto, self.base_dir, self.file)
+        return self._digest
+
+    def fresh(self) -> ir.Model:
+        """A new ``onnx_ir.Model`` of the source (compilation rewrites its model in place)."""
+        model = ir.from_proto(self.proto)
+        if self.base_dir is not None:
+            ir.external_data.set_base_dir(model.graph, self.base_dir)
+        return model
+
+    def take_original(self) -> graph.ModelLike:
+        """The user's model object or path, once (an ``ir.Model`` is rewritten in place)."""
+        model, self.original = self.original, None
+        return model if model is not None else self.fresh()
