@@ -12,6 +12,7 @@ from onnxscript.rewriter import RewritePass, pattern
 from npudispatch.rewrites.activations import activation_rules
 from npudispatch.rewrites.aliasing import MarkViewsPass
 from npudispatch.rewrites.canonical import constants_last
+from npudispatch.rewrites.cnn import conv_activation_rules, conv_fold_rules, hard_activation_rules
 from npudispatch.rewrites.folding import BindDimsPass, FoldShapesPass
 from npudispatch.rewrites.manager import PassManager
 from npudispatch.rewrites.matmul import matmul_rules
@@ -81,10 +82,11 @@ def default_pipeline(
 ) -> PassManager:
     """The rewrite pipeline for NPU compilation (in place, run with ``pipeline(model)``).
 
-    Order: bind dims (if given) -> fold shape arithmetic -> lift constants -> fusions (activations, RMSNorm,
-    skip-RMSNorm, MatMul) -> user ``extra_passes`` -> DCE -> terminal padding (``pad``) -> float32 to
-    bf16 compute with casts at NPU-partition borders (``bf16``; after padding, whose tied axes the
-    casts would otherwise pin) -> mark views. Repeated to a fixpoint by default.
+    Order: bind dims (if given) -> fold shape arithmetic -> lift constants -> fusions (activations,
+    HardSigmoid/HardSwish, Conv folding, Conv + activation, RMSNorm, skip-RMSNorm, MatMul) -> user
+    ``extra_passes`` -> DCE -> terminal padding (``pad``) -> float32 to bf16 compute with casts at
+    NPU-partition borders (``bf16``; after padding, whose tied axes the casts would otherwise pin)
+    -> mark views. Repeated to a fixpoint by default.
 
     ``pad=False`` keeps every shape as declared; ``bf16=False`` keeps float32 storage (kernels
     still compute in bf16). ``support`` (``node -> None | reason``) narrows which nodes the
@@ -99,6 +101,10 @@ def default_pipeline(
         # Scalars and folded shapes become initializers: one const image for the planner.
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         rules_pass(activation_rules(), "FuseActivations", canonicalize=True),
+        # HardSigmoid/HardSwish first: folding would take their "+ 3" into the Conv's bias.
+        rules_pass(hard_activation_rules(), "FuseHardActivations", canonicalize=True),
+        rules_pass(conv_fold_rules(), "FoldConv", canonicalize=True),
+        rules_pass(conv_activation_rules(), "FuseConvActivation", canonicalize=True),
         rules_pass(rms_norm_rules_set(), "FuseRMSNorm"),
         rules_pass(skip_rms_norm_rules_set(), "FuseSkipRMSNorm"),
         rules_pass(matmul_rules(), "FuseMatMul"),
