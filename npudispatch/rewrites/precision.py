@@ -33,6 +33,9 @@ Add Sub Mul Div Sigmoid Silu Gelu (elementwise)        3       operand + result 
 Softmax                                                4       + exp, row sum
 LayerNormalization, (Skip)SimplifiedLayerNormalization 6       row statistics, rsqrt, scale
 MatMul Gemm MatMulBias MatMulNBits QMatMul             4       operand + result rounding
+Conv ConvTranspose FusedConv                           4       like matmul (dot products)
+AveragePool GlobalAveragePool                          3       operand + result rounding
+MaxPool GlobalMaxPool                                  1       one rounding
 Transpose, views, CPU (float32) ops                    0       exact data movement / fp32
 =====================================================  ======  ==========================
 
@@ -96,6 +99,9 @@ BF16_UNIT_ROUNDOFF = 2.0**-8
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Sigmoid", "Silu", "Gelu")
 _NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 MATMUL_FAMILY = frozenset({"MatMul", "Gemm", "MatMulBias", "MatMulNBits", "QMatMul"})
+_CONV_FAMILY = ("Conv", "ConvTranspose", "FusedConv")
+_POOLS_AVG = ("AveragePool", "GlobalAveragePool")
+_POOLS_MAX = ("MaxPool", "GlobalMaxPool")
 
 #: Error budget per op type in units of :data:`BF16_UNIT_ROUNDOFF` (absent = 0: exact / float32).
 BUDGETS: dict[str, float] = {
@@ -104,6 +110,9 @@ BUDGETS: dict[str, float] = {
     "Softmax": 4.0,
     **dict.fromkeys(_NORMS, 6.0),
     **dict.fromkeys(MATMUL_FAMILY, 4.0),
+    **dict.fromkeys(_CONV_FAMILY, 4.0),
+    **dict.fromkeys(_POOLS_AVG, 3.0),
+    **dict.fromkeys(_POOLS_MAX, 1.0),
 }
 
 
