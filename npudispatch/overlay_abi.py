@@ -1,4 +1,4 @@
-"""The overlay ABI: how an op launch talks to the emulator's virtual NPU (ARCHITECTURE.md §4).
+"""The overlay ABI: how an op launch talks to the emulator's virtual NPU (docs/overlay_abi.md).
 
 This is *our* protocol (versioned), shared by the operator library, which writes params records and
 programs shim DMA channels, and the emulator, which reads them. One op launch is:

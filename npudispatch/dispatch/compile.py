@@ -1,6 +1,6 @@
 """Model -> :class:`CompiledModel`: load, rewrite, partition, and per NPU partition plan + emit.
 
-For every NPU partition (ARCHITECTURE.md §1-2, DD_REFERENCE.md §8):
+For every NPU partition (docs/architecture.md §1-3):
 
 * its operators in topological order (each node matched once with the operator registry);
 * zero-copy views (``rewrites.is_view``) get no transaction: each chain of views and the tensor
@@ -44,7 +44,7 @@ from npudispatch.rewrites.support import npu_support as rewrite_support
 
 __all__ = ["CompiledModel", "compile_model", "npu_support", "plan_partition"]
 
-#: Widest partition of an AIE2P (Strix) array (TXN_FORMAT.md §9: partitions 1-8 columns).
+#: Widest partition of an AIE2P (Strix) array (partitions are 1-8 columns wide).
 MAX_PARTITION_COLS = 8
 
 ALIGN = 64

@@ -1,6 +1,6 @@
 """Emit one NPU partition as a :class:`FusedProgram`: re-based op transactions fused into one.
 
-Re-basing (DD_REFERENCE.md §7, TXN_FORMAT.md §8.3) maps each op's own buffers (``ArgSpec``,
+Re-basing (docs/txn_format.md §6) maps each op's own buffers (``ArgSpec``,
 op-local argidx) onto the five fused buffers with :func:`npudispatch.txn.rebase`:
 
 ==========  ==========================================================================
@@ -15,7 +15,7 @@ SCRATCH     2, the shared op scratch pad (several specs: consecutive parts of it
 
 A constant an operator streams as an activation gets its own const region named
 ``CONST_TENSOR_PREFIX + tensor``. The fused transaction is ``txn.fuse_rebased`` of the op transactions (one copy);
-:attr:`FusedProgram.instructions` is the wrapped instruction buffer (TXN_FORMAT.md §7.1).
+:attr:`FusedProgram.instructions` is the wrapped instruction buffer (docs/txn_format.md §7).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class OpEntry:
 
 
 def _dd_attrs(node: ir.Node) -> dict[str, dict[str, Any]]:
-    """Node attributes in DD's ``{name: {type, value: [str...]}}`` form (DD_REFERENCE §3)."""
+    """Node attributes in DD's ``{name: {type, value: [str...]}}`` form (docs/architecture.md §6)."""
     out: dict[str, dict[str, Any]] = {}
     for name, attr in node.attributes.items():
         value = attr.value
@@ -344,7 +344,7 @@ class FusedProgram:
 
     @property
     def instructions(self) -> bytes:
-        """The instruction-buffer image: ``{u32 0, u32 size}`` + fused transaction (§7.1)."""
+        """The instruction-buffer image: ``{u32 0, u32 size}`` + fused transaction (docs/txn_format.md §7)."""
         return wrap(self.txn)
 
     @property

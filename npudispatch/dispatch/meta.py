@@ -1,4 +1,4 @@
-"""DD-compatible meta JSON of a :class:`FusedProgram` (DD_REFERENCE.md §3, same keys and meanings).
+"""DD-compatible meta JSON of a :class:`FusedProgram` (docs/architecture.md §6, same keys and meanings).
 
 Differences from DD's generator, on purpose: ``op_list`` is in topological (execution) order, each
 tensor's ``size_in_bytes``/``offset`` are the planned ones (DD's C++ recomputes them anyway), the

@@ -1,6 +1,6 @@
 """The buffer plan of one fused NPU program: where every tensor, const and params record lives.
 
-A fused program gets five buffers in DD's fixed kernel-argument order (DD_REFERENCE.md §6, §8):
+A fused program gets five buffers in DD's fixed kernel-argument order (docs/architecture.md §3):
 ``INPUT`` (graph inputs back to back), ``OUTPUT`` (graph outputs back to back), ``SCRATCH``
 (intermediates at lifetime-planned offsets with reuse, then ONE shared per-op scratch pad that every
 op may use because ops run one after another), ``CONST`` (one region per op, op order) and
@@ -13,7 +13,7 @@ Zero-copy views (Reshape, Squeeze, Unsqueeze, Flatten, Identity) are *aliases*: 
 base's placement (plus a byte offset) and never get memory of their own, and the base stays live
 for as long as any of its views is used.
 
-Improvements over DD's planner (DD_REFERENCE.md §9, §15.2): graph IO never leaves holes in scratch,
+Improvements over DD's planner (docs/architecture.md §6): graph IO never leaves holes in scratch,
 several packing heuristics are tried and the smallest kept, the exact lower bound is reported next
 to the result, and :meth:`BufferPlan.validate` proves no two live tensors share a byte.
 """

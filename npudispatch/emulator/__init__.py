@@ -1,15 +1,15 @@
 """Functional emulator of an AIE2P NPU partition that executes transaction binaries.
 
 The virtual NPU (:class:`VirtualNpu`) is DevGen 4, 6 rows, ``num_cols`` columns (default 4), seen
-from DDR (ARCHITECTURE.md §4, TXN_FORMAT.md §6, §10, §11):
+from DDR (docs/overlay_abi.md, docs/txn_format.md §4, §5, §9):
 
 * **Registers**: WRITE / BLOCKWRITE / MASKWRITE update a dict of u32 registers (partition-relative
   addresses; an address outside the partition is a :class:`DeviceFault`).
 * **Buffers**: the five kernel-ABI buffers (0 input, 1 output, 2 scratch, 3 const, 4 params) live at
   ``argv`` (default ``(i + 1) << 40``). DDR_PATCH writes ``argv[argidx] + argplus`` into BD words
-  1/2 (§6.1); argidx > 4 is a fault.
+  1/2 (docs/txn_format.md §5); argidx > 4 is a fault.
 * **Shim DMA**: a write to a shim task-queue register snapshots the BD chain at that moment; a BD
-  with Valid_BD = 0 or a looping chain is a hang. Addresses follow §11 exactly (d0/d1/d2,
+  with Valid_BD = 0 or a looping chain is a hang. Addresses follow docs/txn_format.md §9 exactly (d0/d1/d2,
   iteration, chaining, repeat count), generated with numpy broadcasting. Every BD execution is
   bounds-checked against the buffer it lands in (:class:`DeviceFault` naming op, column, channel,
   BD, address and buffer) and recorded as a :class:`Transfer`.

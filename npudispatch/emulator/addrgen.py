@@ -1,4 +1,4 @@
-"""Shim DMA n-d address generation (TXN_FORMAT.md §11, step 4), vectorized with numpy.
+"""Shim DMA n-d address generation (docs/txn_format.md §9), vectorized with numpy.
 
 Addresses are produced as *word* indices (32-bit words) relative to the BD's effective base, for the
 whole BD at once by broadcasting the (d2, d1, d0) grid, so a multi-megabyte BD costs a few numpy
@@ -15,7 +15,7 @@ from npudispatch.txn.shim import ShimBd
 
 
 def iteration_index(bd: ShimBd, rep: int) -> int:
-    """Iteration index of repeat ``rep``: ``(Iteration_Current + rep) % Iteration_Wrap`` (§11)."""
+    """Iteration index of repeat ``rep``: ``(Iteration_Current + rep) % Iteration_Wrap`` (docs/txn_format.md §9)."""
     return (bd.iteration_current + rep) % bd.iteration_wrap
 
 
@@ -44,7 +44,7 @@ def word_offsets(bd: ShimBd) -> np.ndarray:
     """Word offsets (int64, length ``length_words``) of every element, relative to the base.
 
     ``n0 == 0`` means linear; ``n1 == 0`` a 2-d pattern whose outer dimension uses ``d1_step``;
-    otherwise 3-d with ``d2`` running until the length is consumed (§10.1: d2 has no wrap).
+    otherwise 3-d with ``d2`` running until the length is consumed (docs/txn_format.md §4: d2 has no wrap).
     """
     length, n0, n1 = bd.length_words, bd.d0_wrap, bd.d1_wrap
     if n0 == 0:

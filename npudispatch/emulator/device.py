@@ -49,7 +49,7 @@ from npudispatch.txn.shim import TaskQueueEntry
 
 NUM_ROWS = 6  # AIE2P partition: shim, memtile, 4 core rows
 DEV_GEN = 4
-SUPPORTED_DEV_GENS = (3, 4)  # AIE2 (phx) and AIE2P (stx): identical shim register map (§9)
+SUPPORTED_DEV_GENS = (3, 4)  # AIE2 (phx) and AIE2P (stx): identical shim register map (docs/txn_format.md §4)
 
 # Start-queue registers of the DMAs the emulator does not model (memtile, core tiles): a write with
 # bit 31 set stands for a task that completes at once and issues a token. Values: (dir, channel).
@@ -273,7 +273,7 @@ class VirtualNpu:
                 **self._loc(address=op.regaddr),
             )
         addr = self.memory.argv[op.argidx] + op.argplus
-        if addr == 0:  # firmware skips a zero address (§6.1)
+        if addr == 0:  # firmware skips a zero address (docs/txn_format.md §5)
             return
         if not 0 < addr < ADDRESS_LIMIT:
             raise EmulatorFault(
@@ -300,7 +300,7 @@ class VirtualNpu:
             self._drain(channel)
             status = 0  # idle, no error bits: every failure raised while draining
         elif _is_lock_request(row, off):
-            return  # no core model: lock acquire/release requests always succeed (§11.6)
+            return  # no core model: lock acquire/release requests always succeed
         elif (row == MEMTILE_ROW and off in _MEMTILE_STATUS) or (row > 1 and off in _CORE_STATUS):
             status = 0  # memtile/core DMAs are not modelled: they are idle
         else:

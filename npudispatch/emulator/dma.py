@@ -20,7 +20,7 @@ class Transfer:
     ``offset`` is the byte offset inside buffer ``argidx`` where this execution starts (the BD base
     plus its iteration offset); ``nbytes`` is the BD length. In trace mode ``argidx`` is None when
     the address lies in no buffer (``offset`` is then the raw address) or the BD was never made
-    valid by the transaction (programmed out of band, e.g. by control packets, §10.6). ``bd`` and ``op_index`` (the op that
+    valid by the transaction (programmed out of band, e.g. by control packets). ``bd`` and ``op_index`` (the op that
     queued the task) are extra context and are not part of :meth:`key`.
     """
 
@@ -59,7 +59,7 @@ class ChainError(Exception):
 
 @dataclass(slots=True)
 class Task:
-    """A queued shim DMA task with the BD chain snapshotted when it was queued (§11.3)."""
+    """A queued shim DMA task with the BD chain snapshotted when it was queued."""
 
     channel: ShimChannel
     entry: TaskQueueEntry

@@ -1,4 +1,4 @@
-"""DD's golden graphs G1-G20 (DD_REFERENCE.md §13), rebuilt with onnx.helper.
+"""DD's golden graphs G1-G20 (docs/architecture.md §6), rebuilt with onnx.helper.
 
 These are DD-form models: vendor ops in the ``amd.com`` / ``com.amd`` domains (or, where DD wrote
 none, the default domain), attribute names and tensor names as in DD's ``tests/cpp/*/model.py``.

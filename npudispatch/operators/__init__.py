@@ -1,5 +1,5 @@
 """Operator library: per-op matching, buffer requirements, transactions, params, weight formatting,
-kernels and numpy references (ARCHITECTURE.md §2, §4).
+kernels and numpy references (docs/architecture.md §2, §8.1; docs/overlay_abi.md).
 
 Public entry points: :func:`registry.match` (node -> :class:`~.base.OpConfig` or
 :class:`~.base.Decline`), :func:`registry.support` (for ``graph.partition``),

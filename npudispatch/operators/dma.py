@@ -23,13 +23,13 @@ from npudispatch.txn.registers import SHIM_NUM_BDS, ShimChannel
 from npudispatch.txn.shim import ShimBd
 
 STRIPE_MIN_BYTES = 2048  # below this per channel, another channel costs more than it saves
-MAX_WRAP = (1 << 10) - 1  # BD d0/d1 wraps are 10-bit fields (TXN_FORMAT §10.1)
+MAX_WRAP = (1 << 10) - 1  # BD d0/d1 wraps are 10-bit fields (docs/txn_format.md §4)
 MAX_STEP = 1 << 20  # BD steps are 20-bit "step - 1" fields
 
 
 @dataclass(frozen=True)
 class Pattern:
-    """An n-d shim BD access pattern, in 32-bit words (TXN_FORMAT §10.6/§11 address model).
+    """An n-d shim BD access pattern, in 32-bit words (docs/txn_format.md §9 address model).
 
     Word ``i`` of the stream is read from ``(i % d0_wrap)·d0_step + ((i // d0_wrap) % d1_wrap)·
     d1_step + (i // (d0_wrap·d1_wrap))·d2_step`` (``d1_wrap=0``: ``(i // d0_wrap)·d1_step``).

@@ -6,7 +6,7 @@ Every format shares one grid. The logical weight ``W[K, N]`` (``Y = A @ W``) is 
 
 * **grid order** — N-block major, K-block minor: ``image[nb][kb]``. One N-block's column of
   subvolumes (its whole K extent) is contiguous, ``column_bytes`` long, so a DMA can stream
-  "every C-th N-block" with a single d0/d1/d2 pattern (the mladf striping idea, TXN_FORMAT §11).
+  "every C-th N-block" with a single d0/d1/d2 pattern (the mladf striping idea, docs/txn_format.md §9).
 * **inside a subvolume** — column by column (N-major, K contiguous): the dot-product order of a
   vector core, and the native order of ``W^T`` (Gemm ``transB=1``, MatMulNBits ``B``), so
   formatting is one blocked transpose.

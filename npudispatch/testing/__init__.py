@@ -24,7 +24,7 @@ from npudispatch.testing.fake_pyxrt import (
     write_fake_xclbin,
 )
 
-# Names the real module has in every supported version (PYXRT.md §0, §5 minimum surface).
+# Names the real module has in every supported version (the minimum surface the xrt backend uses, docs/architecture.md §7).
 _PUBLIC = (
     "XCL_BO_FLAGS_NONE",
     "bo",

@@ -1,6 +1,6 @@
 """Fake-``pyxrt`` executor that runs the instruction buffer on the functional emulator.
 
-It decodes the call the way the NPU firmware would (PYXRT.md §4, §8): arg 0 opcode (3 = raw TXN,
+It decodes the call the way the NPU firmware would (docs/architecture.md §7): arg 0 opcode (3 = raw TXN,
 2 = legacy 8-byte-wrapped TXN with a one-time deprecation warning, anything else -> ERROR), arg 1 the
 cacheable instruction BO, arg 2 its size in 32-bit words (bytes tolerated, as the firmware reads
 the TXN size), args 3..7 the five host_only data BOs. The emulator works on the BOs' *device*
@@ -19,7 +19,7 @@ import numpy as np
 from npudispatch.errors import DeviceHang
 from npudispatch.testing.fake_pyxrt import CommandError, KernelCall, bo, ert_cmd_state
 
-WRAPPER = struct.Struct("<II")  # TXN_FORMAT.md §7.1: {u32 type = 0, u32 TxnSize + 8}
+WRAPPER = struct.Struct("<II")  # docs/txn_format.md §7: {u32 type = 0, u32 TxnSize + 8}
 TXN_HEADER_BYTES = 16
 DEPRECATION = (
     "Legacy TXN flow is deprecated. Please migrate to the TXN flow with upgraded xclbin/ELF."

@@ -1,4 +1,4 @@
-"""A pure-Python stand-in for XRT's ``pyxrt`` binding (PYXRT.md §1-3, §5-8).
+"""A pure-Python stand-in for XRT's ``pyxrt`` binding (docs/architecture.md §7).
 
 It mirrors the real API surface and, above all, the real *behaviour* that bites on hardware:
 positional-only calls, pybind11 enums (``str()``, C enums == ints, enum classes are not), BO flag
@@ -286,7 +286,7 @@ class _Arg:
     bank: int | None  # memory bank index for globals
 
 
-# PYXRT.md §4.1: the MLIR_AIE kernel of mlir-aie xclbins.
+# The MLIR_AIE kernel of mlir-aie xclbins.
 MLIR_AIE_ARGS = (
     _Arg("opcode", "scalar", "uint64_t", 0x00, None),
     _Arg("instr", "global", "char*", 0x08, 1),
@@ -303,7 +303,7 @@ def write_fake_xclbin(path: str | Path, kernels: dict[str, list[dict]] | None = 
     """Write a fake ``.xclbin`` plus its JSON sidecar (``<path>.json``) describing the kernels.
 
     ``kernels`` maps kernel name -> list of args ``{"name", "kind", "type", "offset", "bank"}``;
-    default: one ``MLIR_AIE`` kernel with the PYXRT.md §4.1 argument table.
+    default: one ``MLIR_AIE`` kernel with mlir-aie's argument table.
     """
     path = Path(path)
     if kernels is None:

@@ -1,4 +1,4 @@
-"""Op framing, decoding and encoding for both formats (TXN_FORMAT.md §3-5).
+"""Op framing, decoding and encoding for both formats (docs/txn_format.md §2-3).
 
 :func:`scan` finds every op's offset, opcode and length (an :class:`OpIndex`) without building op
 objects; :func:`decode_op` / :func:`encode_op` convert one op between bytes and the typed dataclasses
@@ -40,7 +40,7 @@ from npudispatch.txn.ops import (
 )
 
 CUSTOM_MIN = 0x80
-# Opt DDR_PATCH variants (TXN_FORMAT.md §5): Size 48 = plain patch_op_t, Size 24 = patch_op_opt_t.
+# Opt DDR_PATCH variants (docs/txn_format.md §3.4): Size 48 = plain patch_op_t, Size 24 = patch_op_opt_t.
 PATCH_SIZE_PLAIN = 48
 PATCH_SIZE_OPT24 = 24
 PATCH_SIZES_OPT = (PATCH_SIZE_PLAIN, PATCH_SIZE_OPT24)

@@ -1,8 +1,8 @@
-"""Static decoding of the shim data movement a transaction performs (TXN_FORMAT.md §6.1, §10-11).
+"""Static decoding of the shim data movement a transaction performs (docs/txn_format.md §4, §5, §9).
 
 :func:`explain` walks the ops keeping a register snapshot and the live DDR_PATCH of every shim BD.
 Each WRITE to a shim task-queue register becomes a :class:`DmaTask` holding the BD chain as it was
-at that moment. :meth:`DataMovement.transfers` expands task repeats with the iteration rule of §11,
+at that moment. :meth:`DataMovement.transfers` expands task repeats with the iteration rule of docs/txn_format.md §9,
 producing the same records the emulator's trace mode produces at run time.
 """
 
@@ -84,7 +84,7 @@ class DmaTask:
         return ShimChannel(self.col, self.direction, self.channel)
 
     def transfers(self) -> list[Transfer]:
-        """Every BD execution of this task, repeats expanded (§11 iteration rule)."""
+        """Every BD execution of this task, repeats expanded (docs/txn_format.md §9 iteration rule)."""
         out = []
         for rep in range(self.repeat_count + 1):
             for b in self.bds:

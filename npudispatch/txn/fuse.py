@@ -1,4 +1,4 @@
-"""Fusion, instruction-buffer wrapping and format conversion (TXN_FORMAT.md §5, §7.1, §8.4)."""
+"""Fusion, instruction-buffer wrapping and format conversion (docs/txn_format.md §3, §6, §7)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from npudispatch.txn.header import HEADER_SIZE, OPT_VERSION, PLAIN_VERSION, TxnH
 from npudispatch.txn.rebase import ArgRange, mapped_fields, patch_fields_of
 from npudispatch.txn.transaction import Framing, Transaction
 
-TRANSACTION_OP = 0  # aie_controller op-list type of a wrapped transaction (§7.1)
+TRANSACTION_OP = 0  # aie_controller op-list type of a wrapped transaction (docs/txn_format.md §7)
 WRAP_HEADER_SIZE = 8
 
 
@@ -182,7 +182,7 @@ def _lookup(
 
 
 def wrap(txn: Transaction) -> bytes:
-    """The instruction-buffer image ``{u32 0, u32 TxnSize + 8}`` + transaction (§7.1)."""
+    """The instruction-buffer image ``{u32 0, u32 TxnSize + 8}`` + transaction (docs/txn_format.md §7)."""
     data = txn.to_bytes()
     return struct.pack("<II", TRANSACTION_OP, len(data) + WRAP_HEADER_SIZE) + data
 

@@ -1,4 +1,4 @@
-"""The 16-byte transaction header (TXN_FORMAT.md §2)."""
+"""The 16-byte transaction header (docs/txn_format.md §1)."""
 
 from __future__ import annotations
 

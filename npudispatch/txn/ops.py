@@ -1,4 +1,4 @@
-"""Typed transaction ops (TXN_FORMAT.md §3-5).
+"""Typed transaction ops (docs/txn_format.md §2-3).
 
 One dataclass per opcode, holding the *semantic* fields only. ``raw`` keeps the op's original
 bytes when it was parsed, so padding and "don't care" bytes survive a parse → serialize round trip;
@@ -16,7 +16,7 @@ import numpy as np
 
 
 class Opcode(IntEnum):
-    """Opcodes of the aie-rt transaction format (new numbering for 9..15, §3)."""
+    """Opcodes of the aie-rt transaction format (new numbering for 9..15, docs/txn_format.md §2)."""
 
     WRITE = 0x00
     BLOCKWRITE = 0x01
@@ -192,7 +192,7 @@ class UpdateScratch:
 
 @dataclass(slots=True)
 class Tct:
-    """TCT (custom 0x80): wait for task-complete tokens; ``word``/``config`` as in §4.5."""
+    """TCT (custom 0x80): wait for task-complete tokens; ``word``/``config`` as in docs/txn_format.md §3.4."""
 
     opcode: ClassVar[int] = Opcode.TCT
     word: int

@@ -1,4 +1,4 @@
-"""DDR_PATCH re-basing (TXN_FORMAT.md §6.1, §8.3, §12): rewrite argidx/argplus, nothing else.
+"""DDR_PATCH re-basing (docs/txn_format.md §5-6): rewrite argidx/argplus, nothing else.
 
 Works directly on the bytes with numpy at the patch offsets given by the cached OpIndex, so no op
 objects are built: plain and opt Size-48 patches keep argidx/argplus as u64 at +32/+40, opt Size-24

@@ -1,4 +1,4 @@
-"""AIE2/AIE2P register addresses used for data movement (TXN_FORMAT.md §9-10).
+"""AIE2/AIE2P register addresses used for data movement (docs/txn_format.md §4).
 
 Register offsets in a transaction are partition-relative: ``(col << 25) | (row << 20) | offset``.
 The map is identical on AIE2 (phx, DevGen 3) and AIE2P (stx, DevGen 4).
@@ -29,11 +29,11 @@ SHIM_S2MM_STATUS = (0x1D220, 0x1D224)
 SHIM_MM2S_STATUS = (0x1D228, 0x1D22C)
 SHIM_LOCK_VALUE_BASE = 0x14000
 
-# Mask/value of the MASKPOLL the corpus uses to wait until a DMA channel is idle (§10.4).
+# Mask/value of the MASKPOLL the corpus uses to wait until a DMA channel is idle (docs/txn_format.md §4).
 CHANNEL_IDLE_MASK = 0x0078003C
 CHANNEL_IDLE_VALUE = 0
 
-# Task-queue register fields (§10.2)
+# Task-queue register fields (docs/txn_format.md §4)
 TASK_QUEUE_START_BD_MASK = 0xF
 TASK_QUEUE_REPEAT_SHIFT = 16
 TASK_QUEUE_REPEAT_MASK = 0xFF

@@ -1,4 +1,4 @@
-"""Typed shim DMA buffer descriptors and task-queue words (TXN_FORMAT.md §10.1-10.2).
+"""Typed shim DMA buffer descriptors and task-queue words (docs/txn_format.md §4).
 
 :class:`ShimBd` holds every field of the 8-word AIE2/AIE2P shim BD in *logical* units (strides and
 iteration wrap as counts, not minus-one encodings) and encodes/decodes them bit-exactly. Bits no

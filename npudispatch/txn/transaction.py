@@ -1,4 +1,4 @@
-"""The :class:`Transaction`: a byte-exact, lazily decoded AIE transaction (TXN_FORMAT.md §2-5).
+"""The :class:`Transaction`: a byte-exact, lazily decoded AIE transaction (docs/txn_format.md §1-3).
 
 A transaction parsed from bytes keeps those bytes plus an :class:`OpIndex` (numpy arrays of op
 offsets, opcodes and sizes) and decodes typed ops only when ``ops`` is asked for. Indexes are cached

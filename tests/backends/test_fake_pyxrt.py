@@ -1,4 +1,4 @@
-"""The fake pyxrt reproduces the binding behaviours of PYXRT.md §1-3, §6-8."""
+"""The fake pyxrt reproduces the binding behaviours the xrt backend relies on (docs/architecture.md §7)."""
 
 from __future__ import annotations
 

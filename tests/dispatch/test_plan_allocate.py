@@ -20,7 +20,7 @@ from npudispatch.dispatch.allocate import (
 )
 from npudispatch.errors import PlanError
 
-# llama2-MLP intermediates (DD_REFERENCE.md §14).
+# llama2-MLP intermediates (docs/architecture.md §6).
 MLP = [
     Interval("Y0", 131_072, 0, 2),
     Interval("Y1", 131_072, 1, 3),

@@ -26,7 +26,7 @@ def t(name, nbytes, kind, first, last, shape=(1,), dtype=BF16, padded=None) -> T
 
 
 def mlp_plan(alignment: int = 4) -> BufferPlan:
-    """llama2-MLP (G11, DD_REFERENCE.md §14): gate 0, up 1, silu 2, elwmul 3, down 4."""
+    """llama2-MLP (G11, docs/architecture.md §6): gate 0, up 1, silu 2, elwmul 3, down 4."""
     act = (1, 1, 11008)
     tensors = [
         t("X", 8192, "input", 0, 1, (1, 1, 4096)),

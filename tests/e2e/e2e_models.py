@@ -1,4 +1,4 @@
-"""DD's golden graphs (DD_REFERENCE.md §13) adapted to standard ONNX ops at small sizes.
+"""DD's golden graphs (docs/architecture.md §6) adapted to standard ONNX ops at small sizes.
 
 Every builder returns a checked ``onnx.ModelProto`` (ir_version 10, opset 20) with float32 IO so
 onnxruntime can run it as the reference; weights are seeded random initializers.

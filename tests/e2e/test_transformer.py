@@ -78,7 +78,7 @@ def test_llama2_mlp_small_matmulnbits():
 
 @pytest.mark.slow
 def test_llama2_mlp_full_size_scratch_reaches_lower_bound():
-    """DD_REFERENCE §14: DD needs 401,408 B of scratch on the llama2 MLP, the bound is 393,216 B."""
+    """docs/architecture.md §6: DD needs 401,408 B of scratch on the llama2 MLP, the bound is 393,216 B."""
     from npudispatch import compile_model
 
     compiled = compile_model(build_example("llama2-mlp"))  # bf16 + padding: the defaults

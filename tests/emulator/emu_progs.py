@@ -133,7 +133,7 @@ def identity(record: ParamsRecord, operands: list[np.ndarray]) -> list[np.ndarra
 
 
 def reference_offsets(bd: ShimBd) -> list[int]:
-    """TXN_FORMAT.md §11 step 4, one element at a time."""
+    """docs/txn_format.md §9, one element at a time."""
     n0, n1, s0, s1, s2 = bd.d0_wrap, bd.d1_wrap, bd.d0_step, bd.d1_step, bd.d2_step
     out = []
     for i in range(bd.length_words):

@@ -1,4 +1,4 @@
-"""Vectorized address generation against a literal per-element transcription of §11."""
+"""Vectorized address generation against a literal per-element transcription of docs/txn_format.md §9."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_iteration_advances_per_repeat_and_wraps() -> None:
 
 
 def test_corpus_weight_pattern_shape() -> None:
-    """The mladf weight BD of §11: d0 816x1, d1 44x816, d2 step 71808, 789,888 words."""
+    """The mladf weight BD (AMD's corpus): d0 816x1, d1 44x816, d2 step 71808, 789,888 words."""
     bd = ShimBd(length_words=789_888, d0_wrap=816, d1_wrap=44, d1_step=816, d2_step=71_808)
     offs = word_offsets(bd)
     assert offs.size == 789_888

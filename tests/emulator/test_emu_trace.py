@@ -119,7 +119,7 @@ def test_trace_matches_explain_on_the_corpus(corpus_dir, name) -> None:
 
 @pytest.mark.corpus
 def test_mladf_weight_stream_totals(corpus_dir) -> None:
-    """§11 worked check: weights 789,888 words per column on MM2S1 from argidx 1."""
+    """Worked check: weights 789,888 words per column on MM2S1 from argidx 1."""
     _, txn = _load(corpus_dir, LLAMA2_MLP[0])
     result = trace_transaction(txn)
     weights = [t for t in result.transfers if t.argidx == 1 and t.direction == MM2S]

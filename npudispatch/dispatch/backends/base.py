@@ -1,6 +1,6 @@
 """What every backend runs and returns: :class:`ProgramImage`, :class:`Backend`, :class:`RunStats`.
 
-A backend runs one fused program (ARCHITECTURE.md §3): a plain transaction whose DDR_PATCH ``argidx``
+A backend runs one fused program (docs/architecture.md §3): a plain transaction whose DDR_PATCH ``argidx``
 0..4 select the five buffers input, output, scratch, const, params. ``prepare`` does the one-time
 work (instructions, const and params images, buffer allocation); ``execute`` runs it once per call
 and is thread-safe (one lock per prepared program). Several prepared programs may share a backend.

@@ -1,6 +1,6 @@
-"""Run fused programs on a real NPU through XRT's ``pyxrt`` (PYXRT.md §4-7).
+"""Run fused programs on a real NPU through XRT's ``pyxrt`` (docs/architecture.md §7).
 
-Flow (PYXRT.md §5): one ``pyxrt.device`` per process; ``register_xclbin`` + ONE ``hw_context`` per
+Flow: one ``pyxrt.device`` per process; ``register_xclbin`` + ONE ``hw_context`` per
 (device, xclbin), shared by every backend and program that uses that xclbin (contexts are a scarce
 resource: 6 on npu1, 16 resident on npu4); ``kernel(ctx, name)``. Per program (``prepare``): the
 instruction BO (cacheable, ``group_id(1)``) is written and synced once, the five data BOs are
@@ -12,7 +12,7 @@ Call conventions (``convention=``):
 
 * ``"mlir-aie"`` (default): ``kernel(3, instr_bo, n_words, in, out, scratch, const, params)`` with the
   raw transaction in the instruction BO — the mlir-aie ``MLIR_AIE`` kernel.
-* ``"dynamic-dispatch"``: opcode 2 with the 8-byte-wrapped transaction (TXN_FORMAT.md §7.1). DD's C++
+* ``"dynamic-dispatch"``: opcode 2 with the 8-byte-wrapped transaction (docs/txn_format.md §7). DD's C++
   runtime passes the five buffers as u64 scalars ``bo.address() + 0x80000000``; **pyxrt cannot pass
   64-bit scalars** (they are silently dropped by ``kernel.__call__``), so this preset passes the BOs
   positionally like mlir-aie does. That only works with an xclbin whose args 3..7 are declared as
