@@ -8,7 +8,7 @@ inference, and it refuses external data that points outside the model's folder.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from npudispatch.errors import ModelError
+from npudispatch.graph import shapes
 from npudispatch.graph.naming import assign_unique_names
 from npudispatch.graph.order import topological_order
 
@@ -23,23 +24,27 @@ __all__ = ["ModelLike", "load"]
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto | ir.Model
 
-# Initializers larger than this are handed to onnx shape inference as typed graph inputs instead of
-# tensors: inference only needs their type, and serializing big weights would copy them.
-_INFERENCE_INLINE_LIMIT = 1024
-_OPAQUE_DOMAIN = "npudispatch.opaque"
 _MAX_DIM = 2**63 - 1
 
 
-def load(model: ModelLike, dims: Mapping[str, int] | None = None) -> ir.Model:
+def load(
+    model: ModelLike,
+    dims: Mapping[str, int] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> ir.Model:
     """Load ``model`` into an ``onnx_ir.Model`` ready for the pipeline.
 
     Steps: reject external data outside the model folder; treat initializers also listed in
     ``graph.input`` as constants (they leave the input list); lift ``Constant`` nodes into
     initializers; reject dangling inputs; give every node a unique, file-order-independent name
     (see :func:`npudispatch.graph.naming.assign_unique_names`); reject cycles and store the nodes in
-    :func:`~npudispatch.graph.topological_order`; bind the symbolic dims named in ``dims``
-    everywhere they appear; run onnx shape inference (custom-domain ops keep their declared
-    value_info); finally require a dtype and a fully static shape on every value.
+    :func:`~npudispatch.graph.topological_order`; bind the graph inputs' shapes (``input_shapes``
+    gives whole shapes per input name, ``dims`` values per symbolic dim name; every dim left
+    unbound is reported at once); forget the exporter's stale symbolic value_info; then infer and
+    fold shape arithmetic to a fixpoint (:func:`npudispatch.graph.shapes.resolve_shapes`), which
+    also types custom-domain ops through onnxruntime's symbolic shape inference. Every value ends
+    with a dtype; a shape stays open only where it depends on run-time data, and
+    :func:`npudispatch.graph.shapes.data_dependent_values` names those (they run on the CPU).
 
     An ``ir.Model`` argument is modified in place and returned; paths and protos are converted.
     Raises :class:`~npudispatch.errors.ModelError` naming the node, tensor or dim at fault.
@@ -50,14 +55,22 @@ def load(model: ModelLike, dims: Mapping[str, int] | None = None) -> ir.Model:
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
     _check_dangling_inputs(graph)
     assign_unique_names(graph)
+    _sort(graph)
+    _bind_input_shapes(graph, dict(input_shapes or {}))
+    _bind_dims(graph, dict(dims or {}))
+    _check_inputs_static(graph)
+    shapes.forget_stale_shapes(graph)
+    shapes.resolve_shapes(ir_model)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
+    _sort(graph)
+    _check_values_typed(graph)
+    return ir_model
+
+
+def _sort(graph: ir.Graph) -> None:
     order = topological_order(graph)  # raises ModelError on a cycle
     graph.remove(order)  # unsafe removal keeps the use-def links; re-added right below
     graph.extend(order)
-    _bind_dims(graph, dict(dims or {}))
-    _check_inputs_static(graph)
-    _infer_shapes(ir_model)
-    _check_values_typed(graph)
-    return ir_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,10 +235,10 @@ def _bind_dims(graph: ir.Graph, dims: dict[str, int]) -> None:
     if not dims:
         return
     for name, size in dims.items():
-        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= _MAX_DIM:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= _MAX_DIM:
             raise ModelError(
-                f"dims[{name!r}] must be an int between 1 and 2**63-1 (ONNX dims are int64; 0 leaves "
-                f"empty tensors with nothing to compute), got {size!r}"
+                f"dims[{name!r}] must be an int between 0 and 2**63-1 (ONNX dims are int64), "
+                f"got {size!r}"
             )
     known = sorted(_symbolic_dim_names(graph))  # before binding, for the error message
     used: set[str] = set()
@@ -264,127 +277,93 @@ def _main_graph_values(graph: ir.Graph) -> Iterator[ir.Value]:
         yield from node.outputs
 
 
+def _bind_input_shapes(graph: ir.Graph, input_shapes: dict[str, Sequence[int]]) -> None:
+    """Give graph inputs the whole shapes the user named (``--shape x=1x3x224x224``)."""
+    if not input_shapes:
+        return
+    inputs = {v.name: v for v in graph.inputs}
+    unknown = sorted(set(input_shapes) - set(inputs))
+    if unknown:
+        raise ModelError(
+            f"input_shapes names {unknown}, which are not graph inputs; the inputs are "
+            f"{sorted(inputs)} (check the spelling of --shape / input_shapes=)"
+        )
+    for name, wanted in input_shapes.items():
+        value = inputs[name]
+        shape = [int(d) for d in wanted]
+        if any(d < 0 or d > _MAX_DIM for d in shape):
+            raise ModelError(
+                f"input_shapes[{name!r}] = {shape}: every dim must be an int >= 0 (ONNX dims "
+                "are int64)"
+            )
+        declared = value.shape
+        if declared is not None and len(declared) != len(shape):
+            raise ModelError(
+                f"input_shapes[{name!r}] has rank {len(shape)} but input {name!r} is declared "
+                f"with rank {len(declared)} ({_show(declared)}); give {len(declared)} dims"
+            )
+        for axis, dim in enumerate(declared or []):
+            if isinstance(dim, int) and dim >= 0 and dim != shape[axis]:
+                raise ModelError(
+                    f"input_shapes[{name!r}] = {shape} sets dim {axis} to {shape[axis]}, but the "
+                    f"model fixes it to {dim} ({_show(declared)})"
+                )
+        value.shape = ir.Shape(shape)
+
+
+def _show(shape: ir.Shape) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else repr(d.value) for d in shape) + "]"
+
+
 def _check_inputs_static(graph: ir.Graph) -> None:
+    """Every graph input needs a dtype and a static shape; report every unbound dim at once."""
+    problems: list[str] = []
+    names: set[str] = set()
     for value in graph.inputs:
         if value.dtype is None or value.shape is None:
-            raise ModelError(
-                f"graph input {value.name!r} has no declared dtype/shape; "
-                "declare its type in graph.input"
-            )
+            problems.append(f"input {value.name!r} has no declared dtype/shape (declare its type)")
+            continue
         for axis, dim in enumerate(value.shape):
+            if isinstance(dim, int) and dim >= 0:
+                continue
+            label = repr(dim.value) if isinstance(dim, ir.SymbolicDim) and dim.value else "unnamed"
             if isinstance(dim, int):
-                continue
-            if dim.value:
-                raise ModelError(
-                    f"graph input {value.name!r} dim {axis} is the symbolic dim {dim.value!r}; "
-                    f"bind it with dims={{{dim.value!r}: N}} (CLI: --dims {dim.value}=N)"
-                )
-            raise ModelError(
-                f"graph input {value.name!r} dim {axis} is unknown (unnamed); give the model a "
-                "static or named dim there (e.g. onnx.tools.update_model_dims) and bind it "
-                "with dims="
-            )
-
-
-# --------------------------------------------------------------------------------------------
-# Shape inference
-
-
-def _infer_shapes(model: ir.Model) -> None:
-    """Run onnx shape inference (strict) and merge inferred types into the IR by value name."""
-    proto = _inference_proto(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(
-            proto, check_type=True, strict_mode=True, data_prop=True
-        )
-    except Exception as exc:  # onnx raises InferenceError / ValidationError / RuntimeError
-        raise ModelError(
-            f"onnx shape inference failed: {str(exc).strip()}. Fix the node named in the "
-            "message (types, shapes or attributes), or bind symbolic dims with dims="
-        ) from exc
-    found: dict[str, onnx.ValueInfoProto] = {}
-    for info in (*inferred.graph.value_info, *inferred.graph.output):
-        found[info.name] = info
-    for node in model.graph:
-        for value in node.outputs:
-            info = found.get(value.name or "")
-            if info is None or not info.type.HasField("tensor_type"):
-                continue
-            elem = info.type.tensor_type.elem_type
-            if elem:
-                value.dtype = ir.DataType(elem)
-            shape = ir.serde.deserialize_type_proto_for_shape(info.type)
-            if shape is not None:
-                value.shape = shape
-
-
-def _inference_proto(model: ir.Model) -> onnx.ModelProto:
-    """Serialize ``model`` for inference without copying big weights (they become typed inputs)."""
-    graph = model.graph
-    out = onnx.GraphProto(name=graph.name or "main")
-    out.input.extend(ir.serde.serialize_value(v) for v in graph.inputs)
-    for name, value in graph.initializers.items():
-        tensor = value.const_value
-        if tensor is not None:
-            value.dtype = value.dtype or tensor.dtype
-            value.shape = value.shape or ir.Shape(tensor.shape)
-        if (
-            tensor is not None
-            and not isinstance(tensor, ir.ExternalTensor)
-            and tensor.nbytes <= _INFERENCE_INLINE_LIMIT
-        ):
-            proto = ir.serde.serialize_tensor(tensor)
-            proto.name = name
-            out.initializer.append(proto)
-        else:
-            out.input.append(ir.serde.serialize_value(value))
-    functions = {(f.domain, f.name) for f in model.functions.values()}
-    for node in graph:
-        proto = ir.serde.serialize_node(node)
-        if (
-            node.domain in ("", "ai.onnx")
-            and (node.domain, node.op_type) not in functions
-            and not onnx.defs.has(node.op_type)
-        ):
-            # DD graphs put vendor ops (MladfMatMul...) in the default domain; strict inference
-            # rejects those, so they are treated like custom-domain ops: declared types are kept.
-            proto.domain = _OPAQUE_DOMAIN
-        out.node.append(proto)
-    out.output.extend(ir.serde.serialize_value(v) for v in graph.outputs)
-    declared = {v for v in graph.outputs}
-    for node in graph:
-        for value in node.outputs:
-            if value not in declared and (value.dtype is not None or value.shape is not None):
-                out.value_info.append(ir.serde.serialize_value(value))
-    result = onnx.ModelProto(ir_version=model.ir_version, graph=out)
-    for domain, version in graph.opset_imports.items():
-        result.opset_import.append(onnx.helper.make_opsetid(domain, version))
-    result.opset_import.append(onnx.helper.make_opsetid(_OPAQUE_DOMAIN, 1))
-    result.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-    return result
+                label = f"{dim} (unknown)"
+            elif dim.value:
+                names.add(dim.value)
+            problems.append(f"input {value.name!r} dim {axis} is {label} in {_show(value.shape)}")
+    if not problems:
+        return
+    example = next(v for v in graph.inputs if v.shape is None or not v.shape.is_static())
+    dims_text = "x".join(
+        str(d) if isinstance(d, int) and d >= 0 else "N" for d in (example.shape or ["N"])
+    )
+    how = (
+        f"bind whole input shapes with --shape {example.name}={dims_text} (Python: "
+        f"input_shapes={{{example.name!r}: (...)}})"
+    )
+    if names:
+        how += f", or name dims with --dims {sorted(names)[0]}=N (Python: dims={{...}})"
+    raise ModelError(
+        f"{len(problems)} input dim(s) are not static:\n  "
+        + "\n  ".join(problems)
+        + f"\n{how}; `--inputs data.npz` (run) takes the shapes from the arrays"
+    )
 
 
 def _check_values_typed(graph: ir.Graph) -> None:
+    """Every used value needs a dtype; an open shape must be explained by run-time data."""
     for node in graph:
         for slot, value in enumerate(node.outputs):
-            if not value.name and not value.uses() and not value.is_graph_output():
-                continue  # an unused optional output
-            where = f"tensor {value.name!r} (output {slot} of node {node.name!r}, {node.op_type})"
+            if not value.uses() and not value.is_graph_output():
+                continue  # an optional output nobody reads
             if value.dtype is None:
-                raise ModelError(
-                    f"{where} has no dtype after shape inference; declare it in value_info "
-                    "(custom-domain ops are not inferred by onnx)"
+                where = (
+                    f"tensor {value.name!r} (output {slot} of node {node.name!r}, {node.op_type})"
                 )
-            if value.shape is None:
+                domain = node.domain or "ai.onnx"
                 raise ModelError(
-                    f"{where} has no shape after shape inference; declare it in value_info "
-                    "(custom-domain ops are not inferred by onnx)"
+                    f"{where} has no dtype after shape inference: neither onnx nor onnxruntime's "
+                    f"symbolic shape inference knows {domain}.{node.op_type}; declare the tensor's "
+                    "type in the model's value_info"
                 )
-            for axis, dim in enumerate(value.shape):
-                if not isinstance(dim, int):
-                    hint = (
-                        f"bind {dim.value!r} with dims={{{dim.value!r}: N}}"
-                        if dim.value and not dim.value.startswith("unk__")
-                        else "it depends on data or on an unbound dim; declare it in value_info"
-                    )
-                    raise ModelError(f"{where} dim {axis} is not static ({dim!r}): {hint}")

@@ -47,6 +47,9 @@ def candidates(domain: str, op_type: str) -> list[Operator]:
 
 def match(node: ir.Node) -> OpConfig | Decline:
     """The first candidate's config for ``node``, or a Decline listing why each one refused."""
+    dynamic = _open_shape(node)
+    if dynamic is not None:
+        return Decline(dynamic)
     ops = candidates(node.domain, node.op_type)
     if not ops:
         where = f"domain '{node.domain}'" if _domain(node.domain) else "the default domain"
@@ -58,6 +61,28 @@ def match(node: ir.Node) -> OpConfig | Decline:
             return result
         reasons.append(result.reason if len(ops) == 1 else f"{type(op).__name__}: {result.reason}")
     return Decline("; ".join(reasons))
+
+
+def _open_shape(node: ir.Node) -> str | None:
+    """Why ``node`` touches an open-shaped or empty tensor (None if it doesn't).
+
+    A transaction's buffer descriptors are fixed at compile time, so every NPU operand needs a
+    static shape; graph.load leaves a shape open only where it follows from run-time data.
+    """
+    for value in (*node.inputs, *node.outputs):
+        if value is None or (not value.uses() and not value.is_graph_output()):
+            continue  # absent, or an optional output nobody reads
+        shape = value.shape
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            producer = value.producer()
+            source = f" (computed by {producer.name} from run-time data)" if producer else ""
+            return (
+                f"tensor {value.name!r} has a shape known only at run time{source}; NPU "
+                "programs need static shapes"
+            )
+        if 0 in shape:
+            return f"tensor {value.name!r} is empty (shape {list(shape)}): nothing to compute"
+    return None
 
 
 def support(node: ir.Node) -> str | None:
