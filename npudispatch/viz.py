@@ -83,9 +83,9 @@ def _report(source: Any, supported: Supported | None) -> tuple[PartitionReport, 
         return source.report, list(source.labels)
     model = source if isinstance(source, ir.Model) else graph.load(source)
     if supported is None:
-        from npudispatch.dispatch.compile import npu_support
+        from npudispatch.rewrites.support import npu_support
 
-        query: Supported = npu_support()
+        query: Supported = npu_support
     else:
         query = supported
     return graph.report(model, query), None

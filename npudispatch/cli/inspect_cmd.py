@@ -11,8 +11,8 @@ import onnx_ir as ir
 
 from npudispatch import graph
 from npudispatch.cli.common import add_dims_option, parse_dims, print_json
-from npudispatch.dispatch.compile import npu_support
 from npudispatch.rewrites import default_pipeline
+from npudispatch.rewrites.support import npu_support
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def inspect_model(model: ir.Model, support: graph.SupportQuery | None = None) ->
     so the reasons are the library's own decline reasons.
     """
     order = graph.topological_order(model)
-    rep = graph.report(model, support if support is not None else npu_support())
+    rep = graph.report(model, support if support is not None else npu_support)
     return {
         "nodes": [n.name for n in order],
         "op_types": dict(sorted(Counter(op_key(n) for n in order).items())),

@@ -17,7 +17,7 @@ For every NPU partition (docs/architecture.md §1-3):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,14 +35,14 @@ from npudispatch.dispatch.emit import (
 from npudispatch.dispatch.plan import BufferPlan, TensorRequest, build_plan
 from npudispatch.errors import ModelError, PlanError, UnsupportedOpError
 from npudispatch.graph import Partition, PartitionReport
-from npudispatch.graph.support import Supported, as_support_query
+from npudispatch.graph.support import Supported
 from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, Decline, OpConfig, round_up, tensor_spec
 from npudispatch.progress import progress
 from npudispatch.rewrites import MarkViewsPass, default_pipeline, is_view
-from npudispatch.rewrites.support import npu_support as rewrite_support
+from npudispatch.rewrites.support import support_query
 
-__all__ = ["CompiledModel", "compile_model", "npu_support", "plan_partition"]
+__all__ = ["CompiledModel", "compile_model", "plan_partition"]
 
 #: Widest partition of an AIE2P (Strix) array (partitions are 1-8 columns wide).
 MAX_PARTITION_COLS = 8
@@ -119,22 +119,6 @@ def _partition_dict(part: Partition) -> dict[str, Any]:
     }
 
 
-def npu_support(supported: Supported | None = None) -> Callable[[ir.Node], str | None]:
-    """Support query of the NPU: marked views, or nodes an operator of the registry takes.
-
-    ``supported`` (op types or a query, as in :func:`npudispatch.graph.partition`) narrows it
-    further: a node must pass both, since only registry operators can be emitted.
-    """
-    user = as_support_query(supported) if supported is not None else None
-
-    def query(node: ir.Node) -> str | None:
-        if user is not None and (reason := user(node)) is not None:
-            return str(reason)
-        return rewrite_support(node)
-
-    return query
-
-
 def compile_model(
     model_or_path: graph.ModelLike,
     *,
@@ -165,14 +149,14 @@ def compile_model(
     if rewrite:
         # graph.load already bound ``dims`` everywhere. Padding and precision must see the same
         # NPU set as the partitioning below, or CPU segments would get padded / bf16 tensors.
-        narrowed = npu_support(supported) if supported is not None else None
+        narrowed = support_query(supported) if supported is not None else None
         default_pipeline(pad=pad, bf16=bf16, support=narrowed)(model)
     else:
         MarkViewsPass()(model)
     timings["rewrite"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    query = npu_support(supported)
+    query = support_query(supported)
     demoted: dict[ir.Node, str] = {}
     while True:  # converges: the set of demoted views only grows
         rep = graph.report(model, lambda n: demoted.get(n) or query(n))

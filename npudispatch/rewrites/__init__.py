@@ -15,7 +15,6 @@ from npudispatch.rewrites.padding import (
     PaddingReport,
     PadTerminalsPass,
     pad_model,
-    pad_partition_model,
 )
 from npudispatch.rewrites.pipeline import (
     LATE_PASSES_ANCHOR,
@@ -53,7 +52,6 @@ __all__ = [
     "is_view",
     "matmul_rules",
     "pad_model",
-    "pad_partition_model",
     "rms_norm_rules_set",
     "rules_pass",
     "skip_rms_norm_rules_set",

@@ -28,10 +28,9 @@ support query declines) is **pinned** - its shape never changes - so CPU-only no
 segments the dispatcher extracts see exactly the user's shapes; values crossing only NPU nodes
 and the graph's own inputs/outputs are padded, and a value between two NPU partitions gets one
 size satisfying both (the lcm covers every operator on the chain). On an extracted partition
-(:func:`pad_partition_model`) every graph input/output is a copy-in/copy-out tensor, so CPU
+(``pad_model`` of ``graph.extract(model, partition)``) every graph input/output is a copy-in/copy-out tensor, so CPU
 borders are padded too (tested: the extracted partitions pad a superset of the whole-model pass).
-Use the pipeline pass when the dispatcher plans on the whole model (``dispatch.compile`` today);
-use :func:`pad_partition_model` if it moves to planning extracted partitions.
+The dispatcher plans on the whole model (``dispatch.compile``), so it uses the pipeline pass.
 
 Dispatcher contract (copy-in / copy-out)
 ----------------------------------------
@@ -47,7 +46,7 @@ Intermediates stay padded in device memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -55,8 +54,10 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch.errors import RewriteError
+from npudispatch.graph.support import SupportQuery
 from npudispatch.operators import registry
 from npudispatch.operators.base import REAL_SHAPE_KEY, Decline, OpConfig, node_label
+from npudispatch.rewrites.support import npu_support
 
 __all__ = [
     "REAL_SHAPE_KEY",
@@ -65,11 +66,8 @@ __all__ = [
     "PaddingReport",
     "host_shape",
     "pad_model",
-    "pad_partition_model",
     "real_shape",
 ]
-
-SupportQuery = Callable[[ir.Node], str | None]
 
 # A union-find key: (value, axis) for activations, (node, input slot, axis) for constant uses.
 _ValueKey = tuple[ir.Value, int]
@@ -350,19 +348,16 @@ def _apply(graph: ir.Graph, plan: _Plan) -> _Undo:
 # ---- entry points ---------------------------------------------------------------------------
 
 
-def _default_support(node: ir.Node) -> str | None:
-    return registry.support(node)
-
-
 def pad_model(model: ir.Model, support: SupportQuery | None = None) -> PaddingReport:
     """Pad every NPU node of ``model``'s main graph in place (see the module docstring).
 
-    ``support``: ``node -> None | reason`` narrowing which nodes count as NPU nodes (default: any
-    node the operator registry takes). Raises :class:`RewriteError` if the plan cannot be made to
+    ``support``: the NPU support query (default :func:`~npudispatch.rewrites.support.npu_support`),
+    or a narrower one. Only NPU nodes an operator runs are padded: zero-copy views are NPU nodes
+    too, but they pin their tensors (a view cannot change the layout of the data it views). Raises :class:`RewriteError` if the plan cannot be made to
     keep every NPU node matched.
     """
     graph = model.graph
-    query = support or _default_support
+    query = support or npu_support
     npu: list[ir.Node] = []
     for node in graph:
         if query(node) is None and isinstance(registry.match(node), OpConfig):
@@ -405,16 +400,6 @@ def pad_model(model: ir.Model, support: SupportQuery | None = None) -> PaddingRe
         "terminal padding found no plan that keeps every NPU node matched; "
         "report this model (operators' granularity and match disagree)"
     )
-
-
-def pad_partition_model(model: ir.Model, support: SupportQuery | None = None) -> PaddingReport:
-    """Pad an extracted NPU partition (``npudispatch.graph.extract``) in place.
-
-    Its graph inputs and outputs are the partition's copy-in / copy-out tensors: they get padded
-    shapes with the real shape recorded (the dispatcher pads on copy-in, crops on copy-out),
-    including those that border CPU segments in the full model (see the module docstring).
-    """
-    return pad_model(model, support)
 
 
 class PadTerminalsPass(ir.passes.InPlacePass):

@@ -58,7 +58,7 @@ and their largest K) scaled by the inputs' RMS magnitude.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -69,6 +69,7 @@ import onnx_ir as ir
 
 from npudispatch import graph as graph_layer
 from npudispatch.errors import RewriteError
+from npudispatch.graph.support import SupportQuery
 from npudispatch.operators import registry
 from npudispatch.operators.base import Decline, node_label
 from npudispatch.rewrites.aliasing import can_be_view, is_view
@@ -87,8 +88,6 @@ __all__ = [
     "tolerance_for_model",
     "tolerance_for_output",
 ]
-
-SupportQuery = Callable[[ir.Node], str | None]
 
 BOUNDARY_KEY = "npudispatch.precision"
 BOUNDARY = "boundary"

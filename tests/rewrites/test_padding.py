@@ -26,7 +26,6 @@ from npudispatch.rewrites.padding import (
     PadTerminalsPass,
     host_shape,
     pad_model,
-    pad_partition_model,
     real_shape,
 )
 from npudispatch.rewrites.precision import tolerance_for
@@ -283,7 +282,7 @@ def test_per_partition_vs_whole_model():
     sub_shapes = {}
     for part in parts:
         sub = graph.extract(split, part)
-        pad_partition_model(sub)
+        pad_model(sub)
         sub_shapes |= {v.name: _static(v) for n in sub.graph for v in (*n.inputs, *n.outputs)}
     assert sub_shapes == dict.fromkeys(["x", "s", "t", "c", "u", "y"], (2, 16))
 
@@ -297,7 +296,7 @@ def test_extracted_partition_pads_its_io():
     """
     m = prepared(text)
     sub = graph.extract(m, graph.partition(m, registry.support)[0])
-    report = pad_partition_model(sub)
+    report = pad_model(sub)
     assert set(report.padded_values) == {"x", "s", "y"}
     assert _static(sub.graph.inputs[0]) == (3, 16) and real_shape(sub.graph.inputs[0]) == (3, 13)
 

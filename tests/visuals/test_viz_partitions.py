@@ -59,7 +59,7 @@ def test_layout_follows_edges_and_partitions(compiled):
 
 
 def test_every_source_kind_gives_the_same_partitions(compiled):
-    from npudispatch.dispatch.compile import npu_support
+    from npudispatch.rewrites.support import npu_support
 
     model = graph.load(tanh_sandwich())
     sources = [compiled, compiled.report, model, tanh_sandwich()]
@@ -67,7 +67,7 @@ def test_every_source_kind_gives_the_same_partitions(compiled):
     assert kinds == [["npu", "cpu", "npu"]] * 4
     everything = viz.partition_view(model, supported=lambda node: None)  # all NPU
     assert [p.kind for p in everything.partitions] == ["npu"]
-    assert npu_support()(next(iter(model.graph))) is None  # the default query
+    assert npu_support(next(iter(model.graph))) is None  # the default query
 
 
 def test_plot_draws_one_box_per_node_and_a_legend(compiled):
