@@ -32,7 +32,17 @@ Adding an operator
 """
 
 from npudispatch.operators.activations import Gelu, NpuGelu, Sigmoid, Silu
+from npudispatch.operators.batchnorm import BatchNormalization
 from npudispatch.operators.cast import Cast
+from npudispatch.operators.cnn_activations import (
+    Clip,
+    Elu,
+    HardSigmoid,
+    HardSwish,
+    LeakyRelu,
+    PRelu,
+    Selu,
+)
 from npudispatch.operators.conv import Conv, ConvTranspose, FusedConv
 from npudispatch.operators.datamove import Concat, Slice, Split
 from npudispatch.operators.elementwise import Add, Div, Max, Min, Mul, Sub, Where
@@ -49,6 +59,7 @@ from npudispatch.operators.quantize import DequantizeLinear, QuantizeLinear
 from npudispatch.operators.reduce import ReduceMax, ReduceMean, ReduceMin, ReduceSum
 from npudispatch.operators.registry import register
 from npudispatch.operators.softmax import Softmax
+from npudispatch.operators.spatial import DepthToSpace, Pad, SpaceToDepth
 from npudispatch.operators.transpose import Transpose
 from npudispatch.operators.unary import (
     Abs,
@@ -90,6 +101,14 @@ register(Sin)
 register(Cos)
 register(Softplus)
 register(Pow)
+register(Clip)
+register(HardSigmoid)
+register(HardSwish)
+register(LeakyRelu)
+register(PRelu)
+register(Elu)
+register(Selu)
+register(BatchNormalization)
 register(Softmax)
 register(ReduceMean)
 register(ReduceSum)
@@ -103,6 +122,9 @@ register(Cast)
 register(Split)
 register(Concat)
 register(Slice)
+register(Pad)
+register(DepthToSpace)
+register(SpaceToDepth)
 register(MatMul)
 register(Gemm)
 register(MatMulBias)

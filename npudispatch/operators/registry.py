@@ -72,6 +72,8 @@ def _open_shape(node: ir.Node) -> str | None:
     for value in (*node.inputs, *node.outputs):
         if value is None or (not value.uses() and not value.is_graph_output()):
             continue  # absent, or an optional output nobody reads
+        if value.const_value is not None:
+            continue  # a parameter, not data: an empty one (Resize's roi) means "not given"
         shape = value.shape
         if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
             producer = value.producer()
