@@ -291,7 +291,7 @@ class Conv(Operator):
         upsample = d[5 + 5 * r : 5 + 6 * r]
         code = d[5 + 6 * r]
         kg = cg * math.prod(window.kernel)
-        img_bytes = g * mg * round_up(kg, K_LANES) * 2
+        img_bytes = g * mg * round_up(kg, K_LANES) * BF16.itemsize
         const = np.frombuffer(memoryview(operands[1]).cast("B"), dtype=np.uint8)
         if const.size < round_up(img_bytes) + g * mg * 4:
             raise DeviceError(f"conv kernel: const region of {const.size} B is too short")
