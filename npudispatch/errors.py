@@ -15,6 +15,10 @@ class ModelError(NpuDispatchError, ValueError):
     """The ONNX model is malformed or cannot be used as given (cycle, dangling input, unbound dim...)."""
 
 
+class ProgramFormatError(ModelError):
+    """A saved program folder is corrupt or inconsistent; the message names the field or file."""
+
+
 class UnsupportedOpError(NpuDispatchError):
     """An ONNX node cannot run on the NPU and no CPU fallback was allowed."""
 
@@ -55,6 +59,7 @@ __all__ = [
     "ModelError",
     "NpuDispatchError",
     "PlanError",
+    "ProgramFormatError",
     "RewriteError",
     "TxnFormatError",
     "UnsupportedOpError",

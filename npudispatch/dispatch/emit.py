@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from npudispatch.dispatch.backends.base import ProgramImage
 from npudispatch.dispatch.plan import BufferKind, BufferPlan
-from npudispatch.errors import ModelError, NpuDispatchError, PlanError, TxnFormatError
+from npudispatch.errors import ModelError, PlanError, ProgramFormatError, TxnFormatError
 from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, ArgSpec, OpConfig, round_up
 from npudispatch.txn import ArgRange, Transaction, fuse_rebased, rebase, wrap
@@ -423,42 +423,62 @@ class FusedProgram:
 
     @classmethod
     def load(cls, directory: str | Path) -> FusedProgram:
-        """Read a program written by :meth:`save`; checks format and file hashes."""
+        """Read a program written by :meth:`save`, validated as a whole.
+
+        Raises :class:`~npudispatch.errors.ProgramFormatError` naming the file or field when
+        anything is missing, corrupt or inconsistent (see :mod:`.program_check`).
+        """
+        from npudispatch.dispatch import program_check
+
         d = Path(directory)
         missing = [f for f in FILES if not (d / f).is_file()]
         if missing:
-            raise ModelError(f"{d} is not a saved FusedProgram: missing {', '.join(missing)}")
+            raise ProgramFormatError(
+                f"{d} is not a saved FusedProgram: missing {', '.join(missing)}"
+            )
         try:
             doc = json.loads((d / "program.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelError(
+            raise ProgramFormatError(
                 f"{d / 'program.json'} is corrupt ({exc}); re-compile or re-save the program"
             ) from exc
         if not isinstance(doc, dict) or doc.get("format") != PROGRAM_FORMAT:
             doc = doc if isinstance(doc, dict) else {}
-            raise ModelError(
+            raise ProgramFormatError(
                 f"{d / 'program.json'}: format {doc.get('format')!r}, expected {PROGRAM_FORMAT}; "
                 "re-compile the model with this npudispatch version"
             )
+        program_check.check_document(d / "program.json", doc)
         try:
-            return cls._from_doc(d, doc)
+            program = cls._from_doc(d, doc)
         except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, NpuDispatchError):
+            if isinstance(exc, ProgramFormatError):
                 raise
-            raise ModelError(
+            raise ProgramFormatError(
                 f"{d / 'program.json'} is incomplete or inconsistent ({type(exc).__name__}: "
                 f"{exc}); re-compile or re-save the program"
             ) from exc
+        except PlanError as exc:
+            raise ProgramFormatError(f"{d / 'program.json'}: field plan: {exc}") from exc
+        program_check.check_program(d, program)
+        return program
 
     @classmethod
     def _from_doc(cls, d: Path, doc: dict[str, Any]) -> FusedProgram:
         blobs = {f: (d / f).read_bytes() for f in FILES[1:]}
         for f, data in blobs.items():
             if hashlib.sha256(data).hexdigest() != doc["sha256"][f]:
-                raise ModelError(f"{d / f} does not match the sha256 in program.json (corrupted?)")
+                raise ProgramFormatError(
+                    f"{d / f} does not match sha256[{f!r}] in program.json (corrupted?)"
+                )
+        try:
+            txn = Transaction.from_bytes(blobs["txn.bin"])
+            txn.ops  # noqa: B018 - parse every op now, not at the first run
+        except TxnFormatError as exc:
+            raise ProgramFormatError(f"{d / 'txn.bin'} is not a valid transaction: {exc}") from exc
         program = cls(
             name=doc["name"],
-            txn=Transaction.from_bytes(blobs["txn.bin"]),
+            txn=txn,
             plan=BufferPlan.from_dict(doc["plan"]),
             const_image=blobs["const.bin"],
             params_image=blobs["params.bin"],
@@ -468,7 +488,10 @@ class FusedProgram:
             const_tensors=doc.get("const_tensors", {}),
             num_cols=int(doc["num_cols"]),
         )
-        program.kernels()  # fail now, not at the first run, when a kernel id is unknown
+        try:
+            program.kernels()  # fail now, not at the first run, when a kernel id is unknown
+        except ModelError as exc:
+            raise ProgramFormatError(str(exc)) from exc
         return program
 
     # --- views ---------------------------------------------------------------------------------

@@ -57,3 +57,10 @@ class EmulatorFault(_Located, DeviceFault):
 
 class KernelContractError(DeviceError):
     """An overlay kernel returned outputs that do not match its params record."""
+
+
+class KernelError(_Located, DeviceError):
+    """An overlay kernel raised while running a launch (e.g. on a corrupt params record).
+
+    The original exception is chained (``__cause__``); the virtual NPU is reset afterwards.
+    """

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from npudispatch.emulator.errors import EmulatorHang, KernelContractError
-from npudispatch.errors import DeviceHang
+from npudispatch.emulator.errors import EmulatorHang, KernelContractError, KernelError
+from npudispatch.errors import DeviceError, DeviceHang
 from npudispatch.overlay_abi import (
     HEADER_BYTES,
     PARAMS_CHANNEL,
@@ -170,8 +170,17 @@ class Overlay:
         ]
         # The array computes IEEE values and never traps: an overflow to infinity (e.g. casting
         # 3.4e38 to bf16) is a result, whatever numpy error mode the caller runs under.
-        with np.errstate(all="ignore"):
-            outs = [_as_bytes(o) for o in kernel(record, operands)]
+        try:
+            with np.errstate(all="ignore"):
+                outs = [_as_bytes(o) for o in kernel(record, operands)]
+        except DeviceError:
+            raise
+        except Exception as exc:  # the kernel is device code: its crash is a device error
+            raise KernelError(
+                f"kernel {record.kernel_id} (launch {self.launches}) failed: "
+                f"{type(exc).__name__}: {exc}; its params record or operands are inconsistent",
+                **loc,
+            ) from exc
         sizes = [o.size for o in outs]
         if sizes != list(record.output_bytes):
             raise KernelContractError(

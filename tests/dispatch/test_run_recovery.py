@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 
 import npudispatch
 from npudispatch.emulator import KernelRegistry, VirtualNpu
+from npudispatch.emulator.errors import KernelError
 from npudispatch.operators import registry
 from npudispatch.testing import harness
 
@@ -73,9 +74,9 @@ def test_session_recovers_after_a_kernel_exception(monkeypatch, x):
     )
     model = _mlp_model()
     sess = npudispatch.Session(model)
-    with pytest.raises(RuntimeError, match="injected kernel failure"):
+    with pytest.raises(KernelError, match="injected kernel failure") as info:
         sess.run(None, {"x": x})
-    assert flaky.failures == 0
+    assert flaky.failures == 0 and isinstance(info.value.__cause__, RuntimeError)
     (y,) = sess.run(None, {"x": x})
     (again,) = sess.run(None, {"x": x})
     np.testing.assert_array_equal(y, again)
@@ -116,7 +117,7 @@ def test_virtual_npu_runs_again_after_a_failed_run(x):
         num_cols=prepared.num_cols,
         kernels=KernelRegistry({kid: flaky.kernel}),
     )
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(KernelError, match="injected"):
         npu.run(prepared.transaction)
     npu.run(prepared.transaction)
     expected = harness.execute(prepared)["y"]
