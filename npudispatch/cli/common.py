@@ -27,15 +27,12 @@ def parse_dims(items: list[str] | None) -> dict[str, int]:
             name, value = name.strip(), value.strip()
             if not sep or not name or not value.isdigit():
                 raise ModelError(
-                    f"--dims expects NAME=INT with a positive INT (e.g. --dims batch=1), "
+                    f"--dims expects NAME=INT with a non-negative INT (e.g. --dims batch=1), "
                     f"got {part!r}"
                 )
             size = int(value)
-            if not 1 <= size <= MAX_DIM:
-                raise ModelError(
-                    f"--dims {name}={value}: a dim must be between 1 and {MAX_DIM} "
-                    "(zero-size tensors cannot run on the NPU)"
-                )
+            if size > MAX_DIM:
+                raise ModelError(f"--dims {name}={value}: a dim must be at most {MAX_DIM}")
             if dims.get(name, size) != size:
                 raise ModelError(
                     f"--dims gives {name!r} twice with different values ({dims[name]} and "
@@ -45,13 +42,41 @@ def parse_dims(items: list[str] | None) -> dict[str, int]:
     return dims
 
 
+def parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse repeated ``--shape INPUT=1x3x224x224`` options into ``{input: shape}``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items or []:
+        name, sep, text = item.rpartition("=")
+        parts = text.strip().lower().split("x")
+        if not sep or not name.strip() or not all(p.strip().isdigit() for p in parts):
+            raise ModelError(
+                f"--shape expects INPUT=D0xD1x... with non-negative ints (e.g. --shape "
+                f"x=1x3x224x224), got {item!r}"
+            )
+        shape = tuple(int(p) for p in parts)
+        if any(d > MAX_DIM for d in shape):
+            raise ModelError(f"--shape {item}: a dim must be at most {MAX_DIM}")
+        name = name.strip()
+        if shapes.get(name, shape) != shape:
+            raise ModelError(f"--shape gives input {name!r} twice with different shapes")
+        shapes[name] = shape
+    return shapes
+
+
 def add_dims_option(parser: argparse.ArgumentParser) -> None:
-    """Add the ``--dims k=v`` option used by every command that reads a model."""
+    """Add ``--dims NAME=INT`` and ``--shape INPUT=1x3x224x224``, used by every model command."""
     parser.add_argument(
         "--dims",
         action="append",
         metavar="NAME=INT",
-        help="bind a symbolic dimension (repeatable, or comma-separated)",
+        help="bind a symbolic dimension by name (repeatable, or comma-separated)",
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        metavar="INPUT=D0xD1x...",
+        help="give a graph input its whole shape, e.g. x=1x3x224x224 (repeatable; works for "
+        "unnamed dims and for dims that share a name such as '?')",
     )
 
 

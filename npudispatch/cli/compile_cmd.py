@@ -14,7 +14,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from npudispatch.cli.common import add_dims_option, output_dir, parse_dims, print_json, writing
+from npudispatch.cli.common import (
+    add_dims_option,
+    output_dir,
+    parse_dims,
+    parse_shapes,
+    print_json,
+    writing,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,9 +64,11 @@ def run(args: argparse.Namespace) -> int:
 
     output_dir(args.output, "the compiled programs")  # fail before a long compile
     dims = parse_dims(args.dims)
+    shapes = parse_shapes(args.shape)
     compiled = compile_model(
         args.model,
         dims=dims,
+        input_shapes=shapes,
         rewrite=not args.no_rewrite,
         num_cols=args.num_cols,
         pad=args.pad,

@@ -10,7 +10,7 @@ from typing import Any
 import onnx_ir as ir
 
 from npudispatch import graph
-from npudispatch.cli.common import add_dims_option, parse_dims, print_json
+from npudispatch.cli.common import add_dims_option, parse_dims, parse_shapes, print_json
 from npudispatch.rewrites import default_pipeline
 from npudispatch.rewrites.support import npu_support
 
@@ -116,7 +116,9 @@ def render(model: ir.Model, doc: dict[str, Any], source: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and print the report."""
-    model = graph.load(args.model, dims=parse_dims(args.dims))
+    model = graph.load(
+        args.model, dims=parse_dims(args.dims), input_shapes=parse_shapes(args.shape)
+    )
     if args.rewrite:
         default_pipeline()(model)
     doc = inspect_model(model)

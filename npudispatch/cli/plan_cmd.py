@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from npudispatch.cli.common import add_dims_option, parse_dims, print_json
+from npudispatch.cli.common import add_dims_option, parse_dims, parse_shapes, print_json
 from npudispatch.cli.compile_cmd import add_compile_options
 
 
@@ -27,7 +27,13 @@ def run(args: argparse.Namespace) -> int:
     """Print the plans."""
     from npudispatch.dispatch.compile import compile_model
 
-    compiled = compile_model(args.model, dims=parse_dims(args.dims), pad=args.pad, bf16=args.bf16)
+    compiled = compile_model(
+        args.model,
+        dims=parse_dims(args.dims),
+        input_shapes=parse_shapes(args.shape),
+        pad=args.pad,
+        bf16=args.bf16,
+    )
     programs = [compiled.programs[i] for i in sorted(compiled.programs)]
     if args.json:
         print_json({"plans": {p.name: p.plan.to_dict() for p in programs}})

@@ -27,6 +27,7 @@ from npudispatch.cli.common import (
     non_negative,
     output_file,
     parse_dims,
+    parse_shapes,
     print_json,
     read_input_file,
     writing,
@@ -90,7 +91,7 @@ def random_inputs(session: Any, seed: int) -> dict[str, np.ndarray]:
         if free:
             raise ModelError(
                 f"input {arg.name!r} has free dims {arg.shape}; random inputs need a shape: "
-                "give --inputs data.npz or bind the dims with --dims NAME=INT"
+                f"give --inputs data.npz or the shape with --shape {arg.name}=D0xD1x..."
             )
         dtype = dtype_of(arg.type)
         if np.issubdtype(dtype, np.integer):
@@ -146,17 +147,15 @@ def onnxruntime_outputs(
 ) -> dict[str, np.ndarray]:
     """Reference outputs: onnxruntime on the original model (dims bound, npudispatch ops given
     function bodies)."""
-    import onnx_ir as ir
-    import onnxruntime as ort
-
     from npudispatch import graph, opset
+    from npudispatch.dispatch.ort_session import onnxruntime_session
 
-    model = graph.load(model_path, dims=dims)
+    shapes = {name: array.shape for name, array in feeds.items()}
+    model = graph.load(model_path, dims=dims, input_shapes=shapes)
     if any(n.domain == opset.DOMAIN for n in model.graph.all_nodes()):
         opset.attach_functions(model)
     model.ir_version = min(model.ir_version, graph.EXTRACT_IR_VERSION)
-    proto = ir.serde.serialize_model(model)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = onnxruntime_session(model)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
@@ -199,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
     from npudispatch.dispatch.session import Session
 
     dims = parse_dims(args.dims)
+    shapes = parse_shapes(args.shape)
     options: dict[str, Any] = {}
     if args.backend == "xrt":
         if args.xclbin is None:
@@ -229,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         fallback=fallback,
         dims=dims,
+        input_shapes=shapes or None,
         pad=args.pad,
         bf16=args.bf16,
         **options,

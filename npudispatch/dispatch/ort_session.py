@@ -18,6 +18,9 @@ import onnx_ir as ir
 
 __all__ = ["onnxruntime_session"]
 
+# External tensors up to this size are inlined into the model bytes instead of shared.
+_INLINE_BYTES = 64 * 1024
+
 
 def onnxruntime_session(
     model: ir.Model, *, optimize: bool = True, options: Any = None
@@ -47,40 +50,38 @@ def onnxruntime_session(
 
 
 def _move_external_initializers(model: ir.Model, proto: onnx.ModelProto, options: Any) -> list:
+    """Share big external initializers with onnxruntime; inline small ones. Returns the buffers
+    onnxruntime reads, which the caller must keep alive."""
     import onnxruntime as ort
 
-    names: list[str] = []
-    values: list[Any] = []
-    kept: list[np.ndarray] = []
     externals = {
         name: value.const_value
         for name, value in model.graph.initializers.items()
         if isinstance(value.const_value, ir.ExternalTensor)
     }
-    inline: list[onnx.TensorProto] = []
-    remaining = []
-    for tensor in proto.graph.initializer:
+    names: list[str] = []
+    values: list[Any] = []
+    kept: list[np.ndarray] = []
+    for i, tensor in enumerate(proto.graph.initializer):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            remaining.append(tensor)
             continue
         source = externals.get(tensor.name)
-        array = source.numpy() if source is not None else None
-        if array is not None and _ort_can_wrap(array):
+        if source is None:
+            raise ValueError(f"external initializer {tensor.name!r} has no IR tensor")
+        array = source.numpy()  # memory-mapped
+        if array.nbytes > _INLINE_BYTES and _ort_can_wrap(array):
+            # Stays declared as external: onnxruntime takes the data from the options instead
+            # of opening the file.
             array = np.ascontiguousarray(array)
             names.append(tensor.name)
             values.append(ort.OrtValue.ortvalue_from_numpy(array))
             kept.append(array)
         else:
-            # dtypes onnxruntime's numpy bridge lacks (bfloat16, 4-bit): inline the bytes.
-            ir_tensor = source if source is not None else None
-            if ir_tensor is None:
-                raise ValueError(f"external initializer {tensor.name!r} has no IR tensor")
-            copy = ir.serde.serialize_tensor(ir.Tensor(ir_tensor.numpy(), dtype=ir_tensor.dtype))
-            copy.name = tensor.name
-            inline.append(copy)
-    if names or inline:
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(remaining + inline)
+            # Small tensors (onnxruntime's graph checks read shape constants and refuse external
+            # ones) and dtypes its numpy bridge lacks (bfloat16, 4-bit): inline the bytes.
+            inline = ir.serde.serialize_tensor(ir.Tensor(array, dtype=source.dtype))
+            inline.name = tensor.name
+            proto.graph.initializer[i].CopyFrom(inline)
     if names:
         options.add_external_initializers(names, values)
     return [kept, values]

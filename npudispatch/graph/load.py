@@ -56,8 +56,8 @@ def load(
     _check_dangling_inputs(graph)
     assign_unique_names(graph)
     _sort(graph)
-    _bind_input_shapes(graph, dict(input_shapes or {}))
     _bind_dims(graph, dict(dims or {}))
+    _bind_input_shapes(graph, dict(input_shapes or {}))
     _check_inputs_static(graph)
     shapes.forget_stale_shapes(graph)
     shapes.resolve_shapes(ir_model)
@@ -305,8 +305,8 @@ def _bind_input_shapes(graph: ir.Graph, input_shapes: dict[str, Sequence[int]]) 
         for axis, dim in enumerate(declared or []):
             if isinstance(dim, int) and dim >= 0 and dim != shape[axis]:
                 raise ModelError(
-                    f"input_shapes[{name!r}] = {shape} sets dim {axis} to {shape[axis]}, but the "
-                    f"model fixes it to {dim} ({_show(declared)})"
+                    f"input_shapes[{name!r}] = {shape} sets dim {axis} to {shape[axis]}, but it "
+                    f"is {dim} ({_show(declared)}: fixed by the model or bound by dims=)"
                 )
         value.shape = ir.Shape(shape)
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import LiftConstantsToInitializersPass
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
 from onnxscript.optimizer import fold_constants_ir
 
 from npudispatch.errors import ModelError
@@ -281,8 +281,8 @@ def _infer_node(
     domain = "" if node.domain == "ai.onnx" else node.domain
     if domain == "" and onnx.defs.has(node.op_type):
         return _infer_standard_node(node, opsets, ir_version)
-    if domain in ("", OPAQUE_DOMAIN) or domain not in opsets:
-        return {}
+    # Custom-domain ops, and onnxruntime's contrib ops registered in the default domain
+    # (SimplifiedLayerNormalization): onnxruntime knows them.
     return _infer_custom_node(node, opsets, ir_version)
 
 
@@ -344,11 +344,37 @@ def _infer_custom_node(
     if inferred is None:
         return {}
     infos = (*inferred.graph.output, *inferred.graph.value_info)
-    return {
+    types = {
         info.name: info.type
         for info in infos
         if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type
     }
+    if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
+        _fix_gqa_present_length(node, types)
+    return types
+
+
+def _fix_gqa_present_length(node: ir.Node, types: dict[str, onnx.TypeProto]) -> None:
+    """GroupQueryAttention's present KV holds max(past length, total_sequence_length), where the
+    total is a *value* (input 6). onnxruntime's symbolic inference assumes the shared-buffer case
+    (present = past); with a constant total we set the true length, otherwise it is run-time data.
+    """
+    total = node.inputs[6] if len(node.inputs) > 6 else None
+    past = node.inputs[3] if len(node.inputs) > 3 else None
+    if total is None or past is None or past.shape is None:
+        return
+    known = _small_constant(total)
+    for value in node.outputs[1:3]:
+        info = types.get(value.name or "")
+        if info is None or not info.tensor_type.HasField("shape"):
+            continue
+        dim = info.tensor_type.shape.dim[2]
+        if known is None:
+            dim.Clear()
+            dim.dim_param = f"{node.name}_present_length"
+        else:
+            dim.Clear()
+            dim.dim_value = max(int(past.shape[2]), int(np.asarray(known.numpy()).reshape(-1)[0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,4 +416,5 @@ def fold_shape_arithmetic(model: ir.Model, size_limit: int = SHAPE_TENSOR_LIMIT)
     )
     if result.modified:
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        RemoveUnusedNodesPass()(model)  # the folded chains' leftover constants
     return bool(result.modified)
