@@ -11,6 +11,7 @@ calls one per-area benchmark module and turns its numbers into a ratio measured 
 ``session``                   Session.run on fake-pyxrt no-op device / onnxruntime run (session_bench)
 ``weights_q4_KxN``            4-bit weight formatting / memcpy of the output bytes (weights_bench)
 ``emulator_llama2_mlp``       emulator Session.run / onnxruntime run, M=1 (mlp_bench)
+``emulator_ppocr_det``        emulator Session.run / onnxruntime run, PP-OCRv4 detector (cnn_bench)
 ============================  ==========================================================
 
 ``--quick`` uses tiny sizes and single repeats (for tests); the numbers are then not meaningful.
@@ -40,6 +41,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` i
 import numpy as np
 
 from benchmarks import (
+    cnn_bench,
     compile_bench,
     mlp_bench,
     plan_bench,
@@ -123,6 +125,24 @@ def _mlp(quick: bool) -> list[Row]:
             f"{_ms(e['onnxruntime_run_s'])}, max|diff| {e['max_abs_diff']:.3g}",
             e,
         ),
+    ]
+
+
+def _cnn(quick: bool) -> list[Row]:
+    r = _quiet(cnn_bench.run, quick=quick)
+    what = "emulator Session.run / onnxruntime run"
+    if "skipped" in r:
+        return [Row("emulator_ppocr_det", None, what, r["skipped"], {}, r["skipped"])]
+    return [
+        Row(
+            "emulator_ppocr_det",
+            r["ratio_to_onnxruntime"],
+            what,
+            f"PP-OCRv4 det {'x'.join(map(str, r['input_shape']))}: emulator "
+            f"{_ms(r['emulator_run_s'])}, onnxruntime {_ms(r['onnxruntime_run_s'])}, "
+            f"{r['kernel_calls']} kernel call(s), mean|diff| {r['mean_abs_diff']:.2g}",
+            r,
+        )
     ]
 
 
@@ -232,6 +252,7 @@ BENCHMARKS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("txn", _txn),
     ("session", _session),
     ("weights", _weights),
+    ("emulator_ppocr_det", _cnn),
 ]
 
 
