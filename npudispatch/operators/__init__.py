@@ -58,6 +58,7 @@ from npudispatch.operators.qmatmul import QLinearMatMul, QMatMul
 from npudispatch.operators.quantize import DequantizeLinear, QuantizeLinear
 from npudispatch.operators.reduce import ReduceMax, ReduceMean, ReduceMin, ReduceSum
 from npudispatch.operators.registry import register
+from npudispatch.operators.resize import Resize, Upsample
 from npudispatch.operators.softmax import Softmax
 from npudispatch.operators.spatial import DepthToSpace, Pad, SpaceToDepth
 from npudispatch.operators.transpose import Transpose
@@ -125,6 +126,8 @@ register(Slice)
 register(Pad)
 register(DepthToSpace)
 register(SpaceToDepth)
+register(Resize)
+register(Upsample)
 register(MatMul)
 register(Gemm)
 register(MatMulBias)

@@ -36,6 +36,10 @@ MatMul Gemm MatMulBias MatMulNBits QMatMul             4       operand + result 
 Conv ConvTranspose FusedConv                           4       like matmul (dot products)
 AveragePool GlobalAveragePool                          3       operand + result rounding
 MaxPool GlobalMaxPool                                  1       one rounding
+HardSigmoid HardSwish LeakyRelu PRelu Elu Selu         3       operand + result rounding
+BatchNormalization (folded multiply-add)               3       operand + result rounding
+Resize Upsample                                        3       weighted taps (nearest: exact)
+Clip                                                   1       one rounding
 Transpose, views, CPU (float32) ops                    0       exact data movement / fp32
 =====================================================  ======  ==========================
 
@@ -101,6 +105,8 @@ MATMUL_FAMILY = frozenset({"MatMul", "Gemm", "MatMulBias", "MatMulNBits", "QMatM
 _CONV_FAMILY = ("Conv", "ConvTranspose", "FusedConv")
 _POOLS_AVG = ("AveragePool", "GlobalAveragePool")
 _POOLS_MAX = ("MaxPool", "GlobalMaxPool")
+_CNN_LANEWISE = ("HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Elu", "Selu")
+_CNN_WEIGHTED = ("BatchNormalization", "Resize", "Upsample")
 
 #: Error budget per op type in units of :data:`BF16_UNIT_ROUNDOFF` (absent = 0: exact / float32).
 BUDGETS: dict[str, float] = {
@@ -112,6 +118,9 @@ BUDGETS: dict[str, float] = {
     **dict.fromkeys(_CONV_FAMILY, 4.0),
     **dict.fromkeys(_POOLS_AVG, 3.0),
     **dict.fromkeys(_POOLS_MAX, 1.0),
+    **dict.fromkeys(_CNN_LANEWISE, 3.0),
+    **dict.fromkeys(_CNN_WEIGHTED, 3.0),
+    "Clip": 1.0,
 }
 
 

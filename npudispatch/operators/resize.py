@@ -1,0 +1,550 @@
+"""Resize (opset 10, 11, 13, 18, 19) and Upsample (opset 7, 9): kernel ids 770, 771.
+
+Interpolation is separable, so the whole op is a short sequence of per-axis gathers. At match
+time every resized axis gets a table (:class:`AxisTable`): for each output position along that
+axis, the input positions it reads (``taps``: 1 nearest, 2 linear, 4 cubic) and their weights.
+The tables are computed with onnxruntime's float32 coordinate arithmetic, so nearest-neighbour
+ties and edge clamping pick the same pixels as onnxruntime. They travel in the const region
+(per table: int32 indices ``[out, taps]``, then float32 weights ``[out, taps]`` unless nearest),
+described by ``dims = [method, n_tables, *(axis, out_len, taps) per table]``.
+
+The kernel crops X to its real shape, then per table does ``taps`` ``np.take`` gathers along the
+axis weighted and summed (nearest: one combined fancy-index gather, exact, any data dtype). Linear
+and cubic follow the bf16 rule (:mod:`.dtypes`): X rounded to bf16, float32 weights and sums,
+result rounded to bf16. No loop runs over pixels.
+
+Supported: modes nearest (every ``nearest_mode``, and opset 10's rule: ``ceil`` when
+downsampling, truncation otherwise), linear (any number of axes; onnxruntime's clamp of the
+source coordinate to the input) and cubic (``cubic_coeff_a``, ``exclude_outside``);
+``coordinate_transformation_mode`` half_pixel, half_pixel_symmetric, pytorch_half_pixel,
+align_corners, asymmetric, tf_half_pixel_for_nn; constant ``scales`` or ``sizes``, opset 18
+``axes`` and ``keep_aspect_ratio_policy``. Declined with a reason: tf_crop_and_resize (ROI crops),
+antialias, non-constant scales/sizes.
+
+Padding: every axis may be padded and none is tied: the kernel reads only the real input block
+(resize windows would otherwise pull padded zeros into edge pixels) and zero-fills the output
+outside its real shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from npudispatch.errors import DeviceError
+from npudispatch.operators import records
+from npudispatch.operators.base import (
+    Decline,
+    OpConfig,
+    Operator,
+    ShapeConstraints,
+    TensorSpec,
+    check_node_kind,
+    const_array,
+    node_config,
+    op_label,
+    opset_version,
+)
+from npudispatch.operators.datamove import _crop, _data_spec, _place
+from npudispatch.operators.dtypes import F32, FLOAT_DTYPES, store, to_compute
+from npudispatch.overlay_abi import ParamsRecord
+
+METHODS = ("nearest", "linear", "cubic")
+COORDINATE_MODES = (
+    "half_pixel",
+    "half_pixel_symmetric",
+    "pytorch_half_pixel",
+    "align_corners",
+    "asymmetric",
+    "tf_half_pixel_for_nn",
+)
+NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+SIMPLE = "simple"  # opset < 11: ceil when downsampling, truncation otherwise (onnxruntime)
+POLICIES = ("stretch", "not_larger", "not_smaller")
+TAPS = {"nearest": 1, "linear": 2, "cubic": 4}
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """What one Resize computes, per axis of X (real shapes)."""
+
+    method: str
+    coordinate_mode: str
+    nearest_mode: str
+    cubic_a: float
+    exclude_outside: bool
+    scales: tuple[float, ...]  # float32 values, one per axis
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AxisTable:
+    """Gather table of one resized axis: ``index[o, k]`` is the input position tap ``k`` of output
+    position ``o`` reads, ``weight[o, k]`` its weight (None for nearest)."""
+
+    axis: int
+    index: np.ndarray  # int32 [out, taps]
+    weight: np.ndarray | None  # float32 [out, taps]
+
+
+# ---- coordinate tables (onnxruntime's float32 arithmetic) ----------------------------------
+
+
+def original_coordinates(out_len: int, in_len: int, scale: float, mode: str) -> np.ndarray:
+    """Source coordinate of every output position along one axis (float32)."""
+    f = np.float32
+    x = np.arange(out_len, dtype=f)
+    s, half = f(scale), f(0.5)
+    if mode == "asymmetric":
+        return x / s
+    if mode == "pytorch_half_pixel":
+        return (x + half) / s - half if out_len > 1 else np.zeros(out_len, f)
+    if mode == "tf_half_pixel_for_nn":
+        return (x + half) / s
+    if mode == "align_corners":
+        if out_len == 1:
+            return np.zeros(1, f)
+        return x * f(in_len - 1) / f(out_len - 1)
+    if mode == "half_pixel_symmetric":
+        adjustment = f(out_len) / (s * f(in_len))
+        offset = f(in_len) / f(2) * (f(1) - adjustment)
+        return (offset + (x.astype(np.float64) + 0.5) / float(s) - 0.5).astype(f)
+    return (x + half) / s - half  # half_pixel
+
+
+def nearest_index(coords: np.ndarray, mode: str, downsampling: bool) -> np.ndarray:
+    """Nearest input position per ``nearest_mode`` (before clamping)."""
+    c = coords.astype(np.float64)  # exact widening of the float32 coordinates
+    away = np.sign(c) * np.floor(np.abs(c) + 0.5)  # C++ std::round: halves away from zero
+    if mode == "round_prefer_floor":
+        return np.where(c == np.trunc(c) + 0.5, np.floor(c), away)
+    if mode == "round_prefer_ceil":
+        return away
+    if mode == "floor":
+        return np.floor(c)
+    if mode == "ceil":
+        return np.ceil(c)
+    return np.ceil(c) if downsampling else np.trunc(c)  # SIMPLE
+
+
+def cubic_weights(frac: np.ndarray, a: float) -> np.ndarray:
+    """Keys cubic convolution weights of taps ``-1, 0, 1, 2`` for fractional offsets ``frac``."""
+    s = np.abs(frac.astype(np.float64))[:, None]
+    d = np.concatenate([s + 1, s, 1 - s, 2 - s], axis=1)  # distance of each tap
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, far)
+
+
+def axis_table(spec: ResizeSpec, axis: int) -> AxisTable:
+    """The gather table of one axis."""
+    n_in, n_out, scale = spec.in_shape[axis], spec.out_shape[axis], spec.scales[axis]
+    coords = original_coordinates(n_out, n_in, scale, spec.coordinate_mode)
+    if spec.method == "nearest":
+        idx = nearest_index(coords, spec.nearest_mode, scale < 1.0)
+        return AxisTable(axis, np.clip(idx, 0, n_in - 1).astype(np.int32)[:, None], None)
+    if spec.method == "linear":
+        c = np.clip(coords, np.float32(0), np.float32(n_in - 1))
+        x1 = np.minimum(np.trunc(c).astype(np.int64), n_in - 1)
+        x2 = np.minimum(x1 + 1, n_in - 1)
+        d1 = np.abs(c - x1.astype(np.float32))  # weight of x2
+        d2 = np.abs(c - x2.astype(np.float32))  # weight of x1
+        same = x1 == x2
+        d1, d2 = np.where(same, 0.5, d1), np.where(same, 0.5, d2)
+        index = np.stack([x1, x2], axis=1)
+        weight = np.stack([d2, d1], axis=1)
+        return AxisTable(axis, index.astype(np.int32), weight.astype(F32))
+    base = np.floor(coords.astype(np.float64))
+    weight = cubic_weights(coords.astype(np.float64) - base, spec.cubic_a)
+    index = base.astype(np.int64)[:, None] + np.arange(-1, 3)[None, :]
+    if spec.exclude_outside:
+        weight = np.where((index >= 0) & (index < n_in), weight, 0.0)
+        weight = weight / weight.sum(axis=1, keepdims=True)
+    index = np.clip(index, 0, n_in - 1)
+    return AxisTable(axis, index.astype(np.int32), weight.astype(F32))
+
+
+def _is_identity(table: AxisTable, n_in: int) -> bool:
+    if table.index.shape[0] != n_in:
+        return False
+    own = table.index == np.arange(n_in)[:, None]
+    if table.weight is None:
+        return bool(own.all())
+    w = table.weight.astype(np.float64)
+    return bool(np.all(np.where(own, w, 0).sum(1) == 1) and np.all(np.where(own, 0, w) == 0))
+
+
+def resize_tables(spec: ResizeSpec) -> list[AxisTable]:
+    """Tables of every axis the resize changes. An axis with scale 1 and its size unchanged is
+    left alone whatever the coordinate mode (as onnxruntime does: tf_half_pixel_for_nn would
+    otherwise shift it by one pixel), and so is any axis whose table is the identity."""
+    tables = [
+        axis_table(spec, ax)
+        for ax, (n, m, s) in enumerate(zip(spec.in_shape, spec.out_shape, spec.scales))
+        if not (s == 1.0 and n == m)
+    ]
+    return [t for t in tables if not _is_identity(t, spec.in_shape[t.axis])]
+
+
+def apply_tables(x: np.ndarray, tables: Sequence[AxisTable], dtype: Any) -> np.ndarray:
+    """Resize ``x`` (real shape) with ``tables``: gathers, weighted sums in ``dtype``."""
+    if not tables or tables[0].weight is None:
+        index = [np.arange(n) for n in x.shape]
+        for t in tables:
+            index[t.axis] = t.index[:, 0]
+        return x[np.ix_(*index)]
+    y = np.asarray(x, dtype=dtype)
+    for t in tables:
+        assert t.weight is not None
+        shape = [1] * y.ndim
+        shape[t.axis] = t.index.shape[0]
+        acc = None
+        for k in range(t.index.shape[1]):
+            term = np.take(y, t.index[:, k], axis=t.axis) * t.weight[:, k].astype(dtype).reshape(
+                shape
+            )
+            acc = term if acc is None else acc + term
+        y = acc
+    return y
+
+
+# ---- the operators -------------------------------------------------------------------------
+
+
+def _str_attr(node: ir.Node, name: str, default: str) -> str:
+    return node.attributes.get_string(name, default)
+
+
+class _ResizeBase(Operator):
+    """Shared config, const region, kernel and padding of Resize and Upsample."""
+
+    def parse(self, node: ir.Node, label: str, version: int) -> dict[str, Any] | Decline:
+        """Op-specific: ``method``, ``coordinate_mode``, ``nearest_mode``, ``cubic_a``,
+        ``exclude_outside``, ``policy`` and the constant ``scales`` or ``sizes`` (with ``axes``)."""
+        raise NotImplementedError
+
+    def match(self, node: ir.Node) -> OpConfig | Decline:
+        if (bad := check_node_kind(self, node)) is not None:
+            return bad
+        label = op_label(node)
+        version = opset_version(node)
+        if version is None:
+            return Decline(
+                f"{label}: the model declares no ONNX opset version, so the {node.op_type} "
+                "semantics (inputs, coordinate rules) are unknown"
+            )
+        if len(node.outputs) != 1:
+            return Decline(f"{label}: expects one output, got {len(node.outputs)}")
+        x = _data_spec(node.inputs[0] if node.inputs else None, f"{label} input 0")
+        if isinstance(x, Decline):
+            return x
+        got = self.parse(node, label, version)
+        if isinstance(got, Decline):
+            return got
+        if got["method"] != "nearest" and x.dtype not in FLOAT_DTYPES:
+            return Decline(
+                f"{label}: {got['method']} interpolation of {x.dtype} data (float32 or bfloat16 "
+                "only; nearest moves any data)"
+            )
+        sizes = _scales_and_sizes(x.logical_shape, got, label)
+        if isinstance(sizes, Decline):
+            return sizes
+        scales, out_shape = sizes
+        out = _data_spec(node.outputs[0], f"{label} output 0")
+        if isinstance(out, Decline):
+            return out
+        if out.logical_shape != out_shape or out.dtype != x.dtype:
+            return Decline(
+                f"{label}: output is {out.logical_shape} {out.dtype}, the resize gives "
+                f"{out_shape} {x.dtype}"
+            )
+        spec = ResizeSpec(
+            got["method"],
+            got["coordinate_mode"],
+            got["nearest_mode"],
+            got["cubic_a"],
+            got["exclude_outside"],
+            scales,
+            x.logical_shape,
+            out_shape,
+        )
+        inputs: list[TensorSpec | None] = [x] + [None] * (len(node.inputs) - 1)
+        return node_config(
+            self, node, inputs, [out], extra={"spec": spec, "tables": resize_tables(spec)}
+        )
+
+    # ---- records and const region --------------------------------------------------------
+    def op_dims(self, cfg: OpConfig) -> list[int]:
+        tables: list[AxisTable] = cfg.extra["tables"]
+        method = METHODS.index(cfg.extra["spec"].method)
+        return [
+            method,
+            len(tables),
+            *(v for t in tables for v in (t.axis, t.index.shape[0], t.index.shape[1])),
+        ]
+
+    def format_consts(self, cfg: OpConfig) -> bytes:
+        """Per table: int32 indices, then float32 weights (interpolating methods)."""
+        parts: list[np.ndarray] = []
+        for t in cfg.extra["tables"]:
+            parts.append(np.ascontiguousarray(t.index, "<i4"))
+            if t.weight is not None:
+                parts.append(np.ascontiguousarray(t.weight, "<f4"))
+        return records.pack_consts(parts)
+
+    def kernel(self, record: ParamsRecord, operands: Sequence[Any]) -> list[np.ndarray]:
+        table = records.decode_table(record.payload)
+        dims = list(record.dims)
+        if len(dims) < 2 or not 0 <= dims[0] < len(METHODS) or len(dims) != 2 + 3 * dims[1]:
+            raise DeviceError(f"{self.op_type} record dims {dims} are not a resize plan")
+        x = records.unpack_inputs(table, operands[:1], record.operand_bytes[:1])[0]
+        (_, spec) = table.inputs[0]
+        assert x is not None and spec is not None
+        tables = _read_tables(dims, operands[1] if len(operands) > 1 else b"")
+        (out,) = table.outputs
+        real = _crop(x, spec)
+        if dims[0] == 0:  # nearest: one exact gather
+            y = apply_tables(real, tables, F32).astype(out.dtype, copy=False)
+        else:
+            y = store(apply_tables(to_compute(real), tables, F32), out.dtype)
+        return records.pack_outputs(
+            [_place(y, out, f"{self.op_type} output")], table.outputs, record.output_bytes
+        )
+
+    def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """ONNX semantics (onnxruntime's coordinate rules) on X, in float64 for interpolation."""
+        x = np.asarray(inputs[0])
+        tables = cfg.extra["tables"]
+        if cfg.extra["spec"].method == "nearest":
+            return [apply_tables(x, tables, np.float64)]
+        y = apply_tables(x.astype(np.float64), tables, np.float64)
+        return [y.astype(cfg.outputs[0].dtype)]
+
+    def granularity(self, cfg: OpConfig) -> ShapeConstraints:
+        """Any size on every axis of X and Y, nothing tied (the kernel reads real lanes only)."""
+        x = cfg.inputs[0]
+        assert x is not None
+        return ShapeConstraints(
+            ((1,) * len(x.shape), *([None] * (len(cfg.inputs) - 1))),
+            ((1,) * len(cfg.outputs[0].shape),),
+        )
+
+
+def _read_tables(dims: list[int], const: Any) -> list[AxisTable]:
+    raw = (
+        np.frombuffer(memoryview(const).cast("B"), np.uint8)
+        if len(const)
+        else np.zeros(0, np.uint8)
+    )
+    interp = dims[0] != 0
+    tables, pos = [], 0
+    for k in range(dims[1]):
+        axis, n_out, taps = dims[2 + 3 * k : 5 + 3 * k]
+        nbytes = 4 * n_out * taps
+        if pos + nbytes * (2 if interp else 1) > raw.size:
+            raise DeviceError(f"resize table {k} runs past the {raw.size}-byte const region")
+        index = raw[pos : pos + nbytes].view("<i4").reshape(n_out, taps)
+        pos += nbytes
+        weight = None
+        if interp:
+            weight = raw[pos : pos + nbytes].view("<f4").reshape(n_out, taps)
+            pos += nbytes
+        tables.append(AxisTable(axis, index, weight))
+    return tables
+
+
+def _scales_and_sizes(
+    in_shape: tuple[int, ...], got: dict[str, Any], label: str
+) -> tuple[tuple[float, ...], tuple[int, ...]] | Decline:
+    """Per-axis float32 scales and output sizes from constant scales or sizes (onnxruntime)."""
+    rank = len(in_shape)
+    axes = got.get("axes") or list(range(rank))
+    norm = [a % rank if -rank <= a < rank else None for a in axes]
+    if None in norm or len(set(norm)) != len(norm):
+        return Decline(f"{label}: axes {axes} are out of range or repeated for rank {rank}")
+    f32 = np.float32
+    scales = [f32(1.0)] * rank
+    out = list(in_shape)
+    if got.get("sizes") is not None:
+        sizes = [int(v) for v in got["sizes"]]
+        if len(sizes) != len(norm):
+            return Decline(f"{label}: {len(sizes)} sizes for {len(norm)} axes")
+        if any(s <= 0 for s in sizes):
+            return Decline(f"{label}: sizes {sizes} must be positive")
+        for ax, size in zip(norm, sizes):
+            assert ax is not None
+            scales[ax] = f32(size) / f32(in_shape[ax])
+            out[ax] = size
+        policy = got.get("policy", "stretch")
+        if policy != "stretch":
+            picked = [scales[ax] for ax in norm if ax is not None]
+            scale = min(picked) if policy == "not_larger" else max(picked)
+            for ax in norm:
+                assert ax is not None
+                scales[ax] = scale
+                out[ax] = int(np.round(np.float64(scale * f32(in_shape[ax]))))
+    else:
+        given = got.get("scales")
+        if given is None:
+            return Decline(f"{label}: neither scales nor sizes is given")
+        values = [f32(v) for v in given]
+        if len(values) != len(norm):
+            return Decline(f"{label}: {len(values)} scales for {len(norm)} axes")
+        for ax, s in zip(norm, values):
+            assert ax is not None
+            if not s > 0:
+                return Decline(f"{label}: scale {s} on axis {ax} must be positive")
+            scales[ax] = s
+            out[ax] = int(s * f32(in_shape[ax]))  # float32 product, truncated (onnxruntime)
+    if any(o <= 0 for o in out):
+        return Decline(f"{label}: the output {tuple(out)} would be empty")
+    return tuple(float(s) for s in scales), tuple(out)
+
+
+def _const_floats(node: ir.Node, index: int, what: str) -> list[float] | Decline | None:
+    """Float32 constant input ``index`` as a list (None when absent or empty)."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None or not value.name:
+        return None
+    arr = const_array(value)
+    if arr is None:
+        return Decline(
+            f"{what} '{value.name}' is not a constant (static resizes only: fold it with "
+            "FoldShapesPass or make it an initializer)"
+        )
+    if arr.size == 0:
+        return None
+    if arr.dtype != np.float32:
+        return Decline(f"{what} '{value.name}' has dtype {arr.dtype}; ONNX requires float32")
+    return [float(v) for v in arr.reshape(-1)]
+
+
+class Resize(_ResizeBase):
+    """ONNX Resize, opset 10 to 19 (see the module docstring for what is supported)."""
+
+    op_type = "Resize"
+    kernel_id = 770
+
+    def parse(self, node, label, version):
+        method = _str_attr(node, "mode", "nearest")
+        if method not in METHODS:
+            return Decline(f"{label}: mode {method!r} is not one of {METHODS}")
+        if version < 11:
+            if len(node.inputs) != 2:
+                return Decline(f"{label}: Resize-{version} takes X and scales")
+            scales = _const_floats(node, 1, f"{label} scales")
+            if isinstance(scales, Decline):
+                return scales
+            if method == "cubic":
+                return Decline(f"{label}: mode 'cubic' needs Resize-11 or later")
+            return {
+                "method": method,
+                "coordinate_mode": "asymmetric",
+                "nearest_mode": SIMPLE,
+                "cubic_a": -0.75,
+                "exclude_outside": False,
+                "scales": scales,
+            }
+        if not 1 <= len(node.inputs) <= 4:
+            return Decline(f"{label}: expects 1..4 inputs, got {len(node.inputs)}")
+        coord = _str_attr(node, "coordinate_transformation_mode", "half_pixel")
+        if coord == "tf_crop_and_resize":
+            return Decline(
+                f"{label}: coordinate_transformation_mode 'tf_crop_and_resize' (ROI crop with "
+                "extrapolation) is not supported on the NPU"
+            )
+        if coord not in COORDINATE_MODES or (coord == "half_pixel_symmetric" and version < 19):
+            return Decline(
+                f"{label}: coordinate_transformation_mode {coord!r} is not supported (one of "
+                f"{COORDINATE_MODES}; half_pixel_symmetric needs opset 19)"
+            )
+        if coord == "tf_half_pixel_for_nn" and method != "nearest":
+            return Decline(
+                f"{label}: coordinate_transformation_mode 'tf_half_pixel_for_nn' is defined for "
+                f"mode 'nearest' only, not {method!r}"
+            )
+        nearest = _str_attr(node, "nearest_mode", "round_prefer_floor")
+        if method == "nearest" and nearest not in NEAREST_MODES:
+            return Decline(f"{label}: nearest_mode {nearest!r} is not one of {NEAREST_MODES}")
+        if node.attributes.get_int("antialias", 0):
+            return Decline(
+                f"{label}: antialias=1 (a widened filter when downsampling) is not supported"
+            )
+        exclude = bool(node.attributes.get_int("exclude_outside", 0))
+        if exclude and method != "cubic":
+            return Decline(f"{label}: exclude_outside=1 applies to mode 'cubic' only")
+        policy = _str_attr(node, "keep_aspect_ratio_policy", "stretch")
+        if policy not in POLICIES:
+            return Decline(f"{label}: keep_aspect_ratio_policy {policy!r} is not one of {POLICIES}")
+        scales = _const_floats(node, 2, f"{label} scales")
+        if isinstance(scales, Decline):
+            return scales
+        sizes_value = node.inputs[3] if len(node.inputs) > 3 else None
+        sizes = None
+        if sizes_value is not None and sizes_value.name:
+            arr = const_array(sizes_value)
+            if arr is None:
+                return Decline(
+                    f"{label} sizes '{sizes_value.name}' is not a constant (static resizes only: "
+                    "fold it with FoldShapesPass or make it an initializer)"
+                )
+            sizes = [int(v) for v in arr.reshape(-1)] if arr.size else None
+        if (scales is None) == (sizes is None):
+            return Decline(f"{label}: exactly one of scales and sizes must be given")
+        if policy != "stretch" and sizes is None:
+            return Decline(f"{label}: keep_aspect_ratio_policy={policy!r} needs sizes")
+        axes = node.attributes.get_ints("axes", None)
+        return {
+            "method": method,
+            "coordinate_mode": coord,
+            "nearest_mode": nearest,
+            "cubic_a": float(node.attributes.get_float("cubic_coeff_a", -0.75)),
+            "exclude_outside": exclude,
+            "scales": scales,
+            "sizes": sizes,
+            "axes": None if axes is None or version < 18 else [int(a) for a in axes],
+            "policy": policy if version >= 18 else "stretch",
+        }
+
+
+class Upsample(_ResizeBase):
+    """ONNX Upsample (opset 7: ``scales`` attribute; opset 9: ``scales`` input), deprecated since
+    opset 10: asymmetric coordinates, nearest by truncation, linear with clamping."""
+
+    op_type = "Upsample"
+    kernel_id = 771
+
+    def parse(self, node, label, version):
+        if version >= 10:
+            return Decline(
+                f"{label}: Upsample is deprecated since opset 10 (this model: {version})"
+            )
+        method = _str_attr(node, "mode", "nearest")
+        if method == "bilinear":
+            method = "linear"
+        if method not in ("nearest", "linear"):
+            return Decline(f"{label}: mode {method!r} is not nearest or linear")
+        if version < 9:
+            scales = node.attributes.get_floats("scales", None)
+            scales = None if scales is None else [float(s) for s in scales]
+        else:
+            scales = _const_floats(node, 1, f"{label} scales")
+            if isinstance(scales, Decline):
+                return scales
+        if scales is None:
+            return Decline(f"{label}: scales are required")
+        if any(s < 1 for s in scales):
+            return Decline(f"{label}: Upsample scales {scales} must be >= 1")
+        return {
+            "method": method,
+            "coordinate_mode": "asymmetric",
+            "nearest_mode": SIMPLE,
+            "cubic_a": -0.75,
+            "exclude_outside": False,
+            "scales": scales,
+        }
