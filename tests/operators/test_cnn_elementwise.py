@@ -530,3 +530,26 @@ def test_clip6_and_upgraded_clip13_agree():
     got_new = npudispatch.Session(new, fallback=None).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got_old, got_new)
     assert_close(got_new, np.clip(x, -1.0, 2.0))
+
+
+def test_pad2_and_pad18_agree_through_the_session():
+    """Pad-2 (attributes) and Pad-18 (inputs with axes) of one padding give one result."""
+    shape = (1, 3, 5, 6)
+    x = (
+        np.random.default_rng(9)
+        .standard_normal(shape)
+        .astype(np.float32)
+        .astype(BF16)
+        .astype(np.float32)
+    )  # bf16 NPU: exact
+    results = []
+    for opset, pads, axes in [(2, [0, 0, 2, 1, 0, 0, 1, 3], None), (18, [2, 1, 1, 3], [2, 3])]:
+        model = _pad_model(
+            shape, (1, 3, 8, 10), pads, "reflect", np.float32, opset=opset, axes=axes
+        )
+        session = npudispatch.Session(model, fallback=None)
+        (y,) = session.run(None, {"x": x})
+        assert session.last_run_stats.kernel_calls == 1
+        np.testing.assert_array_equal(y, run_ort(model, {"x": x})[0])
+        results.append(y)
+    np.testing.assert_array_equal(*results)

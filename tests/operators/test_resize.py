@@ -366,3 +366,46 @@ def test_fpn_style_upsample_add_is_one_npu_call():
     (y,) = session.run(None, feeds)
     assert session.last_run_stats.kernel_calls == 1
     assert_close(y, run_ort(model, feeds)[0])
+
+
+def test_upsample9_and_resize13_through_the_session():
+    """Upsample-9 and the Resize-13 it maps to (asymmetric, floor) give one result."""
+    x = (
+        np.random.default_rng(13)
+        .standard_normal((1, 4, 5, 7))
+        .astype(np.float32)
+        .astype(BF16)
+        .astype(np.float32)
+    )  # bf16 NPU: exact
+    scales = np.array([1, 1, 2, 3], np.float32)
+    up = _graph(
+        [helper.make_node("Upsample", ["x", "scales"], ["y"], mode="nearest")],
+        {"x": [1, 4, 5, 7]},
+        {"y": [1, 4, 10, 21]},
+        {"scales": scales},
+        opset=9,
+    )
+    rs = _graph(
+        [
+            helper.make_node(
+                "Resize",
+                ["x", "", "scales"],
+                ["y"],
+                mode="nearest",
+                coordinate_transformation_mode="asymmetric",
+                nearest_mode="floor",
+            )
+        ],
+        {"x": [1, 4, 5, 7]},
+        {"y": [1, 4, 10, 21]},
+        {"scales": scales},
+        opset=13,
+    )
+    outs = []
+    for model in (up, rs):
+        session = npudispatch.Session(model, fallback=None)
+        (y,) = session.run(None, {"x": x})
+        assert session.last_run_stats.kernel_calls == 1
+        outs.append(y)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], run_ort(up, {"x": x})[0])
