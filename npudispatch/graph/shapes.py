@@ -407,6 +407,7 @@ def fold_shape_arithmetic(model: ir.Model, size_limit: int = SHAPE_TENSOR_LIMIT)
     Folded values become initializers: onnxscript writes them as ``Constant(value_ints=...)``
     nodes, which opset < 12 models cannot hold.
     """
+    pinned = _castlike_to_cast(model)
     result = fold_constants_ir(
         model,
         onnx_shape_inference=True,
@@ -417,4 +418,33 @@ def fold_shape_arithmetic(model: ir.Model, size_limit: int = SHAPE_TENSOR_LIMIT)
     if result.modified:
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         RemoveUnusedNodesPass()(model)  # the folded chains' leftover constants
-    return bool(result.modified)
+    return bool(result.modified) or pinned
+
+
+def _castlike_to_cast(model: ir.Model) -> bool:
+    """Turn ``CastLike(saturate=0)`` into the equivalent ``Cast(to=T, saturate=0)`` first.
+
+    onnxscript's folder rewrites every CastLike whose target type is known into a Cast *without*
+    the ``saturate`` attribute, which changes float8 results (saturate defaults to 1). A Cast that
+    already carries the attribute is left alone. True when a node was rewritten.
+    """
+    changed = False
+    for node in list(model.graph):
+        if node.op_type != "CastLike" or node.domain not in ("", "ai.onnx"):
+            continue
+        saturate = node.attributes.get("saturate")
+        like = node.inputs[1] if len(node.inputs) > 1 else None
+        if saturate is None or like is None or like.dtype is None:
+            continue
+        cast = ir.node(
+            "Cast",
+            [node.inputs[0]],
+            attributes={"to": like.dtype, "saturate": saturate.as_int()},
+            name=node.name,
+        )
+        ir.convenience.replace_nodes_and_values(
+            model.graph, node, [node], [cast], node.outputs, cast.outputs
+        )
+        cast.outputs[0].name = node.outputs[0].name
+        changed = True
+    return changed

@@ -12,39 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import onnx_ir as ir
-from onnxscript.optimizer import fold_constants_ir
 
 from npudispatch.errors import RewriteError
+from npudispatch.graph import shapes
 
-SHAPE_OPS = frozenset(
-    {
-        "Shape",
-        "Size",
-        "Gather",
-        "Concat",
-        "Unsqueeze",
-        "Squeeze",
-        "Slice",
-        "Cast",
-        "Add",
-        "Sub",
-        "Mul",
-        "Div",
-        "Equal",
-        "Where",
-        "ConstantOfShape",
-        "Range",
-        "Constant",
-        "Identity",
-        "Reshape",
-        "Expand",
-    }
-)
-
-# Shape tensors hold a handful of int64s; 1024 elements is far above any shape and far below weights.
-DEFAULT_SIZE_LIMIT = 1024
+# The shape-arithmetic ops and size limit live with graph.load's shape resolution.
+SHAPE_OPS = shapes.SHAPE_OPS
+DEFAULT_SIZE_LIMIT = shapes.SHAPE_TENSOR_LIMIT
 
 
 class BindDimsPass(ir.passes.InPlacePass):
@@ -96,45 +71,21 @@ class BindDimsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def _is_int_shape_value(v: ir.Value) -> bool:
-    return v.dtype in (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL, None)
-
-
 class FoldShapesPass(ir.passes.InPlacePass):
     """Fold shape arithmetic (Shape, Gather, Concat, …, ConstantOfShape, Range) into constants.
 
     Arithmetic ops (Add/Sub/Mul/Div/Cast/…) are folded only when their output is an integer shape
     tensor; Reshape/Expand/Identity only when their data input is itself a small constant. Tensors
-    above ``size_limit`` elements are never folded.
+    above ``size_limit`` elements are never folded. The rules are
+    :func:`npudispatch.graph.shapes.fold_shape_arithmetic`'s, which ``graph.load`` also uses.
     """
 
     def __init__(self, size_limit: int = DEFAULT_SIZE_LIMIT) -> None:
         super().__init__()
         self.size_limit = size_limit
 
-    def _should_fold(self, node: ir.Node) -> bool | None:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in SHAPE_OPS:
-            return False
-        if node.op_type == "ConstantOfShape":
-            # onnxscript never folds it by default; we do when the result is small.
-            shape = node.inputs[0].const_value if node.inputs else None
-            return shape is not None and int(np.prod(shape.numpy())) <= self.size_limit
-        if node.op_type in ("Shape", "Size", "Constant", "Range"):
-            return None
-        # Float arithmetic is model maths, not shape maths: leave it to the fusions.
-        if not all(_is_int_shape_value(o) for o in node.outputs if node.op_type != "Cast"):
-            return False
-        return None
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = fold_constants_ir(
-            model,
-            onnx_shape_inference=True,
-            input_size_limit=self.size_limit,
-            output_size_limit=self.size_limit,
-            should_fold=self._should_fold,
-        )
-        return ir.passes.PassResult(model, bool(result.modified))
+        return ir.passes.PassResult(model, shapes.fold_shape_arithmetic(model, self.size_limit))
 
 
 def unbound_dims(model: ir.Model) -> list[str]:
