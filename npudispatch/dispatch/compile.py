@@ -37,7 +37,15 @@ from npudispatch.errors import ModelError, PlanError, UnsupportedOpError
 from npudispatch.graph import Partition, PartitionReport
 from npudispatch.graph.support import Supported
 from npudispatch.operators import registry
-from npudispatch.operators.base import ArgKind, Decline, OpConfig, round_up, tensor_spec
+from npudispatch.operators.base import (
+    ArgKind,
+    Decline,
+    OpConfig,
+    TensorSpec,
+    round_up,
+    tensor_spec,
+)
+from npudispatch.operators.inplace import inplace_pairs
 from npudispatch.progress import progress
 from npudispatch.rewrites import MarkViewsPass, default_pipeline, is_view
 from npudispatch.rewrites.support import support_query
@@ -222,6 +230,8 @@ def _view_groups(part: Partition) -> _Groups:
             groups.find(v)
         if is_view(node):
             groups.union(node.outputs[0], node.inputs[0])
+        for out_idx, in_idx in inplace_pairs(node):  # e.g. present KV written over past KV
+            groups.union(node.outputs[out_idx], node.inputs[in_idx])
     return groups
 
 
@@ -337,6 +347,7 @@ def plan_partition(
     need: dict[ir.Value, int] = {}
     last_op = len(launches) - 1
     life: dict[ir.Value, list[int]] = {}
+    kernel_spec: dict[ir.Value, TensorSpec] = {}
     const_inputs: dict[str, tuple[ir.Value, int]] = {}
     for v, root in root_of.items():
         if v.is_initializer():
@@ -356,6 +367,8 @@ def plan_partition(
                 continue
             root = root_of[v]
             need[root] = max(need[root], a.nbytes)
+            if a.kind == ArgKind.OUTPUT and a.dtype is not None and a.padded_shape is not None:
+                kernel_spec.setdefault(v, TensorSpec(tuple(a.padded_shape), np.dtype(a.dtype)))
         for v in [*node.inputs, *node.outputs]:
             if v is not None and not v.is_initializer():
                 life.setdefault(root_of[v], []).append(i)
@@ -373,6 +386,9 @@ def plan_partition(
         last = last_op if root in host_out else max(uses)
         kind = "input" if v in host_in else "output" if v in host_out else "intermediate"
         spec = tensor_spec(v, f"tensor {v.name!r}")
+        if isinstance(spec, Decline) and v.dtype is None and v in kernel_spec:
+            # an omitted optional output the model leaves untyped: the kernel's spec sizes it
+            spec = kernel_spec[v]
         if isinstance(spec, Decline):
             raise ModelError(spec.reason)
         requests.append(

@@ -32,6 +32,7 @@ Adding an operator
 """
 
 from npudispatch.operators.activations import Gelu, NpuGelu, Sigmoid, Silu
+from npudispatch.operators.attention import Attention, GroupQueryAttention, MultiHeadAttention
 from npudispatch.operators.batchnorm import BatchNormalization
 from npudispatch.operators.cast import Cast
 from npudispatch.operators.cnn_activations import (
@@ -46,6 +47,7 @@ from npudispatch.operators.cnn_activations import (
 from npudispatch.operators.conv import Conv, ConvTranspose, FusedConv
 from npudispatch.operators.datamove import Concat, Slice, Split
 from npudispatch.operators.elementwise import Add, Div, Max, Min, Mul, Sub, Where
+from npudispatch.operators.lookup import GatherTable, IntAdd, IntCast, IntReduceSum, IntSub
 from npudispatch.operators.matmul import Gemm, MatMul, MatMulBias
 from npudispatch.operators.matmul_nbits import MatMulNBits
 from npudispatch.operators.norms import (
@@ -59,6 +61,7 @@ from npudispatch.operators.quantize import DequantizeLinear, QuantizeLinear
 from npudispatch.operators.reduce import ReduceMax, ReduceMean, ReduceMin, ReduceSum
 from npudispatch.operators.registry import register
 from npudispatch.operators.resize import Resize, Upsample
+from npudispatch.operators.rotary import MsRotaryEmbedding, OnnxRotaryEmbedding
 from npudispatch.operators.softmax import Softmax
 from npudispatch.operators.spatial import DepthToSpace, Pad, SpaceToDepth
 from npudispatch.operators.transpose import Transpose
@@ -143,3 +146,13 @@ register(MaxPool)
 register(AveragePool)
 register(GlobalAveragePool)
 register(GlobalMaxPool)
+register(GroupQueryAttention)
+register(MultiHeadAttention)
+register(Attention)
+register(MsRotaryEmbedding)
+register(OnnxRotaryEmbedding)
+register(GatherTable)
+register(IntReduceSum)
+register(IntAdd)
+register(IntSub)
+register(IntCast)

@@ -70,7 +70,11 @@ def match_float_node(
             consts[i] = arr
     outs: list[TensorSpec] = []
     for j, value in enumerate(node.outputs):
-        if not value.name and unnamed_output is not None:
+        # An omitted optional output: nameless, or named by a loader but untyped and unread.
+        omitted = not value.name or (
+            value.dtype is None and not value.uses() and not value.is_graph_output()
+        )
+        if omitted and unnamed_output is not None:
             outs.append(unnamed_output(j, specs))
             continue
         spec = tensor_spec(value, f"{label} output {j}")
