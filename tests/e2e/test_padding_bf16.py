@@ -17,9 +17,10 @@ from e2e_models import Builder, onnxruntime_run, random_feeds
 
 from npudispatch import Session, compile_model
 from npudispatch.cli import main
+from npudispatch.dispatch.check import ULPS
 from npudispatch.examples import build_example
 from npudispatch.rewrites.padding import real_shape
-from npudispatch.rewrites.precision import tolerance_for_model, tolerance_for_output
+from npudispatch.rewrites.precision import tolerance_for_model
 
 SEQ, D, HIDDEN, N = 5, 64, 100, 37
 
@@ -136,16 +137,18 @@ def test_cli_run_check_uses_the_policy_and_compile_options(tmp_path, capsys):
     onnx.save(padded_model(), path)
     assert main(["run", str(path), "--check", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    compiled = compile_model(padded_model()).model
     assert doc["ok"] is True and list(doc["outputs"]) == ["L2", "P"]
     assert doc["outputs"]["P"]["shape"] == [1, SEQ, N]
     for name in ("L2", "P"):
-        # Per output: the policy over the NPU ops on its path, atol relative to its scale.
-        expected = tolerance_for_output(compiled, name)
-        assert doc["tolerance"][name]["rtol"] == pytest.approx(expected.rtol)
+        # Per output: bf16 ulps against the rounding-aware reference (dispatch.check).
+        assert doc["tolerance"][name] == {"ulps": ULPS, "reference": "rounding-aware"}
         assert doc["outputs"][name]["tolerance"] == doc["tolerance"][name]
-    # Softmax rows have values ~1/N; the MLP output is larger: the scales differ per output.
-    assert doc["tolerance"]["P"]["atol"] < doc["tolerance"]["L2"]["atol"]
+        assert doc["outputs"][name]["check"]["worst_ulps"] <= ULPS
+    # --rtol/--atol: the float32 comparison with the policy filling the other one.
+    assert main(["run", str(path), "--check", "--json", "--rtol", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    for name in ("L2", "P"):
+        assert doc["tolerance"][name]["rtol"] == 1.0 and doc["tolerance"][name]["atol"] > 0
     assert main(["run", str(path), "--check", "--json", "--rtol", "0", "--atol", "0"]) == 1
     capsys.readouterr()
     assert main(["plan", str(path), "--json", "--fp32", "--no-pad"]) == 0

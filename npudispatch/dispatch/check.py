@@ -1,0 +1,365 @@
+"""The principled ``--check``: compare with a rounding-aware onnxruntime reference.
+
+A plain float32 onnxruntime run differs from the NPU by bf16 rounding, so comparing with it needs a
+tolerance guessed per op and scaled by some magnitude, which is wrong in both directions (near-zero
+outputs, cancellations, large outputs shifted by a bug). Instead :func:`check_outputs` builds the
+**rounding-aware reference**: the model rewritten by the same pipeline (without padding, which
+changes no rounding), with bf16 turned back into float32 storage and the NPU's rounding inserted
+where the NPU rounds:
+
+* after every float output of an NPU op that rounds (``precision.BUDGETS`` > 0: arithmetic,
+  casts, norms, matmuls...; data movement and views are exact) a ``Cast(bf16) -> Cast(float)``;
+* on the float inputs of those ops that are not already rounded (graph inputs, CPU results,
+  float32 constants), because kernels round operands to bf16 on entry;
+* weights as formatted: bf16 initializers are widened exactly; 4-bit ``MatMulNBits`` weights are
+  dequantized with bf16 scales and rounded to bf16, as the NPU's weight image holds them.
+
+It runs on onnxruntime (CPU, float32), so its only differences from the NPU are accumulation order
+and the libm used by exp/erf/tanh: a result close to a bf16 rounding boundary may round the other
+way (one bf16 ulp) and such flips propagate. How far they can propagate is measured, not guessed:
+the reference is run :data:`PROBES` more times with every rounding point multiplied by
+``1 ± 2**-8`` (random signs; about one bf16 ulp), and the largest change of each output element is
+its *sensitivity* ``s``: one ulp of the magnitudes involved, carried to that element through the
+graph (large for a softmax of large logits or a difference of large terms, small for a sigmoid
+near zero). An output passes when every element satisfies::
+
+    |npu - reference| <= ULPS * (s + ulp_bf16(|reference|))
+
+i.e. within :data:`ULPS` bf16 ulps at the magnitudes involved. The float32 onnxruntime difference
+is reported beside it for information only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from npudispatch import graph, opset
+from npudispatch.operators import registry
+from npudispatch.operators.base import Decline
+from npudispatch.operators.matmul_nbits import dequantize_nbits
+from npudispatch.rewrites import default_pipeline
+from npudispatch.rewrites.precision import BUDGETS
+from npudispatch.rewrites.support import npu_support
+
+__all__ = ["PROBES", "ULPS", "OutputCheck", "RoundingReference", "check_outputs"]
+
+ULPS = 2
+"""Allowed difference, in bf16 ulps of the magnitudes involved (see the module docstring)."""
+
+PROBES = 2
+"""Extra reference runs with every rounding point perturbed by one ulp (random signs)."""
+
+JITTER = 2.0**-8
+"""Relative size of the probe perturbation: one bf16 unit roundoff (about one ulp)."""
+
+_F32, _BF16 = ir.DataType.FLOAT, ir.DataType.BFLOAT16
+_FLOATS = (_F32, _BF16)
+_QUANTIZED = frozenset({"MatMulNBits", "QMatMul", "QLinearMatMul"})
+_JITTER_PREFIX = "npudispatch.jitter."
+_SERIAL = itertools.count()  # unique names for inserted nodes and values
+
+
+def ulp_bf16(x: np.ndarray) -> np.ndarray:
+    """The bf16 ulp at each magnitude of ``x`` (``2**(exponent - 7)``; smallest normal's ulp at 0)."""
+    a = np.abs(np.asarray(x, np.float64))
+    tiny = float(np.finfo(ml_dtypes.bfloat16).tiny)
+    exp = np.floor(np.log2(np.maximum(a, tiny)))
+    return np.exp2(exp - 7)
+
+
+@dataclass
+class OutputCheck:
+    """The comparison of one output, with the figures the user reads."""
+
+    name: str
+    ok: bool
+    max_abs: float
+    max_magnitude: float
+    worst_ulps: float
+    allowed_ulps: int
+    fp32_max_abs: float | None
+    where: tuple[int, ...] | None = None
+
+    def describe(self) -> str:
+        """One sentence: what was compared, the tolerance and why."""
+        verdict = "within" if self.ok else "NOT within"
+        text = (
+            f"max |Δ| {self.max_abs:.3g} on values up to {self.max_magnitude:.3g} vs the "
+            f"rounding-aware onnxruntime reference; {verdict} {self.allowed_ulps} ulp of bf16 at "
+            f"the magnitudes involved (worst element {self.worst_ulps:.2f} ulp"
+        )
+        if not self.ok and self.where is not None:
+            text += f" at index {list(self.where)}"
+        text += ")"
+        if self.fp32_max_abs is not None:
+            text += f"; float32 onnxruntime max |Δ| {self.fp32_max_abs:.3g} (information)"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "max_abs": self.max_abs,
+            "max_magnitude": self.max_magnitude,
+            "worst_ulps": self.worst_ulps,
+            "allowed_ulps": self.allowed_ulps,
+            "fp32_max_abs": self.fp32_max_abs,
+            "where": None if self.where is None else list(self.where),
+            "reference": "onnxruntime on the rewritten graph with bf16 rounding where the NPU rounds",
+        }
+
+
+class RoundingReference:
+    """The rounding-aware reference model of a model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: graph.ModelLike,
+        *,
+        dims: Mapping[str, int] | None = None,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        bf16: bool = True,
+    ) -> None:
+        from npudispatch.dispatch.ort_session import onnxruntime_session
+
+        m = graph.load(model, dims=dims, input_shapes=input_shapes)
+        default_pipeline(pad=False, bf16=bf16)(m)
+        self.jitter_shapes = _insert_rounding(m)
+        if any(n.domain == opset.DOMAIN for n in m.graph.all_nodes()):
+            opset.attach_functions(m)
+        m.ir_version = min(m.ir_version, graph.EXTRACT_IR_VERSION)
+        self.model = m
+        self.session = onnxruntime_session(m, optimize=False)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray], jitter: int | None = None) -> dict[str, Any]:
+        """Outputs by name; ``jitter`` = seed of a probe run (None: the reference itself)."""
+        rng = None if jitter is None else np.random.default_rng(jitter)
+        full = {k: np.asarray(v).astype(np.float32) for k, v in feeds.items()}
+        for name, shape in self.jitter_shapes.items():
+            if rng is None:
+                full[name] = np.ones(shape, np.float32)
+            else:
+                signs = rng.integers(0, 2, size=shape) * 2 - 1
+                full[name] = (1.0 + JITTER * signs).astype(np.float32)
+        return dict(zip(self.outputs, self.session.run(self.outputs, full)))
+
+
+def check_outputs(
+    reference: RoundingReference,
+    feeds: Mapping[str, np.ndarray],
+    actual: Mapping[str, np.ndarray],
+    fp32: Mapping[str, np.ndarray] | None = None,
+    *,
+    ulps: int = ULPS,
+) -> dict[str, OutputCheck]:
+    """Compare NPU outputs with the rounding-aware reference (module docstring)."""
+    ref = reference.run(feeds)
+    probes = [reference.run(feeds, jitter=seed) for seed in range(PROBES)]
+    out: dict[str, OutputCheck] = {}
+    for name, value in actual.items():
+        r = np.asarray(ref[name], np.float64)
+        a = np.asarray(value, np.float64)
+        if a.shape != r.shape:
+            raise ValueError(f"output {name!r}: NPU shape {a.shape}, reference {r.shape}")
+        sens = np.zeros_like(r)
+        for p in probes:
+            with np.errstate(invalid="ignore"):
+                sens = np.fmax(sens, np.abs(np.asarray(p[name], np.float64) - r))
+        unit = sens + ulp_bf16(r)
+        both_nan = np.isnan(a) & np.isnan(r)
+        same_inf = np.isinf(a) & (a == r)
+        with np.errstate(invalid="ignore"):
+            diff = np.where(both_nan | same_inf, 0.0, np.abs(a - r))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        ratio = diff / unit
+        worst = int(np.argmax(ratio)) if ratio.size else 0
+        finite = np.isfinite(r)
+        fp = None
+        if fp32 is not None and name in fp32:
+            e = np.asarray(fp32[name], np.float64)
+            ok_fp = np.isfinite(e) & np.isfinite(a)
+            fp = float(np.abs(a - e)[ok_fp].max()) if ok_fp.any() else 0.0
+        worst_ulps = float(ratio.reshape(-1)[worst]) if ratio.size else 0.0
+        out[name] = OutputCheck(
+            name=name,
+            ok=bool(worst_ulps <= ulps),
+            max_abs=float(diff[np.isfinite(diff)].max()) if np.isfinite(diff).any() else 0.0,
+            max_magnitude=float(np.abs(r[finite]).max()) if finite.any() else 0.0,
+            worst_ulps=worst_ulps,
+            allowed_ulps=ulps,
+            fp32_max_abs=fp,
+            where=tuple(int(i) for i in np.unravel_index(worst, r.shape)) if r.size else None,
+        )
+    return out
+
+
+# ---- building the reference -------------------------------------------------------------------
+
+
+def _rounds(node: ir.Node) -> bool:
+    """An NPU op whose kernel rounds to bf16 (data movement and views are exact)."""
+    return BUDGETS.get(node.op_type, 0.0) > 0 and npu_support(node) is None
+
+
+def _insert_rounding(model: ir.Model) -> dict[str, tuple[int, ...]]:
+    """Make ``model`` float32 with bf16 rounding where the NPU rounds; returns the jitter inputs."""
+    g = model.graph
+    _widen_bf16(model)
+    rounded: set[ir.Value] = set()
+    jitters: dict[str, tuple[int, ...]] = {}
+    for node in list(g):
+        if node.op_type == "MatMulNBits" and _rounds(node):
+            _dequantize_as_formatted(g, node)
+    for node in list(g):
+        if not _rounds(node):
+            continue
+        for slot, value in enumerate(node.inputs):
+            if value is None or value.dtype != _F32 or value in rounded:
+                continue
+            if node.op_type in _QUANTIZED and slot != 0:
+                continue  # scales/zero points: the operator's weight image handles them
+            if value.const_value is not None:
+                arr = np.asarray(value.const_value.numpy(), np.float32)
+                node.replace_input_with(slot, _const(g, f"{value.name}__bf16r", _round(arr)))
+                continue
+            node.replace_input_with(slot, _round_value(g, node, value, None, insert_before=True))
+        for value in node.outputs:
+            if value.dtype != _F32 or not value.name:
+                continue
+            jitter = f"{_JITTER_PREFIX}{len(jitters)}"
+            assert value.shape is not None and value.shape.is_static()
+            jitters[jitter] = tuple(int(d) for d in value.shape)
+            rounded.add(_round_value(g, node, value, jitter))
+    for name, init in list(g.initializers.items()):  # replaced by their rounded copies
+        if not init.uses() and not init.is_graph_output() and init not in g.inputs:
+            del g.initializers[name]
+    return jitters
+
+
+def _widen_bf16(model: ir.Model) -> None:
+    """bf16 values and initializers become float32 (exactly); Cast(to=bf16) becomes a Cast to
+    float whose output the caller rounds (Cast is a rounding NPU op)."""
+    g = model.graph
+    for name, init in list(g.initializers.items()):
+        if init.dtype == _BF16 and init.const_value is not None:
+            arr = np.asarray(init.const_value.numpy()).astype(np.float32)
+            init.const_value = ir.tensor(arr, name=name)
+            init.type = ir.TensorType(_F32)
+    for node in g:
+        if node.op_type == "Cast" and node.attributes.get_int("to", 0) == _BF16.value:
+            node.attributes["to"] = ir.AttrInt64("to", _F32.value)
+        for value in node.outputs:
+            if value.dtype == _BF16:
+                value.type = ir.TensorType(_F32)
+    for value in g.inputs:
+        if value.dtype == _BF16:
+            value.type = ir.TensorType(_F32)
+
+
+def _round(arr: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return arr.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _const(g: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    if name in g.initializers:
+        return g.initializers[name]
+    value = ir.Value(name=name, type=ir.TensorType(_F32), shape=ir.Shape(arr.shape))
+    value.const_value = ir.tensor(arr, name=name)
+    g.register_initializer(value)
+    return value
+
+
+def _round_value(
+    g: ir.Graph, node: ir.Node, value: ir.Value, jitter: str | None, *, insert_before: bool = False
+) -> ir.Value:
+    """``Cast(Cast(value, bf16), float)`` (times the jitter input), placed next to ``node``.
+
+    For an output, every use and the graph-output slot move to the rounded value, which takes
+    over the name so the model's outputs keep theirs.
+    """
+    base = value.name
+    to_bf16 = ir.Node(
+        "",
+        "Cast",
+        [value],
+        attributes=[ir.AttrInt64("to", _BF16.value)],
+        name=f"{base}__npud_round16_{next(_SERIAL)}",
+    )
+    back = ir.Node(
+        "",
+        "Cast",
+        [to_bf16.outputs[0]],
+        attributes=[ir.AttrInt64("to", _F32.value)],
+        name=f"{base}__npud_round32_{next(_SERIAL)}",
+    )
+    new_nodes = [to_bf16, back]
+    result = back.outputs[0]
+    if jitter is not None:
+        j = ir.Value(name=jitter, type=ir.TensorType(_F32), shape=value.shape)
+        g.inputs.append(j)
+        mul = ir.Node("", "Mul", [result, j], name=f"{base}__jitter")
+        new_nodes.append(mul)
+        result = mul.outputs[0]
+    for n, v in zip(new_nodes, ("to_bf16", "rounded", "jittered")):
+        n.outputs[0].name = f"{base}__npud_{v}_{next(_SERIAL)}"
+        n.outputs[0].shape = value.shape
+    to_bf16.outputs[0].type = ir.TensorType(_BF16)
+    for n in new_nodes[1:]:
+        n.outputs[0].type = ir.TensorType(_F32)
+    if insert_before:
+        g.insert_before(node, new_nodes)
+        return result
+    for use_node, slot in list(value.uses()):
+        if use_node is not to_bf16:
+            use_node.replace_input_with(slot, result)
+    g.insert_after(node, new_nodes)
+    if value.is_graph_output():
+        idx = [i for i, o in enumerate(g.outputs) if o is value]
+        for i in idx:
+            g.outputs[i] = result
+        value.name, result.name = f"{base}__raw", base
+    return result
+
+
+def _dequantize_as_formatted(g: ir.Graph, node: ir.Node) -> None:
+    """MatMulNBits -> MatMul (+ Add bias) on the bf16 weight the NPU's image holds."""
+    cfg = registry.match(node)
+    if isinstance(cfg, Decline):
+        return
+    k, n = int(node.attributes.get_int("K")), int(node.attributes.get_int("N"))
+    block = int(node.attributes.get_int("block_size"))
+    ins = list(node.inputs) + [None] * (6 - len(node.inputs))
+    consts = [None if v is None or v.const_value is None else v.const_value.numpy() for v in ins]
+    scales = _round(np.asarray(consts[2], np.float32))
+    w = _round(dequantize_nbits(consts[1], scales, consts[3], k, n, block).astype(np.float32))
+    weight = _const(g, f"{node.name}__w_bf16", np.ascontiguousarray(w))
+    out = node.outputs[0]
+    matmul = ir.Node("", "MatMul", [ins[0], weight], name=f"{node.name}__deq")
+    new = [matmul]
+    result = matmul.outputs[0]
+    if ins[5] is not None:
+        add = ir.Node("", "Add", [result, ins[5]], name=f"{node.name}__bias")
+        new.append(add)
+        result.type, result.shape, result.name = out.type, out.shape, f"{out.name}__mm"
+        result = add.outputs[0]
+    g.insert_after(node, new)
+    result.type, result.shape = out.type, out.shape
+    for use_node, slot in list(out.uses()):
+        use_node.replace_input_with(slot, result)
+    was_output = out.is_graph_output()
+    name = out.name
+    if was_output:
+        for i, o in enumerate(g.outputs):
+            if o is out:
+                g.outputs[i] = result
+    g.remove(node, safe=True)
+    out.name = f"{name}__nbits"
+    result.name = name  # a MatMul now: rounded like the op it replaces
