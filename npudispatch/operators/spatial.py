@@ -224,10 +224,12 @@ def depth_to_space(x: np.ndarray, block: int, mode: str) -> np.ndarray:
     return t.reshape(n, out_c, h * block, w * block)
 
 
-def space_to_depth(x: np.ndarray, block: int) -> np.ndarray:
-    """ONNX SpaceToDepth of an NCHW array."""
+def space_to_depth(x: np.ndarray, block: int, mode: str = "DCR") -> np.ndarray:
+    """ONNX SpaceToDepth of an NCHW array: the inverse of DepthToSpace in the same ``mode``
+    (CRD: the ``mode`` attribute of recent opsets; DCR is the classic order)."""
     n, c, h, w = x.shape
-    t = x.reshape(n, c, h // block, block, w // block, block).transpose(0, 3, 5, 1, 2, 4)
+    t = x.reshape(n, c, h // block, block, w // block, block)
+    t = t.transpose(0, 3, 5, 1, 2, 4) if mode == "DCR" else t.transpose(0, 1, 3, 5, 2, 4)
     return t.reshape(n, c * block * block, h // block, w // block)
 
 
@@ -280,19 +282,19 @@ class DepthToSpace(_BlockMove):
 
 
 class SpaceToDepth(_BlockMove):
-    """ONNX SpaceToDepth; dims ``[mode, blocksize, 0]``."""
+    """ONNX SpaceToDepth (DCR, and the CRD ``mode`` of recent opsets); dims
+    ``[mode, blocksize, DCR=0|CRD=1]``."""
 
     op_type = "SpaceToDepth"
     kernel_id = 762
 
     def out_shape(self, shape, block, mode, label):
         n, c, h, w = shape
+        if mode not in D2S_MODES:
+            return Decline(f"{label}: mode {mode!r} is not DCR or CRD")
         if h % block or w % block:
             return Decline(f"{label}: spatial size {h}x{w} is not a multiple of blocksize {block}")
         return (n, c * block * block, h // block, w // block)
 
-    def op_dims(self, cfg: OpConfig) -> list[int]:
-        return [MODE_KERNEL, cfg.extra["block"], 0]
-
     def move_real(self, x, dims, floats):
-        return space_to_depth(x, dims[0])
+        return space_to_depth(x, dims[0], D2S_MODES[dims[1]])

@@ -393,22 +393,30 @@ def test_depth_to_space(mode, shape, block, float_dtype):
 
 
 @pytest.mark.parametrize(("shape", "block"), [((2, 3, 6, 9), 3), ((1, 5, 4, 2), 2)])
-def test_space_to_depth(shape, block, float_dtype):
+@pytest.mark.parametrize("mode", ["DCR", "CRD"])
+def test_space_to_depth(shape, block, mode, float_dtype):
+    """DCR (every opset) and CRD (the ``mode`` attribute of opset 28); DepthToSpace in the same
+    mode undoes it."""
     n, c, h, w = shape
     out = (n, c * block**2, h // block, w // block)
+    attrs = {"mode": mode, "opset": 28} if mode == "CRD" else {}
     model = one_node_model(
-        "SpaceToDepth", [("x", float_dtype, shape)], [("y", float_dtype, out)], blocksize=block
+        "SpaceToDepth",
+        [("x", float_dtype, shape)],
+        [("y", float_dtype, out)],
+        blocksize=block,
+        **attrs,
     )
-    res = _check(model, {"x": random(shape, float_dtype, 14)}, exact=True)
-    # round trip through DepthToSpace(DCR) is the identity
+    x = random(shape, float_dtype, 14)
+    res = _check(model, {"x": x}, exact=True)
     back = one_node_model(
-        "DepthToSpace", [("x", float_dtype, out)], [("y", float_dtype, shape)], blocksize=block
+        "DepthToSpace",
+        [("x", float_dtype, out)],
+        [("y", float_dtype, shape)],
+        blocksize=block,
+        mode=mode,
     )
-    x = res.prepared.node.inputs[0]
-    assert x is not None
-    np.testing.assert_array_equal(
-        run_emu(back, {"x": res["y"]})["y"], random(shape, float_dtype, 14)
-    )
+    np.testing.assert_array_equal(run_emu(back, {"x": res["y"]})["y"], x)
 
 
 def test_block_moves_decline():
