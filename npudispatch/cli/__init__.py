@@ -15,7 +15,15 @@ from typing import NoReturn
 
 from npudispatch.errors import NpuDispatchError
 
-_COMMAND_MODULES = ("example", "inspect_cmd", "txn_cmd", "compile_cmd", "run_cmd", "plan_cmd")
+_COMMAND_MODULES = (
+    "example",
+    "inspect_cmd",
+    "txn_cmd",
+    "compile_cmd",
+    "run_cmd",
+    "plan_cmd",
+    "generate_cmd",
+)
 
 
 class _Parser(argparse.ArgumentParser):

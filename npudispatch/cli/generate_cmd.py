@@ -1,0 +1,123 @@
+"""``npudispatch generate MODEL_DIR --prompt-ids 1,17,200 [--max-new-tokens N] [--json]``.
+
+Generates with an onnxruntime-genai model folder: prefill and decode programs resident on the
+emulator, KV cache on the device. ``--prompt "text"`` tokenizes through onnxruntime-genai's
+tokenizer when that package is installed (``pip install onnxruntime-genai``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from npudispatch.cli.common import print_json
+from npudispatch.errors import ModelError
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--prompt-ids takes comma-separated integers like 1,17,200, got {text!r}"
+        ) from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``generate`` command."""
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate tokens with an onnxruntime-genai model folder",
+        description=(
+            "Compile prefill and decode programs once, keep them resident with the KV cache on "
+            "the device (emulator), and generate greedily or by top-k/top-p sampling."
+        ),
+    )
+    parser.add_argument("model_dir", type=Path, help="folder with genai_config.json and the model")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", type=_ids, help="prompt token ids, e.g. 1,17,200")
+    prompt.add_argument("--prompt", help="prompt text (needs onnxruntime-genai's tokenizer)")
+    parser.add_argument("--max-new-tokens", type=_positive, default=None, help="token budget")
+    parser.add_argument("--max-length", type=_positive, default=None, help="context rows (KV)")
+    parser.add_argument("--prefill-length", type=_positive, default=None, help="prefill tokens")
+    parser.add_argument("--sample", action="store_true", help="top-k/top-p sampling (not greedy)")
+    parser.add_argument("--top-k", type=int, default=50, help="keep the k most likely (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--fp32", dest="bf16", action="store_false", help="float32 storage")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def _tokenizer(model_dir: Path):
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise ModelError(
+            "--prompt needs onnxruntime-genai's tokenizer (pip install onnxruntime-genai); "
+            "pass --prompt-ids instead"
+        ) from None
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ModelError(f"{model_dir} has no tokenizer.json: pass --prompt-ids instead")
+    return og.Tokenizer(og.Model(str(model_dir)))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate and print the tokens (and text when a tokenizer is used)."""
+    from npudispatch.generate import Generator, SearchOptions
+
+    tokenizer = None
+    if args.prompt is not None:
+        tokenizer = _tokenizer(args.model_dir)
+        prompt = [int(t) for t in tokenizer.encode(args.prompt)]
+    else:
+        prompt = args.prompt_ids
+    gen = Generator(
+        args.model_dir,
+        bf16=args.bf16,
+        max_length=args.max_length,
+        prefill_length=args.prefill_length,
+    )
+    options = SearchOptions(
+        do_sample=args.sample,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, options=options)
+    summary = result.to_dict()
+    summary["compile_seconds"] = gen.compile_seconds
+    summary["const_bytes_shared"] = gen.device.const_bytes
+    if tokenizer is not None:
+        summary["text"] = tokenizer.decode(result.new_tokens)
+    if args.json:
+        print_json(summary)
+        return 0
+    print(" ".join(str(t) for t in result.new_tokens))
+    if tokenizer is not None:
+        print(summary["text"])
+    steps = result.bytes_per_step
+    per_step = f"{max(steps):,} B copied per decode step" if steps else "no decode step"
+    print(
+        f"{len(result.new_tokens)} new tokens ({result.stop_reason}); prefill "
+        f"{result.prefill_seconds * 1e3:.0f} ms, {result.tokens_per_second:.1f} tokens/s, "
+        f"{per_step}, 1 weight image of {gen.device.const_bytes:,} B shared by both programs",
+        file=sys.stderr,
+    )
+    return 0

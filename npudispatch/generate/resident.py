@@ -1,0 +1,197 @@
+"""Programs resident on one device context, sharing their weights and a KV cache.
+
+For each NPU partition of the decoder, the prefill and the decode program live on **one**
+emulated NPU (:class:`~npudispatch.emulator.VirtualNpu`): one const buffer holding the single
+weight image both programs use, one input buffer whose first bytes are the resident KV cache (at
+the same offsets in both plans, see :mod:`.programs`), one scratch and output buffer sized for
+the larger program, and one params buffer holding both params images (the decode transaction is
+re-based onto its half). Running a phase copies in only its non-resident inputs (token ids,
+attention mask) and copies out only the graph outputs (logits): the bytes moved per step do not
+depend on how long the context is.
+
+CPU segments (if a node had to stay on the CPU) run on onnxruntime between the kernel calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from npudispatch import graph, opset
+from npudispatch.dispatch.backends.emulator import kernel_registry
+from npudispatch.dispatch.emit import FusedProgram
+from npudispatch.emulator import VirtualNpu
+from npudispatch.errors import ModelError
+from npudispatch.generate.programs import CompiledPhase
+from npudispatch.txn.rebase import rebase_tiling
+
+__all__ = ["PhaseStats", "ResidentDevice"]
+
+ALIGN = 64
+INPUT, OUTPUT, SCRATCH, CONST, PARAMS = range(5)
+
+
+@dataclass
+class PhaseStats:
+    """One run of a phase: kernel calls, bytes copied each way, seconds per stage."""
+
+    kernel_calls: int = 0
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
+    cpu_segments: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bytes_copied(self) -> int:
+        return self.bytes_to_device + self.bytes_from_device
+
+    def add(self, stage: str, dt: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
+
+
+class _Slot:
+    """One NPU partition: its programs of every phase on one virtual NPU."""
+
+    def __init__(self, programs: Mapping[str, FusedProgram], cache: set[str]) -> None:
+        self.programs = dict(programs)
+        self.cache = cache
+        first = next(iter(self.programs.values()))
+        sizes = [max(p.plan.buffer_sizes[i] for p in self.programs.values()) for i in range(5)]
+        self.params_offset: dict[str, int] = {}
+        offset = 0
+        for phase, prog in self.programs.items():
+            self.params_offset[phase] = offset
+            offset += -(-len(prog.params_image) // ALIGN) * ALIGN
+        sizes[PARAMS] = max(offset, 4)
+        params = np.zeros(sizes[PARAMS], np.uint8)
+        for phase, prog in self.programs.items():
+            at = self.params_offset[phase]
+            params[at : at + len(prog.params_image)] = np.frombuffer(prog.params_image, np.uint8)
+        const = np.zeros(sizes[CONST], np.uint8)
+        const[: len(first.const_image)] = np.frombuffer(first.const_image, np.uint8)
+        self.const_bytes = len(first.const_image)
+        self.txns = {
+            phase: rebase_tiling(prog.txn, {PARAMS: at}) if at else prog.txn
+            for phase, (prog, at) in (
+                (ph, (p, self.params_offset[ph])) for ph, p in self.programs.items()
+            )
+        }
+        kernels: dict[int, Any] = {}
+        for prog in self.programs.values():
+            kernels.update(prog.kernels())
+        buffers = [np.zeros(sizes[i], np.uint8) for i in (INPUT, OUTPUT, SCRATCH)]
+        self.npu = VirtualNpu(
+            [*buffers, const, params],
+            num_cols=first.txn.header.num_cols,
+            kernels=kernel_registry(kernels),
+        )
+        for txn in self.txns.values():
+            txn.ops  # noqa: B018 - decode the typed ops once, not per step
+        self.sizes = sizes
+
+    def run(self, phase: str, env: Mapping[str, np.ndarray], stats: PhaseStats) -> dict:
+        prog = self.programs[phase]
+        bufs = self.npu.buffers
+        t0 = time.perf_counter()
+        for b in prog.inputs:
+            if b.name in self.cache:
+                continue  # resident: written on the device by the previous kernel call
+            region = bufs[b.buffer][b.offset : b.offset + b.nbytes]
+            region[...] = 0  # padding lanes are zero
+            b.view(bufs[b.buffer])[...] = env[b.name]
+            stats.bytes_to_device += b.nbytes
+        t1 = time.perf_counter()
+        self.npu.run(self.txns[phase])
+        t2 = time.perf_counter()
+        out = {}
+        for b in prog.outputs:
+            out[b.name] = np.array(b.view(bufs[b.buffer]))
+            stats.bytes_from_device += b.nbytes
+        stats.kernel_calls += 1
+        stats.add("copy_in", t1 - t0)
+        stats.add("npu", t2 - t1)
+        stats.add("copy_out", time.perf_counter() - t2)
+        return out
+
+    def cache_view(self, prog_phase: str, name: str) -> np.ndarray:
+        """The resident tensor ``name`` as the device holds it (a view, for inspection)."""
+        b = next(x for x in self.programs[prog_phase].inputs if x.name == name)
+        return b.view(self.npu.buffers[b.buffer])
+
+
+class _CpuSegment:
+    """A CPU partition as an onnxruntime sub-model."""
+
+    def __init__(self, model: ir.Model, part: graph.Partition, label: str) -> None:
+        import onnxruntime as ort
+
+        sub = graph.extract(model, part, name=f"generate_{label}")
+        opset.attach_functions(sub)
+        proto = ir.serde.serialize_model(sub)
+        self.inputs = [v.name for v in part.inputs]
+        self.outputs = [v.name for v in part.outputs]
+        self.sess = ort.InferenceSession(
+            proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+
+    def run(self, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.sess.run(self.outputs, {n: np.ascontiguousarray(env[n]) for n in self.inputs})
+        return dict(zip(self.outputs, outs))
+
+
+class ResidentDevice:
+    """Every phase of a decoder resident on one device context (the emulator).
+
+    ``phases`` maps a phase name to its :class:`CompiledPhase`; all phases must partition alike
+    (checked by :func:`~npudispatch.generate.programs.check_shared_cache`).
+    """
+
+    name = "emulator"
+
+    def __init__(self, phases: Mapping[str, CompiledPhase]) -> None:
+        self.phases = dict(phases)
+        any_phase = next(iter(self.phases.values()))
+        cache = set(any_phase.cache_names)
+        n_programs = len(any_phase.programs)
+        self.slots = [
+            _Slot({ph: p.programs[k] for ph, p in self.phases.items()}, cache)
+            for k in range(n_programs)
+        ]
+        self._cpu: dict[str, dict[int, _CpuSegment]] = {}
+        for ph, p in self.phases.items():
+            labels = p.compiled.labels
+            self._cpu[ph] = {
+                i: _CpuSegment(p.compiled.model, part, labels[i])
+                for i, part in enumerate(p.compiled.partitions)
+                if part.kind == "cpu"
+            }
+
+    @property
+    def const_bytes(self) -> int:
+        """Bytes of weights on the device: one image per NPU partition, shared by every phase."""
+        return sum(s.const_bytes for s in self.slots)
+
+    def run(self, phase: str, feeds: Mapping[str, np.ndarray]) -> tuple[dict, PhaseStats]:
+        """Run ``phase`` once on ``feeds`` (non-resident inputs); returns graph outputs, stats."""
+        if phase not in self.phases:
+            raise ModelError(f"unknown phase {phase!r}; have {sorted(self.phases)}")
+        compiled = self.phases[phase].compiled
+        stats = PhaseStats()
+        env: dict[str, np.ndarray] = dict(feeds)
+        npu_index = 0
+        for i, part in enumerate(compiled.partitions):
+            if part.kind == "npu":
+                env.update(self.slots[npu_index].run(phase, env, stats))
+                npu_index += 1
+            else:
+                t0 = time.perf_counter()
+                env.update(self._cpu[phase][i].run(env))
+                stats.add("cpu", time.perf_counter() - t0)
+                stats.cpu_segments += 1
+        outputs = {v.name: env[v.name] for v in compiled.model.graph.outputs if v.name in env}
+        return outputs, stats
