@@ -5,8 +5,9 @@ time every resized axis gets a table (:class:`AxisTable`): for each output posit
 axis, the input positions it reads (``taps``: 1 nearest, 2 linear, 4 cubic) and their weights.
 The tables are computed with onnxruntime's float32 coordinate arithmetic, so nearest-neighbour
 ties and edge clamping pick the same pixels as onnxruntime. They travel in the const region
-(per table: int32 indices ``[out, taps]``, then float32 weights ``[out, taps]`` unless nearest),
-described by ``dims = [method, n_tables, *(axis, out_len, taps) per table]``.
+(per table: int32 indices ``[out, taps]``, float32 weights ``[out, taps]`` unless nearest, and
+for tf_crop_and_resize int32 ``outside`` flags ``[out]``), described by ``dims = [method,
+extrapolate, n_tables, *(axis, out_len, taps) per table]``; ``floats = [extrapolation_value]``.
 
 The kernel crops X to its real shape, then per table does ``taps`` ``np.take`` gathers along the
 axis weighted and summed (nearest: one combined fancy-index gather, exact, any data dtype). Linear
@@ -17,9 +18,10 @@ Supported: modes nearest (every ``nearest_mode``, and opset 10's rule: ``ceil`` 
 downsampling, truncation otherwise), linear (any number of axes; onnxruntime's clamp of the
 source coordinate to the input) and cubic (``cubic_coeff_a``, ``exclude_outside``);
 ``coordinate_transformation_mode`` half_pixel, half_pixel_symmetric, pytorch_half_pixel,
-align_corners, asymmetric, tf_half_pixel_for_nn; constant ``scales`` or ``sizes``, opset 18
-``axes`` and ``keep_aspect_ratio_policy``. Declined with a reason: tf_crop_and_resize (ROI crops),
-antialias, non-constant scales/sizes.
+align_corners, asymmetric, tf_half_pixel_for_nn (nearest only) and tf_crop_and_resize (constant
+roi; output positions whose source lies outside the input get ``extrapolation_value``); constant
+``scales`` or ``sizes``, opset 18 ``axes`` and ``keep_aspect_ratio_policy``. Declined with a
+reason: antialias, non-constant scales/sizes/roi.
 
 Padding: every axis may be padded and none is tied: the kernel reads only the real input block
 (resize windows would otherwise pull padded zeros into edge pixels) and zero-fills the output
@@ -80,6 +82,8 @@ class ResizeSpec:
     scales: tuple[float, ...]  # float32 values, one per axis
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    roi: tuple[tuple[float, float], ...] | None = None  # tf_crop_and_resize: (start, end) per axis
+    extrapolation_value: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,16 +94,24 @@ class AxisTable:
     axis: int
     index: np.ndarray  # int32 [out, taps]
     weight: np.ndarray | None  # float32 [out, taps]
+    outside: np.ndarray | None = None  # tf_crop_and_resize: int32 [out], 1 = extrapolated
 
 
 # ---- coordinate tables (onnxruntime's float32 arithmetic) ----------------------------------
 
 
-def original_coordinates(out_len: int, in_len: int, scale: float, mode: str) -> np.ndarray:
+def original_coordinates(
+    out_len: int, in_len: int, scale: float, mode: str, roi: tuple[float, float] = (0.0, 1.0)
+) -> np.ndarray:
     """Source coordinate of every output position along one axis (float32)."""
     f = np.float32
     x = np.arange(out_len, dtype=f)
     s, half = f(scale), f(0.5)
+    if mode == "tf_crop_and_resize":
+        start, end = f(roi[0]), f(roi[1])
+        if out_len == 1:
+            return np.array([0.5 * (float(start) + float(end)) * (in_len - 1)], f)
+        return start * f(in_len - 1) + (x * (end - start) * f(in_len - 1)) / f(out_len - 1)
     if mode == "asymmetric":
         return x / s
     if mode == "pytorch_half_pixel":
@@ -144,7 +156,18 @@ def cubic_weights(frac: np.ndarray, a: float) -> np.ndarray:
 def axis_table(spec: ResizeSpec, axis: int) -> AxisTable:
     """The gather table of one axis."""
     n_in, n_out, scale = spec.in_shape[axis], spec.out_shape[axis], spec.scales[axis]
-    coords = original_coordinates(n_out, n_in, scale, spec.coordinate_mode)
+    roi = spec.roi[axis] if spec.roi is not None else (0.0, 1.0)
+    coords = original_coordinates(n_out, n_in, scale, spec.coordinate_mode, roi)
+    table = _axis_taps(spec, axis, coords, n_in, scale)
+    if spec.roi is None:
+        return table
+    outside = ((coords < 0) | (coords > np.float32(n_in - 1))).astype(np.int32)
+    return AxisTable(axis, table.index, table.weight, outside)
+
+
+def _axis_taps(
+    spec: ResizeSpec, axis: int, coords: np.ndarray, n_in: int, scale: float
+) -> AxisTable:
     if spec.method == "nearest":
         idx = nearest_index(coords, spec.nearest_mode, scale < 1.0)
         return AxisTable(axis, np.clip(idx, 0, n_in - 1).astype(np.int32)[:, None], None)
@@ -170,7 +193,7 @@ def axis_table(spec: ResizeSpec, axis: int) -> AxisTable:
 
 
 def _is_identity(table: AxisTable, n_in: int) -> bool:
-    if table.index.shape[0] != n_in:
+    if table.index.shape[0] != n_in or (table.outside is not None and table.outside.any()):
         return False
     own = table.index == np.arange(n_in)[:, None]
     if table.weight is None:
@@ -186,13 +209,29 @@ def resize_tables(spec: ResizeSpec) -> list[AxisTable]:
     tables = [
         axis_table(spec, ax)
         for ax, (n, m, s) in enumerate(zip(spec.in_shape, spec.out_shape, spec.scales))
-        if not (s == 1.0 and n == m)
+        if spec.roi is not None or not (s == 1.0 and n == m)
     ]
     return [t for t in tables if not _is_identity(t, spec.in_shape[t.axis])]
 
 
-def apply_tables(x: np.ndarray, tables: Sequence[AxisTable], dtype: Any) -> np.ndarray:
-    """Resize ``x`` (real shape) with ``tables``: gathers, weighted sums in ``dtype``."""
+def apply_tables(
+    x: np.ndarray, tables: Sequence[AxisTable], dtype: Any, extrapolation_value: float = 0.0
+) -> np.ndarray:
+    """Resize ``x`` (real shape) with ``tables``: gathers, weighted sums in ``dtype``; output
+    positions a table marks ``outside`` get ``extrapolation_value`` (tf_crop_and_resize)."""
+    y = _gather(x, tables, dtype)
+    masks = [t for t in tables if t.outside is not None and t.outside.any()]
+    if not masks:
+        return y
+    outside = np.zeros(y.shape, bool)
+    for t in masks:
+        shape = [1] * y.ndim
+        shape[t.axis] = t.outside.shape[0]
+        outside |= t.outside.astype(bool).reshape(shape)
+    return np.where(outside, np.asarray(extrapolation_value).astype(y.dtype), y)
+
+
+def _gather(x: np.ndarray, tables: Sequence[AxisTable], dtype: Any) -> np.ndarray:
     if not tables or tables[0].weight is None:
         index = [np.arange(n) for n in x.shape]
         for t in tables:
@@ -263,6 +302,9 @@ class _ResizeBase(Operator):
                 f"{label}: output is {out.logical_shape} {out.dtype}, the resize gives "
                 f"{out_shape} {x.dtype}"
             )
+        roi = _roi_per_axis(got, len(x.shape))
+        if isinstance(roi, Decline):
+            return Decline(f"{label}: {roi.reason}")
         spec = ResizeSpec(
             got["method"],
             got["coordinate_mode"],
@@ -272,6 +314,8 @@ class _ResizeBase(Operator):
             scales,
             x.logical_shape,
             out_shape,
+            roi=roi,
+            extrapolation_value=got.get("extrapolation_value", 0.0),
         )
         inputs: list[TensorSpec | None] = [x] + [None] * (len(node.inputs) - 1)
         return node_config(
@@ -281,27 +325,35 @@ class _ResizeBase(Operator):
     # ---- records and const region --------------------------------------------------------
     def op_dims(self, cfg: OpConfig) -> list[int]:
         tables: list[AxisTable] = cfg.extra["tables"]
-        method = METHODS.index(cfg.extra["spec"].method)
+        spec: ResizeSpec = cfg.extra["spec"]
         return [
-            method,
+            METHODS.index(spec.method),
+            int(spec.roi is not None),
             len(tables),
             *(v for t in tables for v in (t.axis, t.index.shape[0], t.index.shape[1])),
         ]
 
+    def op_floats(self, cfg: OpConfig) -> list[float]:
+        return [cfg.extra["spec"].extrapolation_value]
+
     def format_consts(self, cfg: OpConfig) -> bytes:
-        """Per table: int32 indices, then float32 weights (interpolating methods)."""
+        """Per table: int32 indices, float32 weights (interpolating methods), int32 outside
+        flags (tf_crop_and_resize)."""
         parts: list[np.ndarray] = []
         for t in cfg.extra["tables"]:
             parts.append(np.ascontiguousarray(t.index, "<i4"))
             if t.weight is not None:
                 parts.append(np.ascontiguousarray(t.weight, "<f4"))
+            if t.outside is not None:
+                parts.append(np.ascontiguousarray(t.outside, "<i4"))
         return records.pack_consts(parts)
 
     def kernel(self, record: ParamsRecord, operands: Sequence[Any]) -> list[np.ndarray]:
         table = records.decode_table(record.payload)
         dims = list(record.dims)
-        if len(dims) < 2 or not 0 <= dims[0] < len(METHODS) or len(dims) != 2 + 3 * dims[1]:
+        if len(dims) < 3 or not 0 <= dims[0] < len(METHODS) or len(dims) != 3 + 3 * dims[2]:
             raise DeviceError(f"{self.op_type} record dims {dims} are not a resize plan")
+        (value,) = records.decode_floats(record.payload, table)
         x = records.unpack_inputs(table, operands[:1], record.operand_bytes[:1])[0]
         (_, spec) = table.inputs[0]
         assert x is not None and spec is not None
@@ -309,9 +361,9 @@ class _ResizeBase(Operator):
         (out,) = table.outputs
         real = _crop(x, spec)
         if dims[0] == 0:  # nearest: one exact gather
-            y = apply_tables(real, tables, F32).astype(out.dtype, copy=False)
+            y = apply_tables(real, tables, F32, value).astype(out.dtype, copy=False)
         else:
-            y = store(apply_tables(to_compute(real), tables, F32), out.dtype)
+            y = store(apply_tables(to_compute(real), tables, F32, value), out.dtype)
         return records.pack_outputs(
             [_place(y, out, f"{self.op_type} output")], table.outputs, record.output_bytes
         )
@@ -319,10 +371,10 @@ class _ResizeBase(Operator):
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """ONNX semantics (onnxruntime's coordinate rules) on X, in float64 for interpolation."""
         x = np.asarray(inputs[0])
-        tables = cfg.extra["tables"]
-        if cfg.extra["spec"].method == "nearest":
-            return [apply_tables(x, tables, np.float64)]
-        y = apply_tables(x.astype(np.float64), tables, np.float64)
+        tables, spec = cfg.extra["tables"], cfg.extra["spec"]
+        if spec.method == "nearest":
+            return [apply_tables(x, tables, np.float64, spec.extrapolation_value)]
+        y = apply_tables(x.astype(np.float64), tables, np.float64, spec.extrapolation_value)
         return [y.astype(cfg.outputs[0].dtype)]
 
     def granularity(self, cfg: OpConfig) -> ShapeConstraints:
@@ -341,21 +393,39 @@ def _read_tables(dims: list[int], const: Any) -> list[AxisTable]:
         if len(const)
         else np.zeros(0, np.uint8)
     )
-    interp = dims[0] != 0
+    interp, extrapolate = dims[0] != 0, dims[1] != 0
     tables, pos = [], 0
-    for k in range(dims[1]):
-        axis, n_out, taps = dims[2 + 3 * k : 5 + 3 * k]
-        nbytes = 4 * n_out * taps
-        if pos + nbytes * (2 if interp else 1) > raw.size:
+
+    def take(nbytes: int, dtype: str, k: int) -> np.ndarray:
+        nonlocal pos
+        if pos + nbytes > raw.size:
             raise DeviceError(f"resize table {k} runs past the {raw.size}-byte const region")
-        index = raw[pos : pos + nbytes].view("<i4").reshape(n_out, taps)
         pos += nbytes
-        weight = None
-        if interp:
-            weight = raw[pos : pos + nbytes].view("<f4").reshape(n_out, taps)
-            pos += nbytes
-        tables.append(AxisTable(axis, index, weight))
+        return raw[pos - nbytes : pos].view(dtype)
+
+    for k in range(dims[2]):
+        axis, n_out, taps = dims[3 + 3 * k : 6 + 3 * k]
+        index = take(4 * n_out * taps, "<i4", k).reshape(n_out, taps)
+        weight = take(4 * n_out * taps, "<f4", k).reshape(n_out, taps) if interp else None
+        outside = take(4 * n_out, "<i4", k) if extrapolate else None
+        tables.append(AxisTable(axis, index, weight, outside))
     return tables
+
+
+def _roi_per_axis(
+    got: dict[str, Any], rank: int
+) -> tuple[tuple[float, float], ...] | Decline | None:
+    """tf_crop_and_resize's roi as ``(start, end)`` per axis (``[0, 1]`` off ``axes``)."""
+    roi = got.get("roi")
+    if roi is None:
+        return None
+    axes = [a % rank for a in (got.get("axes") or range(rank))]
+    if len(roi) != 2 * len(axes):
+        return Decline(f"roi has {len(roi)} values for {len(axes)} axes (need start and end each)")
+    per_axis = [(0.0, 1.0)] * rank
+    for k, ax in enumerate(axes):
+        per_axis[ax] = (roi[k], roi[k + len(axes)])
+    return tuple(per_axis)
 
 
 def _scales_and_sizes(
@@ -406,8 +476,10 @@ def _scales_and_sizes(
     return tuple(float(s) for s in scales), tuple(out)
 
 
-def _const_floats(node: ir.Node, index: int, what: str) -> list[float] | Decline | None:
-    """Float32 constant input ``index`` as a list (None when absent or empty)."""
+def _const_floats(
+    node: ir.Node, index: int, what: str, dtypes: tuple[str, ...] = ("float32",)
+) -> list[float] | Decline | None:
+    """Float constant input ``index`` as a list (None when absent or empty)."""
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None or not value.name:
         return None
@@ -419,8 +491,8 @@ def _const_floats(node: ir.Node, index: int, what: str) -> list[float] | Decline
         )
     if arr.size == 0:
         return None
-    if arr.dtype != np.float32:
-        return Decline(f"{what} '{value.name}' has dtype {arr.dtype}; ONNX requires float32")
+    if arr.dtype.name not in dtypes:
+        return Decline(f"{what} '{value.name}' has dtype {arr.dtype}; ONNX requires {dtypes}")
     return [float(v) for v in arr.reshape(-1)]
 
 
@@ -453,12 +525,14 @@ class Resize(_ResizeBase):
         if not 1 <= len(node.inputs) <= 4:
             return Decline(f"{label}: expects 1..4 inputs, got {len(node.inputs)}")
         coord = _str_attr(node, "coordinate_transformation_mode", "half_pixel")
+        roi = None
         if coord == "tf_crop_and_resize":
-            return Decline(
-                f"{label}: coordinate_transformation_mode 'tf_crop_and_resize' (ROI crop with "
-                "extrapolation) is not supported on the NPU"
-            )
-        if coord not in COORDINATE_MODES or (coord == "half_pixel_symmetric" and version < 19):
+            roi = _const_floats(node, 1, f"{label} roi", ("float32", "float64", "float16"))
+            if isinstance(roi, Decline):
+                return roi
+            if roi is None:
+                return Decline(f"{label}: tf_crop_and_resize needs a constant, non-empty roi")
+        elif coord not in COORDINATE_MODES or (coord == "half_pixel_symmetric" and version < 19):
             return Decline(
                 f"{label}: coordinate_transformation_mode {coord!r} is not supported (one of "
                 f"{COORDINATE_MODES}; half_pixel_symmetric needs opset 19)"
@@ -509,6 +583,8 @@ class Resize(_ResizeBase):
             "sizes": sizes,
             "axes": None if axes is None or version < 18 else [int(a) for a in axes],
             "policy": policy if version >= 18 else "stretch",
+            "roi": roi,
+            "extrapolation_value": float(node.attributes.get_float("extrapolation_value", 0.0)),
         }
 
 

@@ -32,12 +32,13 @@ def resize_model(
     **attrs,
 ) -> onnx.ModelProto:
     """A one-node Resize/Upsample with constant scales/sizes (``roi=True``: an empty roi input,
-    as opset 11 requires and PyTorch exports)."""
+    as opset 11 requires and PyTorch exports; a sequence: that roi)."""
     inits, names = [], ["x", "", "", ""]
-    if roi:
-        inits.append(numpy_helper.from_array(np.zeros(0, np.float32), "roi"))
+    if roi is not False:
+        given = np.zeros(0) if roi is True else roi
+        inits.append(numpy_helper.from_array(np.asarray(given, np.float32), "roi"))
         names[1] = "roi"
-    if scales is not None or roi:  # opset 11: an empty scales tensor when sizes are given
+    if scales is not None or roi is True:  # opset 11: an empty scales tensor with sizes
         given = np.zeros(0) if scales is None else scales
         inits.append(numpy_helper.from_array(np.asarray(given, np.float32), "scales"))
         names[2] = "scales"
@@ -188,6 +189,37 @@ def test_resize_sizes_axes_and_aspect_policies(method):
         check(model, x, method)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("roi", "axes", "out", "opset"),
+    [
+        ([0, 0, 0.2, 0.1, 1, 1, 0.8, 0.7], None, (1, 2, 7, 5), 13),
+        ([0, 0, -0.3, 0.4, 1, 1, 1.2, 1.5], None, (1, 2, 9, 8), 13),  # partly outside: extrapolate
+        ([0.6, -0.2, 1.3, 0.9], [3, 2], (1, 2, 6, 10), 18),
+    ],
+)
+def test_resize_tf_crop_and_resize(method, roi, axes, out, opset):
+    x = _exact((1, 2, 5, 7), np.float32, 15)
+    sizes = list(out) if axes is None else [out[a] for a in axes]
+    attrs = {"axes": axes} if axes is not None else {}
+    model = resize_model(
+        x.shape,
+        out,
+        sizes=sizes,
+        roi=roi,
+        opset=opset,
+        mode=method,
+        coordinate_transformation_mode="tf_crop_and_resize",
+        extrapolation_value=-7.5,
+        **attrs,
+    )
+    res = check(model, x, method)
+    outside = [t.outside for t in res.prepared.cfg.extra["tables"]]
+    assert all(o is not None for o in outside)
+    if min(roi) < 0 or max(roi) > 1:
+        assert np.any(res["y"] == -7.5)  # extrapolated positions really exist
+
+
 def test_resize_opset11_empty_roi_with_sizes_as_pytorch_exports():
     x = _exact((1, 4, 5, 7), np.float32, 8)
     model = resize_model(
@@ -254,7 +286,7 @@ def _decline(model) -> str:
 
 def test_resize_declines_with_reasons():
     shape = (1, 1, 4, 4)
-    assert "tf_crop_and_resize" in _decline(
+    assert "tf_crop_and_resize needs a constant, non-empty roi" in _decline(
         resize_model(
             shape,
             (1, 1, 8, 8),
