@@ -29,7 +29,7 @@ from npudispatch.operators.base import (
     op_label,
     tensor_spec,
 )
-from npudispatch.operators.dtypes import FLOAT_DTYPES, np_dtype, store
+from npudispatch.operators.dtypes import FLOAT_DTYPES, np_dtype
 from npudispatch.operators.matmul import attr_value
 
 INT_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
@@ -113,7 +113,7 @@ class GatherTable(Operator):
         spec = outputs[0]
         pad = [(0, p - r) for p, r in zip(spec.shape, rows.shape)]
         rows = np.pad(rows, pad) if any(w for _, w in pad) else rows
-        return [store(rows, spec.dtype) if spec.dtype in FLOAT_DTYPES else rows.astype(spec.dtype)]
+        return [rows.astype(spec.dtype)]  # a row copy: no compute rounding
 
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
         return [self._lookup(np.asarray(inputs[0]), inputs[1]).astype(cfg.outputs[0].dtype)]
