@@ -12,6 +12,8 @@ calls one per-area benchmark module and turns its numbers into a ratio measured 
 ``weights_q4_KxN``            4-bit weight formatting / memcpy of the output bytes (weights_bench)
 ``emulator_llama2_mlp``       emulator Session.run / onnxruntime run, M=1 (mlp_bench)
 ``emulator_ppocr_det``        emulator Session.run / onnxruntime run, PP-OCRv4 detector (cnn_bench)
+``external_data_rss``         peak RSS growth of Session + run / size of the external data file
+                              (328 MB, read by a CPU segment; external_data_bench)
 ============================  ==========================================================
 
 ``--quick`` uses tiny sizes and single repeats (for tests); the numbers are then not meaningful.
@@ -43,6 +45,7 @@ import numpy as np
 from benchmarks import (
     cnn_bench,
     compile_bench,
+    external_data_bench,
     mlp_bench,
     plan_bench,
     session_bench,
@@ -245,6 +248,21 @@ def _weights(quick: bool) -> list[Row]:
 
 
 #: Benchmark groups in run order: (name shown on failure, function returning its rows).
+def _external_data(quick: bool) -> list[Row]:
+    r = _quiet(external_data_bench.run, quick=quick)
+    return [
+        Row(
+            "external_data_rss",
+            r["growth_over_data"],
+            "peak RSS growth (Session + run) / external data size",
+            f"{r['data_bytes'] / 1e6:.0f} MB in model.onnx.data, run from another directory: "
+            f"peak RSS grew {r['growth_bytes'] / 1e6:.1f} MB, output "
+            f"{'correct' if r['output_correct'] else 'WRONG'}",
+            r,
+        )
+    ]
+
+
 BENCHMARKS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("compile", _compile),
     ("plan_llama2_mlp+emulator_llama2_mlp", _mlp),
@@ -253,6 +271,7 @@ BENCHMARKS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("session", _session),
     ("weights", _weights),
     ("emulator_ppocr_det", _cnn),
+    ("external_data_rss", _external_data),
 ]
 
 

@@ -2,14 +2,18 @@
 
 onnxruntime resolves external-data locations of a model given as bytes against the process's
 working directory, and refuses paths that leave it; our CPU segments and reference sessions are
-built from bytes. So external initializers are handed over as memory instead: each one is mapped
-from its file (``ir.ExternalTensor`` memory-maps it) and passed with
-``SessionOptions.add_external_initializers``, which wraps the mapped pages without copying them.
-The model's own safe-loading rules (no location outside the model folder) were applied at load.
+built from bytes. So the session is told the folder the locations are relative to (the session
+option ``session.model_external_initializers_file_folder_path``): onnxruntime then memory-maps the
+data file itself, exactly as when it opens the model by path, and nothing is copied. Tensors from
+a second folder (a model assembled from two) are handed over as memory instead
+(``add_external_initializers``, which onnxruntime copies). Small external tensors are inlined:
+onnxruntime's graph checks read shape constants and refuse external ones. The model's own
+safe-loading rules (no location outside the model folder) were applied at load.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +24,7 @@ __all__ = ["onnxruntime_session"]
 
 # External tensors up to this size are inlined into the model bytes instead of shared.
 _INLINE_BYTES = 64 * 1024
+_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 def onnxruntime_session(
@@ -28,7 +33,7 @@ def onnxruntime_session(
     """An onnxruntime CPU session for ``model``, from any working directory.
 
     ``optimize=False`` disables graph optimizations (the reference then executes the graph
-    literally). Weights stored externally are shared with onnxruntime, not copied.
+    literally). Weights stored externally are memory-mapped by onnxruntime, not copied.
     """
     import onnxruntime as ort
 
@@ -50,8 +55,8 @@ def onnxruntime_session(
 
 
 def _move_external_initializers(model: ir.Model, proto: onnx.ModelProto, options: Any) -> list:
-    """Share big external initializers with onnxruntime; inline small ones. Returns the buffers
-    onnxruntime reads, which the caller must keep alive."""
+    """Point onnxruntime at the external data; inline small tensors. Returns the buffers
+    onnxruntime reads from our memory, which the caller must keep alive."""
     import onnxruntime as ort
 
     externals = {
@@ -59,6 +64,10 @@ def _move_external_initializers(model: ir.Model, proto: onnx.ModelProto, options
         for name, value in model.graph.initializers.items()
         if isinstance(value.const_value, ir.ExternalTensor)
     }
+    folders = [str(Path(t.base_dir).resolve()) for t in externals.values() if t.base_dir]
+    folder = max(set(folders), key=folders.count) if folders else None
+    if folder is not None:
+        options.add_session_config_entry(_FOLDER_KEY, folder)
     names: list[str] = []
     values: list[Any] = []
     kept: list[np.ndarray] = []
@@ -68,12 +77,13 @@ def _move_external_initializers(model: ir.Model, proto: onnx.ModelProto, options
         source = externals.get(tensor.name)
         if source is None:
             raise ValueError(f"external initializer {tensor.name!r} has no IR tensor")
+        in_folder = source.base_dir and str(Path(source.base_dir).resolve()) == folder
+        if source.nbytes > _INLINE_BYTES and in_folder:
+            continue  # onnxruntime maps it from the file itself
         array = source.numpy()  # memory-mapped
-        if array.nbytes > _INLINE_BYTES and _ort_can_wrap(array):
-            # Stays declared as external: onnxruntime takes the data from the options instead
-            # of opening the file.
-            array = np.ascontiguousarray(array)
+        if source.nbytes > _INLINE_BYTES and _ort_can_wrap(array):
             names.append(tensor.name)
+            array = np.ascontiguousarray(array)
             values.append(ort.OrtValue.ortvalue_from_numpy(array))
             kept.append(array)
         else:
