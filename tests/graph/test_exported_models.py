@@ -325,3 +325,17 @@ def test_custom_domain_op_types_match_what_onnxruntime_computes(op):
     actual = _ort(proto, feeds)
     names = [o for o in outputs if o]
     assert inferred == {n: (a.dtype, list(a.shape)) for n, a in zip(names, actual)}
+
+
+def test_detector_like_cli_compiles_and_runs_check_from_another_directory(
+    tmp_path, monkeypatch, capsys
+):
+    path = tmp_path / "models" / "det.onnx"
+    path.parent.mkdir()
+    onnx.save(detector_like(), path)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["compile", str(path), "--shape", "x=1x3x16x24", "-o", "out"]) == 0
+    assert (tmp_path / "out" / "report.json").is_file()
+    capsys.readouterr()
+    assert cli_main(["run", str(path), "--shape", "x=1x3x16x24", "--check"]) == 0
+    assert "ok" in capsys.readouterr().out
