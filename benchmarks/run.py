@@ -14,6 +14,8 @@ calls one per-area benchmark module and turns its numbers into a ratio measured 
 ``emulator_ppocr_det``        emulator Session.run / onnxruntime run, PP-OCRv4 detector (cnn_bench)
 ``external_data_rss``         peak RSS growth of Session + run / size of the external data file
                               (328 MB, read by a CPU segment; external_data_bench)
+``generate_decode_step``      emulator decode step / onnxruntime-genai decode step, Qwen2 int4
+                              folder, plus bytes copied per decode step (generate_bench)
 ============================  ==========================================================
 
 ``--quick`` uses tiny sizes and single repeats (for tests); the numbers are then not meaningful.
@@ -46,6 +48,7 @@ from benchmarks import (
     cnn_bench,
     compile_bench,
     external_data_bench,
+    generate_bench,
     mlp_bench,
     plan_bench,
     session_bench,
@@ -263,6 +266,26 @@ def _external_data(quick: bool) -> list[Row]:
     ]
 
 
+def _generate(quick: bool) -> list[Row]:
+    what = "emulator decode step / onnxruntime-genai decode step"
+    try:
+        r = _quiet(generate_bench.run, quick=quick)
+    except generate_bench.Unavailable as exc:
+        return [Row("generate_decode_step", None, what, str(exc), {}, str(exc))]
+    return [
+        Row(
+            "generate_decode_step",
+            r["ratio_to_genai"],
+            what,
+            f"{r['model']}: {_ms(r['emulator_decode_step_s'])} vs "
+            f"{r['genai_decode_step_s'] * 1e3:.2f} ms, {r['bytes_last_step']:,} B copied per "
+            f"step (first step {r['bytes_first_step']:,} B), {r['kernel_calls_per_step']} kernel "
+            f"call, one {r['const_bytes_shared']:,} B weight image for prefill and decode",
+            r,
+        )
+    ]
+
+
 BENCHMARKS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("compile", _compile),
     ("plan_llama2_mlp+emulator_llama2_mlp", _mlp),
@@ -272,6 +295,7 @@ BENCHMARKS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("weights", _weights),
     ("emulator_ppocr_det", _cnn),
     ("external_data_rss", _external_data),
+    ("generate_decode_step", _generate),
 ]
 
 

@@ -28,8 +28,9 @@ KEYS = {
     "emulator_llama2_mlp",
     "emulator_ppocr_det",
     "external_data_rss",
+    "generate_decode_step",
 }
-SKIPPABLE = {"txn", "emulator_ppocr_det"}  # need ../shared (corpus, models)
+SKIPPABLE = {"txn", "emulator_ppocr_det", "generate_decode_step"}  # ../shared, genai extra
 
 
 @pytest.fixture(scope="module")
