@@ -23,10 +23,13 @@ its *sensitivity* ``s``: one ulp of the magnitudes involved, carried to that ele
 graph (large for a softmax of large logits or a difference of large terms, small for a sigmoid
 near zero). An output passes when every element satisfies::
 
-    |npu - reference| <= ULPS * (s + ulp_bf16(|reference|))
+    |npu - reference| <= ULPS * (s + ulp_bf16(|reference|) + floor)
 
-i.e. within :data:`ULPS` bf16 ulps at the magnitudes involved. The float32 onnxruntime difference
-is reported beside it for information only.
+i.e. within :data:`ULPS` bf16 ulps at the magnitudes involved (``floor``: a few float32 ulps of
+the output's largest magnitude, onnxruntime's own resolution), and the root-mean-square of those
+per-element ratios stays below :data:`RMS_ULPS`: rounding flips are sparse, while a systematic
+defect (a weight off by 1 %) moves every element by a fraction of an ulp. The float32
+onnxruntime difference is reported beside it for information only.
 """
 
 from __future__ import annotations
@@ -48,15 +51,22 @@ from npudispatch.rewrites import default_pipeline
 from npudispatch.rewrites.precision import BUDGETS
 from npudispatch.rewrites.support import npu_support
 
-__all__ = ["PROBES", "ULPS", "OutputCheck", "RoundingReference", "check_outputs"]
+__all__ = ["PROBES", "RMS_ULPS", "ULPS", "OutputCheck", "RoundingReference", "check_outputs"]
 
 ULPS = 2
 """Allowed difference, in bf16 ulps of the magnitudes involved (see the module docstring)."""
 
-PROBES = 2
+PROBES = 4
 """Extra reference runs with every rounding point perturbed by one ulp (random signs)."""
 
 JITTER = 2.0**-8
+
+RMS_ULPS = 0.125
+"""Allowed root-mean-square of the per-element differences in those units: rounding flips are
+sparse (clean models stay below 0.02), a systematic error (a 1 % weight change: ~0.45) is not."""
+
+FLOAT32_ULPS = 4
+"""Floor of the unit: float32 ulps of the output's largest magnitude (onnxruntime's resolution)."""
 """Relative size of the probe perturbation: one bf16 unit roundoff (about one ulp)."""
 
 _F32, _BF16 = ir.DataType.FLOAT, ir.DataType.BFLOAT16
@@ -84,20 +94,23 @@ class OutputCheck:
     max_magnitude: float
     worst_ulps: float
     allowed_ulps: int
+    rms_ulps: float
     fp32_max_abs: float | None
     where: tuple[int, ...] | None = None
 
     def describe(self) -> str:
         """One sentence: what was compared, the tolerance and why."""
-        verdict = "within" if self.ok else "NOT within"
+        verdict = "within" if self.worst_ulps <= self.allowed_ulps else "NOT within"
         text = (
             f"max |Δ| {self.max_abs:.3g} on values up to {self.max_magnitude:.3g} vs the "
             f"rounding-aware onnxruntime reference; {verdict} {self.allowed_ulps} ulp of bf16 at "
             f"the magnitudes involved (worst element {self.worst_ulps:.2f} ulp"
         )
-        if not self.ok and self.where is not None:
+        if self.worst_ulps > self.allowed_ulps and self.where is not None:
             text += f" at index {list(self.where)}"
-        text += ")"
+        text += f"; rms {self.rms_ulps:.3f} ulp, limit {RMS_ULPS} for systematic errors)"
+        if not self.ok and self.worst_ulps <= self.allowed_ulps:
+            text += ": the differences are systematic, not rounding"
         if self.fp32_max_abs is not None:
             text += f"; float32 onnxruntime max |Δ| {self.fp32_max_abs:.3g} (information)"
         return text
@@ -109,6 +122,8 @@ class OutputCheck:
             "max_magnitude": self.max_magnitude,
             "worst_ulps": self.worst_ulps,
             "allowed_ulps": self.allowed_ulps,
+            "rms_ulps": self.rms_ulps,
+            "allowed_rms_ulps": RMS_ULPS,
             "fp32_max_abs": self.fp32_max_abs,
             "where": None if self.where is None else list(self.where),
             "reference": "onnxruntime on the rewritten graph with bf16 rounding where the NPU rounds",
@@ -172,7 +187,14 @@ def check_outputs(
         for p in probes:
             with np.errstate(invalid="ignore"):
                 sens = np.fmax(sens, np.abs(np.asarray(p[name], np.float64) - r))
-        unit = sens + ulp_bf16(r)
+        # onnxruntime's own float32 resolution at the output's scale: libm differences
+        # (a sigmoid saturating to 0 vs 3e-8) are no rounding question.
+        floor = (
+            FLOAT32_ULPS
+            * 2.0**-23
+            * (float(np.abs(r[np.isfinite(r)]).max()) if np.isfinite(r).any() else 0.0)
+        )
+        unit = sens + ulp_bf16(r) + floor
         both_nan = np.isnan(a) & np.isnan(r)
         same_inf = np.isinf(a) & (a == r)
         with np.errstate(invalid="ignore"):
@@ -187,13 +209,15 @@ def check_outputs(
             ok_fp = np.isfinite(e) & np.isfinite(a)
             fp = float(np.abs(a - e)[ok_fp].max()) if ok_fp.any() else 0.0
         worst_ulps = float(ratio.reshape(-1)[worst]) if ratio.size else 0.0
+        rms = float(np.sqrt(np.mean(np.square(ratio)))) if ratio.size else 0.0
         out[name] = OutputCheck(
             name=name,
-            ok=bool(worst_ulps <= ulps),
+            ok=bool(worst_ulps <= ulps and rms <= RMS_ULPS),
             max_abs=float(diff[np.isfinite(diff)].max()) if np.isfinite(diff).any() else 0.0,
             max_magnitude=float(np.abs(r[finite]).max()) if finite.any() else 0.0,
             worst_ulps=worst_ulps,
             allowed_ulps=ulps,
+            rms_ulps=rms,
             fp32_max_abs=fp,
             where=tuple(int(i) for i in np.unravel_index(worst, r.shape)) if r.size else None,
         )
@@ -280,45 +304,30 @@ def _const(g: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
 def _round_value(
     g: ir.Graph, node: ir.Node, value: ir.Value, jitter: str | None, *, insert_before: bool = False
 ) -> ir.Value:
-    """``Cast(Cast(value, bf16), float)`` (times the jitter input), placed next to ``node``.
+    """``value`` rounded to bf16 (times the jitter input), placed next to ``node``.
 
     For an output, every use and the graph-output slot move to the rounded value, which takes
     over the name so the model's outputs keep theirs.
     """
     base = value.name
-    to_bf16 = ir.Node(
-        "",
-        "Cast",
-        [value],
-        attributes=[ir.AttrInt64("to", _BF16.value)],
-        name=f"{base}__npud_round16_{next(_SERIAL)}",
-    )
-    back = ir.Node(
-        "",
-        "Cast",
-        [to_bf16.outputs[0]],
-        attributes=[ir.AttrInt64("to", _F32.value)],
-        name=f"{base}__npud_round32_{next(_SERIAL)}",
-    )
-    new_nodes = [to_bf16, back]
-    result = back.outputs[0]
+    new_nodes = _rounding_nodes(g, value)
+    result = new_nodes[-1].outputs[0]
     if jitter is not None:
         j = ir.Value(name=jitter, type=ir.TensorType(_F32), shape=value.shape)
         g.inputs.append(j)
-        mul = ir.Node("", "Mul", [result, j], name=f"{base}__jitter")
+        mul = ir.Node("", "Mul", [result, j], name=f"{base}__npud_jitter_{next(_SERIAL)}")
         new_nodes.append(mul)
         result = mul.outputs[0]
-    for n, v in zip(new_nodes, ("to_bf16", "rounded", "jittered")):
-        n.outputs[0].name = f"{base}__npud_{v}_{next(_SERIAL)}"
+    for n in new_nodes:
+        n.outputs[0].name = f"{base}__npud_{n.op_type.lower()}_{next(_SERIAL)}"
         n.outputs[0].shape = value.shape
-    to_bf16.outputs[0].type = ir.TensorType(_BF16)
-    for n in new_nodes[1:]:
-        n.outputs[0].type = ir.TensorType(_F32)
+        if n.outputs[0].type is None:
+            n.outputs[0].type = ir.TensorType(_F32)
     if insert_before:
         g.insert_before(node, new_nodes)
         return result
     for use_node, slot in list(value.uses()):
-        if use_node is not to_bf16:
+        if use_node not in new_nodes:
             use_node.replace_input_with(slot, result)
     g.insert_after(node, new_nodes)
     if value.is_graph_output():
@@ -327,6 +336,40 @@ def _round_value(
             g.outputs[i] = result
         value.name, result.name = f"{base}__raw", base
     return result
+
+
+CAST_BF16_SINCE = 13
+"""First opset whose Cast accepts bfloat16; older models round with Veltkamp's splitting."""
+
+VELTKAMP = np.float32(2.0**16 + 1)
+"""Splits a float32 (24-bit significand) into its leading 8 bits: bf16's precision."""
+
+
+def _rounding_nodes(g: ir.Graph, value: ir.Value) -> list[ir.Node]:
+    """Nodes rounding ``value`` to bf16, last node's output the rounded float32.
+
+    ``Cast(bf16) -> Cast(float)`` from opset 13. Before, Cast has no bf16, so float32 arithmetic
+    rounds instead (Veltkamp: ``t = x * (2**16 + 1); x_hi = t - (t - x)``, round to nearest
+    with the leading 8 significant bits; ties may round away from even, and |x| > 5e33
+    overflows: both far rarer than the differences the check allows).
+    """
+    opset = g.opset_imports.get("", g.opset_imports.get("ai.onnx", CAST_BF16_SINCE))
+    if opset >= CAST_BF16_SINCE:
+        to_bf16 = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", _BF16.value)])
+        to_bf16.outputs[0].type = ir.TensorType(_BF16)
+        back = ir.Node(
+            "", "Cast", [to_bf16.outputs[0]], attributes=[ir.AttrInt64("to", _F32.value)]
+        )
+        nodes = [to_bf16, back]
+    else:
+        split = _const(g, "npudispatch.veltkamp_bf16", np.asarray(VELTKAMP))
+        t = ir.Node("", "Mul", [value, split])
+        u = ir.Node("", "Sub", [t.outputs[0], value])
+        hi = ir.Node("", "Sub", [t.outputs[0], u.outputs[0]])
+        nodes = [t, u, hi]
+    for n in nodes:
+        n.name = f"{value.name}__npud_round_{next(_SERIAL)}"
+    return nodes
 
 
 def _dequantize_as_formatted(g: ir.Graph, node: ir.Node) -> None:

@@ -16,9 +16,11 @@ For every NPU partition (docs/architecture.md §1-3):
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,6 +101,14 @@ class CompiledModel:
 
         programs = "".join(p._repr_html_() for p in self.programs.values())
         return partition_html(self) + programs
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the whole compiled model (NPU programs, CPU segments with their weights,
+        ``report.json``) as ``npudispatch compile -o`` does; ``Session(directory)`` and
+        ``npudispatch run directory`` run it without the model file."""
+        from npudispatch.dispatch.artifact import CompiledArtifact
+
+        return CompiledArtifact.from_compiled(self).save(directory)
 
     def to_report(self) -> dict[str, Any]:
         """The ``report.json`` document of ``npudispatch compile`` (see the CLI docs)."""
