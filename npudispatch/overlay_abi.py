@@ -1,4 +1,8 @@
-"""The overlay ABI: how an op launch talks to the emulator's virtual NPU (docs/overlay_abi.md).
+"""The overlay ABI: the five kernel buffers and how an op launch talks to the virtual NPU.
+
+The one home of the kernel contract (docs/overlay_abi.md): :class:`BufferKind` (the five buffers
+every fused program gets, numbered as DDR_PATCH ``argidx``), :data:`Kernel` (what the overlay calls
+per launch), :class:`ParamsRecord` and the channel order below.
 
 This is *our* protocol (versioned), shared by the operator library, which writes params records and
 programs shim DMA channels, and the emulator, which reads them. One op launch is:
@@ -21,8 +25,10 @@ programs shim DMA channels, and the emulator, which reads them. One op launch is
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
 
 from npudispatch.errors import DeviceHang
 from npudispatch.txn.registers import Direction, ShimChannel
@@ -36,6 +42,45 @@ HEADER_BYTES = struct.calcsize(HEADER_FORMAT)  # 20
 MAX_COUNT = 64  # operands, outputs and dims per record (guards against garbage headers)
 
 PARAMS_CHANNEL = ShimChannel(0, Direction.MM2S, 0)
+
+WORD = 4  # shim DMAs move 32-bit words: every stream and buffer size is a multiple of this
+
+
+def round_up(n: int, multiple: int = WORD) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (a DMA word by default)."""
+    return -(-n // multiple) * multiple
+
+
+class BufferKind(IntEnum):
+    """The five kernel buffers of a fused program; the value is the DDR_PATCH ``argidx`` (and the
+    position among the kernel's data arguments) that selects the buffer."""
+
+    INPUT = 0
+    OUTPUT = 1
+    SCRATCH = 2
+    CONST = 3
+    PARAMS = 4
+
+    @property
+    def label(self) -> str:
+        """Lower-case name: ``input``, ``output``, ``scratch``, ``const``, ``params``."""
+        return self.name.lower()
+
+
+NUM_BUFFERS = len(BufferKind)
+BUFFER_NAMES: tuple[str, ...] = tuple(k.label for k in BufferKind)
+
+
+def describe_buffer(argidx: int) -> str:
+    """``'arg 1 (output)'``: how messages name a kernel buffer (``?`` for a bad index)."""
+    name = BUFFER_NAMES[argidx] if 0 <= argidx < NUM_BUFFERS else "?"
+    return f"arg {argidx} ({name})"
+
+
+Kernel = Callable[["ParamsRecord", list[Any]], Sequence[Any]]
+"""``kernel(record, operands) -> outputs``: operands are read-only ``uint8`` arrays in record order
+(view them as the dtype the record says); each output must have exactly ``record.output_bytes[i]``
+bytes (numpy array of any dtype, or bytes)."""
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from npudispatch import graph
 from npudispatch.cli.common import add_dims_option, parse_dims, parse_shapes, print_json
+from npudispatch.domains import is_onnx_domain
 from npudispatch.rewrites import default_pipeline
 from npudispatch.rewrites.support import npu_support
 
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def op_key(node: ir.Node) -> str:
     """Op type, qualified by its domain unless it is the ONNX default domain."""
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+    return node.op_type if is_onnx_domain(node.domain) else f"{node.domain}::{node.op_type}"
 
 
 def inspect_model(model: ir.Model, support: graph.SupportQuery | None = None) -> dict[str, Any]:

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from npudispatch.errors import PlanError
+from npudispatch.overlay_abi import round_up
 
 __all__ = [
     "ALL_STRATEGIES",
     "Allocation",
     "Interval",
-    "align_up",
     "allocate",
     "dd_style_no_reuse_size",
     "lower_bound",
@@ -65,11 +65,6 @@ class Allocation:
     lower_bound: int
     tried: dict[str, int] = field(default_factory=dict)
     alignment: int = 64
-
-
-def align_up(value: int, alignment: int) -> int:
-    """Round ``value`` up to a multiple of ``alignment``."""
-    return -(-value // alignment) * alignment
 
 
 @dataclass(frozen=True)
@@ -105,7 +100,7 @@ def _prepare(intervals: Sequence[Interval], alignment: int) -> _Problem:
                 f"(op {iv.last}); lifetimes are inclusive [first, last] op indices"
             )
     n = len(intervals)
-    sizes = np.fromiter((align_up(iv.nbytes, alignment) for iv in intervals), np.int64, n)
+    sizes = np.fromiter((round_up(iv.nbytes, alignment) for iv in intervals), np.int64, n)
     raw_first = np.fromiter((iv.first for iv in intervals), np.int64, n)
     raw_last = np.fromiter((iv.last for iv in intervals), np.int64, n)
     # Order-preserving compression keeps exactly the same overlap relation.
@@ -150,7 +145,7 @@ def dd_style_no_reuse_size(intervals: Iterable[Interval], alignment: int = 4) ->
     """Scratch size without reuse, as DD lays intermediates out when ``optimize_scratch`` is off:
     every tensor back to back, each rounded up to 4 bytes."""
     _check_alignment(alignment)
-    return sum(align_up(iv.nbytes, alignment) for iv in intervals)
+    return sum(round_up(iv.nbytes, alignment) for iv in intervals)
 
 
 # --- placement orders -------------------------------------------------------------------------

@@ -25,17 +25,16 @@ import html
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any, Literal
 
 from npudispatch.dispatch.allocate import (
     ALL_STRATEGIES,
     Interval,
-    align_up,
     allocate,
     dd_style_no_reuse_size,
 )
 from npudispatch.errors import PlanError
+from npudispatch.overlay_abi import BufferKind, round_up
 
 __all__ = [
     "BufferKind",
@@ -50,16 +49,6 @@ _TENSOR_KINDS: tuple[str, ...] = ("input", "output", "intermediate")
 _FOREVER = (-(1 << 62), 1 << 62)  # lifetime of things the host touches outside the run
 _PAD_NAME = "<shared op scratch pad>"
 _PLAN_FORMAT = 1
-
-
-class BufferKind(IntEnum):
-    """The five fused buffers; the value is the DDR_PATCH ``argidx`` that selects the buffer."""
-
-    INPUT = 0
-    OUTPUT = 1
-    SCRATCH = 2
-    CONST = 3
-    PARAMS = 4
 
 
 @dataclass(frozen=True)
@@ -595,9 +584,9 @@ def _pack(requests: Sequence[TensorRequest], alignment: int) -> tuple[dict[str, 
     offsets: dict[str, int] = {}
     cursor = 0
     for t in requests:
-        offsets[t.name] = align_up(cursor, alignment)
+        offsets[t.name] = round_up(cursor, alignment)
         cursor = offsets[t.name] + t.nbytes
-    return offsets, align_up(cursor, alignment)
+    return offsets, round_up(cursor, alignment)
 
 
 def _regions(
@@ -610,7 +599,7 @@ def _regions(
             raise PlanError(f"op {op!r}: negative {what} size {size} B")
         if size:
             regions[op] = (cursor, size)
-            cursor = align_up(cursor + size, alignment)
+            cursor = round_up(cursor + size, alignment)
     return regions, cursor
 
 
@@ -690,11 +679,11 @@ def build_plan(
             alias_of=root if t.name in resolved else None,
         )
 
-    pad_offset = align_up(alloc.size, alignment)
+    pad_offset = round_up(alloc.size, alignment)
     for op, size in (op_scratch or {}).items():
         if size < 0:
             raise PlanError(f"op {op!r}: negative scratch pad request {size} B")
-    pad_bytes = align_up(max((op_scratch or {}).values(), default=0), alignment)
+    pad_bytes = round_up(max((op_scratch or {}).values(), default=0), alignment)
     const_regions, const_size = _regions("const", op_consts or {}, alignment)
     params_regions, params_size = _regions("params", op_params or {}, alignment)
     plan = BufferPlan(

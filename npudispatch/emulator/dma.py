@@ -1,52 +1,18 @@
-"""Shim DMA tasks: what a task-queue write enqueues, and the per-BD transfer records it produces."""
+"""Shim DMA tasks: what a task-queue write enqueues, and the per-BD transfer records it produces
+(:class:`~npudispatch.txn.explain.Transfer`, the same record ``txn.explain`` derives statically)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from npudispatch.txn.registers import SHIM_NUM_BDS, Direction, ShimChannel, shim_bd_addr
+from npudispatch.txn.explain import Transfer  # noqa: F401  (re-exported: emulator.dma.Transfer)
+from npudispatch.txn.registers import SHIM_NUM_BDS, ShimChannel, shim_bd_addr
 from npudispatch.txn.shim import ShimBd, TaskQueueEntry
 
 QUEUE_DEPTH = 4
 """Pending tasks a shim channel queue holds (AIE-ML shim task queues are 4 deep); one more is an
 overflow, which the emulator reports as a :class:`DeviceHang` after trying to make room."""
-
-
-@dataclass(frozen=True, slots=True)
-class Transfer:
-    """One BD execution (repeats expanded): the same fields as ``txn.explain``'s transfers.
-
-    ``offset`` is the byte offset inside buffer ``argidx`` where this execution starts (the BD base
-    plus its iteration offset); ``nbytes`` is the BD length. In trace mode ``argidx`` is None when
-    the address lies in no buffer (``offset`` is then the raw address) or the BD was never made
-    valid by the transaction (programmed out of band, e.g. by control packets). ``bd`` and ``op_index`` (the op that
-    queued the task) are extra context and are not part of :meth:`key`.
-    """
-
-    col: int
-    direction: Direction
-    channel: int
-    argidx: int | None
-    offset: int
-    nbytes: int
-    bd: int = -1
-    op_index: int = -1
-
-    def key(self) -> tuple[int, Direction, int, int | None, int, int]:
-        """``(col, direction, channel, argidx, offset, nbytes)``, comparable with explain."""
-        return (self.col, self.direction, self.channel, self.argidx, self.offset, self.nbytes)
-
-    def to_json(self) -> dict[str, object]:
-        """JSON record with keys col, direction, channel, argidx, offset, bytes."""
-        return {
-            "col": self.col,
-            "direction": self.direction.name,
-            "channel": self.channel,
-            "argidx": self.argidx,
-            "offset": self.offset,
-            "bytes": self.nbytes,
-        }
 
 
 class ChainError(Exception):

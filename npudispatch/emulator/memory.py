@@ -14,9 +14,12 @@ from itertools import pairwise
 import numpy as np
 
 from npudispatch.emulator.addrgen import WordPattern
+from npudispatch.overlay_abi import BUFFER_NAMES, NUM_BUFFERS, describe_buffer
 
-NUM_ARGS = 5
-ARG_NAMES = ("input", "output", "scratch", "const", "params")
+# The five buffers are the overlay ABI's (one definition); the emulator names them as "args".
+NUM_ARGS = NUM_BUFFERS
+ARG_NAMES = BUFFER_NAMES
+describe_arg = describe_buffer
 ADDRESS_LIMIT = 1 << 48  # shim BD addresses are 48-bit
 
 
@@ -46,12 +49,6 @@ class Location:
     argidx: int
     offset: int
     problem: str | None = None
-
-
-def describe_arg(argidx: int) -> str:
-    """``'arg 1 (output)'`` style name of a buffer."""
-    name = ARG_NAMES[argidx] if 0 <= argidx < NUM_ARGS else "?"
-    return f"arg {argidx} ({name})"
 
 
 class SymbolicMemory:

@@ -8,7 +8,7 @@ pending output stream that S2MM tasks drain in output-channel order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from npudispatch.errors import DeviceError, DeviceHang
 from npudispatch.overlay_abi import (
     HEADER_BYTES,
     PARAMS_CHANNEL,
+    Kernel,
     ParamsRecord,
     operand_channels,
     output_channels,
@@ -25,11 +26,6 @@ from npudispatch.overlay_abi import (
     split_stream,
 )
 from npudispatch.txn.registers import ShimChannel
-
-Kernel = Callable[[ParamsRecord, list[np.ndarray]], Sequence[bytes | bytearray | np.ndarray]]
-"""``kernel(record, operands) -> outputs``: operands are read-only ``uint8`` arrays in record
-order (view them as the dtype the kernel expects); each output must have exactly
-``record.output_bytes[i]`` bytes (any dtype)."""
 
 
 class KernelRegistry:

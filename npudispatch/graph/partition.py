@@ -20,6 +20,7 @@ from typing import Any, Literal
 import networkx as nx
 import onnx_ir as ir
 
+from npudispatch.domains import domain_label
 from npudispatch.errors import ModelError
 from npudispatch.graph.order import (
     GraphLike,
@@ -140,7 +141,7 @@ def report(model: GraphLike, supported: Supported) -> PartitionReport:
         _make_partition(graph, kinds[members[0]], members, captures) for members in groups
     ]
     unsupported = [
-        UnsupportedNode(node, node.op_type, node.domain or "ai.onnx", reason)
+        UnsupportedNode(node, node.op_type, domain_label(node.domain), reason)
         for node, reason in reasons.items()
     ]
     return PartitionReport(partitions, unsupported)

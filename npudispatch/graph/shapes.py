@@ -33,6 +33,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
 from onnxscript.optimizer import fold_constants_ir
 
+from npudispatch.domains import is_onnx_domain, normalize_domain
 from npudispatch.errors import ModelError
 
 __all__ = [
@@ -223,7 +224,7 @@ def _inference_proto(model: ir.Model) -> onnx.ModelProto:
     for node in graph:
         proto = ir.serde.serialize_node(node)
         if (
-            node.domain in ("", "ai.onnx")
+            is_onnx_domain(node.domain)
             and (node.domain, node.op_type) not in functions
             and not onnx.defs.has(node.op_type)
         ):
@@ -278,7 +279,7 @@ def _type_proto(value: ir.Value) -> onnx.TypeProto:
 def _infer_node(
     node: ir.Node, opsets: dict[str, int], ir_version: int
 ) -> dict[str, onnx.TypeProto]:
-    domain = "" if node.domain == "ai.onnx" else node.domain
+    domain = normalize_domain(node.domain)
     if domain == "" and onnx.defs.has(node.op_type):
         return _infer_standard_node(node, opsets, ir_version)
     # Custom-domain ops, and onnxruntime's contrib ops registered in the default domain
@@ -387,7 +388,7 @@ def _is_int_shape_value(v: ir.Value) -> bool:
 
 def should_fold_shape_node(node: ir.Node, size_limit: int = SHAPE_TENSOR_LIMIT) -> bool | None:
     """onnxscript ``should_fold`` predicate: shape arithmetic on small integer tensors only."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in SHAPE_OPS:
+    if not is_onnx_domain(node.domain) or node.op_type not in SHAPE_OPS:
         return False
     if node.op_type == "ConstantOfShape":
         # onnxscript never folds it by default; we do when the result is small.
@@ -430,7 +431,7 @@ def _castlike_to_cast(model: ir.Model) -> bool:
     """
     changed = False
     for node in list(model.graph):
-        if node.op_type != "CastLike" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "CastLike" or not is_onnx_domain(node.domain):
             continue
         saturate = node.attributes.get("saturate")
         like = node.inputs[1] if len(node.inputs) > 1 else None

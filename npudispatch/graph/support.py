@@ -11,6 +11,8 @@ from collections.abc import Callable, Collection
 
 import onnx_ir as ir
 
+from npudispatch.domains import domain_label
+
 __all__ = [
     "DEFAULT_NPU_DTYPES",
     "DEFAULT_NPU_OP_TYPES",
@@ -101,16 +103,15 @@ DEFAULT_NPU_DTYPES = frozenset(
 )
 
 
-def _domain(node: ir.Node) -> str:
-    return node.domain or "ai.onnx"
-
-
 def _op_type_reason(node: ir.Node, supported: Collection[str | tuple[str, str]]) -> str | None:
-    if (node.domain, node.op_type) in supported or (_domain(node), node.op_type) in supported:
+    if (node.domain, node.op_type) in supported or (
+        domain_label(node.domain),
+        node.op_type,
+    ) in supported:
         return None
     if node.op_type in supported and node.domain in STANDARD_DOMAINS:
         return None
-    return f"op type {node.op_type!r} (domain {_domain(node)!r}) is not in the supported set"
+    return f"op type {node.op_type!r} (domain {domain_label(node.domain)!r}) is not in the supported set"
 
 
 def default_support(node: ir.Node) -> str | None:

@@ -24,15 +24,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
+from npudispatch.domains import is_onnx_domain, normalize_domain
 from npudispatch.operators import records
 from npudispatch.operators.dtypes import np_dtype
-from npudispatch.overlay_abi import ParamsRecord
+from npudispatch.overlay_abi import BufferKind, ParamsRecord, round_up
 
 if TYPE_CHECKING:
     from npudispatch.operators import dma
@@ -41,22 +41,9 @@ if TYPE_CHECKING:
 REAL_SHAPE_KEY = "npudispatch.real_shape"
 """``Value.metadata_props`` key holding the unpadded shape of a padded value, e.g. ``"1,11007"``."""
 
-WORD = 4  # shim DMAs move 32-bit words: every stream and buffer size is rounded up to this
-
-
-def round_up(n: int, multiple: int = WORD) -> int:
-    """``n`` rounded up to a multiple of ``multiple``."""
-    return -(-n // multiple) * multiple
-
-
-class ArgKind(IntEnum):
-    """Kind of an op buffer; the value is the fused buffer (= kernel argidx) it lands in."""
-
-    INPUT = 0
-    OUTPUT = 1
-    SCRATCH = 2
-    CONST = 3
-    PARAMS = 4
+ArgKind = BufferKind
+"""Kind of an op buffer: the fused buffer (= kernel argidx) it lands in (the overlay ABI's
+:class:`~npudispatch.overlay_abi.BufferKind`, under the name operators have always used)."""
 
 
 @dataclass(frozen=True)
@@ -333,20 +320,30 @@ def tensor_spec(value: ir.Value | None, what: str) -> TensorSpec | Decline:
             f"{what} '{value.name}' has symbolic shape {value.shape} (bind dims, e.g. --dims N=1)"
         )
     shape = tuple(int(d) for d in value.shape)
-    real = value.metadata_props.get(REAL_SHAPE_KEY)
-    real_shape = tuple(int(x) for x in real.split(",") if x != "") if real else None
-    if real_shape is not None and (
-        len(real_shape) != len(shape) or any(r > s for r, s in zip(real_shape, shape))
-    ):
-        return Decline(f"{what} '{value.name}' real shape {real_shape} does not fit shape {shape}")
-    return TensorSpec(shape, dtype, real_shape)
+    real = real_shape(value)
+    if real is not None and (len(real) != len(shape) or any(r > s for r, s in zip(real, shape))):
+        return Decline(f"{what} '{value.name}' real shape {real} does not fit shape {shape}")
+    return TensorSpec(shape, dtype, real)
+
+
+def real_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """The unpadded shape recorded on ``value`` by the padding pass (``REAL_SHAPE_KEY``), or None
+    when the value is not padded."""
+    text = value.metadata_props.get(REAL_SHAPE_KEY)
+    if not text:
+        return None
+    return tuple(int(x) for x in text.split(",") if x != "")
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant array behind ``value`` (initializer or Constant-folded), else None."""
+    """The constant array behind ``value`` (initializer or Constant output), else None (also when
+    its external data cannot be read)."""
     if value is None or value.const_value is None:
         return None
-    return np.asarray(value.const_value.numpy())
+    try:
+        return np.asarray(value.const_value.numpy())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def opset_version(node: ir.Node, domain: str | None = None) -> int | None:
@@ -367,7 +364,7 @@ def opset_version(node: ir.Node, domain: str | None = None) -> int | None:
     if node.version is not None and domain is None:
         return int(node.version)
     want = node.domain if domain is None else domain
-    keys = ("", "ai.onnx") if want in ("", "ai.onnx") else (want,)
+    keys = ("", "ai.onnx") if is_onnx_domain(want) else (want,)
     graph = node.graph
     imports = getattr(graph, "opset_imports", None) or {}
     for key in keys:
@@ -390,7 +387,7 @@ def check_node_kind(op: Operator, node: ir.Node) -> Decline | None:
     """Decline when ``node`` is not ``op``'s op type and domain (``""`` = ``"ai.onnx"``)."""
     if node.op_type != op.op_type:
         return Decline(f"op type {node.op_type} is not {op.op_type}")
-    if (node.domain or "ai.onnx") != (op.domain or "ai.onnx"):
+    if normalize_domain(node.domain) != normalize_domain(op.domain):
         want = f"'{op.domain}'" if op.domain else "the ONNX domain"
         return Decline(f"{op_label(node)}: domain '{node.domain}' is not {want}")
     return None

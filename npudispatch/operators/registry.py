@@ -7,22 +7,14 @@ or a :class:`Decline` that joins every candidate's reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import numpy as np
 import onnx_ir as ir
 
+from npudispatch.domains import normalize_domain
 from npudispatch.operators.base import Decline, OpConfig, Operator
-from npudispatch.overlay_abi import ParamsRecord
-
-Kernel = Callable[[ParamsRecord, list[np.ndarray]], list[np.ndarray]]
+from npudispatch.overlay_abi import Kernel
 
 _CANDIDATES: dict[tuple[str, str], list[Operator]] = {}
 _BY_KERNEL: dict[int, Operator] = {}
-
-
-def _domain(domain: str) -> str:
-    return "" if domain in ("", "ai.onnx") else domain
 
 
 def register(cls: type[Operator]) -> type[Operator]:
@@ -36,13 +28,13 @@ def register(cls: type[Operator]) -> type[Operator]:
         )
     if other is None:
         _BY_KERNEL[cls.kernel_id] = op
-        _CANDIDATES.setdefault((_domain(cls.domain), cls.op_type), []).append(op)
+        _CANDIDATES.setdefault((normalize_domain(cls.domain), cls.op_type), []).append(op)
     return cls
 
 
 def candidates(domain: str, op_type: str) -> list[Operator]:
     """Registered operators for ``(domain, op_type)``, highest priority first."""
-    return list(_CANDIDATES.get((_domain(domain), op_type), []))
+    return list(_CANDIDATES.get((normalize_domain(domain), op_type), []))
 
 
 def match(node: ir.Node) -> OpConfig | Decline:
@@ -52,7 +44,7 @@ def match(node: ir.Node) -> OpConfig | Decline:
         return Decline(dynamic)
     ops = candidates(node.domain, node.op_type)
     if not ops:
-        where = f"domain '{node.domain}'" if _domain(node.domain) else "the default domain"
+        where = f"domain '{node.domain}'" if normalize_domain(node.domain) else "the default domain"
         return Decline(f"op type {node.op_type} in {where} has no NPU operator")
     reasons = []
     for op in ops:

@@ -8,22 +8,14 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from npudispatch.operators.base import const_array
+
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )
 
 # Exporters write √2 as 1.4142, 1.41421356...; 1e-3 relative accepts those and rejects real changes.
 CONST_RTOL = 1e-3
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of a constant (initializer or Constant output), else None."""
-    if value is None or value.const_value is None:
-        return None
-    try:
-        return value.const_value.numpy()
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def scalar(value: ir.Value | None) -> float | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from npudispatch.domains import is_onnx_domain
+
 ALIAS_KEY = "npudispatch.alias"
 VIEW = "view"
 VIEW_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
@@ -22,7 +24,7 @@ def is_view(node: ir.Node) -> bool:
 
 def can_be_view(node: ir.Node) -> bool:
     """Whether ``node`` is a layout-only op with static input and output shapes."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in VIEW_OPS:
+    if not is_onnx_domain(node.domain) or node.op_type not in VIEW_OPS:
         return False
     src, out = node.inputs[0] if node.inputs else None, node.outputs[0]
     return (

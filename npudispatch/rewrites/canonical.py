@@ -9,6 +9,8 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.optimizer import basic_constant_propagation
 
+from npudispatch.domains import is_onnx_domain
+
 COMMUTATIVE_OPS = frozenset({"Add", "Mul"})
 
 
@@ -17,7 +19,7 @@ def constants_last(graph: ir.Graph) -> int:
     basic_constant_propagation(graph)  # gives Constant-node outputs their const_value
     swaps = 0
     for node in graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in COMMUTATIVE_OPS:
+        if not is_onnx_domain(node.domain) or node.op_type not in COMMUTATIVE_OPS:
             continue
         if len(node.inputs) != 2 or None in node.inputs:
             continue

@@ -56,7 +56,7 @@ import onnx_ir as ir
 from npudispatch.errors import RewriteError
 from npudispatch.graph.support import SupportQuery
 from npudispatch.operators import registry
-from npudispatch.operators.base import REAL_SHAPE_KEY, Decline, OpConfig, node_label
+from npudispatch.operators.base import REAL_SHAPE_KEY, Decline, OpConfig, node_label, real_shape
 from npudispatch.rewrites.support import npu_support
 
 __all__ = [
@@ -73,14 +73,6 @@ __all__ = [
 _ValueKey = tuple[ir.Value, int]
 _ConstKey = tuple[ir.Node, int, int]
 _Key = _ValueKey | _ConstKey
-
-
-def real_shape(value: ir.Value) -> tuple[int, ...] | None:
-    """The unpadded shape recorded on ``value`` by the padding pass, or None if not padded."""
-    text = value.metadata_props.get(REAL_SHAPE_KEY)
-    if not text:
-        return None
-    return tuple(int(x) for x in text.split(",") if x != "")
 
 
 def host_shape(value: ir.Value) -> tuple[int, ...] | None:

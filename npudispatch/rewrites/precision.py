@@ -72,6 +72,7 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch import graph as graph_layer
+from npudispatch.domains import is_onnx_domain
 from npudispatch.errors import RewriteError
 from npudispatch.graph.support import SupportQuery
 from npudispatch.operators import registry
@@ -408,7 +409,7 @@ def convert_to_bf16(model: ir.Model, support: SupportQuery | None = None) -> Pre
 
 
 def _cast_to(node: ir.Node) -> int | None:
-    if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+    if node.op_type != "Cast" or not is_onnx_domain(node.domain):
         return None
     return node.attributes.get_int("to", None)
 

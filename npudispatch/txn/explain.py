@@ -44,7 +44,16 @@ _ADDR_WORDS = (1, 2)  # BD words holding the buffer address; rewriting them void
 
 @dataclass(frozen=True, slots=True)
 class Transfer:
-    """One BD execution: ``nbytes`` moved at ``offset`` of buffer ``argidx`` (None = raw address)."""
+    """One BD execution (repeats expanded), derived statically by :func:`explain` or recorded by
+    the emulator while it runs.
+
+    ``offset`` is the byte offset inside buffer ``argidx`` where this execution starts (the BD base
+    plus its iteration offset); ``nbytes`` is the BD length. ``argidx`` is None when the address
+    lies in no buffer (``offset`` is then the raw address) or, in the emulator's trace mode, when
+    the BD was never made valid by the transaction (programmed out of band, e.g. by control
+    packets). ``bd`` and ``op_index`` (the op that queued the task) are context, not part of
+    :meth:`key`.
+    """
 
     col: int
     direction: Direction
@@ -52,6 +61,24 @@ class Transfer:
     argidx: int | None
     offset: int
     nbytes: int
+    bd: int = -1
+    op_index: int = -1
+
+    def key(self) -> tuple[int, Direction, int, int | None, int, int]:
+        """``(col, direction, channel, argidx, offset, nbytes)``: what explain and the emulator
+        must agree on."""
+        return (self.col, self.direction, self.channel, self.argidx, self.offset, self.nbytes)
+
+    def to_json(self) -> dict[str, object]:
+        """JSON record with keys col, direction, channel, argidx, offset, bytes."""
+        return {
+            "col": self.col,
+            "direction": self.direction.name,
+            "channel": self.channel,
+            "argidx": self.argidx,
+            "offset": self.offset,
+            "bytes": self.nbytes,
+        }
 
 
 @dataclass(slots=True)
@@ -92,7 +119,14 @@ class DmaTask:
                 offset = b.offset + it * b.bd.iteration_step * 4
                 out.append(
                     Transfer(
-                        self.col, self.direction, self.channel, b.argidx, offset, b.length_bytes
+                        self.col,
+                        self.direction,
+                        self.channel,
+                        b.argidx,
+                        offset,
+                        b.length_bytes,
+                        bd=b.bd_id,
+                        op_index=self.op_index,
                     )
                 )
         return out

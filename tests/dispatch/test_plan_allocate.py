@@ -13,12 +13,12 @@ import npudispatch.dispatch.allocate as allocate_mod
 from npudispatch.dispatch.allocate import (
     ALL_STRATEGIES,
     Interval,
-    align_up,
     allocate,
     dd_style_no_reuse_size,
     lower_bound,
 )
 from npudispatch.errors import PlanError
+from npudispatch.overlay_abi import round_up
 
 # llama2-MLP intermediates (docs/architecture.md §6).
 MLP = [
@@ -34,7 +34,7 @@ def brute_lower_bound(intervals: list[Interval], alignment: int) -> int:
     ops = {iv.first for iv in intervals}
     return max(
         (
-            sum(align_up(iv.nbytes, alignment) for iv in intervals if iv.first <= t <= iv.last)
+            sum(round_up(iv.nbytes, alignment) for iv in intervals if iv.first <= t <= iv.last)
             for t in ops
         ),
         default=0,
@@ -47,7 +47,7 @@ def assert_valid(intervals: list[Interval], offsets: dict[str, int], size: int, 
     for iv in intervals:
         off = offsets[iv.name]
         assert off >= 0 and off % alignment == 0, (iv, off)
-        assert off + align_up(iv.nbytes, alignment) <= size, (iv, off, size)
+        assert off + round_up(iv.nbytes, alignment) <= size, (iv, off, size)
     for a, b in itertools.combinations(intervals, 2):
         if a.nbytes == 0 or b.nbytes == 0 or a.last < b.first or b.last < a.first:
             continue

@@ -18,9 +18,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from npudispatch.errors import DeviceError
+from npudispatch.overlay_abi import BUFFER_NAMES, BufferKind
 
-BUFFER_NAMES = ("input", "output", "scratch", "const", "params")
-INPUT, OUTPUT, SCRATCH, CONST, PARAMS = range(5)
+INPUT, OUTPUT, SCRATCH, CONST, PARAMS = BufferKind
 
 
 @dataclass(frozen=True, eq=False)
