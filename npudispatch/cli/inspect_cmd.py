@@ -13,6 +13,7 @@ from npudispatch import graph
 from npudispatch.cli.common import add_dims_option, parse_dims, parse_shapes, print_json
 from npudispatch.domains import is_onnx_domain
 from npudispatch.rewrites import default_pipeline
+from npudispatch.rewrites.qdq import quantization_summary
 from npudispatch.rewrites.support import npu_support
 
 
@@ -57,6 +58,7 @@ def inspect_model(model: ir.Model, support: graph.SupportQuery | None = None) ->
                 "nodes": [n.name for n in p.nodes],
                 "inputs": [v.name for v in p.inputs],
                 "outputs": [v.name for v in p.outputs],
+                "quantization": quantization_summary(p.nodes),
             }
             for p in rep.partitions
         ],
@@ -106,6 +108,18 @@ def render(model: ir.Model, doc: dict[str, Any], source: str) -> str:
         for label, p in zip(labels, doc["partitions"])
     ]
     lines += _table(["part", "kind", "nodes", "inputs", "outputs"], rows)
+    lines += ["", "quantization (conversions: nodes turning float data into integers or back):"]
+    rows = [
+        (
+            label,
+            ",".join(q["activation_dtypes"]) or "-",
+            ",".join(q["weight_dtypes"]) or "-",
+            len(q["conversions"]),
+            _names(q["conversions"], 3),
+        )
+        for label, q in zip(labels, (p["quantization"] for p in doc["partitions"]))
+    ]
+    lines += _table(["part", "activations", "weights", "conversions", "nodes"], rows)
     lines += ["", f"unsupported ({len(doc['unsupported'])} nodes):"]
     if doc["unsupported"]:
         rows = [(u["node"], u["op_type"], u["reason"]) for u in doc["unsupported"]]

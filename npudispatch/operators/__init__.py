@@ -56,6 +56,7 @@ from npudispatch.operators.norms import (
     SkipSimplifiedLayerNormalization,
 )
 from npudispatch.operators.pool import AveragePool, GlobalAveragePool, GlobalMaxPool, MaxPool
+from npudispatch.operators.qdq_fused import QDQ_OPERATORS
 from npudispatch.operators.qmatmul import QLinearMatMul, QMatMul
 from npudispatch.operators.quantize import DequantizeLinear, QuantizeLinear
 from npudispatch.operators.reduce import ReduceMax, ReduceMean, ReduceMin, ReduceSum
@@ -139,13 +140,8 @@ register(QMatMul)
 register(QLinearMatMul)
 register(QuantizeLinear)
 register(DequantizeLinear)
-register(Conv)
-register(FusedConv)
-register(ConvTranspose)
-register(MaxPool)
-register(AveragePool)
-register(GlobalAveragePool)
-register(GlobalMaxPool)
+for _qdq_op in QDQ_OPERATORS:
+    register(_qdq_op)
 register(GroupQueryAttention)
 register(MultiHeadAttention)
 register(Attention)
@@ -156,3 +152,10 @@ register(IntReduceSum)
 register(IntAdd)
 register(IntSub)
 register(IntCast)
+register(Conv)
+register(FusedConv)
+register(ConvTranspose)
+register(MaxPool)
+register(AveragePool)
+register(GlobalAveragePool)
+register(GlobalMaxPool)

@@ -19,6 +19,7 @@ from npudispatch.rewrites.matmul import matmul_rules
 from npudispatch.rewrites.norms import rms_norm_rules_set, skip_rms_norm_rules_set
 from npudispatch.rewrites.padding import PadTerminalsPass
 from npudispatch.rewrites.precision import PrecisionPass
+from npudispatch.rewrites.qdq import QdqPass
 
 
 class RulesPass(RewritePass):
@@ -100,6 +101,7 @@ def default_pipeline(
         FoldShapesPass(),
         # Scalars and folded shapes become initializers: one const image for the planner.
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        QdqPass(),  # before the float fusions: QDQ groups become quantized NPU ops
         rules_pass(activation_rules(), "FuseActivations", canonicalize=True),
         # HardSigmoid/HardSwish first: folding would take their "+ 3" into the Conv's bias.
         rules_pass(hard_activation_rules(), "FuseHardActivations", canonicalize=True),

@@ -1,0 +1,311 @@
+"""Quantized fused ops ``npudispatch.QDQ<Op>``: DequantizeLinear -> <Op> -> QuantizeLinear as one
+NPU kernel (table in :mod:`npudispatch.opset_quant`; rewrite in ``rewrites/qdq.py``).
+
+Kernel: dequantize every operand exactly like onnxruntime (``float32(q - zp) * scale``), run the
+float op in float32 (the AIE2P float32/integer datapath a quantized kernel uses, not bf16), and
+quantize like onnxruntime (``rint(r / y_scale) + y_zp``, half to even, saturated). onnxruntime's
+QDQ execution does the same float32 steps, so results agree except where the two float32
+computations of the op differ in their last bits (summation order of a MatMul, Softmax or mean;
+exp/erf/tanh polynomials) *and* the value lands within that difference of a rounding boundary:
+then one element is one quantization step off. onnxruntime's own optimized QDQ run (QLinearAdd,
+QLinearMatMul... with fixed-point requantization) differs from its unoptimized run the same way.
+
+Operands: per-tensor scale and zero point (one element each); quantized types uint8, int8,
+uint16, int16, uint4, int4 and int32 (the bias type, e.g. a LayerNormalization bias). Constant
+quantized operands (weights, exponents) travel in the const region with the scales; activations
+are streamed. Padded tensors are declined: a padded quantized lane holds 0, which dequantizes to
+``-zp * scale``, and reductions would read it (the padding pass then pins the shapes).
+Record dims: op-specific (Softmax/LayerNormalization axis; Transpose perm; ReduceMean keepdims
+and axes); floats: LayerNormalization epsilon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from npudispatch.operators.base import (
+    Decline,
+    OpConfig,
+    Operator,
+    TensorSpec,
+    check_node_kind,
+    const_array,
+    node_config,
+    op_label,
+    tensor_spec,
+)
+from npudispatch.operators.dtypes import F32
+from npudispatch.operators.quantize import QUANT_DTYPES, dequantize, quant_range, quantize
+from npudispatch.operators.unary import erf, softplus
+from npudispatch.opset import DOMAIN
+from npudispatch.opset_quant import QDQ_OPS, QuantizedOp
+
+__all__ = ["QDQ_OPERATORS", "QdqFusedOp", "float_op"]
+
+KERNEL_BASE = 810
+_QTYPES = {*QUANT_DTYPES.values(), np.dtype(np.int32)}
+
+
+def _binary(ufunc: np.ufunc) -> Callable:
+    def fn(xs, dims, floats):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return ufunc(xs[0], xs[1])
+
+    return fn
+
+
+def _unary(f: Callable[[np.ndarray], np.ndarray]) -> Callable:
+    def fn(xs, dims, floats):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return f(xs[0])
+
+    return fn
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (F32.type(1) / (F32.type(1) + np.exp(-x))).astype(F32)
+
+
+def _softmax(xs, dims, floats):
+    """Opset-13 Softmax along one axis, float32."""
+    x, axis = xs[0], dims[0]
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True, dtype=F32)
+
+
+def _reduce_mean(xs, dims, floats):
+    keepdims, axes = dims[0], tuple(dims[1:])
+    return np.mean(xs[0], axis=axes, keepdims=bool(keepdims), dtype=F32)
+
+
+def _layer_norm(xs, dims, floats):
+    x, scale, bias = xs
+    axes = tuple(range(dims[0], x.ndim))
+    mean = np.mean(x, axis=axes, keepdims=True, dtype=F32)
+    d = x - mean
+    var = np.mean(d * d, axis=axes, keepdims=True, dtype=F32)
+    return d / np.sqrt(var + F32.type(floats[0])) * scale + bias
+
+
+#: The float32 math of each wrapped op: ``fn(dequantized inputs, dims, floats) -> result``.
+FLOAT_OPS: dict[str, Callable] = {
+    "Add": _binary(np.add),
+    "Sub": _binary(np.subtract),
+    "Mul": _binary(np.multiply),
+    "Div": _binary(np.divide),
+    "Pow": _binary(np.power),
+    "MatMul": lambda xs, d, f: np.matmul(xs[0], xs[1]),
+    "Identity": _unary(lambda x: x),
+    "Sigmoid": _unary(_sigmoid),
+    "Tanh": _unary(np.tanh),
+    "Relu": _unary(lambda x: np.maximum(x, F32.type(0))),
+    "Erf": _unary(lambda x: erf(x).astype(F32)),
+    "Exp": _unary(np.exp),
+    "Sqrt": _unary(np.sqrt),
+    "Reciprocal": _unary(lambda x: F32.type(1) / x),
+    "Neg": _unary(np.negative),
+    "Abs": _unary(np.abs),
+    "Softplus": _unary(lambda x: softplus(x).astype(F32)),
+    "Softmax": _softmax,
+    "Transpose": lambda xs, d, f: np.transpose(xs[0], d),
+    "ReduceMean": _reduce_mean,
+    "LayerNormalization": _layer_norm,
+}
+
+
+def float_op(inner: str, xs: list[np.ndarray], dims: list[int], floats: list[float]) -> np.ndarray:
+    """``inner`` computed in float32 on dequantized operands (the fused kernels' middle step)."""
+    return np.asarray(FLOAT_OPS[inner]([np.asarray(x, F32) for x in xs], dims, floats), F32)
+
+
+def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    if len(a) < 2 or len(b) < 2 or a[-1] != b[-2]:
+        return None
+    try:
+        batch = np.broadcast_shapes(a[:-2], b[:-2])
+    except ValueError:
+        return None
+    return (*batch, a[-2], b[-1])
+
+
+class QdqFusedOp(Operator):
+    """Base of the generated ``QDQ<Op>`` operators; ``spec`` names the wrapped float op."""
+
+    domain = DOMAIN
+    spec: ClassVar[QuantizedOp]
+
+    def match(self, node: ir.Node) -> OpConfig | Decline:
+        if (bad := check_node_kind(self, node)) is not None:
+            return bad
+        label = op_label(node)
+        arity = self.spec.arity
+        if len(node.inputs) != 3 * arity + 2 or any(v is None for v in node.inputs):
+            return Decline(f"{label}: needs {3 * arity + 2} inputs (zero points included)")
+        specs: list[TensorSpec | None] = []
+        consts: dict[int, np.ndarray] = {}
+        for k in range(arity + 1):
+            base = 3 * k
+            if k < arity:
+                q = tensor_spec(node.inputs[base], f"{label} input x{k}")
+                if isinstance(q, Decline):
+                    return q
+                if q.real_shape is not None:
+                    return Decline(f"{label}: input x{k} is padded (quantized padding is not 0)")
+                if q.dtype not in _QTYPES:
+                    return Decline(f"{label}: input x{k} is {q.dtype}, not a quantized type")
+                specs.append(q)
+                if (arr := const_array(node.inputs[base])) is not None:
+                    consts[base] = arr
+                qdtype = q.dtype
+                s_idx, z_idx, what = base + 1, base + 2, f"x{k}"
+            else:
+                s_idx, z_idx, what = base, base + 1, "y"
+                y_val = node.outputs[0]
+                y = tensor_spec(y_val, f"{label} output y")
+                if isinstance(y, Decline):
+                    return y
+                if y.real_shape is not None:
+                    return Decline(f"{label}: output y is padded (quantized padding is not 0)")
+                qdtype = y.dtype
+            scale, zp = const_array(node.inputs[s_idx]), const_array(node.inputs[z_idx])
+            if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+                return Decline(
+                    f"{label}: {what} scale and zero point must be one-element constants"
+                )
+            if scale.dtype != np.float32 or not (np.isfinite(scale).all() and scale.item() > 0):
+                return Decline(f"{label}: {what} scale must be a positive finite float32")
+            if zp.dtype != qdtype:
+                return Decline(f"{label}: {what} zero point is {zp.dtype}, {what} is {qdtype}")
+            lo, hi = quant_range(qdtype)
+            if not lo <= int(zp.reshape(())) <= hi:
+                return Decline(f"{label}: {what} zero point {zp.reshape(())} outside {qdtype}")
+            for idx, arr in ((s_idx, scale), (z_idx, zp)):
+                specs.append(TensorSpec(tuple(arr.shape), arr.dtype))
+                consts[idx] = arr
+        if y.dtype not in QUANT_DTYPES.values():
+            return Decline(f"{label}: output dtype {y.dtype} is not a quantized type")
+        if len([i for i in range(arity) if 3 * i not in consts]) == 0:
+            return Decline(f"{label}: every operand is constant (fold it on the CPU instead)")
+        shapes = [s.shape for s in specs[0 : 3 * arity : 3] if s is not None]
+        attrs = self.spec_attrs(node, len(shapes[0]))
+        if isinstance(attrs, Decline):
+            return Decline(f"{label}: {attrs.reason}")
+        want = self.output_shape(shapes, attrs)
+        if isinstance(want, Decline):
+            return Decline(f"{label}: {want.reason}")
+        if want != y.shape:
+            return Decline(f"{label}: output shape {y.shape}, the op gives {want}")
+        return node_config(self, node, specs, [y], consts=consts, attrs=attrs)
+
+    # ---- op-specific attributes and shapes ------------------------------------------------
+    def spec_attrs(self, node: ir.Node, rank: int) -> dict | Decline:
+        inner = self.spec.inner
+        attrs: dict = {}
+        if inner in ("Softmax", "LayerNormalization"):
+            axis = node.attributes.get_int("axis", -1)
+            if not -rank <= axis < rank:
+                return Decline(f"axis {axis} out of range for rank {rank}")
+            attrs["axis"] = axis % rank
+        if inner == "LayerNormalization":
+            attrs["epsilon"] = node.attributes.get_float("epsilon", 1e-5)
+        if inner == "Transpose":
+            perm = node.attributes.get_ints("perm", list(range(rank))[::-1])
+            if sorted(perm) != list(range(rank)):
+                return Decline(f"perm {perm} is not a permutation of {rank} axes")
+            attrs["perm"] = list(perm)
+        if inner == "ReduceMean":
+            axes = node.attributes.get_ints("axes", None)
+            if not axes or any(not -rank <= a < rank for a in axes):
+                return Decline(f"axes {axes} must name axes of the rank-{rank} input")
+            attrs["axes"] = sorted({a % rank for a in axes})
+            attrs["keepdims"] = node.attributes.get_int("keepdims", 1)
+        return attrs
+
+    def output_shape(self, shapes: list[tuple[int, ...]], attrs: dict) -> tuple | Decline:
+        inner = self.spec.inner
+        if inner == "MatMul":
+            out = _matmul_shape(shapes[0], shapes[1])
+            return out if out is not None else Decline(f"shapes {shapes} do not multiply")
+        if inner == "Transpose":
+            return tuple(shapes[0][p] for p in attrs["perm"])
+        if inner == "ReduceMean":
+            axes = attrs["axes"]
+            return tuple(
+                1 if i in axes else d
+                for i, d in enumerate(shapes[0])
+                if attrs["keepdims"] or i not in axes
+            )
+        if inner == "LayerNormalization":
+            tail = shapes[0][attrs["axis"] :]
+            for s in shapes[1:]:
+                try:
+                    if np.broadcast_shapes(s, tail) != tail:
+                        raise ValueError
+                except ValueError:
+                    return Decline(f"scale/bias shape {s} does not broadcast to {tail}")
+            return shapes[0]
+        try:
+            return tuple(np.broadcast_shapes(*shapes))
+        except ValueError:
+            return Decline(f"shapes {shapes} do not broadcast")
+
+    def op_dims(self, cfg: OpConfig) -> list[int]:
+        a = cfg.attrs
+        inner = self.spec.inner
+        if inner in ("Softmax", "LayerNormalization"):
+            return [a["axis"]]
+        if inner == "Transpose":
+            return list(a["perm"])
+        if inner == "ReduceMean":
+            return [a["keepdims"], *a["axes"]]
+        return []
+
+    def op_floats(self, cfg: OpConfig) -> list[float]:
+        return [cfg.attrs["epsilon"]] if self.spec.inner == "LayerNormalization" else []
+
+    # ---- execution ------------------------------------------------------------------------
+    def _run(self, inputs, out_dtype: np.dtype, dims, floats) -> np.ndarray:
+        arity = self.spec.arity
+        xs = [
+            dequantize(inputs[3 * i], inputs[3 * i + 1].reshape(()), inputs[3 * i + 2].reshape(()))
+            for i in range(arity)
+        ]
+        r = float_op(self.spec.inner, xs, list(dims), list(floats))
+        ys, yz = inputs[3 * arity].reshape(()), inputs[3 * arity + 1].reshape(())
+        return quantize(r, ys, yz, out_dtype)
+
+    def compute(self, inputs, outputs, dims, floats):
+        return [self._run(inputs, outputs[0].dtype, dims, floats)]
+
+    def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return [
+            self._run(
+                [np.asarray(x) for x in inputs],
+                cfg.outputs[0].dtype,
+                self.op_dims(cfg),
+                self.op_floats(cfg),
+            )
+        ]
+
+
+def _make(index: int, spec: QuantizedOp) -> type[QdqFusedOp]:
+    return type(
+        spec.name,
+        (QdqFusedOp,),
+        {
+            "op_type": spec.name,
+            "kernel_id": KERNEL_BASE + index,
+            "spec": spec,
+            "__doc__": f"npudispatch.{spec.name}: QuantizeLinear({spec.inner}(DequantizeLinear...)).",
+            "__module__": __name__,
+        },
+    )
+
+
+#: One operator class per quantized fused op, in :data:`QDQ_OPS` order (kernel ids 810...).
+QDQ_OPERATORS: list[type[QdqFusedOp]] = [_make(i, spec) for i, spec in enumerate(QDQ_OPS.values())]
+assert KERNEL_BASE + len(QDQ_OPERATORS) <= 900

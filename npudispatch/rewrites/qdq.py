@@ -1,0 +1,551 @@
+"""QDQ graphs (what quantize_static / AMD Quark emit) compiled without leaving the NPU.
+
+:class:`QdqPass` runs these steps in order; each counts what it did in :class:`QdqReport`:
+
+1. **fold_quantize** - ``QuantizeLinear`` of a constant (quantizers quantize scalar constants
+   such as an RMSNorm epsilon too) becomes an integer initializer, computed with the NPU
+   operator's ONNX semantics (bit-identical to onnxruntime).
+2. **unique_dq** - a DequantizeLinear read by several nodes gets one copy per reader (like
+   onnxruntime's QDQ transformers), so each DQ -> op -> Q group can fuse on its own; copies no
+   fusion used are merged back in step 7.
+3. **views** - ``Q(view(DQ(x)))`` with the same scale, zero point and type (Reshape, Squeeze,
+   Unsqueeze, Flatten) becomes ``view(x)``: a zero-copy view of the quantized tensor. Exact,
+   since ``Q(DQ(x)) = x`` for every integer of the type.
+4. **dq_q** - a ``Q(DQ(x))`` chain: with the same parameters and type it is ``x`` (the
+   redundant pairs quantizers leave between two quantized ops); otherwise it becomes
+   ``npudispatch.QDQRequantize``.
+5. **qmatmul** - DQ(a) -> MatMul with DQ(constant int8/uint8 weight) -> Q becomes
+   ``npudispatch.QMatMul`` (the weight formatted at compile time into 8-bit tiles;
+   ``rewrites/matmul.py`` rule).
+6. **fused** - every other DQ -> op -> Q group whose op has a quantized form
+   (:data:`npudispatch.opset_quant.QDQ_OPS`: Add, Sub, Mul, Div, Pow, MatMul of two activations,
+   Softmax, LayerNormalization, ReduceMean, Transpose, Sigmoid, Tanh, Erf, ...) becomes
+   ``npudispatch.QDQ<Op>``. A scalar float32 constant operand that was never quantized (a
+   ``Div`` by ``sqrt(head_dim)``) is written exactly as ``DQ(q=±1, scale=|c|, zp=0)``. A group
+   is fused only when the operator library takes the fused node (else nothing changes).
+7. **merge_dq** - identical DequantizeLinear copies left by step 2 are merged again.
+8. **fold_dequantize** - a DequantizeLinear of a constant whose reader has no quantized form
+   (a float MatMul weight, a LayerNormalization scale) becomes a float32 initializer; the float
+   op then reads it like any weight (converted to bf16 by the precision pass).
+
+Every QuantizeLinear / DequantizeLinear left over runs as an NPU operator
+(:mod:`npudispatch.operators.quantize`), so quantization never splits a partition; nodes with
+parameters the NPU cannot take (float8, non-constant scales...) are declined per node with the
+reason and run on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from npudispatch.operators import registry
+from npudispatch.operators.base import Decline
+from npudispatch.operators.quantize import QUANT_DTYPES, dequantize, expand_param, quantize
+from npudispatch.opset import DOMAIN, VERSION
+from npudispatch.opset_quant import QDQ_OPS
+from npudispatch.rewrites._checks import const_array
+from npudispatch.rewrites.aliasing import VIEW_OPS
+from npudispatch.rewrites.matmul import qmatmul_rule
+
+__all__ = ["QdqPass", "QdqReport", "quantization_summary", "run_qdq_rewrites"]
+
+_STANDARD = ("", "ai.onnx")
+_SHAPE_VIEWS = VIEW_OPS - {"Identity"}
+_ZP_DTYPES = {*QUANT_DTYPES.values(), np.dtype(np.int32)}
+
+
+@dataclass
+class QdqReport:
+    """What one :class:`QdqPass` run did: counts per step and fused op types."""
+
+    counts: Counter = field(default_factory=Counter)
+    fused_ops: Counter = field(default_factory=Counter)
+
+    @property
+    def modified(self) -> bool:
+        return any(v for k, v in self.counts.items() if k not in ("unique_dq", "merge_dq"))
+
+
+def _is(node: ir.Node | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in _STANDARD
+
+
+def _input(node: ir.Node, i: int) -> ir.Value | None:
+    return node.inputs[i] if i < len(node.inputs) else None
+
+
+class _Namer:
+    def __init__(self, graph: ir.Graph) -> None:
+        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
+        self.used |= {v.name for n in graph for v in n.outputs} | {n.name for n in graph}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+def _initializer(graph: ir.Graph, namer: _Namer, base: str, arr: np.ndarray) -> ir.Value:
+    name = namer(base)
+    value = ir.Value(
+        name=name,
+        type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+        shape=ir.Shape(arr.shape),
+        const_value=ir.tensor(arr, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+@dataclass(frozen=True)
+class _QParams:
+    """Constant parameters of one Q or DQ node (``zp`` in the quantized numpy dtype)."""
+
+    scale: np.ndarray
+    zp: np.ndarray
+    axis: int
+    block: int
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.size == 1 and not self.block
+
+    def same(self, other: _QParams) -> bool:
+        return (
+            self.per_tensor
+            and other.per_tensor
+            and self.zp.dtype == other.zp.dtype
+            and np.array_equal(self.scale.reshape(()), other.scale.reshape(()))
+            and np.array_equal(self.zp.reshape(()), other.zp.reshape(()))
+        )
+
+
+def _qparams(node: ir.Node, qtype: ir.DataType | None) -> _QParams | None:
+    """Constant float32 scale and integer zero point of a Q/DQ node, else None."""
+    scale = const_array(_input(node, 1))
+    zp_val = _input(node, 2)
+    if scale is None or scale.dtype != np.float32:
+        return None
+    if zp_val is not None:
+        zp = const_array(zp_val)
+        if zp is None:
+            return None
+    else:
+        if qtype is None or qtype.is_floating_point():
+            return None
+        zp = np.zeros(scale.shape, qtype.numpy())
+    if zp.dtype not in _ZP_DTYPES:
+        return None
+    return _QParams(
+        scale,
+        zp,
+        node.attributes.get_int("axis", 1),
+        node.attributes.get_int("block_size", 0),
+    )
+
+
+def _single_reader(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0][0]
+
+
+# ---- 1. Q of constants ------------------------------------------------------------------------
+
+
+def _fold_quantize(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
+    for node in list(graph):
+        if not _is(node, "QuantizeLinear"):
+            continue
+        x = const_array(node.inputs[0])
+        out = node.outputs[0]
+        params = _qparams(node, out.dtype)
+        if x is None or params is None or x.dtype != np.float32 or out.is_graph_output():
+            continue
+        axis = params.axis % max(x.ndim, 1)
+        scale = expand_param(params.scale, x.shape, axis, params.block, 1.0)
+        zp = expand_param(params.zp.astype(np.int64), x.shape, axis, params.block, 0)
+        q = quantize(x, scale, zp, params.zp.dtype)
+        out.replace_all_uses_with(_initializer(graph, namer, f"{out.name}__const", q))
+        graph.remove(node, safe=True)
+        report.counts["fold_quantize"] += 1
+
+
+# ---- 2/7. unique DQ readers and merging them back --------------------------------------------
+
+
+def _unique_dq(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
+    for node in list(graph):
+        if not _is(node, "DequantizeLinear"):
+            continue
+        out = node.outputs[0]
+        for reader, idx in out.uses()[1:]:
+            copy = ir.node(
+                "DequantizeLinear",
+                list(node.inputs),
+                {k: a.value for k, a in node.attributes.items()},
+                name=namer(f"{node.name}__dup"),
+            )
+            new = copy.outputs[0]
+            new.name, new.type, new.shape = namer(f"{out.name}__dup"), out.type, out.shape
+            graph.insert_after(node, copy)
+            reader.replace_input_with(idx, new)
+            report.counts["unique_dq"] += 1
+
+
+def _dq_key(node: ir.Node) -> tuple:
+    attrs = tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items()))
+    return (*[id(v) if v is not None else None for v in node.inputs], attrs)
+
+
+def _merge_dq(graph: ir.Graph, report: QdqReport) -> None:
+    seen: dict[tuple, ir.Node] = {}
+    for node in list(graph):
+        if not _is(node, "DequantizeLinear") or node.outputs[0].is_graph_output():
+            continue
+        first = seen.setdefault(_dq_key(node), node)
+        if first is node:
+            continue
+        node.outputs[0].replace_all_uses_with(first.outputs[0])
+        graph.remove(node, safe=True)
+        report.counts["merge_dq"] += 1
+
+
+# ---- 3. QDQ around views ----------------------------------------------------------------------
+
+
+def _views(graph: ir.Graph, report: QdqReport) -> None:
+    for view in list(graph):
+        if view.op_type not in _SHAPE_VIEWS or view.domain not in _STANDARD or not view.inputs:
+            continue
+        src = view.inputs[0]
+        dq = src.producer() if src is not None else None
+        q = _single_reader(view.outputs[0])
+        if not (_is(dq, "DequantizeLinear") and _is(q, "QuantizeLinear")):
+            continue
+        assert dq is not None and q is not None
+        if _single_reader(dq.outputs[0]) is not view or q.outputs[0].is_graph_output():
+            continue
+        x = dq.inputs[0]
+        pd, pq = _qparams(dq, x.dtype), _qparams(q, q.outputs[0].dtype)
+        if pd is None or pq is None or not pd.same(pq) or x.dtype != q.outputs[0].dtype:
+            continue
+        out = view.outputs[0]
+        view.replace_input_with(0, x)
+        out.type = ir.TensorType(x.dtype)
+        q.outputs[0].replace_all_uses_with(out)
+        graph.remove([q, dq], safe=True)
+        report.counts["views"] += 1
+
+
+# ---- 4. DQ -> Q chains ------------------------------------------------------------------------
+
+
+def _dq_q(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
+    for q in list(graph):
+        if not _is(q, "QuantizeLinear") or q.inputs[0] is None:
+            continue
+        dq = q.inputs[0].producer()
+        if not _is(dq, "DequantizeLinear") or _single_reader(dq.outputs[0]) is not q:
+            continue
+        assert dq is not None
+        x, y = dq.inputs[0], q.outputs[0]
+        pd, pq = _qparams(dq, x.dtype), _qparams(q, y.dtype)
+        if pd is None or pq is None:
+            continue
+        if pd.same(pq) and x.dtype == y.dtype and not y.is_graph_output():
+            y.replace_all_uses_with(x)
+            graph.remove([q, dq], safe=True)
+            report.counts["dq_q_identity"] += 1
+        elif (
+            pd.per_tensor
+            and pq.per_tensor
+            and _fuse(graph, namer, "Identity", [dq], q, {}, [], report)
+        ):
+            report.counts["dq_q_requantize"] += 1
+
+
+# ---- 5/6. DQ -> op -> Q ----------------------------------------------------------------------
+
+
+def _zero_point(graph: ir.Graph, namer: _Namer, node: ir.Node, base: str) -> ir.Value:
+    zp = _input(node, 2)
+    if zp is not None:
+        return zp
+    dtype = (node.outputs[0] if _is(node, "QuantizeLinear") else node.inputs[0]).dtype
+    assert dtype is not None
+    return _initializer(graph, namer, base, np.zeros((), dtype.numpy()))
+
+
+def _fuse(
+    graph: ir.Graph,
+    namer: _Namer,
+    inner: str,
+    dqs: list[ir.Node],
+    q: ir.Node,
+    attrs: dict,
+    remove: list[ir.Node],
+    report: QdqReport,
+) -> bool:
+    """Replace ``Q(inner(DQ...))`` by ``npudispatch.QDQ<inner>`` if the library takes it."""
+    spec = QDQ_OPS[inner]
+    inputs: list[ir.Value] = []
+    for dq in dqs:
+        zp = _zero_point(graph, namer, dq, f"{dq.name}__zp")
+        inputs += [dq.inputs[0], dq.inputs[1], zp]
+    inputs += [q.inputs[1], _zero_point(graph, namer, q, f"{q.name}__zp")]
+    fused = ir.node(
+        spec.name,
+        inputs,
+        attrs,
+        domain=DOMAIN,
+        version=VERSION,
+        name=namer(f"{q.name}__{spec.name}"),
+    )
+    y, out = q.outputs[0], fused.outputs[0]
+    out.type, out.shape = y.type, y.shape
+    out.metadata_props.update(y.metadata_props)
+    if isinstance(registry.match(fused), Decline):
+        for i in range(len(fused.inputs)):
+            fused.replace_input_with(i, None)
+        return False
+    graph.insert_before(q, fused)
+    name = y.name
+    y.replace_all_uses_with(out)
+    for k, gout in enumerate(graph.outputs):
+        if gout is y:
+            graph.outputs[k] = out
+    graph.remove([q, *remove], safe=True)
+    for dq in dqs:  # now unread
+        if dq.graph is graph and not dq.outputs[0].uses():
+            graph.remove(dq, safe=True)
+    y.name = None
+    out.name = name
+    report.fused_ops[spec.name] += 1
+    return True
+
+
+def _exact_scalar_dq(
+    graph: ir.Graph, namer: _Namer, value: ir.Value, before: ir.Node
+) -> ir.Node | None:
+    """``DQ(q, scale, 0)`` equal to a scalar float32 constant exactly (q = ±1 or 0)."""
+    arr = const_array(value)
+    if arr is None or arr.dtype != np.float32 or arr.size != 1 or not np.isfinite(arr).all():
+        return None
+    c = float(arr.reshape(()))
+    q = np.array(0 if c == 0 else (1 if c > 0 else -1), np.int8).reshape(arr.shape)
+    scale = np.array(abs(c) if c else 1.0, np.float32)
+    zp = np.zeros((), np.int8)
+    base = value.name or "const"
+    qv = _initializer(graph, namer, f"{base}__q", q)
+    node = ir.node(
+        "DequantizeLinear",
+        [
+            qv,
+            _initializer(graph, namer, f"{base}__scale", scale),
+            _initializer(graph, namer, f"{base}__zp", zp),
+        ],
+        name=namer(f"{base}__exact_dq"),
+    )
+    out = node.outputs[0]
+    out.name, out.type, out.shape = (
+        namer(f"{base}__dq"),
+        ir.TensorType(ir.DataType.FLOAT),
+        value.shape,
+    )
+    assert np.array_equal(dequantize(q, scale, zp), arr)  # exact by construction
+    graph.insert_before(before, node)
+    return node
+
+
+def _fused_attrs(node: ir.Node, opset: int) -> dict | None:
+    """Attributes of the fused op from the float node, or None when it cannot be expressed."""
+    op = node.op_type
+    if op == "Softmax":
+        return {"axis": node.attributes.get_int("axis", -1)} if opset >= 13 else None
+    if op == "LayerNormalization":
+        if len(node.outputs) > 1 and any(v.uses() for v in node.outputs[1:]):
+            return None
+        if node.attributes.get_int("stash_type", 1) != 1:
+            return None
+        return {
+            "axis": node.attributes.get_int("axis", -1),
+            "epsilon": node.attributes.get_float("epsilon", 1e-5),
+        }
+    if op == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        return None if perm is None else {"perm": list(perm)}
+    if op == "ReduceMean":
+        if opset < 18 or node.attributes.get_int("noop_with_empty_axes", 0):
+            return None
+        axes = node.attributes.get_ints("axes", None)
+        if axes is None:
+            arr = const_array(_input(node, 1))
+            if arr is None:
+                return None
+            axes = [int(a) for a in arr.reshape(-1)]
+        return {"axes": list(axes), "keepdims": node.attributes.get_int("keepdims", 1)}
+    if node.attributes:
+        return None  # e.g. a Gemm-like attribute the fused op would drop
+    return {}
+
+
+def _fuse_ops(graph: ir.Graph, namer: _Namer, opset: int, report: QdqReport) -> None:
+    for node in list(graph):
+        if node.graph is not graph or node.domain not in _STANDARD:
+            continue
+        spec = QDQ_OPS.get(node.op_type)
+        if spec is None or spec.inner == "Identity" or opset < spec.min_opset:
+            continue
+        q = _single_reader(node.outputs[0])
+        if not _is(q, "QuantizeLinear") or any(v.uses() for v in node.outputs[1:]):
+            continue
+        assert q is not None
+        pq = _qparams(q, q.outputs[0].dtype)
+        if pq is None or not pq.per_tensor:
+            continue
+        attrs = _fused_attrs(node, opset)
+        if attrs is None:
+            continue
+        data = [v for v in node.inputs[: spec.arity]]
+        if len(data) != spec.arity or any(v is None for v in data):
+            continue
+        dqs: list[ir.Node] = []
+        made: list[ir.Node] = []
+        for v in data:
+            dq = v.producer()
+            if _is(dq, "DequantizeLinear") and _single_reader(v) is node:
+                p = _qparams(dq, dq.inputs[0].dtype)
+                if p is not None and p.per_tensor:
+                    dqs.append(dq)
+                    continue
+            exact = _exact_scalar_dq(graph, namer, v, node)
+            if exact is None:
+                break
+            made.append(exact)
+            dqs.append(exact)
+        if len(dqs) == spec.arity and _fuse(
+            graph, namer, spec.inner, dqs, q, attrs, [node], report
+        ):
+            continue
+        for extra in made:  # not fused: drop the exact DQs made for it
+            if not extra.outputs[0].uses():
+                graph.remove(extra, safe=True)
+
+
+# ---- 8. DQ of constants ----------------------------------------------------------------------
+
+
+def _fold_dequantize(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
+    for node in list(graph):
+        if not _is(node, "DequantizeLinear"):
+            continue
+        x = const_array(node.inputs[0])
+        out = node.outputs[0]
+        params = _qparams(node, node.inputs[0].dtype)
+        if x is None or params is None or out.is_graph_output() or out.dtype != ir.DataType.FLOAT:
+            continue
+        axis = params.axis % max(x.ndim, 1)
+        scale = expand_param(params.scale, x.shape, axis, params.block, 1.0)
+        zp = expand_param(params.zp.astype(np.int64), x.shape, axis, params.block, 0)
+        value = _initializer(graph, namer, f"{out.name}__const", dequantize(x, scale, zp))
+        out.replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        report.counts["fold_dequantize"] += 1
+
+
+def _remove_unused_initializers(graph: ir.Graph, before: set[str]) -> None:
+    for name in list(graph.initializers):
+        v = graph.initializers[name]
+        if name not in before and not v.uses() and not v.is_graph_output():
+            graph.initializers.pop(name)
+
+
+def run_qdq_rewrites(model: ir.Model) -> QdqReport:
+    """Run the QDQ steps (module docstring) on ``model`` in place; returns what they did."""
+    graph = model.graph
+    report = QdqReport()
+    if not any(_is(n, "QuantizeLinear") or _is(n, "DequantizeLinear") for n in graph):
+        return report
+    opset = model.opset_imports.get("", 1)
+    before = set(graph.initializers)
+    namer = _Namer(graph)
+    _fold_quantize(graph, namer, report)
+    _unique_dq(graph, namer, report)
+    _views(graph, report)
+    _dq_q(graph, namer, report)
+    count = pattern.RewriteRuleSet([qmatmul_rule]).apply_to_model(model)
+    if count:
+        report.fused_ops["QMatMul"] += count
+        report.counts["qmatmul"] += count
+        namer = _Namer(graph)
+    _fuse_ops(graph, namer, opset, report)
+    report.counts["fused"] += sum(v for k, v in report.fused_ops.items() if k != "QMatMul")
+    _merge_dq(graph, report)
+    _fold_dequantize(graph, namer, report)
+    _remove_unused_initializers(graph, before)
+    if report.fused_ops:
+        model.opset_imports.setdefault(DOMAIN, VERSION)
+    return report
+
+
+class QdqPass(ir.passes.InPlacePass):
+    """onnx_ir in-place pass wrapping :func:`run_qdq_rewrites`; ``report`` holds the last run's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.report: QdqReport | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.report = run_qdq_rewrites(model)
+        return ir.passes.PassResult(model, self.report.modified)
+
+
+_INT_TYPES = {ir.DataType.from_numpy(d) for d in _ZP_DTYPES}
+
+
+def _converts(node: ir.Node) -> bool:
+    """Whether ``node`` turns float data into integers or back (Q, DQ, float<->int Cast)."""
+    if _is(node, "QuantizeLinear") or _is(node, "DequantizeLinear"):
+        return True
+    if _is(node, "Cast") and node.inputs and node.inputs[0] is not None:
+        src, dst = node.inputs[0].dtype, node.outputs[0].dtype
+        return src is not None and dst is not None and (src in _INT_TYPES) != (dst in _INT_TYPES)
+    return False
+
+
+def quantization_summary(nodes: Iterable[ir.Node]) -> dict[str, list[str]]:
+    """Quantization at a glance for a group of nodes (an NPU or CPU partition).
+
+    ``activation_dtypes``: dtypes of the non-constant tensors the nodes read or write (shape
+    arithmetic in int64 left out); ``weight_dtypes``: dtypes of the constant tensors with more
+    than one element they read (weights, not scales); ``conversions``: names of the nodes that
+    turn float data into integers or back (QuantizeLinear, DequantizeLinear, float<->int Cast).
+    """
+    acts: set[str] = set()
+    weights: set[str] = set()
+    conversions: list[str] = []
+    for node in nodes:
+        for v in (*node.inputs, *node.outputs):
+            if v is None or v.dtype is None or v.dtype in (ir.DataType.INT64, ir.DataType.BOOL):
+                continue
+            if v.const_value is None:
+                acts.add(v.dtype.name.lower())
+            elif v.const_value.size > 1:
+                weights.add(v.dtype.name.lower())
+        if _converts(node):
+            conversions.append(node.name or f"<unnamed {node.op_type}>")
+    return {
+        "activation_dtypes": sorted(acts),
+        "weight_dtypes": sorted(weights),
+        "conversions": conversions,
+    }

@@ -1,0 +1,346 @@
+"""QDQ rewrites (npudispatch.rewrites.qdq): one positive and one negative case per step.
+
+Positive cases also run end to end (Session on the emulator vs onnxruntime on the original
+model): a rewrite that changed the math would show up as more than one quantization step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from rw_helpers import model, ops
+
+import npudispatch
+from npudispatch import graph
+from npudispatch.rewrites import default_pipeline
+from npudispatch.rewrites.qdq import run_qdq_rewrites
+
+P = "npudispatch."
+
+# Activation x: uint8 scale 0.05 zp 128; a second parameter set q2 for requantization.
+PARAMS = """<float xs = {0.05}, uint8 xz = {128}, float ys = {0.1}, uint8 yz = {120},
+    float q2s = {0.07}, uint8 q2z = {100}, float one = {1.0}, float half = {0.5}"""
+
+
+def qdq_model(body: str, inputs: str = "float[2,4,8] x", outputs: str = "float[2,4,8] out",
+              extra: str = "", opset_version: int = 21) -> ir.Model:  # fmt: skip
+    inits = PARAMS + (", " + extra if extra else "") + ">"
+    return model(f"g ({inputs}) => ({outputs}) {inits} {{\n{body}\n}}", opset_version)
+
+
+def ort_plain(m: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    proto = ir.to_proto(m).SerializeToString()
+    return ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def run_both(m: ir.Model, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(NPU result, onnxruntime result, kernel calls) for the model's first output."""
+    want = ort_plain(m, feeds)[0]
+    proto = ir.to_proto(m)
+    sess = npudispatch.Session(proto)
+    got = sess.run(None, feeds)[0]
+    return got, want, sess.last_run_stats.kernel_calls
+
+
+def x_feed(shape=(2, 4, 8), seed=0) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).uniform(-6, 6, shape).astype(np.float32)}
+
+
+def rewritten(m: ir.Model):
+    """A shape-inferred copy of ``m`` after the QDQ rewrites, and their report."""
+    clone = graph.load(ir.to_proto(m))
+    report = run_qdq_rewrites(clone)
+    return clone, report
+
+
+# ---- 1. Q of constants ------------------------------------------------------------------------
+
+
+def test_quantize_of_constant_folds_to_onnxruntime_value():
+    m = qdq_model(
+        """
+        c = Constant <value = float[3] {0.275, -7.0, 100.0}> ()
+        q = QuantizeLinear (c, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        out = Add (x, d)""",
+        inputs="float[3] x", outputs="float[3] out",
+    )  # fmt: skip
+    want = ort_plain(m, {"x": np.zeros(3, np.float32)})[0]
+    default_pipeline(bf16=False, pad=False)(m)  # Constant lifted, then Q and DQ folded
+    assert ops(m) == ["Add"]
+    np.testing.assert_array_equal(m.graph.node(0).inputs[1].const_value.numpy(), want)
+
+
+def test_quantize_of_activation_is_not_folded():
+    m = qdq_model("out = QuantizeLinear (x, xs, xz)", outputs="uint8[2,4,8] out")
+    m2, report = rewritten(m)
+    assert report.counts["fold_quantize"] == 0 and ops(m2) == ["QuantizeLinear"]
+
+
+# ---- 2/6/7. DQ -> op -> Q with a shared DQ ------------------------------------------------------
+
+
+SHARED_DQ = """
+    q = QuantizeLinear (x, xs, xz)
+    d = DequantizeLinear (q, xs, xz)
+    s = Sigmoid (d)
+    a = Add (d, s)
+    qa = QuantizeLinear (a, ys, yz)
+    qs = QuantizeLinear (s, ys, yz)
+    da = DequantizeLinear (qa, ys, yz)
+    out = Identity (da)"""
+
+
+def test_shared_dq_each_reader_fuses():
+    """d feeds Sigmoid and Add: each gets its own copy, Sigmoid -> Q and Add -> Q fuse... except
+    that Sigmoid's output s is read by Add *and* a Q, so Sigmoid must stay float (negative) while
+    the DQ copy for it is merged back."""
+    m = qdq_model(SHARED_DQ)
+    m2, report = rewritten(m)
+    assert report.counts["unique_dq"] == 1
+    assert P + "QDQSigmoid" not in ops(m2), "Sigmoid's output has a float reader: no fusion"
+    assert "Sigmoid" in ops(m2)
+
+
+def test_dq_read_twice_by_one_node_fuses_once():
+    m = qdq_model(
+        """
+        q = QuantizeLinear (x, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        p = Mul (d, d)
+        qp = QuantizeLinear (p, ys, yz)
+        out = DequantizeLinear (qp, ys, yz)"""
+    )
+    m2, _ = rewritten(m)
+    assert ops(m2) == ["QuantizeLinear", P + "QDQMul", "DequantizeLinear"]
+    got, want, calls = run_both(m, x_feed())
+    assert np.abs(got - want).max() <= 0.1 + 1e-6  # one step of ys
+    assert calls == 1
+
+
+FUSIONS = {
+    "Add": ("s = Add (d, d2)", P + "QDQAdd"),
+    "Mul-const": ("s = Mul (d, half)", P + "QDQMul"),
+    "Div-const": ("s = Div (d, half)", P + "QDQDiv"),
+    "Softmax": ("s = Softmax <axis = -1> (d)", P + "QDQSoftmax"),
+    "Erf": ("s = Erf (d)", P + "QDQErf"),
+    "Transpose": ("s = Transpose <perm = [0, 2, 1]> (d)", P + "QDQTranspose"),
+    "ReduceMean": ("s = ReduceMean <keepdims = 1> (d, ax)", P + "QDQReduceMean"),
+    "MatMul-acts": ("s = MatMul (d, dt)", P + "QDQMatMul"),
+}
+OUT_SHAPES = {"Transpose": "[2,8,4]", "ReduceMean": "[2,4,1]", "MatMul-acts": "[2,4,4]"}
+
+
+@pytest.mark.parametrize("case", list(FUSIONS))
+def test_dq_op_q_becomes_fused_op_within_one_step(case):
+    op_line, fused = FUSIONS[case]
+    shape = OUT_SHAPES.get(case, "[2,4,8]")
+    m = qdq_model(
+        f"""
+        q = QuantizeLinear (x, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        q2 = QuantizeLinear (x, q2s, q2z)
+        d2 = DequantizeLinear (q2, q2s, q2z)
+        qt = QuantizeLinear (y, xs, xz)
+        dt = DequantizeLinear (qt, xs, xz)
+        {op_line}
+        qs = QuantizeLinear (s, ys, yz)
+        out = DequantizeLinear (qs, ys, yz)""",
+        inputs="float[2,4,8] x, float[2,8,4] y",
+        outputs=f"float{shape} out",
+        extra="int64[1] ax = {-1}",
+    )
+    m2, _ = rewritten(m)
+    assert fused in ops(m2), ops(m2)
+    assert case.split("-")[0] not in ops(m2)
+    feeds = x_feed() | {"y": np.random.default_rng(1).uniform(-6, 6, (2, 8, 4)).astype(np.float32)}
+    got, want, calls = run_both(m, feeds)
+    assert np.abs(got - want).max() <= 0.1 + 1e-6, "more than one step (0.1) off"
+    assert calls == 1
+
+
+def test_per_channel_output_quantization_is_not_fused():
+    m = qdq_model(
+        """
+        q = QuantizeLinear (x, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        s = Sigmoid (d)
+        qs = QuantizeLinear <axis = 2> (s, cs, cz)
+        out = DequantizeLinear <axis = 2> (qs, cs, cz)""",
+        extra="float[8] cs = {0.1,0.1,0.1,0.1,0.2,0.2,0.2,0.2}, uint8[8] cz = {0,0,0,0,9,9,9,9}",
+    )
+    m2, report = rewritten(m)
+    assert "Sigmoid" in ops(m2) and not report.fused_ops
+    got, want, calls = run_both(m, x_feed())
+    assert np.abs(got - want).max() <= 0.2 + 1e-6 and calls == 1  # Q/DQ run as NPU ops
+
+
+# ---- 3. QDQ around views ---------------------------------------------------------------------
+
+
+VIEW = """
+    q = QuantizeLinear (x, xs, xz)
+    d = DequantizeLinear (q, xs, xz)
+    r = Reshape (d, shp)
+    qr = QuantizeLinear (r, {ps}, {pz})
+    out = DequantizeLinear (qr, {ps}, {pz})"""
+
+
+def test_qdq_around_reshape_becomes_a_quantized_view():
+    m = qdq_model(
+        VIEW.format(ps="xs", pz="xz"), outputs="float[8,8] out", extra="int64[2] shp = {8, 8}"
+    )
+    m2, report = rewritten(m)
+    assert report.counts["views"] == 1
+    assert ops(m2) == ["QuantizeLinear", "Reshape", "DequantizeLinear"]
+    reshape = next(n for n in m2.graph if n.op_type == "Reshape")
+    assert reshape.outputs[0].dtype == ir.DataType.UINT8
+    got, want, calls = run_both(m, x_feed())
+    np.testing.assert_array_equal(got, want)  # exact: the view moves no bits
+    assert calls == 1
+
+
+def test_reshape_between_different_parameters_is_kept():
+    m = qdq_model(
+        VIEW.format(ps="ys", pz="yz"), outputs="float[8,8] out", extra="int64[2] shp = {8, 8}"
+    )
+    m2, report = rewritten(m)
+    assert report.counts["views"] == 0
+    assert "Reshape" in ops(m2) and P + "QDQRequantize" not in ops(m2)
+    got, want, calls = run_both(m, x_feed())
+    assert np.abs(got - want).max() <= 0.1 + 1e-6 and calls == 1
+
+
+# ---- 4. DQ -> Q chains -----------------------------------------------------------------------
+
+
+CHAIN = """
+    q = QuantizeLinear (x, xs, xz)
+    d = DequantizeLinear (q, xs, xz)
+    q2 = QuantizeLinear (d, {ps}, {pz})
+    d2 = DequantizeLinear (q2, {ps}, {pz})
+    out = Relu (d2)"""
+
+
+def test_redundant_dq_q_pair_is_removed():
+    m = qdq_model(CHAIN.format(ps="xs", pz="xz"))
+    m2, report = rewritten(m)
+    assert report.counts["dq_q_identity"] == 1
+    assert ops(m2) == ["QuantizeLinear", "DequantizeLinear", "Relu"]
+    got, want, _ = run_both(m, x_feed())
+    np.testing.assert_allclose(got, want, rtol=2**-8)  # Relu in bf16, no quantization change
+
+
+def test_dq_q_with_new_parameters_becomes_requantize():
+    m = qdq_model(CHAIN.format(ps="q2s", pz="q2z"))
+    m2, report = rewritten(m)
+    assert report.counts["dq_q_requantize"] == 1
+    assert P + "QDQRequantize" in ops(m2)
+    got, want, calls = run_both(m, x_feed())
+    assert np.abs(got - want).max() <= 0.07 * (1 + 2**-7) and calls == 1
+
+
+def test_dq_q_per_channel_chain_is_kept():
+    m = qdq_model(
+        """
+        q = QuantizeLinear <axis = 2> (x, cs, cz)
+        d = DequantizeLinear <axis = 2> (q, cs, cz)
+        q2 = QuantizeLinear (d, q2s, q2z)
+        out = DequantizeLinear (q2, q2s, q2z)""",
+        extra="float[8] cs = {0.1,0.1,0.1,0.1,0.2,0.2,0.2,0.2}, uint8[8] cz = {0,0,0,0,9,9,9,9}",
+    )
+    m2, report = rewritten(m)
+    assert not report.fused_ops and ops(m2).count("QuantizeLinear") == 2
+
+
+# ---- 8. DQ of constants ------------------------------------------------------------------------
+
+
+def test_dq_of_weight_without_quantized_reader_folds_to_float():
+    w = np.arange(-16, 16, dtype=np.int8).reshape(8, 4)
+    m = qdq_model(
+        """
+        dw = DequantizeLinear <axis = 1> (w, ws, wz)
+        out = MatMul (x, dw)""",
+        outputs="float[2,4,4] out",
+        extra=f"int8[8,4] w = {{{', '.join(map(str, w.reshape(-1)))}}}, "
+        "float[4] ws = {0.5, 0.25, 0.125, 1.0}, int8[4] wz = {0, 1, -1, 3}",
+    )
+    m2, report = rewritten(m)
+    assert report.counts["fold_dequantize"] == 1 and ops(m2) == ["MatMul"]
+    folded = m2.graph.node(0).inputs[1].const_value.numpy()
+    ws, wz = np.array([0.5, 0.25, 0.125, 1.0], np.float32), np.array([0, 1, -1, 3])
+    np.testing.assert_array_equal(folded, (w.astype(np.int64) - wz).astype(np.float32) * ws)
+
+
+def test_dq_of_activation_is_not_folded():
+    m = qdq_model(
+        "out = DequantizeLinear (x, xs, xz)", inputs="uint8[2,4,8] x", outputs="float[2,4,8] out"
+    )
+    _, report = rewritten(m)
+    assert report.counts["fold_dequantize"] == 0
+
+
+# ---- refused parameters run on the CPU, exactly -------------------------------------------------
+
+
+def test_float8_qdq_runs_on_cpu_with_reason_and_exact_result():
+    m = qdq_model(
+        """
+        q = QuantizeLinear (x, xs, f8z)
+        out = DequantizeLinear (q, xs, f8z)""",
+        extra="float8e4m3fn f8z = {0}",
+    )
+    compiled = npudispatch.compile_model(ir.from_proto(ir.to_proto(m)))
+    reasons = {u.op_type: u.reason for u in compiled.report.unsupported}
+    assert "FLOAT8E4M3FN" in reasons["QuantizeLinear"]
+    assert "FLOAT8E4M3FN" in reasons["DequantizeLinear"]
+    got, want, calls = run_both(m, x_feed())
+    np.testing.assert_array_equal(got, want)
+    assert calls == 0
+
+
+def test_int32_dequantize_with_nonzero_zero_point_is_refused():
+    m = qdq_model(
+        """
+        d = DequantizeLinear (x, xs, iz)
+        out = Relu (d)""",
+        inputs="int32[2,4,8] x", extra="int32 iz = {7}",
+    )  # fmt: skip
+    compiled = npudispatch.compile_model(ir.from_proto(ir.to_proto(m)))
+    reasons = [u.reason for u in compiled.report.unsupported if u.op_type == "DequantizeLinear"]
+    assert reasons and "zero point of 0" in reasons[0]
+
+
+# ---- inspect: quantization at a glance ----------------------------------------------------------
+
+
+def test_inspect_shows_dtypes_and_conversions_per_partition():
+    from npudispatch.cli.inspect_cmd import inspect_model, render
+
+    m = qdq_model(
+        """
+        q = QuantizeLinear (x, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        s = Sigmoid (d)
+        qs = QuantizeLinear (s, ys, yz)
+        out = DequantizeLinear (qs, ys, yz)"""
+    )
+    loaded = graph.load(ir.to_proto(m))
+    before = inspect_model(loaded)["partitions"][0]["quantization"]
+    assert before == {
+        "activation_dtypes": ["float", "uint8"],
+        "weight_dtypes": [],
+        "conversions": [n.name for n in loaded.graph if n.op_type != "Sigmoid"],
+    }
+    assert len(before["conversions"]) == 4
+    default_pipeline()(loaded)
+    doc = inspect_model(loaded)
+    after = doc["partitions"][0]["quantization"]
+    assert len(after["conversions"]) == 2  # the input Q and the output DQ; Sigmoid is quantized
+    text = render(loaded, doc, "m.onnx")
+    assert "quantization (conversions" in text and "float,uint8" in text
