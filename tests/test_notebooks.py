@@ -13,7 +13,7 @@ import pytest
 from corpus_util import CORPUS_DIR, corpus_available
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-EXPECTED = ["01_quickstart", "02_rewrites", "03_transactions", "04_memory"]
+EXPECTED = ["01_quickstart", "02_rewrites", "03_transactions", "04_memory", "05_generate"]
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 120
 
