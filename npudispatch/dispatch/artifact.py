@@ -54,6 +54,7 @@ ARTIFACT_FORMAT = 1
 _CONSTANTS_FILE = "constants.pb"
 _CPU_MODEL = "model.onnx"
 _SEGMENT_DIR = re.compile(r"(npu|cpu)\d+")
+_UNSET_VERSION = 2**63 - 1  # what onnxruntime reports when a model has no model_version
 
 
 def _version() -> str:
@@ -116,15 +117,17 @@ def model_metadata(model: ir.Model | onnx.ModelProto) -> dict[str, Any]:
     """What onnxruntime's ``get_modelmeta()`` reports for ``model``."""
     if isinstance(model, onnx.ModelProto):
         custom = {e.key: e.value for e in model.metadata_props}
+        version = model.model_version if model.HasField("model_version") else None
     else:
         custom = dict(model.metadata_props)
+        version = model.model_version
     return {
         "producer_name": model.producer_name or "",
         "graph_name": model.graph.name or "",
         "domain": model.domain or "",
         "description": model.doc_string or "",
         "graph_description": model.graph.doc_string or "",
-        "version": int(model.model_version or 0),
+        "version": _UNSET_VERSION if version is None else int(version),
         "custom_metadata_map": custom,
     }
 
@@ -183,6 +186,9 @@ class CompiledArtifact:
 
         def spec(v: ir.Value) -> TensorSpec:
             shape = host_shape(v)
+            if shape is None and v.shape is not None and v.is_graph_output():
+                # A CPU-segment output whose shape follows from run-time data: -1 where open.
+                shape = [d if isinstance(d, int) else -1 for d in v.shape]
             if v.dtype is None or shape is None:
                 raise ModelError(f"graph input/output {v.name!r} has no static dtype and shape")
             return TensorSpec(v.name, v.dtype, tuple(shape))

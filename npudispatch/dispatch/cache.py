@@ -26,9 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from npudispatch.dispatch.artifact import CompiledArtifact
+from npudispatch.dispatch.dynamic import ModelSource
 from npudispatch.errors import NpuDispatchError
 
 __all__ = [
@@ -68,40 +67,29 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _external_files(proto: onnx.ModelProto) -> list[str]:
-    locations: set[str] = set()
-    stack = [proto.graph]
-    while stack:
-        g = stack.pop()
-        for t in g.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                locations.update(e.value for e in t.external_data if e.key == "location")
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    stack.append(attr.g)
-                stack.extend(attr.graphs)
-    return sorted(locations)
+def _hash_file(h: Any, path: Path) -> None:
+    with open(path, "rb") as f:
+        h.update(hashlib.file_digest(f, "sha256").digest())
 
 
-def model_digest(proto: onnx.ModelProto, base_dir: Path | None, file: Path | None = None) -> str:
-    """Content hash of a model: the file's bytes (or the serialized proto) and its external data.
-
-    ``proto`` is the model read without external data; ``base_dir`` resolves its locations.
-    """
+def model_digest(source: ModelSource) -> str:
+    """Content hash of a model: the file's bytes (or the serialized proto) and every
+    external-data file it references."""
     h = hashlib.sha256()
-    if file is not None:
-        with open(file, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+    if source.file is not None:
+        _hash_file(h, source.file)
     else:
-        h.update(hashlib.sha256(proto.SerializeToString(deterministic=True)).digest())
-    for location in _external_files(proto):
-        h.update(location.encode())
-        target = (base_dir or Path()) / location
+        h.update(hashlib.sha256(source.proto.SerializeToString(deterministic=True)).digest())
+    for target in source.external_files():
+        h.update(target.name.encode())
         if target.is_file():  # a missing file is reported by the loader, with its reason
-            with open(target, "rb") as f:
-                h.update(hashlib.file_digest(f, "sha256").digest())
+            _hash_file(h, target)
     return h.hexdigest()
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 class CompileCache:
@@ -134,6 +122,46 @@ class CompileCache:
 
     def entry(self, key: str) -> Path:
         return self.directory / key[:2] / key
+
+    def digest(self, source: ModelSource) -> str:
+        """:func:`model_digest` of ``source``; for a file it is remembered with the size,
+        mtime and inode of the file and its external data, and re-hashed when any changed."""
+        if source.file is None:
+            return model_digest(source)
+        path = source.file.resolve()
+        memo = self.directory / "models" / f"{hashlib.sha256(str(path).encode()).hexdigest()}.json"
+        try:
+            doc = json.loads(memo.read_text())
+            if all(_stat(Path(f)) == st for f, st in doc["stats"].items()):
+                return str(doc["digest"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        digest = model_digest(source)
+        files = [path, *(f.resolve() for f in source.external_files() if f.is_file())]
+        self._write_json(memo, {"stats": {str(f): _stat(f) for f in files}, "digest": digest})
+        return digest
+
+    def summary(self, source: ModelSource, digest: str) -> dict[str, Any]:
+        """:meth:`ModelSource.summary` (signature, dim names, metadata), kept per model digest
+        so a warm start does not parse the model."""
+        memo = self.directory / "models" / f"{digest}.summary.json"
+        try:
+            return dict(json.loads(memo.read_text()))
+        except (OSError, ValueError):
+            pass
+        summary = source.summary()
+        self._write_json(memo, summary)
+        return summary
+
+    @staticmethod
+    def _write_json(path: Path, doc: Any) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("compile cache: cannot write %s (%s)", path, exc)
 
     def load(self, material: Mapping[str, Any]) -> CompiledArtifact | None:
         """The cached artifact for ``material``, or None (a bad entry is removed, never run)."""

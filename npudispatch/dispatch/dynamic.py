@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -30,6 +31,7 @@ __all__ = [
     "Signature",
     "bind_shapes",
     "bucket_shapes",
+    "decode_signature",
     "infer_output_shapes",
     "pin",
     "read_signature",
@@ -182,11 +184,6 @@ def bind_shapes(inputs: Sequence[Signature], feeds: Mapping[str, np.ndarray]) ->
                 f"{list(arr.shape)}, the model expects {_show(s.dims)}; reshape it (or compile "
                 "for this shape with input_shapes=/dims=)"
             )
-        if 0 in arr.shape:
-            raise ModelError(
-                f"input {s.name!r} has shape {list(arr.shape)} with a zero-size dim; empty "
-                "tensors have nothing to compute on the NPU"
-            )
         shapes[s.name] = tuple(int(d) for d in arr.shape)
     return shapes
 
@@ -301,16 +298,21 @@ def infer_output_shapes(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[in
 
 
 class ModelSource:
-    """The model a session compiles from: read once, copied fresh for every specialisation."""
+    """The model a session compiles from, copied fresh for every specialisation.
+
+    A file is parsed only when needed: a warm compile cache answers the signature and the
+    programs without reading the model (:meth:`summary` is what it keeps).
+    """
 
     def __init__(self, model: graph.ModelLike) -> None:
         self.original: graph.ModelLike | None = model
         self.file: Path | None = None
         self.base_dir: Path | None = None
+        self._proto: onnx.ModelProto | None = None
         if isinstance(model, onnx.ModelProto):
-            self.proto = model
+            self._proto = model
         elif isinstance(model, ir.Model):
-            self.proto = ir.to_proto(model)
+            self._proto = ir.to_proto(model)
             self.base_dir = next(
                 (
                     Path(v.const_value.base_dir)
@@ -322,23 +324,55 @@ class ModelSource:
         else:
             self.file = Path(model)
             self.base_dir = self.file.parent
+            if not self.file.is_file() or self.file.stat().st_size == 0:
+                graph.load(self.file)  # raises the ModelError that says what is wrong
+
+    @property
+    def proto(self) -> onnx.ModelProto:
+        """The model without its external data (parsed on first use)."""
+        if self._proto is None:
+            assert self.file is not None
             try:
-                self.proto = onnx.load(str(self.file), load_external_data=False)
-                if not self.proto.graph.output:
+                proto = onnx.load(str(self.file), load_external_data=False)
+                if not proto.graph.output:
                     raise ValueError("no graph outputs")
             except Exception as exc:
                 graph.load(self.file)  # raises the ModelError that says what is wrong
                 raise ModelError(f"cannot read model {str(self.file)!r}: {exc}") from exc
-        self._digest: str | None = None
+            self._proto = proto
+        return self._proto
 
-    @property
-    def digest(self) -> str:
-        """Content hash of the model and its external data (the compile cache's key)."""
-        from npudispatch.dispatch.cache import model_digest as _model_digest
+    def external_files(self) -> list[Path]:
+        """The external-data files the model references (resolved against its folder)."""
+        locations: set[str] = set()
+        stack = [self.proto.graph]
+        while stack:
+            g = stack.pop()
+            for t in g.initializer:
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    locations.update(e.value for e in t.external_data if e.key == "location")
+            for node in g.node:
+                for attr in node.attribute:
+                    if attr.HasField("g"):
+                        stack.append(attr.g)
+                    stack.extend(attr.graphs)
+        return [(self.base_dir or Path()) / loc for loc in sorted(locations)]
 
-        if self._digest is None:
-            self._digest = _model_digest(self.proto, self.base_dir, self.file)
-        return self._digest
+    def summary(self) -> dict[str, Any]:
+        """Declared inputs and outputs, symbolic dim names and metadata, as JSON."""
+        from npudispatch.dispatch.artifact import model_metadata
+
+        inputs, outputs = read_signature(self.proto)
+
+        def enc(sigs: list[Signature]) -> list[list[Any]]:
+            return [[s.name, s.dtype.name, list(s.dims)] for s in sigs]
+
+        return {
+            "inputs": enc(inputs),
+            "outputs": enc(outputs),
+            "dim_names": sorted(dim_names(self.proto)),
+            "metadata": model_metadata(self.proto),
+        }
 
     def fresh(self) -> ir.Model:
         """A new ``onnx_ir.Model`` of the source (compilation rewrites its model in place)."""
@@ -351,3 +385,8 @@ class ModelSource:
         """The user's model object or path, once (an ``ir.Model`` is rewritten in place)."""
         model, self.original = self.original, None
         return model if model is not None else self.fresh()
+
+
+def decode_signature(entries: list[list[Any]]) -> list[Signature]:
+    """Signatures from :meth:`ModelSource.summary`'s JSON form."""
+    return [Signature(str(n), ir.DataType[t], tuple(dims)) for n, t, dims in entries]

@@ -36,7 +36,6 @@ from npudispatch.dispatch.artifact import (
     CpuSegmentModel,
     TensorSpec,
     is_program_dir,
-    model_metadata,
 )
 from npudispatch.dispatch.backends import Backend, get_backend
 from npudispatch.dispatch.backends.base import Prepared
@@ -44,6 +43,7 @@ from npudispatch.dispatch.cache import CompileCache, resolve_cache
 from npudispatch.dispatch.compile import CompiledModel, compile_model
 from npudispatch.dispatch.dynamic import ModelSource, Shapes, Signature
 from npudispatch.dispatch.emit import FusedProgram
+from npudispatch.dispatch.ort_session import onnxruntime_session
 from npudispatch.errors import BackendUnavailableError, ModelError, UnsupportedOpError
 
 __all__ = ["CompileEvent", "NodeArg", "Session", "SessionRunStats"]
@@ -119,16 +119,15 @@ class _CpuSegment:
         self._lock = threading.Lock()
         try:
             if engine == "onnxruntime":
-                # The class itself, not ``onnxruntime.InferenceSession``, which
-                # npudispatch.onnxruntime.patch() may have pointed back at us.
                 from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
 
-                source = (  # a saved segment is opened by path: its weights sit next to it
-                    str(segment.path)
+                # A saved segment is opened by path (its weights sit next to it); one in memory
+                # shares its external weights with onnxruntime from any working directory.
+                self._sess = (
+                    InferenceSession(str(segment.path), providers=["CPUExecutionProvider"])
                     if segment.model is None
-                    else ir.serde.serialize_model(segment.model).SerializeToString()
+                    else onnxruntime_session(segment.model)
                 )
-                self._sess = InferenceSession(source, providers=["CPUExecutionProvider"])
             else:
                 from onnx.reference import ReferenceEvaluator
 
@@ -342,6 +341,7 @@ class Session:
         self.last_run_stats: SessionRunStats | None = None
         self._source: ModelSource | None = None
         self._cache: CompileCache | None = None
+        self._digest: str | None = None
         self._bucket = dict(bucket or {})
         if prebuilt:
             t0 = time.perf_counter()
@@ -363,21 +363,29 @@ class Session:
             self.compile_log.append(CompileEvent(shapes, source, time.perf_counter() - t0, None))
             return
         self._source = ModelSource(model_or_path)  # type: ignore[arg-type]
-        declared_in, declared_out = dynamic.read_signature(self._source.proto)
-        unknown_dims = sorted(set(dims or {}) - dynamic.dim_names(self._source.proto))
+        self._cache = resolve_cache(cache)
+        self._digest = self._cache.digest(self._source) if self._cache is not None else None
+        summary = (
+            self._cache.summary(self._source, self._digest)
+            if self._cache is not None and self._digest is not None
+            else self._source.summary()
+        )
+        declared_in = dynamic.decode_signature(summary["inputs"])
+        declared_out = dynamic.decode_signature(summary["outputs"])
+        unknown_dims = sorted(set(dims or {}) - set(summary["dim_names"]))
         if unknown_dims:
             raise ModelError(
                 f"dims names {unknown_dims} do not appear in the model's inputs/outputs; its "
-                f"symbolic dims are {sorted(dynamic.dim_names(self._source.proto)) or 'none'} "
+                f"symbolic dims are {summary['dim_names'] or 'none'} "
                 "(check the spelling of dims=/--dims)"
             )
         self._inputs = dynamic.pin(declared_in, dims, input_shapes)
         self._outputs = dynamic.pin(declared_out, dims, None)
         self._pinned = bool(input_shapes)
-        self._metadata = model_metadata(self._source.proto)
+        self._declared_inputs = declared_in
+        self._metadata = dict(summary["metadata"])
         if self._bucket:
             dynamic.check_bucket(self._inputs, self._bucket)
-        self._cache = resolve_cache(cache)
         self.backend = self._make(backend, backend_options)
         if all(s.is_static for s in self._inputs):
             static = {s.name: tuple(int(d) for d in s.dims) for s in self._inputs}  # type: ignore[arg-type]
@@ -418,7 +426,8 @@ class Session:
             compiled = None
             if self._cache is not None:
                 options = {k: v for k, v in self._options.items()}
-                material = self._cache.key_material(self._source.digest, shapes, options)
+                assert self._digest is not None
+                material = self._cache.key_material(self._digest, shapes, options)
                 artifact = self._cache.load(material)
             how: Literal["compiled", "disk cache"] = "disk cache"
             if artifact is None:
@@ -438,7 +447,7 @@ class Session:
         assert self._source is not None
         opts = {"pad": self._options["pad"], "bf16": self._options["bf16"]}
         user_dims = self._options["dims"]
-        declared, _ = dynamic.read_signature(self._source.proto)
+        declared = self._declared_inputs
         if not self._pinned and all(
             s.is_static or all(isinstance(d, int) or d in user_dims for d in s.dims)
             for s in declared
@@ -535,17 +544,12 @@ class Session:
             )
         return {s.name: np.asarray(feeds[s.name]) for s in self._inputs}
 
-    def run(
-        self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run_options: Any = None
-    ) -> list[np.ndarray]:
-        """Run the model; returns the requested outputs (all when ``output_names`` is None).
-
-        New input shapes compile first (see the class docstring). Thread-safe: each backend
-        program serializes its own executions, CPU segments are re-entrant, and every call works
-        on its own images. ``last_run_stats`` is set at the end.
-        """
-        stats = SessionRunStats()
-        t_start = time.perf_counter()
+    def check_feeds(
+        self, output_names: Sequence[str] | None, feeds: Mapping[str, Any]
+    ) -> tuple[list[str], dict[str, np.ndarray], Shapes]:
+        """What :meth:`run` checks before it compiles or runs anything: the output names, the
+        feeds' names, dtypes, ranks and fixed dims. Returns the output names, the feeds as
+        arrays and their shapes; raises :class:`ModelError` in onnxruntime's words."""
         all_outputs = [s.name for s in self._outputs]
         if isinstance(output_names, str | bytes):
             raise ModelError(
@@ -560,7 +564,20 @@ class Session:
                 f"outputs are {all_outputs}"
             )
         env = self._validate(feeds)
-        shapes = dynamic.bind_shapes(self._inputs, env)
+        return names, env, dynamic.bind_shapes(self._inputs, env)
+
+    def run(
+        self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run_options: Any = None
+    ) -> list[np.ndarray]:
+        """Run the model; returns the requested outputs (all when ``output_names`` is None).
+
+        New input shapes compile first (see the class docstring). Thread-safe: each backend
+        program serializes its own executions, CPU segments are re-entrant, and every call works
+        on its own images. ``last_run_stats`` is set at the end.
+        """
+        stats = SessionRunStats()
+        t_start = time.perf_counter()
+        names, env, shapes = self.check_feeds(output_names, feeds)
         program_shapes = (
             dynamic.bucket_shapes(self._inputs, shapes, self._bucket) if self._bucket else shapes
         )

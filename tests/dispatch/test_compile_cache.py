@@ -60,16 +60,28 @@ def test_key_covers_shapes_options_and_content(g11, tmp_path):
 
 def test_another_process_loads_instead_of_compiling(g11, tmp_path):
     cache = tmp_path / "cache"
-    Session(g11, cache=cache)
     code = (
         "import sys; from npudispatch import Session; "
-        "s = Session(sys.argv[1]); print(s.compile_log[0].source)"
+        "from npudispatch.dispatch.cache import code_fingerprint; "
+        "s = Session(sys.argv[1]); print(s.compile_log[0].source, code_fingerprint())"
     )
     env = {**os.environ, "NPUDISPATCH_CACHE_DIR": str(cache)}
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(g11)], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "disk cache"
+
+    def start() -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(g11)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.split()
+
+    first, second = start(), start()
+    assert first[0] == "compiled"
+    if first[1] != second[1]:  # the key covers npudispatch's source: a changed file recompiles
+        pytest.skip("npudispatch's source files changed between the two processes")
+    assert second[0] == "disk cache"
 
 
 @pytest.mark.parametrize("damage", ["const", "key", "truncate-json"])
