@@ -20,7 +20,7 @@ from npudispatch.emulator.dma import (
     Transfer,
     snapshot_chain,
 )
-from npudispatch.emulator.errors import EmulatorFault, EmulatorHang
+from npudispatch.emulator.errors import EmulatorFault, EmulatorHang, EmulatorLimitError
 from npudispatch.emulator.memory import (
     ADDRESS_LIMIT,
     NUM_ARGS,
@@ -48,8 +48,16 @@ from npudispatch.txn.registers import (
 from npudispatch.txn.shim import TaskQueueEntry
 
 NUM_ROWS = 6  # AIE2P partition: shim, memtile, 4 core rows
+MAX_COLS = 32  # widest array the emulator models (AIE2P partitions use 1-8 columns)
+MAX_TRANSFERS = 1_000_000
+"""Default cap on BD executions one run records (``VirtualNpu(max_transfers=...)``): every
+execution is kept in :attr:`VirtualNpu.transfers`, so a corrupt task repeating long BD chains
+thousands of times would otherwise take minutes and gigabytes before anything is reported."""
 DEV_GEN = 4
-SUPPORTED_DEV_GENS = (3, 4)  # AIE2 (phx) and AIE2P (stx): identical shim register map (docs/txn_format.md §4)
+SUPPORTED_DEV_GENS = (
+    3,
+    4,
+)  # AIE2 (phx) and AIE2P (stx): identical shim register map (docs/txn_format.md §4)
 
 # Start-queue registers of the DMAs the emulator does not model (memtile, core tiles): a write with
 # bit 31 set stands for a task that completes at once and issues a token. Values: (dir, channel).
@@ -115,9 +123,11 @@ class VirtualNpu:
         kernels: KernelRegistry | None = None,
         trace: bool = False,
         queue_depth: int = QUEUE_DEPTH,
+        max_transfers: int = MAX_TRANSFERS,
     ) -> None:
-        if not 1 <= num_cols <= 32:
-            raise ValueError(f"num_cols must be 1..32, got {num_cols}")
+        if not 1 <= num_cols <= MAX_COLS:
+            raise ValueError(f"num_cols must be 1..{MAX_COLS}, got {num_cols}")
+        self.max_transfers = max_transfers
         self.num_cols = num_cols
         self.trace = trace
         self.queue_depth = queue_depth
@@ -440,9 +450,22 @@ class VirtualNpu:
             )
         return loc, pattern(bd, rep)
 
+    def _reserve(self, task: Task) -> None:
+        """Refuse a task whose executions would push :attr:`transfers` past the limit."""
+        executions = task.runs * len(task.chain)
+        if len(self.transfers) + executions > self.max_transfers:
+            raise EmulatorLimitError(
+                f"the task queued by op #{task.op_index} runs {len(task.chain)} BD(s) "
+                f"{task.runs} time(s); with the {len(self.transfers)} executions so far that is "
+                f"more than the emulator's limit of {self.max_transfers} BD executions per run "
+                "(VirtualNpu(max_transfers=...) raises it)",
+                **self._loc(channel=task.channel),
+            )
+
     def _trace_task(self, task: Task) -> None:
         # Tolerant on purpose: real transactions may use BDs programmed by control packets or
         # raw addresses; such executions are recorded with argidx None (as txn.explain does).
+        self._reserve(task)
         for rep, bd_id, bd in task.executions():
             address = base_byte_address(bd, rep)
             loc = self.memory.locate(address, 0) if bd.valid else None
@@ -454,6 +477,7 @@ class VirtualNpu:
 
     def _run_mm2s(self, task: Task) -> None:
         assert isinstance(self.memory, HostMemory)
+        self._reserve(task)
         for rep, bd_id, bd in task.executions():
             loc, pat = self._bd_pattern(task, bd_id, bd, rep)
             self.overlay.feed(task.channel, self.memory.read(loc, pat))
@@ -462,6 +486,7 @@ class VirtualNpu:
 
     def _run_s2mm(self, task: Task, data: np.ndarray) -> None:
         assert isinstance(self.memory, HostMemory)
+        self._reserve(task)
         pos = 0
         for rep, bd_id, bd in task.executions():
             loc, pat = self._bd_pattern(task, bd_id, bd, rep)

@@ -64,3 +64,8 @@ class KernelError(_Located, DeviceError):
 
     The original exception is chained (``__cause__``); the virtual NPU is reset afterwards.
     """
+
+
+class EmulatorLimitError(_Located, DeviceError):
+    """A program would make the emulator exceed one of its documented resource limits
+    (e.g. :data:`npudispatch.emulator.device.MAX_TRANSFERS` recorded BD executions)."""

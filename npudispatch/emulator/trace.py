@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from npudispatch.emulator.device import VirtualNpu
+from npudispatch.emulator.device import MAX_COLS, VirtualNpu
 from npudispatch.emulator.dma import Transfer
 from npudispatch.emulator.stats import RunStats
+from npudispatch.errors import TxnFormatError
 from npudispatch.txn.registers import Direction
 
 
@@ -45,6 +46,11 @@ def trace_transaction(
     """Trace a ``Transaction`` or op sequence; ``num_cols`` defaults to the header's (else 4)."""
     header = getattr(program, "header", None)
     cols = num_cols or getattr(header, "num_cols", None) or 4
+    if not 1 <= cols <= MAX_COLS:
+        raise TxnFormatError(
+            f"transaction header field num_cols is {cols}: the emulator models partitions of "
+            f"1..{MAX_COLS} columns (AIE2P arrays have at most 8)"
+        )
     npu = VirtualNpu(num_cols=cols, argv=argv, trace=True)
     stats = npu.run(program)
     return TraceResult(npu.transfers, stats, cols)

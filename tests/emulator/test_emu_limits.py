@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 from emu_progs import MM2S, S2MM, Bd, Prog, chan, identity, params_image
 
+from npudispatch.cli import main
 from npudispatch.emulator import KernelRegistry, VirtualNpu
 from npudispatch.emulator.addrgen import extent_words, word_offsets
-from npudispatch.errors import DeviceFault
+from npudispatch.emulator.errors import EmulatorLimitError
+from npudispatch.errors import DeviceError, DeviceFault
 from npudispatch.overlay_abi import ParamsRecord
+from npudispatch.txn import Transaction
+from npudispatch.txn.header import TxnHeader
 from npudispatch.txn.shim import ShimBd
 
 N = 1024
@@ -80,3 +84,26 @@ def test_extent_words_matches_the_expanded_pattern():
         )
         offsets = word_offsets(bd)
         assert extent_words(bd) == (int(offsets.max()) + 1 if offsets.size else 0)
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_task_repeating_past_the_transfer_limit_is_refused_before_it_runs(trace):
+    """A task repeating its BD 201 times against a limit of 100 recorded executions."""
+    prog = Prog()
+    prog.task(chan(0, MM2S, 1), [Bd(0, 0, 64)], repeat=200)
+    prog.wait(chan(0, MM2S, 1))
+    if trace:
+        npu = VirtualNpu(num_cols=4, trace=True, max_transfers=100)
+    else:
+        npu = VirtualNpu([np.zeros(N, np.uint8), N, 0, 0, 0], max_transfers=100)
+    with pytest.raises(DeviceError, match="limit of 100 BD executions") as info:
+        npu.run(prog.ops)
+    assert isinstance(info.value, EmulatorLimitError) and info.value.op_index is not None
+
+
+def test_txn_trace_refuses_a_header_with_33_columns(tmp_path, capsys):
+    path = tmp_path / "c33.bin"
+    path.write_bytes(Transaction(TxnHeader(num_cols=33), []).to_bytes())
+    assert main(["txn", "trace", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "num_cols is 33" in err and "Traceback" not in err
