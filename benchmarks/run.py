@@ -16,6 +16,8 @@ calls one per-area benchmark module and turns its numbers into a ratio measured 
                               (328 MB, read by a CPU segment; external_data_bench)
 ``generate_decode_step``      emulator decode step / onnxruntime-genai decode step, Qwen2 int4
                               folder, plus bytes copied per decode step (generate_bench)
+``start_llama2_mlp``          warm-cache Session()+first run / cold one, no-op device (start_bench)
+``start_ppocr_cls``           the same for PP-OCR's classifier (../shared/models; not --quick)
 ============================  ==========================================================
 
 ``--quick`` uses tiny sizes and single repeats (for tests); the numbers are then not meaningful.
@@ -52,6 +54,7 @@ from benchmarks import (
     mlp_bench,
     plan_bench,
     session_bench,
+    start_bench,
     txn_bench,
     weights_bench,
 )
@@ -213,6 +216,26 @@ def _session(quick: bool) -> list[Row]:
     ]
 
 
+def _start(quick: bool) -> list[Row]:
+    r = _quiet(start_bench.run, quick=quick)
+    rows = []
+    for name, entry in r.items():
+        key = "start_llama2_mlp" if name.startswith("llama2-mlp") else f"start_{name}"
+        noop, emu = entry["noop_device"], entry["emulator"]
+        rows.append(
+            Row(
+                key,
+                entry["ratio_warm_to_cold"],
+                "warm-cache start / cold start (no-op device)",
+                f"{name} ({entry['model_mb']:.1f} MB), Session()+first run: cold "
+                f"{_ms(noop['cold_s'])}, warm {_ms(noop['warm_s'])}; on the emulator "
+                f"{_ms(emu['cold_s'])} vs {_ms(emu['warm_s'])} ({emu['ratio']:.2f}x)",
+                {"model": name, **entry},
+            )
+        )
+    return rows
+
+
 def _memcpy_seconds(nbytes: int, repeat: int) -> float:
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
@@ -296,6 +319,7 @@ BENCHMARKS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("emulator_ppocr_det", _cnn),
     ("external_data_rss", _external_data),
     ("generate_decode_step", _generate),
+    ("start", _start),
 ]
 
 

@@ -29,6 +29,7 @@ KEYS = {
     "emulator_ppocr_det",
     "external_data_rss",
     "generate_decode_step",
+    "start_llama2_mlp",
 }
 SKIPPABLE = {"txn", "emulator_ppocr_det", "generate_decode_step"}  # ../shared, genai extra
 
