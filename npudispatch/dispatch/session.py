@@ -275,9 +275,9 @@ def _pad_to(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 class Session:
     """Run an ONNX model with NPU partitions on ``backend`` and CPU segments on ``fallback``.
 
-    ``model_or_path``: an ONNX file, ``ModelProto`` or ``onnx_ir.Model``; a :class:`CompiledModel`;
-    or a program folder (``npudispatch compile MODEL -o DIR``, :meth:`CompiledModel.save`), which
-    runs without the model. ``backend`` is a backend name (``"emulator"``, ``"xrt"``;
+    ``model_or_path``: an ONNX file, ``ModelProto`` or ``onnx_ir.Model``; a :class:`CompiledModel`
+    or :class:`FusedProgram`; or a program folder (``npudispatch compile MODEL -o DIR``,
+    :meth:`CompiledModel.save`), which runs without the model. ``backend`` is a backend name (``"emulator"``, ``"xrt"``;
     ``backend_options`` are passed to :func:`~npudispatch.dispatch.backends.get_backend`) or a
     backend object, which several sessions may share. ``fallback=None`` refuses models with
     unsupported nodes (:class:`UnsupportedOpError` listing each node and why).
@@ -299,7 +299,7 @@ class Session:
 
     def __init__(
         self,
-        model_or_path: graph.ModelLike | CompiledModel | CompiledArtifact,
+        model_or_path: graph.ModelLike | CompiledModel | CompiledArtifact | FusedProgram,
         backend: str | Backend = "emulator",
         fallback: Fallback = "onnxruntime",
         dims: Mapping[str, int] | None = None,
@@ -319,9 +319,9 @@ class Session:
             )
         if not isinstance(backend, str) and backend_options:
             raise ModelError("backend_options are only used with a backend name, not an object")
-        prebuilt = isinstance(model_or_path, CompiledModel | CompiledArtifact) or is_program_dir(
-            model_or_path
-        )
+        prebuilt = isinstance(
+            model_or_path, CompiledModel | CompiledArtifact | FusedProgram
+        ) or is_program_dir(model_or_path)
         if prebuilt and (dims or input_shapes or bucket or not (pad and bf16)):
             raise ModelError(
                 "dims / input_shapes / bucket / pad / bf16 cannot be applied to an already "
@@ -350,6 +350,8 @@ class Session:
                 artifact = CompiledArtifact.from_compiled(compiled)
             elif isinstance(model_or_path, CompiledArtifact):
                 artifact = model_or_path
+            elif isinstance(model_or_path, FusedProgram):
+                artifact = CompiledArtifact.from_program(model_or_path)
             else:
                 artifact = CompiledArtifact.load(model_or_path)  # type: ignore[arg-type]
             self.backend = self._make(backend, backend_options)

@@ -14,6 +14,7 @@ from npudispatch import Session
 from npudispatch.cli import main
 from npudispatch.dispatch import compile_model
 from npudispatch.dispatch.artifact import CompiledArtifact
+from npudispatch.dispatch.emit import FusedProgram
 from npudispatch.errors import ModelError
 
 
@@ -128,3 +129,5 @@ def test_single_fused_program_folder_runs(tmp_path):
     (got,) = Session(tmp_path / "p").run(None, feeds)
     (ref,) = onnxruntime_run(model, feeds).values()
     assert_close(got, ref)
+    (again,) = Session(FusedProgram.load(tmp_path / "p")).run(None, feeds)
+    np.testing.assert_array_equal(again, got)
