@@ -21,10 +21,11 @@ default kernel writes zeros into every output lane outside the real shape, and r
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -37,6 +38,8 @@ from npudispatch.overlay_abi import BufferKind, ParamsRecord, round_up
 if TYPE_CHECKING:
     from npudispatch.operators import dma
     from npudispatch.txn.builder import Transaction
+
+_T = TypeVar("_T")
 
 REAL_SHAPE_KEY = "npudispatch.real_shape"
 """``Value.metadata_props`` key holding the unpadded shape of a padded value, e.g. ``"1,11007"``."""
@@ -98,14 +101,37 @@ class OpConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # op-specific derived values
 
 
-@dataclass
-class Decline:
-    """Why an operator does not take a node (shown in the partition report)."""
+@dataclass(eq=True)
+class Decline(Exception):
+    """Why an operator does not take a node (shown in the partition report).
+
+    Usable both ways: ``match`` may *return* a Decline, or *raise* one from anywhere below it (a
+    helper deep in the matching code); :class:`Operator` turns a raised Decline into the returned
+    value, so callers of ``match`` always get ``OpConfig | Decline``. :meth:`check` turns a
+    helper's ``value | Decline`` result into the value or a raised Decline::
+
+        spec = Decline.check(tensor_spec(node.inputs[0], "input A"))
+    """
 
     reason: str
 
+    def __post_init__(self) -> None:
+        super().__init__(self.reason)
+
+    def __str__(self) -> str:
+        return self.reason
+
     def __bool__(self) -> bool:  # so `if cfg := op.match(node)` reads naturally
         return False
+
+    __hash__ = None  # type: ignore[assignment]  # a value, compared by reason
+
+    @staticmethod
+    def check(value: _T | Decline) -> _T:
+        """``value`` unless it is a Decline, which is raised (ends the ``match`` in progress)."""
+        if isinstance(value, Decline):
+            raise value
+        return value
 
 
 @dataclass(frozen=True)
@@ -128,7 +154,15 @@ class Operator(ABC):
     """Base class of every NPU operator. Subclasses set ``op_type``, ``domain`` and ``kernel_id``.
 
     Operators are stateless and cheap to construct; all per-node data lives in :class:`OpConfig`.
+    A subclass's ``match`` may raise :class:`Decline`; it is wrapped so that callers always get
+    the Decline returned.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("match")
+        if own is not None and not getattr(own, "_returns_declines", False):
+            cls.match = _returning_declines(own)  # type: ignore[method-assign]
 
     domain: ClassVar[str] = ""
     op_type: ClassVar[str]
@@ -291,6 +325,20 @@ class Operator(ABC):
             ),
             outputs=tuple((1,) * len(s.shape) for s in cfg.outputs),
         )
+
+
+def _returning_declines(match: Any) -> Any:
+    """``match`` with a raised :class:`Decline` turned into the returned value."""
+
+    @functools.wraps(match)
+    def wrapper(self: Operator, node: ir.Node) -> OpConfig | Decline:
+        try:
+            return match(self, node)
+        except Decline as decline:
+            return decline
+
+    wrapper._returns_declines = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _operands(args: list[ArgSpec]) -> list[ArgSpec]:

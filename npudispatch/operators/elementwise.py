@@ -41,9 +41,9 @@ def match_float_node(
     *,
     const_inputs: tuple[int, ...] = (),
     unnamed_output: Callable[[int, list[TensorSpec | None]], TensorSpec] | None = None,
-) -> OpConfig | Decline:
+) -> OpConfig:
     """Shared matching for float ops: op type and domain, arity, static shapes, float32/bf16
-    dtypes, constant inputs.
+    dtypes, constant inputs. Raises a :class:`Decline` naming the first problem.
 
     ``const_inputs``: input indices that may be initializers (they go to ``cfg.consts``); any
     other constant input is still accepted and streamed as an activation-like operand.
@@ -51,21 +51,18 @@ def match_float_node(
     the kernel still writes (it gets a buffer nobody reads); without it such outputs decline.
     """
     if (bad := check_node_kind(op, node)) is not None:
-        return bad
+        raise bad
     label = op_label(node)
     lo, hi = n_inputs
     if not lo <= len(node.inputs) <= hi:
-        return Decline(f"{label}: expects {lo}..{hi} inputs, got {len(node.inputs)}")
+        raise Decline(f"{label}: expects {lo}..{hi} inputs, got {len(node.inputs)}")
     specs: list[TensorSpec | None] = []
     consts: dict[int, np.ndarray] = {}
     for i, value in enumerate(node.inputs):
         if value is None:
             specs.append(None)
             continue
-        spec = tensor_spec(value, f"{label} input {i}")
-        if isinstance(spec, Decline):
-            return spec
-        specs.append(spec)
+        specs.append(Decline.check(tensor_spec(value, f"{label} input {i}")))
         if i in const_inputs and (arr := const_array(value)) is not None:
             consts[i] = arr
     outs: list[TensorSpec] = []
@@ -77,13 +74,10 @@ def match_float_node(
         if omitted and unnamed_output is not None:
             outs.append(unnamed_output(j, specs))
             continue
-        spec = tensor_spec(value, f"{label} output {j}")
-        if isinstance(spec, Decline):
-            return spec
-        outs.append(spec)
+        outs.append(Decline.check(tensor_spec(value, f"{label} output {j}")))
     dtype = specs[0].dtype if specs[0] is not None else None
     if dtype not in FLOAT_DTYPES:
-        return Decline(f"{label}: dtype {dtype} not supported (float32 or bfloat16 only)")
+        raise Decline(f"{label}: dtype {dtype} not supported (float32 or bfloat16 only)")
     return node_config(op, node, specs, outs, consts=consts)
 
 
@@ -93,8 +87,6 @@ class FloatUnaryOp(Operator):
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
         cfg = match_float_node(self, node, (1, 1))
-        if isinstance(cfg, Decline):
-            return cfg
         x = cfg.inputs[0]
         assert x is not None
         return self.match_unary(cfg, x, cfg.outputs[0], op_label(node))
@@ -143,8 +135,6 @@ class _Binary(Operator):
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
         cfg = match_float_node(self, node, (2, 2), const_inputs=(0, 1))
-        if isinstance(cfg, Decline):
-            return cfg
         a, b = cfg.inputs
         assert a is not None and b is not None
         label = op_label(node)
@@ -287,15 +277,11 @@ class Where(_Binary):
         specs: list[TensorSpec] = []
         consts: dict[int, np.ndarray] = {}
         for i, value in enumerate(node.inputs):
-            spec = tensor_spec(value, f"{label} input {i}")
-            if isinstance(spec, Decline):
-                return spec
+            spec = Decline.check(tensor_spec(value, f"{label} input {i}"))
             if (arr := const_array(value)) is not None:
                 consts[i] = arr
             specs.append(spec)
-        out = tensor_spec(node.outputs[0], f"{label} output 0")
-        if isinstance(out, Decline):
-            return out
+        out = Decline.check(tensor_spec(node.outputs[0], f"{label} output 0"))
         cond, x, y = specs
         if cond.dtype != np.dtype(bool):
             return Decline(f"{label}: condition dtype {cond.dtype} is not bool")

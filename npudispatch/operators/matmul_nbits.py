@@ -76,8 +76,6 @@ class MatMulNBits(TiledMatMul):
         if k <= 0 or n <= 0:
             return Decline(f"MatMulNBits needs positive K and N attributes, got K={k}, N={n}")
         a = match_activation(node, 0, "input A")
-        if isinstance(a, Decline):
-            return a
         if real_dim(a, -1) != k:
             return Decline(f"A's last axis is {real_dim(a, -1)} but attribute K={k}")
         ins = list(node.inputs) + [None] * (6 - len(node.inputs))
@@ -111,8 +109,6 @@ class MatMulNBits(TiledMatMul):
             if bias is None or bias.size != n:
                 return Decline(f"bias must be a constant of N={n} elements")
         out = output_spec(node, a.dtype)
-        if isinstance(out, Decline):
-            return out
         specs: list[TensorSpec | None] = [a]
         consts: dict[int, np.ndarray] = {}
         for i, arr in ((1, b), (2, scales), (3, zp), (4, None), (5, bias)):

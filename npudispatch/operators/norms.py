@@ -77,8 +77,6 @@ class _Norm(Operator):
         cfg = match_float_node(
             self, node, self.n_inputs, const_inputs=self.scale_inputs, unnamed_output=self._omitted
         )
-        if isinstance(cfg, Decline):
-            return cfg
         label = f"{node.op_type} node '{cfg.node_name}'"
         x = cfg.inputs[0]
         assert x is not None

@@ -68,9 +68,7 @@ class QMatMul(TiledMatMul):
         """uint8/uint16 a, constant int8/uint8 b [K, N], constant scales/zero points."""
         if len(node.inputs) < 8 or any(v is None for v in node.inputs[:8]):
             return Decline(f"{node.op_type} needs all 8 inputs (zero points included)")
-        a = tensor_spec(node.inputs[0], "input a")
-        if isinstance(a, Decline):
-            return a
+        a = Decline.check(tensor_spec(node.inputs[0], "input a"))
         if a.dtype not in ACT_DTYPES:
             return Decline(f"activation dtype {a.dtype}: supported are uint8 and uint16")
         if const_array(node.inputs[0]) is not None:
@@ -85,10 +83,7 @@ class QMatMul(TiledMatMul):
             return Decline(f"a's last axis is {real_dim(a, -1)} but b has K={k}")
         scalars = {}
         for i, what in ((1, "a_scale"), (2, "a_zero_point"), (6, "y_scale"), (7, "y_zero_point")):
-            v = _scalar(node, i, what)
-            if isinstance(v, Decline):
-                return v
-            scalars[i] = v
+            scalars[i] = Decline.check(_scalar(node, i, what))
         if scalars[2].dtype != a.dtype:
             return Decline(f"a_zero_point dtype {scalars[2].dtype} differs from a ({a.dtype})")
         col = {}
@@ -101,9 +96,7 @@ class QMatMul(TiledMatMul):
             col[i] = np.broadcast_to(arr.reshape(-1), (n,))
         if col[5].dtype != b.dtype:
             return Decline(f"b_zero_point dtype {col[5].dtype} differs from b ({b.dtype})")
-        out = tensor_spec(node.outputs[0], "output y")
-        if isinstance(out, Decline):
-            return out
+        out = Decline.check(tensor_spec(node.outputs[0], "output y"))
         if out.dtype not in ACT_DTYPES or out.dtype != scalars[7].dtype:
             return Decline(f"output dtype {out.dtype} must be uint8/uint16 and match y_zero_point")
         specs: list[TensorSpec | None] = [a]

@@ -50,8 +50,6 @@ class _Reduce(Operator):
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
         cfg = match_float_node(self, node, (1, 2))
-        if isinstance(cfg, Decline):
-            return cfg
         label = op_label(node)
         x, out = cfg.inputs[0], cfg.outputs[0]
         assert x is not None

@@ -48,7 +48,10 @@ def match(node: ir.Node) -> OpConfig | Decline:
         return Decline(f"op type {node.op_type} in {where} has no NPU operator")
     reasons = []
     for op in ops:
-        result = op.match(node)
+        try:
+            result = op.match(node)
+        except Decline as raised:  # an operator whose match is not wrapped (defined oddly)
+            result = raised
         if isinstance(result, OpConfig):
             return result
         reasons.append(result.reason if len(ops) == 1 else f"{type(op).__name__}: {result.reason}")

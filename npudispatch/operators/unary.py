@@ -213,8 +213,6 @@ class Pow(UnaryOp):
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
         cfg = match_float_node(self, node, (2, 2))
-        if isinstance(cfg, Decline):
-            return cfg
         label = op_label(node)
         x, y = cfg.inputs[0], cfg.outputs[0]
         assert x is not None
