@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch import graph
+from npudispatch.dispatch import limits
 from npudispatch.dispatch.emit import (
     CONST_TENSOR_PREFIX,
     FusedProgram,
@@ -161,6 +162,7 @@ def compile_model(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model = graph.load(model_or_path, dims=dims)
+    limits.check_model_sizes(model)
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -171,6 +173,7 @@ def compile_model(
         default_pipeline(pad=pad, bf16=bf16, support=narrowed)(model)
     else:
         MarkViewsPass()(model)
+    limits.check_model_sizes(model, stage="rewritten")  # padding grows tensors
     timings["rewrite"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -195,6 +198,7 @@ def compile_model(
     for i, part in progress(npu_parts, desc="compile NPU partitions"):
         t0 = time.perf_counter()
         launches, plan, io = plan_partition(part, num_cols=num_cols)
+        limits.check_program_size(labels[i], plan.buffer_sizes)  # before images are allocated
         t1 = time.perf_counter()
         programs[i] = emit(labels[i], launches, plan, io, num_cols=num_cols)
         t_plan += t1 - t0

@@ -22,6 +22,7 @@ default kernel writes zeros into every output lane outside the real shape, and r
 from __future__ import annotations
 
 import functools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         """Bytes of the (padded) tensor."""
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize  # Python ints: no overflow
 
     @property
     def logical_shape(self) -> tuple[int, ...]:
