@@ -3,6 +3,8 @@ API raises an npudispatch error naming the file / tensor / option at fault."""
 
 from __future__ import annotations
 
+import json
+
 import struct
 from pathlib import Path
 
@@ -83,8 +85,17 @@ def test_dims_too_large_is_an_error_not_a_traceback(sym_onnx, capsys):
     cli_error(capsys, ["inspect", sym_onnx, "--dims", "batch=99999999999999999999"], "batch")
 
 
-def test_dims_zero_is_refused(sym_onnx, capsys):
-    cli_error(capsys, ["run", sym_onnx, "--dims", "batch=0"], "batch=0", "zero-size")
+def test_dims_zero_runs_empty_tensors_on_the_cpu(sym_onnx, capsys):
+    # Zero-size dims are legal ONNX (an empty KV cache at prefill): nothing to compute on the NPU.
+    capsys.readouterr()
+    assert main(["run", str(sym_onnx), "--dims", "batch=0", "--check", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kernel_calls"] == 0
+    assert all(o["shape"][0] == 0 and o["ok"] for o in out["outputs"].values())
+
+
+def test_negative_dims_are_refused(sym_onnx, capsys):
+    cli_error(capsys, ["run", sym_onnx, "--dims", "batch=-1"], "batch=-1", "non-negative")
 
 
 def test_dims_given_twice_with_different_values(sym_onnx, capsys):
