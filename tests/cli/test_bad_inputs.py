@@ -4,7 +4,6 @@ API raises an npudispatch error naming the file / tensor / option at fault."""
 from __future__ import annotations
 
 import json
-
 import struct
 from pathlib import Path
 
