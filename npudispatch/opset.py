@@ -195,12 +195,23 @@ for _act, _body in _CONV_ACTIVATION_BODIES.items():
             {_CONV}
             {_body}
         }}"""
+# CastLike is opset 15: older models get Clip bounds as float32 constants (Clip runs on float32
+# there anyway); attach_functions picks this overload for them.
+CLIP_PRE_CASTLIKE = "Clip_pre15"
+_BODIES[("FusedConv", CLIP_PRE_CASTLIKE)] = _BODIES[("FusedConv", "Clip")].replace(
+    _CONV_ACTIVATION_BODIES["Clip"],
+    """lo = Constant <value_float: float = @alpha> ()
+            hi = Constant <value_float: float = @beta> ()
+            m = Max (C, lo)
+            Y = Min (m, hi)""",
+)
 
 
 def function_for(op_type: str, overload: str = "", opset: int = 18) -> ir.Function:
     """The ONNX function body of ``npudispatch.<op_type>`` (``overload`` selects a variant)."""
     key = (op_type, overload)
-    if key not in _BODIES:
+    text = _BODIES.get(key) or (chain_body(overload) if op_type == CHAIN else None)
+    if text is None:
         raise ModelError(
             f"no function body for {DOMAIN}.{op_type} overload {overload!r}; "
             f"known: {sorted(_BODIES)}"
@@ -208,7 +219,7 @@ def function_for(op_type: str, overload: str = "", opset: int = 18) -> ir.Functi
     header = f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]'
     if overload:
         header += f', overload: "{overload}"'
-    proto = onnx.parser.parse_function(header + ">\n" + _BODIES[key])
+    proto = onnx.parser.parse_function(header + ">\n" + text)
     return ir.serde.deserialize_function(proto)
 
 
@@ -238,6 +249,8 @@ def attach_functions(model: ir.Model) -> list[tuple[str, str, str]]:
                     f"node {node.name!r}: Gelu approximate={approx!r}, expected 'none' or 'tanh'"
                 )
             node.overload = GELU_TANH_OVERLOAD if approx == "tanh" else ""
+        if node.op_type == CHAIN:  # the body is generated from the stage list
+            node.overload = node.attributes.get_string("stages", "")
         if node.op_type == "FusedConv":
             act = node.attributes.get_string("activation", "")
             if act not in CONV_ACTIVATIONS:
@@ -245,7 +258,7 @@ def attach_functions(model: ir.Model) -> list[tuple[str, str, str]]:
                     f"node {node.name!r}: FusedConv activation={act!r}, expected one of "
                     f"{sorted(CONV_ACTIVATIONS)}"
                 )
-            node.overload = act
+            node.overload = CLIP_PRE_CASTLIKE if act == "Clip" and opset < 15 else act
         ident = (DOMAIN, node.op_type, node.overload)
         if ident not in model.functions:
             model.functions[ident] = function_for(node.op_type, node.overload, opset)
@@ -387,7 +400,12 @@ def reference_op(op_type: str) -> type[OpRun]:
 
 
 # Quantized fused ops (QDQAdd, QDQSoftmax, ...): specs and bodies generated from one table.
-from npudispatch.opset_quant import quantized_bodies, quantized_specs  # noqa: E402
+from npudispatch.opset_quant import (  # noqa: E402
+    CHAIN,
+    chain_body,
+    quantized_bodies,
+    quantized_specs,
+)
 
 OPS.update({name: OpSpec(name, *spec) for name, spec in quantized_specs().items()})
 _BODIES.update(quantized_bodies())

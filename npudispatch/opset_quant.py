@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["QDQ_OPS", "QuantizedOp", "quantized_bodies", "quantized_specs"]
+__all__ = [
+    "CHAIN",
+    "QDQ_OPS",
+    "QuantizedOp",
+    "chain_arity",
+    "chain_body",
+    "chain_stages",
+    "quantized_bodies",
+    "quantized_specs",
+]
 
 
 @dataclass(frozen=True)
@@ -41,32 +50,82 @@ class QuantizedOp:
             ins += [f"x{i}", f"x{i}_scale", f"x{i}_zero_point"]
         return (*ins, "y_scale", "y_zero_point")
 
+    def attribute_decls(self, prefix: str = "") -> list[str]:
+        """Function-header declarations of the op's attributes (names prefixed)."""
+        return [
+            f"{prefix}{n}: {t}" + (f" = {d}" if d is not None else "")
+            for n, (t, d) in self.attributes.items()
+        ]
+
+    def op_lines(self, args: list[str], result: str, prefix: str = "") -> list[str]:
+        """Body lines computing ``result`` from ``args`` (attributes referenced with prefix)."""
+        if self.inner == "ReduceMean":  # opset 18 form: axes as an input
+            return [
+                f"{result}_axes = Constant <value_ints = @{prefix}axes> ()",
+                f"{result} = ReduceMean <keepdims = @{prefix}keepdims> "
+                f"({', '.join(args)}, {result}_axes)",
+            ]
+        refs = ", ".join(f"{n} = @{prefix}{n}" for n in self.attributes)
+        return [f"{result} = {self.inner}{f' <{refs}>' if refs else ''} ({', '.join(args)})"]
+
     def body(self) -> str:
         """The ONNX function body (text) of the fused op."""
-        header = ""
-        if self.attributes:
-            parts = [
-                f"{n}: {t}" + (f" = {d}" if d is not None else "")
-                for n, (t, d) in self.attributes.items()
-            ]
-            header = " <" + ", ".join(parts) + ">"
-        lines = [
-            f"f{i} = DequantizeLinear (x{i}, x{i}_scale, x{i}_zero_point)"
-            for i in range(self.arity)
-        ]
-        args = ", ".join(f"f{i}" for i in range(self.arity))
-        if self.inner == "ReduceMean":  # opset 18 form: axes as an input
-            lines.append("ax = Constant <value_ints = @axes> ()")
-            lines.append(f"r = ReduceMean <keepdims = @keepdims> ({args}, ax)")
+        return _function_text(self.name, self.attribute_decls(), self.inputs, self.arity,
+                              self.op_lines([f"f{i}" for i in range(self.arity)], "r"))  # fmt: skip
+
+
+def _function_text(
+    name: str, decls: list[str], inputs: tuple[str, ...], n_dq: int, lines: list[str]
+) -> str:
+    header = f" <{', '.join(decls)}>" if decls else ""
+    dqs = [f"f{i} = DequantizeLinear (x{i}, x{i}_scale, x{i}_zero_point)" for i in range(n_dq)]
+    body = "\n            ".join([*dqs, *lines, "y = QuantizeLinear (r, y_scale, y_zero_point)"])
+    return (
+        f"\n        {name}{header} ({', '.join(inputs)}) => (y) {{\n            {body}\n        }}"
+    )
+
+
+CHAIN = "QDQChain"
+"""Op type of a chain of quantized-form ops between one set of DQs and one Q; the stages are its
+``overload`` (``"Pow.ReduceMean"``) and its ``stages`` attribute; stage ``k``'s attributes are
+prefixed ``s<k>_``; stage 0 reads the first triples, stage ``k > 0`` the previous result and
+its own further triples."""
+
+
+def chain_stages(overload: str) -> list[QuantizedOp] | None:
+    """The stages of a :data:`CHAIN` overload, None when it names an unknown op."""
+    names = overload.split(".") if overload else []
+    if len(names) < 2 or any(n not in QDQ_OPS or n == "Identity" for n in names):
+        return None
+    return [QDQ_OPS[n] for n in names]
+
+
+def chain_arity(stages: list[QuantizedOp]) -> int:
+    """Quantized operands (triples) a chain reads."""
+    return stages[0].arity + sum(s.arity - 1 for s in stages[1:])
+
+
+def chain_body(overload: str) -> str | None:
+    """Function body of ``QDQChain`` with ``overload`` (None when the overload is invalid)."""
+    stages = chain_stages(overload)
+    if stages is None:
+        return None
+    n = chain_arity(stages)
+    inputs: list[str] = []
+    for i in range(n):
+        inputs += [f"x{i}", f"x{i}_scale", f"x{i}_zero_point"]
+    decls = ['stages: string = ""']
+    lines: list[str] = []
+    used = 0
+    for k, stage in enumerate(stages):
+        decls += stage.attribute_decls(f"s{k}_")
+        if k == 0:
+            args = [f"f{i}" for i in range(stage.arity)]
         else:
-            refs = ", ".join(f"{n} = @{n}" for n in self.attributes)
-            lines.append(f"r = {self.inner}{f' <{refs}>' if refs else ''} ({args})")
-        lines.append("y = QuantizeLinear (r, y_scale, y_zero_point)")
-        body = "\n            ".join(lines)
-        return (
-            f"\n        {self.name}{header} ({', '.join(self.inputs)}) => (y) {{\n"
-            f"            {body}\n        }}"
-        )
+            args = [f"r{k - 1}", *[f"f{used + i}" for i in range(stage.arity - 1)]]
+        used += len(args) if k == 0 else len(args) - 1
+        lines += stage.op_lines(args, "r" if k == len(stages) - 1 else f"r{k}", f"s{k}_")
+    return _function_text(CHAIN, decls, (*inputs, "y_scale", "y_zero_point"), n, lines)
 
 
 def _ops() -> dict[str, QuantizedOp]:
@@ -112,6 +171,13 @@ def quantized_specs() -> dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[
             f"QuantizeLinear({op.inner}(DequantizeLinear(x_i)...)), per-tensor parameters",
         )
         for op in QDQ_OPS.values()
+    } | {
+        CHAIN: (
+            ("x0", "x0_scale", "x0_zero_point", "...", "y_scale", "y_zero_point"),
+            ("y",),
+            {"stages": ""},
+            "QuantizeLinear(stage_n(...stage_0(DequantizeLinear(x_i)...)...)), per-tensor",
+        )
     }
 
 

@@ -21,6 +21,7 @@ and axes); floats: LayerNormalization epsilon.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -42,9 +43,9 @@ from npudispatch.operators.dtypes import F32
 from npudispatch.operators.quantize import QUANT_DTYPES, dequantize, quant_range, quantize
 from npudispatch.operators.unary import erf, softplus
 from npudispatch.opset import DOMAIN
-from npudispatch.opset_quant import QDQ_OPS, QuantizedOp
+from npudispatch.opset_quant import CHAIN, QDQ_OPS, QuantizedOp, chain_arity, chain_stages
 
-__all__ = ["QDQ_OPERATORS", "QdqFusedOp", "float_op"]
+__all__ = ["QDQ_OPERATORS", "QdqChain", "QdqFusedOp", "float_op"]
 
 KERNEL_BASE = 810
 _QTYPES = {*QUANT_DTYPES.values(), np.dtype(np.int32)}
@@ -132,17 +133,100 @@ def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | N
     return (*batch, a[-2], b[-1])
 
 
+def stage_attrs(spec: QuantizedOp, node: ir.Node, prefix: str, rank: int) -> dict | Decline:
+    """The attributes stage ``spec`` of ``node`` uses (names prefixed), normalised for ``rank``."""
+    inner, a = spec.inner, node.attributes
+    attrs: dict = {}
+    if inner in ("Softmax", "LayerNormalization"):
+        axis = a.get_int(f"{prefix}axis", -1)
+        if not -rank <= axis < rank:
+            return Decline(f"{inner} axis {axis} out of range for rank {rank}")
+        attrs["axis"] = axis % rank
+    if inner == "LayerNormalization":
+        attrs["epsilon"] = a.get_float(f"{prefix}epsilon", 1e-5)
+    if inner == "Transpose":
+        perm = a.get_ints(f"{prefix}perm", list(range(rank))[::-1])
+        if sorted(perm) != list(range(rank)):
+            return Decline(f"perm {perm} is not a permutation of {rank} axes")
+        attrs["perm"] = list(perm)
+    if inner == "ReduceMean":
+        axes = a.get_ints(f"{prefix}axes", None)
+        if not axes or any(not -rank <= x < rank for x in axes):
+            return Decline(f"ReduceMean axes {axes} must name axes of the rank-{rank} input")
+        attrs["axes"] = sorted({x % rank for x in axes})
+        attrs["keepdims"] = a.get_int(f"{prefix}keepdims", 1)
+    return attrs
+
+
+def stage_shape(spec: QuantizedOp, shapes: list[tuple[int, ...]], attrs: dict) -> tuple | Decline:
+    """Output shape of stage ``spec`` on operand ``shapes``."""
+    inner = spec.inner
+    if inner == "MatMul":
+        out = _matmul_shape(shapes[0], shapes[1])
+        return out if out is not None else Decline(f"shapes {shapes} do not multiply")
+    if inner == "Transpose":
+        return tuple(shapes[0][p] for p in attrs["perm"])
+    if inner == "ReduceMean":
+        axes = attrs["axes"]
+        return tuple(
+            1 if i in axes else d
+            for i, d in enumerate(shapes[0])
+            if attrs["keepdims"] or i not in axes
+        )
+    if inner == "LayerNormalization":
+        tail = shapes[0][attrs["axis"] :]
+        for shape in shapes[1:]:
+            try:
+                ok = np.broadcast_shapes(shape, tail) == tail
+            except ValueError:
+                ok = False
+            if not ok:
+                return Decline(f"scale/bias shape {shape} does not broadcast to {tail}")
+        return shapes[0]
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        return Decline(f"shapes {shapes} do not broadcast")
+
+
+def stage_dims(spec: QuantizedOp, attrs: dict) -> list[int]:
+    """Record dims of one stage (axis; perm; keepdims + axes)."""
+    if spec.inner in ("Softmax", "LayerNormalization"):
+        return [attrs["axis"]]
+    if spec.inner == "Transpose":
+        return list(attrs["perm"])
+    if spec.inner == "ReduceMean":
+        return [attrs["keepdims"], *attrs["axes"]]
+    return []
+
+
+def stage_floats(spec: QuantizedOp, attrs: dict) -> list[float]:
+    """Record floats of one stage (LayerNormalization epsilon)."""
+    return [attrs["epsilon"]] if spec.inner == "LayerNormalization" else []
+
+
+_CODES = {inner: i for i, inner in enumerate(QDQ_OPS)}
+_BY_CODE = list(QDQ_OPS.values())
+
+
 class QdqFusedOp(Operator):
-    """Base of the generated ``QDQ<Op>`` operators; ``spec`` names the wrapped float op."""
+    """Base of the quantized fused operators: per-tensor (q, scale, zero point) operand triples,
+    then ``y_scale, y_zero_point``; :meth:`stages` says which float ops run in between."""
 
     domain = DOMAIN
-    spec: ClassVar[QuantizedOp]
+
+    @abstractmethod
+    def stages(self, node: ir.Node) -> list[QuantizedOp] | Decline:
+        """The float ops this node computes, in order."""
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
         if (bad := check_node_kind(self, node)) is not None:
             return bad
         label = op_label(node)
-        arity = self.spec.arity
+        stages = self.stages(node)
+        if isinstance(stages, Decline):
+            return Decline(f"{label}: {stages.reason}")
+        arity = chain_arity(stages) if len(stages) > 1 else stages[0].arity
         if len(node.inputs) != 3 * arity + 2 or any(v is None for v in node.inputs):
             return Decline(f"{label}: needs {3 * arity + 2} inputs (zero points included)")
         specs: list[TensorSpec | None] = []
@@ -164,8 +248,7 @@ class QdqFusedOp(Operator):
                 s_idx, z_idx, what = base + 1, base + 2, f"x{k}"
             else:
                 s_idx, z_idx, what = base, base + 1, "y"
-                y_val = node.outputs[0]
-                y = tensor_spec(y_val, f"{label} output y")
+                y = tensor_spec(node.outputs[0], f"{label} output y")
                 if isinstance(y, Decline):
                     return y
                 if y.real_shape is not None:
@@ -188,94 +271,67 @@ class QdqFusedOp(Operator):
                 consts[idx] = arr
         if y.dtype not in QUANT_DTYPES.values():
             return Decline(f"{label}: output dtype {y.dtype} is not a quantized type")
-        if len([i for i in range(arity) if 3 * i not in consts]) == 0:
+        if all(3 * i in consts for i in range(arity)):
             return Decline(f"{label}: every operand is constant (fold it on the CPU instead)")
-        shapes = [s.shape for s in specs[0 : 3 * arity : 3] if s is not None]
-        attrs = self.spec_attrs(node, len(shapes[0]))
-        if isinstance(attrs, Decline):
-            return Decline(f"{label}: {attrs.reason}")
-        want = self.output_shape(shapes, attrs)
-        if isinstance(want, Decline):
-            return Decline(f"{label}: {want.reason}")
-        if want != y.shape:
-            return Decline(f"{label}: output shape {y.shape}, the op gives {want}")
-        return node_config(self, node, specs, [y], consts=consts, attrs=attrs)
-
-    # ---- op-specific attributes and shapes ------------------------------------------------
-    def spec_attrs(self, node: ir.Node, rank: int) -> dict | Decline:
-        inner = self.spec.inner
-        attrs: dict = {}
-        if inner in ("Softmax", "LayerNormalization"):
-            axis = node.attributes.get_int("axis", -1)
-            if not -rank <= axis < rank:
-                return Decline(f"axis {axis} out of range for rank {rank}")
-            attrs["axis"] = axis % rank
-        if inner == "LayerNormalization":
-            attrs["epsilon"] = node.attributes.get_float("epsilon", 1e-5)
-        if inner == "Transpose":
-            perm = node.attributes.get_ints("perm", list(range(rank))[::-1])
-            if sorted(perm) != list(range(rank)):
-                return Decline(f"perm {perm} is not a permutation of {rank} axes")
-            attrs["perm"] = list(perm)
-        if inner == "ReduceMean":
-            axes = node.attributes.get_ints("axes", None)
-            if not axes or any(not -rank <= a < rank for a in axes):
-                return Decline(f"axes {axes} must name axes of the rank-{rank} input")
-            attrs["axes"] = sorted({a % rank for a in axes})
-            attrs["keepdims"] = node.attributes.get_int("keepdims", 1)
-        return attrs
-
-    def output_shape(self, shapes: list[tuple[int, ...]], attrs: dict) -> tuple | Decline:
-        inner = self.spec.inner
-        if inner == "MatMul":
-            out = _matmul_shape(shapes[0], shapes[1])
-            return out if out is not None else Decline(f"shapes {shapes} do not multiply")
-        if inner == "Transpose":
-            return tuple(shapes[0][p] for p in attrs["perm"])
-        if inner == "ReduceMean":
-            axes = attrs["axes"]
-            return tuple(
-                1 if i in axes else d
-                for i, d in enumerate(shapes[0])
-                if attrs["keepdims"] or i not in axes
-            )
-        if inner == "LayerNormalization":
-            tail = shapes[0][attrs["axis"] :]
-            for s in shapes[1:]:
-                try:
-                    if np.broadcast_shapes(s, tail) != tail:
-                        raise ValueError
-                except ValueError:
-                    return Decline(f"scale/bias shape {s} does not broadcast to {tail}")
-            return shapes[0]
-        try:
-            return tuple(np.broadcast_shapes(*shapes))
-        except ValueError:
-            return Decline(f"shapes {shapes} do not broadcast")
+        operand_shapes = [s.shape for s in specs[0 : 3 * arity : 3] if s is not None]
+        plan: list[tuple[QuantizedOp, dict]] = []
+        shape: tuple[int, ...] | None = None
+        used = 0
+        chained = len(stages) > 1
+        for k, spec in enumerate(stages):
+            n_new = spec.arity if k == 0 else spec.arity - 1
+            shapes = ([] if k == 0 else [shape]) + operand_shapes[used : used + n_new]
+            used += n_new
+            attrs = stage_attrs(spec, node, f"s{k}_" if chained else "", len(shapes[0]))
+            if isinstance(attrs, Decline):
+                return Decline(f"{label}: {attrs.reason}")
+            out = stage_shape(spec, shapes, attrs)
+            if isinstance(out, Decline):
+                return Decline(f"{label}: {spec.inner}: {out.reason}")
+            plan.append((spec, attrs))
+            shape = out
+        if shape != y.shape:
+            return Decline(f"{label}: output shape {y.shape}, the ops give {shape}")
+        return node_config(self, node, specs, [y], consts=consts, attrs={"plan": plan})
 
     def op_dims(self, cfg: OpConfig) -> list[int]:
-        a = cfg.attrs
-        inner = self.spec.inner
-        if inner in ("Softmax", "LayerNormalization"):
-            return [a["axis"]]
-        if inner == "Transpose":
-            return list(a["perm"])
-        if inner == "ReduceMean":
-            return [a["keepdims"], *a["axes"]]
-        return []
+        """One op: its stage dims. A chain: ``[n, (code, n_dims, *dims) per stage]``."""
+        plan = cfg.attrs["plan"]
+        if len(plan) == 1:
+            return stage_dims(*plan[0])
+        dims = [len(plan)]
+        for spec, attrs in plan:
+            own = stage_dims(spec, attrs)
+            dims += [_CODES[spec.inner], len(own), *own]
+        return dims
 
     def op_floats(self, cfg: OpConfig) -> list[float]:
-        return [cfg.attrs["epsilon"]] if self.spec.inner == "LayerNormalization" else []
+        return [f for spec, attrs in cfg.attrs["plan"] for f in stage_floats(spec, attrs)]
+
+    @abstractmethod
+    def decode_stages(self, dims: list[int]) -> list[tuple[QuantizedOp, list[int]]]:
+        """Inverse of :meth:`op_dims`: each stage and its dims (what the kernel reads)."""
 
     # ---- execution ------------------------------------------------------------------------
     def _run(self, inputs, out_dtype: np.dtype, dims, floats) -> np.ndarray:
-        arity = self.spec.arity
+        stages = self.decode_stages(list(dims))
+        arity = (len(inputs) - 2) // 3
         xs = [
             dequantize(inputs[3 * i], inputs[3 * i + 1].reshape(()), inputs[3 * i + 2].reshape(()))
             for i in range(arity)
         ]
-        r = float_op(self.spec.inner, xs, list(dims), list(floats))
+        floats = list(floats)
+        r: np.ndarray | None = None
+        used = 0
+        for k, (spec, own) in enumerate(stages):
+            n_new = spec.arity if k == 0 else spec.arity - 1
+            operands = ([] if r is None else [r]) + xs[used : used + n_new]
+            used += n_new
+            n_floats = 1 if spec.inner == "LayerNormalization" else 0
+            r = float_op(spec.inner, operands, own, floats[:n_floats])
+            floats = floats[n_floats:]
         ys, yz = inputs[3 * arity].reshape(()), inputs[3 * arity + 1].reshape(())
+        assert r is not None
         return quantize(r, ys, yz, out_dtype)
 
     def compute(self, inputs, outputs, dims, floats):
@@ -292,10 +348,46 @@ class QdqFusedOp(Operator):
         ]
 
 
+class _SingleQdqOp(QdqFusedOp):
+    """``QDQ<Op>``: one float op (``spec``)."""
+
+    spec: ClassVar[QuantizedOp]
+
+    def stages(self, node: ir.Node) -> list[QuantizedOp] | Decline:
+        return [self.spec]
+
+    def decode_stages(self, dims: list[int]) -> list[tuple[QuantizedOp, list[int]]]:
+        return [(self.spec, list(dims))]
+
+
+class QdqChain(QdqFusedOp):
+    """``npudispatch.QDQChain``: several float ops between one set of DQs and one Q (the
+    quantizer left their intermediates float), e.g. ``Pow -> ReduceMean`` of a decomposed
+    RMSNorm or ``Div -> Erf`` of a GELU. Stages from the ``stages`` attribute (``"Pow.ReduceMean"``)."""
+
+    op_type = CHAIN
+    kernel_id = KERNEL_BASE - 1
+
+    def stages(self, node: ir.Node) -> list[QuantizedOp] | Decline:
+        text = node.attributes.get_string("stages", "")
+        stages = chain_stages(text)
+        if stages is None:
+            return Decline(f"stages {text!r} is not a '.'-separated list of 2+ quantized-form ops")
+        return stages
+
+    def decode_stages(self, dims: list[int]) -> list[tuple[QuantizedOp, list[int]]]:
+        out, pos = [], 1
+        for _ in range(dims[0]):
+            code, n = dims[pos], dims[pos + 1]
+            out.append((_BY_CODE[code], dims[pos + 2 : pos + 2 + n]))
+            pos += 2 + n
+        return out
+
+
 def _make(index: int, spec: QuantizedOp) -> type[QdqFusedOp]:
     return type(
         spec.name,
-        (QdqFusedOp,),
+        (_SingleQdqOp,),
         {
             "op_type": spec.name,
             "kernel_id": KERNEL_BASE + index,
@@ -306,6 +398,10 @@ def _make(index: int, spec: QuantizedOp) -> type[QdqFusedOp]:
     )
 
 
-#: One operator class per quantized fused op, in :data:`QDQ_OPS` order (kernel ids 810...).
-QDQ_OPERATORS: list[type[QdqFusedOp]] = [_make(i, spec) for i, spec in enumerate(QDQ_OPS.values())]
-assert KERNEL_BASE + len(QDQ_OPERATORS) <= 900
+#: Every quantized fused operator: one class per op in :data:`QDQ_OPS` order (kernel ids
+#: 810...), then the chain (809).
+QDQ_OPERATORS: list[type[QdqFusedOp]] = [
+    *(_make(i, spec) for i, spec in enumerate(QDQ_OPS.values())),
+    QdqChain,
+]
+assert KERNEL_BASE + len(QDQ_OPS) <= 900

@@ -48,7 +48,7 @@ from npudispatch.operators import registry
 from npudispatch.operators.base import Decline
 from npudispatch.operators.quantize import QUANT_DTYPES, dequantize, expand_param, quantize
 from npudispatch.opset import DOMAIN, VERSION
-from npudispatch.opset_quant import QDQ_OPS
+from npudispatch.opset_quant import CHAIN, QDQ_OPS
 from npudispatch.rewrites._checks import const_array
 from npudispatch.rewrites.aliasing import VIEW_OPS
 from npudispatch.rewrites.matmul import qmatmul_rule
@@ -269,7 +269,7 @@ def _dq_q(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
         elif (
             pd.per_tensor
             and pq.per_tensor
-            and _fuse(graph, namer, "Identity", [dq], q, {}, [], report)
+            and _fuse(graph, namer, [("Identity", {})], [dq], q, [], report)
         ):
             report.counts["dq_q_requantize"] += 1
 
@@ -289,28 +289,38 @@ def _zero_point(graph: ir.Graph, namer: _Namer, node: ir.Node, base: str) -> ir.
 def _fuse(
     graph: ir.Graph,
     namer: _Namer,
-    inner: str,
+    stages: list[tuple[str, dict]],
     dqs: list[ir.Node],
     q: ir.Node,
-    attrs: dict,
     remove: list[ir.Node],
     report: QdqReport,
 ) -> bool:
-    """Replace ``Q(inner(DQ...))`` by ``npudispatch.QDQ<inner>`` if the library takes it."""
-    spec = QDQ_OPS[inner]
+    """Replace ``Q(stage_n(...stage_0(DQ...)))`` by ``npudispatch.QDQ<op>`` (one stage) or
+    ``npudispatch.QDQChain`` if the operator library takes the fused node."""
+    if len(stages) == 1:
+        inner, attrs = stages[0]
+        op_type = QDQ_OPS[inner].name
+    else:
+        op_type = CHAIN
+        overload = ".".join(inner for inner, _ in stages)
+        attrs = {"stages": overload}
+        for k, (_, own) in enumerate(stages):
+            attrs |= {f"s{k}_{n}": v for n, v in own.items()}
     inputs: list[ir.Value] = []
     for dq in dqs:
         zp = _zero_point(graph, namer, dq, f"{dq.name}__zp")
         inputs += [dq.inputs[0], dq.inputs[1], zp]
     inputs += [q.inputs[1], _zero_point(graph, namer, q, f"{q.name}__zp")]
     fused = ir.node(
-        spec.name,
+        op_type,
         inputs,
         attrs,
         domain=DOMAIN,
         version=VERSION,
-        name=namer(f"{q.name}__{spec.name}"),
+        name=namer(f"{q.name}__{op_type}"),
     )
+    if op_type == CHAIN:
+        fused.overload = attrs["stages"]  # the function body onnxruntime runs
     y, out = q.outputs[0], fused.outputs[0]
     out.type, out.shape = y.type, y.shape
     out.metadata_props.update(y.metadata_props)
@@ -330,7 +340,7 @@ def _fuse(
             graph.remove(dq, safe=True)
     y.name = None
     out.name = name
-    report.fused_ops[spec.name] += 1
+    report.fused_ops[op_type] += 1
     return True
 
 
@@ -399,47 +409,83 @@ def _fused_attrs(node: ir.Node, opset: int) -> dict | None:
     return {}
 
 
+MAX_CHAIN = 4
+"""Most float ops fused between one set of DQs and one Q (decomposed norms need 2-3)."""
+
+
+def _stage(node: ir.Node | None, reader: ir.Node, opset: int) -> tuple[str, dict] | None:
+    """``(op, attrs)`` when ``node`` is a standard op with a quantized form whose only reader
+    is ``reader``, else None."""
+    if node is None or node.domain not in _STANDARD or node.graph is None:
+        return None
+    spec = QDQ_OPS.get(node.op_type)
+    if spec is None or spec.inner == "Identity" or opset < spec.min_opset:
+        return None
+    if _single_reader(node.outputs[0]) is not reader or any(v.uses() for v in node.outputs[1:]):
+        return None
+    if len(node.inputs) < spec.arity or any(v is None for v in node.inputs[: spec.arity]):
+        return None
+    attrs = _fused_attrs(node, opset)
+    return None if attrs is None else (spec.inner, attrs)
+
+
+def _operand_dq(
+    graph: ir.Graph, namer: _Namer, value: ir.Value, reader: ir.Node, made: list[ir.Node]
+) -> ir.Node | None:
+    """The per-tensor DQ feeding ``value`` to ``reader`` only, or an exact DQ of a scalar."""
+    dq = value.producer()
+    if _is(dq, "DequantizeLinear") and _single_reader(value) is reader:
+        assert dq is not None
+        p = _qparams(dq, dq.inputs[0].dtype)
+        if p is not None and p.per_tensor:
+            return dq
+    exact = _exact_scalar_dq(graph, namer, value, reader)
+    if exact is not None:
+        made.append(exact)
+    return exact
+
+
 def _fuse_ops(graph: ir.Graph, namer: _Namer, opset: int, report: QdqReport) -> None:
-    for node in list(graph):
-        if node.graph is not graph or node.domain not in _STANDARD:
+    """Walk back from every per-tensor Q through up to :data:`MAX_CHAIN` quantized-form ops
+    (following input 0) to DQs; fuse the longest chain whose operands are all DQs."""
+    for q in list(graph):
+        if q.graph is not graph or not _is(q, "QuantizeLinear") or q.inputs[0] is None:
             continue
-        spec = QDQ_OPS.get(node.op_type)
-        if spec is None or spec.inner == "Identity" or opset < spec.min_opset:
-            continue
-        q = _single_reader(node.outputs[0])
-        if not _is(q, "QuantizeLinear") or any(v.uses() for v in node.outputs[1:]):
-            continue
-        assert q is not None
         pq = _qparams(q, q.outputs[0].dtype)
         if pq is None or not pq.per_tensor:
             continue
-        attrs = _fused_attrs(node, opset)
-        if attrs is None:
-            continue
-        data = [v for v in node.inputs[: spec.arity]]
-        if len(data) != spec.arity or any(v is None for v in data):
-            continue
-        dqs: list[ir.Node] = []
-        made: list[ir.Node] = []
-        for v in data:
-            dq = v.producer()
-            if _is(dq, "DequantizeLinear") and _single_reader(v) is node:
-                p = _qparams(dq, dq.inputs[0].dtype)
-                if p is not None and p.per_tensor:
-                    dqs.append(dq)
-                    continue
-            exact = _exact_scalar_dq(graph, namer, v, node)
-            if exact is None:
+        chain: list[tuple[ir.Node, tuple[str, dict]]] = []
+        reader, value = q, q.inputs[0]
+        while len(chain) < MAX_CHAIN:
+            node = value.producer()
+            stage = _stage(node, reader, opset)
+            if stage is None:
                 break
-            made.append(exact)
-            dqs.append(exact)
-        if len(dqs) == spec.arity and _fuse(
-            graph, namer, spec.inner, dqs, q, attrs, [node], report
-        ):
-            continue
-        for extra in made:  # not fused: drop the exact DQs made for it
-            if not extra.outputs[0].uses():
-                graph.remove(extra, safe=True)
+            assert node is not None
+            chain.insert(0, (node, stage))
+            reader, value = node, node.inputs[0]
+        # Longest fusable chain first: its first op's input 0 and every other operand are DQs.
+        while chain:
+            made: list[ir.Node] = []
+            dqs: list[ir.Node] = []
+            ok = True
+            for k, (node, (inner, _)) in enumerate(chain):
+                first = 0 if k == 0 else 1
+                for v in node.inputs[first : QDQ_OPS[inner].arity]:
+                    dq = _operand_dq(graph, namer, v, node, made)
+                    if dq is None:
+                        ok = False
+                        break
+                    dqs.append(dq)
+                if not ok:
+                    break
+            nodes = [n for n, _ in chain]
+            if ok and _fuse(graph, namer, [st for _, st in chain], dqs, q, nodes, report):
+                break
+            for extra in made:  # not fused: drop the exact DQs made for it
+                if not extra.outputs[0].uses():
+                    graph.remove(extra, safe=True)
+            chain = chain[1:]  # retry without the first op (its inputs were not all DQs)
 
 
 # ---- 8. DQ of constants ----------------------------------------------------------------------

@@ -8,7 +8,10 @@ results as close to onnxruntime as quantization allows. Whole-model outputs are 
 of the output's quantization step: every quantized op is within one step of onnxruntime (see
 tests/operators/test_quantize.py), but a one-step difference inside the layer propagates, so the
 bound here is onnxruntime's own disagreement between its unoptimized QDQ run and its optimized
-run (QLinear* fusions) plus one step; A8W8 must also be within one step on >= 95 % of elements.
+run (QLinear* fusions) plus one step, and >= 95 % of elements must be within one step. Measured:
+bit-exact for both Llama recipes and BERT A8W8, at most 3 steps on a few % of BERT A16W8
+(float32 LayerNormalization/Erf/Softmax summation differences propagated), while onnxruntime's
+own optimized run is 2-3 (A8W8) and 160-180 (A16W8) steps from its unoptimized one.
 """
 
 from __future__ import annotations
@@ -121,11 +124,12 @@ def test_quantized_layer_matches_onnxruntime(qdq_fixtures, layer, recipe):
     step = output_step(model)
     ours = np.abs(got - plain) / step
     theirs = np.abs(optimized - plain) / step
+    # Every op is within one step of onnxruntime's QDQ execution; the layer output too, on
+    # >= 95 % of elements, and never further than onnxruntime's optimized run is from it.
+    assert (ours <= 1 + 1e-3).mean() >= 0.95, f"{(ours > 1 + 1e-3).mean():.3f} beyond 1 step"
     assert ours.max() <= theirs.max() + 1 + 1e-3, (
         f"{ours.max():.1f} steps from onnxruntime; onnxruntime optimized vs not: {theirs.max():.1f}"
     )
-    if recipe == "a8w8":
-        assert (ours <= 1 + 1e-3).mean() >= 0.95
 
 
 # ---- hand-built corner cases --------------------------------------------------------------------

@@ -344,3 +344,55 @@ def test_inspect_shows_dtypes_and_conversions_per_partition():
     assert len(after["conversions"]) == 2  # the input Q and the output DQ; Sigmoid is quantized
     text = render(loaded, doc, "m.onnx")
     assert "quantization (conversions" in text and "float,uint8" in text
+
+
+# ---- chains: float intermediates the quantizer left unquantized ---------------------------------
+
+CHAINS = {
+    "rmsnorm-square-mean": (
+        "p = Pow (d, two)\n        s = ReduceMean <keepdims = 1> (p, ax)",
+        "[2,4,1]",
+        "Pow.ReduceMean",
+    ),
+    "rsqrt": ("p = Sqrt (d)\n        s = Reciprocal (p)", "[2,4,8]", "Sqrt.Reciprocal"),
+    "gelu-erf": ("p = Div (d, sqrt2)\n        s = Erf (p)", "[2,4,8]", "Div.Erf"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAINS))
+def test_chain_of_float_ops_between_dq_and_q_is_one_quantized_op(case):
+    lines, shape, stages = CHAINS[case]
+    m = qdq_model(
+        f"""
+        a = Abs (x)
+        qa = QuantizeLinear (a, xs, xz0)
+        d = DequantizeLinear (qa, xs, xz0)
+        {lines}
+        qs = QuantizeLinear (s, ys, yz)
+        out = DequantizeLinear (qs, ys, yz)""",
+        outputs=f"float{shape} out",
+        extra="int64[1] ax = {-1}, float two = {2.0}, float sqrt2 = {1.4142135}, uint8 xz0 = {0}",
+    )
+    m2, _ = rewritten(m)
+    chain = [n for n in m2.graph if n.op_type == "QDQChain"]
+    assert len(chain) == 1 and chain[0].attributes.get_string("stages") == stages
+    assert chain[0].overload == stages  # onnxruntime runs the generated function body
+    got, want, calls = run_both(m, x_feed())
+    assert np.abs(got - want).max() <= 0.1 + 1e-6 and calls == 1
+
+
+def test_chain_with_a_float_operand_is_not_fused():
+    """Mul by a non-scalar float tensor that was never quantized: no exact DQ form, no fusion."""
+    m = qdq_model(
+        """
+        q = QuantizeLinear (x, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        p = Mul (d, w)
+        s = Erf (p)
+        qs = QuantizeLinear (s, ys, yz)
+        out = DequantizeLinear (qs, ys, yz)""",
+        extra="float[8] w = {1, 2, 3, 4, 5, 6, 7, 8}",
+    )
+    m2, _ = rewritten(m)
+    assert "QDQChain" not in [n.op_type for n in m2.graph]
+    assert "Mul" in ops(m2)  # the Erf alone is fused only if its input were a DQ: it is not
