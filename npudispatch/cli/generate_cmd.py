@@ -1,8 +1,9 @@
 """``npudispatch generate MODEL_DIR --prompt-ids 1,17,200 [--max-new-tokens N] [--json]``.
 
 Generates with an onnxruntime-genai model folder: prefill and decode programs resident on the
-emulator, KV cache on the device. ``--prompt "text"`` tokenizes through onnxruntime-genai's
-tokenizer when that package is installed (``pip install onnxruntime-genai``).
+emulator (or one XRT hardware context with ``--backend xrt --xclbin``), KV cache on the device.
+``--prompt "text"`` tokenizes through onnxruntime-genai's tokenizer when that package is
+installed (``pip install onnxruntime-genai``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--fp32", dest="bf16", action="store_false", help="float32 storage")
+    parser.add_argument(
+        "--backend", choices=("emulator", "xrt"), default="emulator", help="where programs run"
+    )
+    parser.add_argument("--xclbin", type=Path, help="xclbin of the xrt backend")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -87,20 +92,27 @@ def run(args: argparse.Namespace) -> int:
         prompt = [int(t) for t in tokenizer.encode(args.prompt)]
     else:
         prompt = args.prompt_ids
+    options = {}
+    if args.backend == "xrt":
+        if args.xclbin is None:
+            raise ModelError("--backend xrt needs --xclbin PATH (the overlay's xclbin)")
+        options["xclbin"] = args.xclbin
     gen = Generator(
         args.model_dir,
         bf16=args.bf16,
         max_length=args.max_length,
         prefill_length=args.prefill_length,
+        backend=args.backend,
+        **options,
     )
-    options = SearchOptions(
+    search = SearchOptions(
         do_sample=args.sample,
         top_k=args.top_k,
         top_p=args.top_p,
         temperature=args.temperature,
         seed=args.seed,
     )
-    result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, options=options)
+    result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, options=search)
     summary = result.to_dict()
     summary["compile_seconds"] = gen.compile_seconds
     summary["const_bytes_shared"] = gen.device.const_bytes

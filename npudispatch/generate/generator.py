@@ -70,7 +70,9 @@ class Generator:
     Compiles a prefill program (``prefill_length`` tokens) and a decode program (one token) once,
     keeps both resident on one device context sharing one weight image, and keeps the KV cache
     (``max_length`` rows, default the config's ``search.max_length``) on the device across steps.
-    ``bf16=False`` stores activations and the cache in float32 (``--fp32``).
+    ``bf16=False`` stores activations and the cache in float32 (``--fp32``). ``backend="xrt"``
+    (options as for :class:`~npudispatch.dispatch.backends.xrt.XrtBackend`, e.g. ``xclbin=``)
+    runs both programs in one XRT hardware context instead of the emulator.
     """
 
     def __init__(
@@ -81,11 +83,15 @@ class Generator:
         max_length: int | None = None,
         prefill_length: int | None = None,
         backend: str = "emulator",
+        **backend_options: Any,
     ) -> None:
-        if backend != "emulator":
+        if backend not in ("emulator", "xrt"):
             raise BackendUnavailableError(
-                f"generate runs its resident programs on the emulator; backend {backend!r} is "
-                "not wired for resident programs yet (use backend='emulator')"
+                f"unknown backend {backend!r} for resident programs: use 'emulator' or 'xrt'"
+            )
+        if backend == "emulator" and backend_options:
+            raise BackendUnavailableError(
+                f"the emulator takes no backend options, got {sorted(backend_options)}"
             )
         self.config = cfg = GenaiConfig.from_dir(model_dir)
         signature = cfg.signature()
@@ -112,7 +118,12 @@ class Generator:
             cfg, signature, "decode", seq_len=1, mask_len=self.max_length, **common
         )
         check_shared_cache(self.prefill, self.decode)
-        self.device = ResidentDevice({"prefill": self.prefill, "decode": self.decode})
+        xrt = None
+        if backend == "xrt":
+            from npudispatch.dispatch.backends.xrt import XrtBackend
+
+            xrt = XrtBackend(**backend_options)  # one hardware context for both programs
+        self.device = ResidentDevice({"prefill": self.prefill, "decode": self.decode}, xrt)
         self.compile_seconds = time.perf_counter() - t0
 
     @property

@@ -1,13 +1,14 @@
 """Programs resident on one device context, sharing their weights and a KV cache.
 
-For each NPU partition of the decoder, the prefill and the decode program live on **one**
-emulated NPU (:class:`~npudispatch.emulator.VirtualNpu`): one const buffer holding the single
-weight image both programs use, one input buffer whose first bytes are the resident KV cache (at
-the same offsets in both plans, see :mod:`.programs`), one scratch and output buffer sized for
-the larger program, and one params buffer holding both params images (the decode transaction is
-re-based onto its half). Running a phase copies in only its non-resident inputs (token ids,
-attention mask) and copies out only the graph outputs (logits): the bytes moved per step do not
-depend on how long the context is.
+For each NPU partition of the decoder, the prefill and the decode program live on **one** device
+context — a :class:`~npudispatch.emulator.VirtualNpu`, or five XRT buffer objects in the xrt
+backend's hardware context with one instruction buffer per program: one const buffer holding the
+single weight image both programs use, one input buffer whose first bytes are the resident KV
+cache (at the same offsets in both plans, see :mod:`.programs`), one scratch and output buffer
+sized for the larger program, and one params buffer holding both params images (the decode
+transaction is re-based onto its half). Running a phase copies (and on XRT syncs) only its
+non-resident inputs (token ids, attention mask) in and the graph outputs (logits) out: the bytes
+moved per step do not depend on how long the context is.
 
 CPU segments (if a node had to stay on the CPU) run on onnxruntime between the kernel calls.
 """
@@ -26,7 +27,7 @@ from npudispatch import graph, opset
 from npudispatch.dispatch.backends.emulator import kernel_registry
 from npudispatch.dispatch.emit import FusedProgram
 from npudispatch.emulator import VirtualNpu
-from npudispatch.errors import ModelError
+from npudispatch.errors import DeviceError, ModelError
 from npudispatch.generate.programs import CompiledPhase
 from npudispatch.txn.rebase import rebase_tiling
 
@@ -54,10 +55,78 @@ class PhaseStats:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
 
 
-class _Slot:
-    """One NPU partition: its programs of every phase on one virtual NPU."""
+class _EmulatorMemory:
+    """The slot's buffers on one virtual NPU: host views are device memory (no sync)."""
 
-    def __init__(self, programs: Mapping[str, FusedProgram], cache: set[str]) -> None:
+    def __init__(self, buffers: list[np.ndarray], num_cols: int, kernels: dict) -> None:
+        self.npu = VirtualNpu(buffers, num_cols=num_cols, kernels=kernel_registry(kernels))
+
+    def host(self, idx: int) -> np.ndarray:
+        return self.npu.buffers[idx]
+
+    def to_device(self, idx: int, offset: int, nbytes: int) -> None:
+        pass
+
+    def from_device(self, idx: int, offset: int, nbytes: int) -> None:
+        pass
+
+    def launch(self, txn: Any) -> None:
+        self.npu.run(txn)
+
+
+class _XrtMemory:
+    """The slot's buffers as five XRT buffer objects in the backend's hardware context, with one
+    instruction BO per phase; only the byte ranges a run touches are synced."""
+
+    def __init__(self, backend: Any, buffers: list[np.ndarray], instructions: dict) -> None:
+        from npudispatch.dispatch.backends.xrt import FIRST_DATA_ARG, MIN_BO_BYTES
+
+        self.backend = backend
+        x, kern, dev = backend.pyxrt, backend.context.kernel, backend.device
+        self.to_dev = x.xclBOSyncDirection.XCL_BO_SYNC_BO_TO_DEVICE
+        self.from_dev = x.xclBOSyncDirection.XCL_BO_SYNC_BO_FROM_DEVICE
+        self.instr: dict[Any, tuple[Any, int]] = {}
+        for key, image in instructions.items():
+            ib = x.bo(dev, len(image), x.bo.flags.cacheable, kern.group_id(1))
+            ib.write(np.frombuffer(image, np.uint8), 0)
+            ib.sync(self.to_dev)
+            self.instr[key] = (ib, len(image) // 4)
+        self.bos = []
+        self.views = []
+        for i, data in enumerate(buffers):
+            b = x.bo(dev, max(data.size, MIN_BO_BYTES), x.bo.flags.host_only,
+                     kern.group_id(FIRST_DATA_ARG + i))  # fmt: skip
+            b.write(data, 0)
+            b.sync(self.to_dev)  # weights and params once, the rest zeroed
+            self.bos.append(b)
+            self.views.append(np.frombuffer(b.map(), np.uint8)[: data.size])
+
+    def host(self, idx: int) -> np.ndarray:
+        return self.views[idx]
+
+    def to_device(self, idx: int, offset: int, nbytes: int) -> None:
+        if nbytes:
+            self.bos[idx].sync(self.to_dev, nbytes, offset)
+
+    def from_device(self, idx: int, offset: int, nbytes: int) -> None:
+        if nbytes:
+            self.bos[idx].sync(self.from_dev, nbytes, offset)
+
+    def launch(self, key: Any) -> None:
+        backend = self.backend
+        ib, words = self.instr[key]
+        run = backend.context.kernel(backend.opcode, ib, words, *self.bos)
+        state = run.wait(backend.timeout_ms)
+        if state != backend.pyxrt.ert_cmd_state.ERT_CMD_STATE_COMPLETED:
+            raise DeviceError(f"resident program {key!r}: NPU command ended in {state}")
+
+
+class _Slot:
+    """One NPU partition: its programs of every phase on one device context."""
+
+    def __init__(
+        self, programs: Mapping[str, FusedProgram], cache: set[str], xrt: Any = None
+    ) -> None:
         self.programs = dict(programs)
         self.cache = cache
         first = next(iter(self.programs.values()))
@@ -76,41 +145,47 @@ class _Slot:
         const[: len(first.const_image)] = np.frombuffer(first.const_image, np.uint8)
         self.const_bytes = len(first.const_image)
         self.txns = {
-            phase: rebase_tiling(prog.txn, {PARAMS: at}) if at else prog.txn
-            for phase, (prog, at) in (
-                (ph, (p, self.params_offset[ph])) for ph, p in self.programs.items()
-            )
+            phase: rebase_tiling(prog.txn, {PARAMS: self.params_offset[phase]})
+            if self.params_offset[phase]
+            else prog.txn
+            for phase, prog in self.programs.items()
         }
         kernels: dict[int, Any] = {}
         for prog in self.programs.values():
             kernels.update(prog.kernels())
-        buffers = [np.zeros(sizes[i], np.uint8) for i in (INPUT, OUTPUT, SCRATCH)]
-        self.npu = VirtualNpu(
-            [*buffers, const, params],
-            num_cols=first.txn.header.num_cols,
-            kernels=kernel_registry(kernels),
-        )
-        for txn in self.txns.values():
-            txn.ops  # noqa: B018 - decode the typed ops once, not per step
+        buffers = [*(np.zeros(sizes[i], np.uint8) for i in (INPUT, OUTPUT, SCRATCH)), const, params]
         self.sizes = sizes
+        if xrt is None:
+            self.memory: _EmulatorMemory | _XrtMemory = _EmulatorMemory(
+                buffers, first.txn.header.num_cols, kernels
+            )
+            for txn in self.txns.values():
+                txn.ops  # noqa: B018 - decode the typed ops once, not per step
+            self.launch_keys: dict[str, Any] = dict(self.txns)
+        else:
+            images = {phase: _instruction_image(xrt, t) for phase, t in self.txns.items()}
+            self.memory = _XrtMemory(xrt, buffers, images)
+            self.launch_keys = {phase: phase for phase in self.txns}
 
     def run(self, phase: str, env: Mapping[str, np.ndarray], stats: PhaseStats) -> dict:
         prog = self.programs[phase]
-        bufs = self.npu.buffers
+        mem = self.memory
         t0 = time.perf_counter()
         for b in prog.inputs:
             if b.name in self.cache:
                 continue  # resident: written on the device by the previous kernel call
-            region = bufs[b.buffer][b.offset : b.offset + b.nbytes]
-            region[...] = 0  # padding lanes are zero
-            b.view(bufs[b.buffer])[...] = env[b.name]
+            host = mem.host(b.buffer)
+            host[b.offset : b.offset + b.nbytes] = 0  # padding lanes are zero
+            b.view(host)[...] = env[b.name]
+            mem.to_device(b.buffer, b.offset, b.nbytes)
             stats.bytes_to_device += b.nbytes
         t1 = time.perf_counter()
-        self.npu.run(self.txns[phase])
+        mem.launch(self.launch_keys[phase])
         t2 = time.perf_counter()
         out = {}
         for b in prog.outputs:
-            out[b.name] = np.array(b.view(bufs[b.buffer]))
+            mem.from_device(b.buffer, b.offset, b.nbytes)
+            out[b.name] = np.array(b.view(mem.host(b.buffer)))
             stats.bytes_from_device += b.nbytes
         stats.kernel_calls += 1
         stats.add("copy_in", t1 - t0)
@@ -118,10 +193,14 @@ class _Slot:
         stats.add("copy_out", time.perf_counter() - t2)
         return out
 
-    def cache_view(self, prog_phase: str, name: str) -> np.ndarray:
-        """The resident tensor ``name`` as the device holds it (a view, for inspection)."""
-        b = next(x for x in self.programs[prog_phase].inputs if x.name == name)
-        return b.view(self.npu.buffers[b.buffer])
+
+def _instruction_image(backend: Any, txn: Any) -> bytes:
+    """The instruction BO contents for the xrt backend's call convention."""
+    if backend.convention == "dynamic-dispatch":
+        from npudispatch.txn import wrap
+
+        return wrap(txn)
+    return txn.to_bytes()
 
 
 class _CpuSegment:
@@ -145,21 +224,21 @@ class _CpuSegment:
 
 
 class ResidentDevice:
-    """Every phase of a decoder resident on one device context (the emulator).
+    """Every phase of a decoder resident on one device context: the emulator, or the hardware
+    context of an :class:`~npudispatch.dispatch.backends.xrt.XrtBackend` passed as ``xrt``.
 
     ``phases`` maps a phase name to its :class:`CompiledPhase`; all phases must partition alike
     (checked by :func:`~npudispatch.generate.programs.check_shared_cache`).
     """
 
-    name = "emulator"
-
-    def __init__(self, phases: Mapping[str, CompiledPhase]) -> None:
+    def __init__(self, phases: Mapping[str, CompiledPhase], xrt: Any = None) -> None:
         self.phases = dict(phases)
+        self.name = "emulator" if xrt is None else "xrt"
         any_phase = next(iter(self.phases.values()))
         cache = set(any_phase.cache_names)
         n_programs = len(any_phase.programs)
         self.slots = [
-            _Slot({ph: p.programs[k] for ph, p in self.phases.items()}, cache)
+            _Slot({ph: p.programs[k] for ph, p in self.phases.items()}, cache, xrt)
             for k in range(n_programs)
         ]
         self._cpu: dict[str, dict[int, _CpuSegment]] = {}

@@ -187,3 +187,21 @@ def test_generate_stops_and_keeps_bytes_per_step_constant(folder):
         assert len(result.tokens) == 16
     assert len(set(result.bytes_per_step)) <= 1
     assert set(result.kernel_calls_per_step) <= {1}
+
+
+def test_resident_programs_on_fake_xrt_sync_only_what_a_step_needs(folder, tmp_path):
+    """Both programs in one (fake) XRT hardware context: the fake device sees only synced bytes,
+    so a cache that were not resident, or a missing input sync, would change the logits."""
+    from npudispatch.operators import registry
+    from npudispatch.testing import emulator_executor, install_fake_pyxrt, write_fake_xclbin
+
+    ids = [1, 7, 33, 4, 12, 45, 9]
+    reference = Generator(folder, max_length=16, prefill_length=4).teacher_forced_logits(ids)
+    with install_fake_pyxrt(emulator_executor(registry.kernels())):
+        xclbin = write_fake_xclbin(tmp_path / "fake.xclbin")
+        gen = Generator(folder, max_length=16, prefill_length=4, backend="xrt", xclbin=xclbin)
+        assert gen.device.name == "xrt"
+        got = gen.teacher_forced_logits(ids)
+        result = gen.generate(ids[:3], max_new_tokens=4, show_progress=False)
+    np.testing.assert_array_equal(got, reference)
+    assert len(set(result.bytes_per_step)) == 1 and set(result.kernel_calls_per_step) == {1}
