@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
+from npudispatch.cli import trace_cmd
 from npudispatch.cli.common import load_transaction, print_json
 from npudispatch.txn import Transaction, describe_op, dump, explain, opcode_name, stats
-
-_TXN_SUBPARSERS: argparse._SubParsersAction | None = None
-
-
-def txn_subparsers() -> argparse._SubParsersAction:
-    """The sub-parsers of ``npudispatch txn`` (other modules may add sub-commands to it)."""
-    if _TXN_SUBPARSERS is None:
-        raise RuntimeError("the txn command is not registered yet; call register() first")
-    return _TXN_SUBPARSERS
 
 
 def _load(path: str) -> Transaction:
@@ -82,7 +73,6 @@ def _header(txn: Transaction) -> dict:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``txn`` command and its sub-commands."""
-    global _TXN_SUBPARSERS
     parser = subparsers.add_parser("txn", help="inspect AIE transaction binaries")
     sub = parser.add_subparsers(dest="txn_command", metavar="SUBCOMMAND", required=True)
     for name, func, text in (
@@ -94,11 +84,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("file", metavar="FILE", help="transaction binary (.bin)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=func)
-    _TXN_SUBPARSERS = sub
-    try:
-        trace = importlib.import_module("npudispatch.cli.trace_cmd")
-    except ModuleNotFoundError as exc:
-        if exc.name != "npudispatch.cli.trace_cmd":
-            raise
-    else:
-        trace.add_parser(sub)
+    trace_cmd.add_parser(sub)

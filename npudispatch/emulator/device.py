@@ -504,9 +504,6 @@ class VirtualNpu:
         elif queue:
             self._serve_outputs()
 
-    def _inputs_pending(self) -> bool:
-        return self.overlay.has_input() or any(self.queues[ch] for ch in self.overlay.inputs)
-
     def _serve_outputs(self) -> None:
         """Fire the launch if its output is needed, then serve queued S2MM tasks in ABI order."""
         outputs = self.overlay.outputs

@@ -64,11 +64,6 @@ def to_compute(x: np.ndarray) -> np.ndarray:
     return np.asarray(x).astype(BF16).astype(F32)
 
 
-def round_bf16(x: np.ndarray) -> np.ndarray:
-    """Round float32 values to the nearest bf16 value, keeping float32 storage."""
-    return np.asarray(x, dtype=F32).astype(BF16).astype(F32)
-
-
 def store(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Kernel exit: round a float32 result to bf16, then store it in ``dtype``."""
     return np.asarray(x, dtype=F32).astype(BF16).astype(dtype)

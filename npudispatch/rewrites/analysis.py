@@ -51,10 +51,6 @@ class GraphAnalysis:
             self._key = key
             self.rebuilds += 1
 
-    def invalidate(self) -> None:
-        """Drop every cached analysis (the next query rebuilds)."""
-        self._key, self._digraph, self._order, self._lifetimes = None, None, None, None
-
     @property
     def digraph(self) -> nx.DiGraph:
         """The networkx DiGraph of the current graph (``npudispatch.graph.to_networkx``)."""

@@ -29,10 +29,3 @@ def constants_last(graph: ir.Graph) -> int:
             node.replace_input_with(1, a)
             swaps += 1
     return swaps
-
-
-class ConstantsLastPass(ir.passes.InPlacePass):
-    """Run :func:`constants_last` on the main graph."""
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return ir.passes.PassResult(model, constants_last(model.graph) > 0)
