@@ -561,3 +561,40 @@ def test_pad2_and_pad18_agree_through_the_session():
         np.testing.assert_array_equal(y, run_ort(model, {"x": x})[0])
         results.append(y)
     np.testing.assert_array_equal(*results)
+
+
+def test_channel_padded_by_conv_flows_through_bn_prelu_and_resize():
+    """Conv pads its 5 output channels to 8; Relu keeps the BatchNormalization from folding into
+    it, so BN sees padded channels (its folded constants are zero-extended), PRelu's [5, 1, 1]
+    slope is zero-padded with them and Resize reads only the real ones."""
+    rng = np.random.default_rng(10)
+    c = 5
+    inits = {
+        "w": (rng.standard_normal((c, 3, 3, 3)) * 0.3).astype(np.float32),
+        "scale": rng.uniform(0.5, 1.5, c).astype(np.float32),
+        "bias": rng.standard_normal(c).astype(np.float32),
+        "mean": rng.standard_normal(c).astype(np.float32),
+        "var": rng.uniform(0.5, 2.0, c).astype(np.float32),
+        "slope": rng.uniform(0.1, 0.3, (c, 1, 1)).astype(np.float32),
+        "scales": np.array([1, 1, 2, 2], np.float32),
+    }
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        n("Relu", ["conv"], ["relu"]),
+        n("BatchNormalization", ["relu", "scale", "bias", "mean", "var"], ["bn"]),
+        n("PRelu", ["bn", "slope"], ["pr"]),
+        n("Resize", ["pr", "", "scales"], ["y"], mode="linear"),
+    ]
+    model = _graph(nodes, {"x": [1, 3, 6, 7]}, {"y": [1, c, 12, 14]}, inits)
+    session = npudispatch.Session(model, fallback=None)
+    x = rng.standard_normal((1, 3, 6, 7)).astype(np.float32)
+    (y,) = session.run(None, {"x": x})
+    assert session.last_run_stats.kernel_calls == 1
+    graph = session.compiled.model.graph
+    assert {"BatchNormalization", "PRelu", "Resize"} <= {node.op_type for node in graph}
+    bn_in = next(node for node in graph if node.op_type == "BatchNormalization").inputs[0]
+    assert bn_in.shape[1] == 8 and bn_in.metadata_props.get(REAL_SHAPE_KEY, "").startswith("1,5,")
+    (want,) = run_ort(model, {"x": x})
+    tol = tolerance_for([node.op_type for node in model.graph.node], k=27)
+    tol.scaled(float(np.sqrt(np.mean(want**2)))).assert_close(y, want, "conv/bn/prelu/resize")
