@@ -47,17 +47,26 @@ def normalize(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(normalised x, mean, inv_std)`` over axes ``axis..``, using only the ``real`` lanes.
 
-    ``rms``: no mean subtraction (RMSNorm); ``mean`` is then returned as zeros.
+    ``rms``: no mean subtraction (RMSNorm); ``mean`` is then returned as zeros. Statistics are
+    float32, the ONNX ``stash_type`` (and the NPU's accumulator): a row holding ±1e38 overflows
+    its variance to inf and normalises to 0, as in onnxruntime and the ONNX function body.
     """
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x, dtype=F32)
     axes = tuple(range(axis, x.ndim))
     mask = np.zeros(x.shape[axis:], dtype=bool)
     mask[tuple(slice(0, r) for r in real)] = True
-    n = float(np.prod(real))
-    xm = np.where(mask, x, 0.0)
-    mean = np.zeros(x.shape[:axis] + (1,) * len(axes)) if rms else xm.sum(axes, keepdims=True) / n
-    centered = np.where(mask, x - mean, 0.0)
-    inv_std = 1.0 / np.sqrt((centered**2).sum(axes, keepdims=True) / n + eps)
+    n = np.float32(np.prod(real))
+    zero = np.float32(0.0)
+    xm = np.where(mask, x, zero)
+    mean = (
+        np.zeros(x.shape[:axis] + (1,) * len(axes), F32)
+        if rms
+        else xm.sum(axes, keepdims=True, dtype=F32) / n
+    )
+    centered = np.where(mask, x - mean, zero)
+    with np.errstate(over="ignore", invalid="ignore"):
+        var = (centered * centered).sum(axes, keepdims=True, dtype=F32) / n
+        inv_std = np.float32(1.0) / np.sqrt(var + np.float32(eps))
     return centered * inv_std, mean, inv_std
 
 
@@ -144,8 +153,8 @@ class _Norm(Operator):
         real: tuple[int, ...],
         eps: float,
     ) -> list[np.ndarray]:
-        """Float64 math on already-rounded inputs; returns values per output (not yet stored)."""
-        x = np.asarray(inputs[0], dtype=np.float64)
+        """Float32 math on already-rounded inputs; returns values per output (not yet stored)."""
+        x = np.asarray(inputs[0], dtype=F32)
         total = x
         if self.op_type == "SkipSimplifiedLayerNormalization":
             total = x + pad_to(inputs[1], x.shape)
