@@ -20,9 +20,22 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from npudispatch.operators.base import Decline, OpConfig, const_array, op_label, opset_version
+from npudispatch.operators.base import (
+    Decline,
+    OpConfig,
+    TensorSpec,
+    const_array,
+    node_config,
+    op_label,
+    opset_version,
+    tensor_spec,
+)
 from npudispatch.operators.elementwise import _Binary, match_float_node
 from npudispatch.operators.unary import UnaryOp
+
+INTEGER_DTYPES = tuple(
+    np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)
+)  # int64 Clip is shape arithmetic and stays on the CPU
 
 # ONNX float32 limits: Clip-6's default bounds (numeric_limits<float>::lowest / max).
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -111,13 +124,17 @@ class Selu(_AttrUnary):
 class Clip(UnaryOp):
     """ONNX Clip: bounds from the ``min``/``max`` attributes (opset 6) or from constant scalar
     inputs (opset 11+; an absent input means no bound). ``floats = [lo, hi]``; ``min > max``
-    gives ``max`` everywhere, as ONNX specifies."""
+    gives ``max`` everywhere, as ONNX specifies. Float data follows the bf16 rule; 8/16/32-bit
+    integer data (Clip-12+) is clamped exactly."""
 
     op_type = "Clip"
     kernel_id = 745
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
-        cfg = match_float_node(self, node, (1, 3))
+        try:
+            cfg = match_float_node(self, node, (1, 3))
+        except Decline as why:  # not float data: integer Clip, or the float matcher's reason
+            cfg = self._match_integer(node, why)
         if isinstance(cfg, Decline):
             return cfg
         label = op_label(node)
@@ -162,6 +179,28 @@ class Clip(UnaryOp):
         cfg.extra["bounds"] = bounds
         return self.match_unary(cfg, x, y, label)
 
+    def _match_integer(self, node: ir.Node, why: Decline) -> OpConfig | Decline:
+        """Specs of a Clip on integer data (``why``: the float matcher's decline, returned when
+        the data is not 8/16/32-bit integers)."""
+        if len(node.inputs) > 3 or node.inputs[0] is None or len(node.outputs) != 1:
+            return why
+        specs: list[TensorSpec | None] = []
+        for i, value in enumerate(node.inputs):
+            try:
+                spec = None if value is None else tensor_spec(value, f"{op_label(node)} input {i}")
+            except Decline:
+                return why
+            if isinstance(spec, Decline):
+                return why
+            specs.append(spec)
+        try:
+            out = tensor_spec(node.outputs[0], f"{op_label(node)} output 0")
+        except Decline:
+            return why
+        if isinstance(out, Decline) or specs[0] is None or specs[0].dtype not in INTEGER_DTYPES:
+            return why
+        return node_config(self, node, specs, [out])
+
     def check_attrs(self, cfg: OpConfig, label: str) -> OpConfig | Decline:
         return cfg  # validated in match (attributes are the bounds of Clip-6)
 
@@ -171,6 +210,20 @@ class Clip(UnaryOp):
     def fn(self, x, dims, floats):
         lo, hi = floats
         return np.minimum(np.maximum(x, lo), hi)
+
+    def compute(self, inputs, outputs, dims, floats):
+        x = inputs[0]
+        assert x is not None
+        if x.dtype in INTEGER_DTYPES:  # exact: int32 and narrower fit float64
+            return [self.fn(x.astype(np.float64), dims, floats).astype(outputs[0].dtype)]
+        return super().compute(inputs, outputs, dims, floats)
+
+    def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        x = np.asarray(inputs[0])
+        if x.dtype in INTEGER_DTYPES:
+            lo, hi = cfg.extra["bounds"]
+            return [np.minimum(np.maximum(x.astype(np.float64), lo), hi).astype(x.dtype)]
+        return super().reference(cfg, inputs)
 
 
 def prelu(x: np.ndarray, slope: np.ndarray) -> np.ndarray:

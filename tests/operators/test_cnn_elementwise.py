@@ -146,6 +146,33 @@ def test_clip_opset_variants(opset, lo, hi, attrs, want, float_dtype):
     assert [a.kind.name for a in res.prepared.args] == ["INPUT", "OUTPUT", "PARAMS"]
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int32])
+@pytest.mark.parametrize(("lo", "hi"), [(3, 100), (None, 7), (20, 5)])
+def test_clip_integer_data_is_exact(dtype, lo, hi):
+    shape = (3, 11)
+    x = np.random.default_rng(4).integers(0, 120, shape).astype(dtype)
+    t = _onnx_type(dtype)
+    inits = [
+        numpy_helper.from_array(np.asarray(v, dtype), k)
+        for k, v in (("lo", lo), ("hi", hi))
+        if v is not None
+    ]
+    node = helper.make_node("Clip", ["x", "" if lo is None else "lo", "hi"], ["y"], name="clip_i")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", t, list(shape))],
+        [helper.make_tensor_value_info("y", t, list(shape))],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
+    got = run_emu(model, {"x": x})["y"]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (want,) = sess.run(None, {"x": x})
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_clip_declines():
     _declines(
         one_node_model(
