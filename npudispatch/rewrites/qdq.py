@@ -24,7 +24,10 @@
    ``Div`` by ``sqrt(head_dim)``) is written exactly as ``DQ(q=±1, scale=|c|, zp=0)``. A group
    is fused only when the operator library takes the fused node (else nothing changes).
 7. **merge_dq** - identical DequantizeLinear copies left by step 2 are merged again.
-8. **fold_dequantize** - a DequantizeLinear of a constant whose reader has no quantized form
+8. **nbits** - ``MatMul(a, DQ(W))`` with a constant int4/uint4 ``W [K, N]`` quantized in blocks
+   of 16..128 along K becomes ``com.microsoft.MatMulNBits``: the weight is formatted 4-bit at
+   compile time instead of being expanded to float.
+9. **fold_dequantize** - a DequantizeLinear of a constant whose reader has no quantized form
    (a float MatMul weight, a LayerNormalization scale) becomes a float32 initializer; the float
    op then reads it like any weight (converted to bf16 by the precision pass).
 
@@ -47,6 +50,7 @@ from onnxscript.rewriter import pattern
 from npudispatch.operators import registry
 from npudispatch.operators.base import Decline
 from npudispatch.operators.quantize import QUANT_DTYPES, dequantize, expand_param, quantize
+from npudispatch.operators.weights import pack_nibbles
 from npudispatch.opset import DOMAIN, VERSION
 from npudispatch.opset_quant import CHAIN, QDQ_OPS
 from npudispatch.rewrites._checks import const_array
@@ -330,10 +334,7 @@ def _fuse(
         return False
     graph.insert_before(q, fused)
     name = y.name
-    y.replace_all_uses_with(out)
-    for k, gout in enumerate(graph.outputs):
-        if gout is y:
-            graph.outputs[k] = out
+    y.replace_all_uses_with(out, replace_graph_outputs=True)
     graph.remove([q, *remove], safe=True)
     for dq in dqs:  # now unread
         if dq.graph is graph and not dq.outputs[0].uses():
@@ -488,7 +489,83 @@ def _fuse_ops(graph: ir.Graph, namer: _Namer, opset: int, report: QdqReport) -> 
             chain = chain[1:]  # retry without the first op (its inputs were not all DQs)
 
 
-# ---- 8. DQ of constants ----------------------------------------------------------------------
+# ---- 8. block-quantized 4-bit weights -> MatMulNBits ------------------------------------------
+
+NBITS_BLOCKS = (16, 32, 64, 128)
+
+
+def _nbits(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
+    """``MatMul(a, DQ(W))`` with a constant 4-bit ``W [K, N]`` quantized in blocks along K
+    (``axis=0``, ``block_size`` 16..128) becomes ``com.microsoft.MatMulNBits``: the weight stays
+    4-bit and is formatted at compile time. Codes are shifted to unsigned (``int4 + 8``) with
+    the zero point shifted alike, so ``(code - zp) * scale`` is unchanged."""
+    for dq in list(graph):
+        if not _is(dq, "DequantizeLinear") or dq.outputs[0].is_graph_output():
+            continue
+        w = const_array(dq.inputs[0])
+        qtype = dq.inputs[0].dtype
+        if w is None or w.ndim != 2 or qtype not in (ir.DataType.INT4, ir.DataType.UINT4):
+            continue
+        params = _qparams(dq, qtype)
+        if params is None or params.block not in NBITS_BLOCKS or params.axis % 2 != 0:
+            continue
+        k, n = w.shape
+        k_blocks = -(-k // params.block)
+        if params.scale.shape != (k_blocks, n):
+            continue
+        readers = dq.outputs[0].uses()
+        if not readers or any(
+            not _is(r, "MatMul")
+            or i != 1
+            or r.inputs[0] is None
+            or r.inputs[0].dtype != ir.DataType.FLOAT
+            for r, i in readers
+        ):
+            continue
+        shift = 8 if qtype == ir.DataType.INT4 else 0
+        codes = np.zeros((n, k_blocks * params.block), np.uint8)
+        codes[:, :k] = (w.astype(np.int16) + shift).T
+        zps = (params.zp.astype(np.int16) + shift).T.astype(np.uint8)  # [N, k_blocks]
+        base = dq.inputs[0].name or "w"
+        b_val = _initializer(
+            graph, namer, f"{base}__nbits", pack_nibbles(codes).reshape(n, k_blocks, -1)
+        )
+        s_val = _initializer(
+            graph, namer, f"{base}__nbits_scales", np.ascontiguousarray(params.scale.T).reshape(-1)
+        )
+        inputs = [b_val, s_val]
+        if not (zps == 8).all():
+            inputs.append(
+                _initializer(graph, namer, f"{base}__nbits_zp", pack_nibbles(zps).reshape(-1))
+            )
+        for reader, _ in readers:
+            node = ir.node(
+                "MatMulNBits",
+                [reader.inputs[0], *inputs],
+                {"K": k, "N": n, "bits": 4, "block_size": params.block},
+                domain="com.microsoft",
+                version=1,
+                name=namer(f"{reader.name}__nbits"),
+            )
+            out, y = node.outputs[0], reader.outputs[0]
+            out.type, out.shape = y.type, y.shape
+            out.metadata_props.update(y.metadata_props)
+            if isinstance(registry.match(node), Decline):
+                for i in range(len(node.inputs)):
+                    node.replace_input_with(i, None)
+                continue
+            graph.insert_before(reader, node)
+            name = y.name
+            y.replace_all_uses_with(out, replace_graph_outputs=True)
+            graph.remove(reader, safe=True)
+            y.name = None
+            out.name = name
+            report.counts["nbits"] += 1
+        if not dq.outputs[0].uses():
+            graph.remove(dq, safe=True)
+
+
+# ---- 9. DQ of constants ----------------------------------------------------------------------
 
 
 def _fold_dequantize(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
@@ -537,10 +614,13 @@ def run_qdq_rewrites(model: ir.Model) -> QdqReport:
     _fuse_ops(graph, namer, opset, report)
     report.counts["fused"] += sum(v for k, v in report.fused_ops.items() if k != "QMatMul")
     _merge_dq(graph, report)
+    _nbits(graph, namer, report)
     _fold_dequantize(graph, namer, report)
     _remove_unused_initializers(graph, before)
     if report.fused_ops:
         model.opset_imports.setdefault(DOMAIN, VERSION)
+    if report.counts["nbits"]:
+        model.opset_imports.setdefault("com.microsoft", 1)
     return report
 
 

@@ -396,3 +396,70 @@ def test_chain_with_a_float_operand_is_not_fused():
     m2, _ = rewritten(m)
     assert "QDQChain" not in [n.op_type for n in m2.graph]
     assert "Mul" in ops(m2)  # the Erf alone is fused only if its input were a DQ: it is not
+
+
+# ---- block-quantized 4-bit weights --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("qtype", "with_zp"), [("int4", True), ("uint4", False), ("int4", False)])
+def test_block_quantized_4bit_weight_becomes_matmul_nbits(qtype, with_zp):
+    """DQ(int4/uint4 W [K, N], block 32 along K) -> MatMul: the weight stays 4-bit
+    (MatMulNBits, formatted at compile time); results within the bf16 policy of onnxruntime."""
+    import ml_dtypes
+    from onnx import TensorProto, helper, numpy_helper
+
+    from npudispatch.rewrites.precision import tolerance_for
+
+    k, n, block = 80, 24, 32  # K not a multiple of the block: a partial last block
+    rng = np.random.default_rng(3)
+    dtype = ml_dtypes.int4 if qtype == "int4" else ml_dtypes.uint4
+    lo, hi = (-8, 7) if qtype == "int4" else (0, 15)
+    w = rng.integers(lo, hi, (k, n), endpoint=True).astype(dtype)
+    scale = (rng.random((-(-k // block), n)) * 0.1 + 0.02).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "s")]
+    names = ["w", "s"]
+    if with_zp:
+        zp = rng.integers(lo, hi, scale.shape, endpoint=True).astype(dtype)
+        inits.append(numpy_helper.from_array(zp, "z"))
+        names.append("z")
+    nodes = [
+        helper.make_node("DequantizeLinear", names, ["dw"], axis=0, block_size=block),
+        helper.make_node("MatMul", ["x", "dw"], ["y"]),
+    ]
+    graph_proto = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+        initializer=inits,
+    )  # fmt: skip
+    proto = helper.make_model(
+        graph_proto, opset_imports=[helper.make_opsetid("", 21)], ir_version=10
+    )
+    m = ir.from_proto(proto)
+    m2, report = rewritten(m)
+    assert report.counts["nbits"] == 1
+    assert ops(m2) == ["com.microsoft.MatMulNBits"]
+    assert not any(
+        v.dtype == ir.DataType.FLOAT and v.shape == (k, n) for v in m2.graph.initializers.values()
+    )
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    got, want, calls = run_both(m, {"x": x})
+    tol = tolerance_for(["MatMulNBits"]).scaled(float(np.sqrt(np.mean(want**2))))
+    tol.assert_close(got, want, "MatMulNBits from a blocked int4 DQ")
+    assert calls == 1
+
+
+def test_fused_op_producing_a_graph_output():
+    m = qdq_model(
+        """
+        q = QuantizeLinear (x, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        s = Sigmoid (d)
+        out = QuantizeLinear (s, ys, yz)""",
+        outputs="uint8[2,4,8] out",
+    )
+    m2, _ = rewritten(m)
+    assert ops(m2) == ["QuantizeLinear", P + "QDQSigmoid"]
+    assert m2.graph.outputs[0].name == "out"
+    got, want, calls = run_both(m, x_feed())
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1 and calls == 1
