@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from npudispatch.cli.common import print_json
+from npudispatch.dispatch.backends import backend_spec
+from npudispatch.dispatch.backends.registry import cli_flag
 from npudispatch.errors import ModelError
 
 
@@ -92,11 +94,8 @@ def run(args: argparse.Namespace) -> int:
         prompt = [int(t) for t in tokenizer.encode(args.prompt)]
     else:
         prompt = args.prompt_ids
-    options = {}
-    if args.backend == "xrt":
-        if args.xclbin is None:
-            raise ModelError("--backend xrt needs --xclbin PATH (the overlay's xclbin)")
-        options["xclbin"] = args.xclbin
+    options = {} if args.xclbin is None else {"xclbin": args.xclbin}
+    backend_spec(args.backend).check(options, cli_flag)  # the backend judges its own options
     gen = Generator(
         args.model_dir,
         bf16=args.bf16,

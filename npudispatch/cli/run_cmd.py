@@ -38,9 +38,10 @@ from npudispatch.cli.common import (
     writing,
 )
 from npudispatch.cli.compile_cmd import add_compile_options
-from npudispatch.dispatch.backends import BACKENDS
+from npudispatch.dispatch.backends import backend_names, backend_spec
+from npudispatch.dispatch.backends.registry import cli_flag
 from npudispatch.dispatch.check import ULPS
-from npudispatch.errors import BackendUnavailableError, ModelError
+from npudispatch.errors import ModelError
 from npudispatch.rewrites.precision import Tolerance, tolerance_for_output
 
 EXIT_MISMATCH = 1
@@ -58,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--inputs", type=Path, help=".npz file with one array per model input")
     parser.add_argument(
-        "--backend", default="emulator", choices=BACKENDS, help="emulator (default) or xrt"
+        "--backend", default="emulator", choices=backend_names(), help="emulator (default) or xrt"
     )
     parser.add_argument("--xclbin", type=Path, help="xclbin for the xrt backend")
     parser.add_argument(
@@ -226,23 +227,8 @@ def run(args: argparse.Namespace) -> int:
 
     dims = parse_dims(args.dims)
     shapes = parse_shapes(args.shape)
-    options: dict[str, Any] = {}
-    if args.backend == "xrt":
-        if args.xclbin is None:
-            raise BackendUnavailableError(
-                "--backend xrt needs --xclbin FILE (the overlay/mlir-aie .xclbin); without an "
-                "NPU use the default --backend emulator"
-            )
-        if not args.xclbin.is_file():
-            raise BackendUnavailableError(
-                f"--xclbin {str(args.xclbin)!r} is not a file; give the path of the .xclbin"
-            )
-        options["xclbin"] = args.xclbin
-    elif args.xclbin is not None:
-        raise BackendUnavailableError(
-            f"--xclbin is only used with --backend xrt, not {args.backend}; drop it or add "
-            "--backend xrt"
-        )
+    options: dict[str, Any] = {} if args.xclbin is None else {"xclbin": args.xclbin}
+    backend_spec(args.backend).check(options, cli_flag)  # the backend judges its own options
     if args.save_outputs is not None:
         output_file(args.save_outputs, "the outputs")
     if args.check and is_program_dir(args.model):

@@ -23,7 +23,9 @@ from npudispatch.dispatch.backends.base import (
     RunStats,
     check_io,
 )
+from npudispatch.dispatch.backends.registry import BackendSpec
 from npudispatch.emulator import KernelRegistry, VirtualNpu
+from npudispatch.errors import BackendUnavailableError
 from npudispatch.txn import Transaction
 
 
@@ -98,3 +100,20 @@ class EmulatorBackend:
         stats.bytes_to_device, stats.bytes_from_device = data.size, output.size
         stats.device = device_stats.to_json()
         return stats
+
+
+def _validate(options: Mapping[str, Any], name: Callable[[str], str]) -> None:
+    cols = options.get("num_cols")
+    if cols is not None and not (isinstance(cols, int) and 1 <= cols <= 8):
+        raise BackendUnavailableError(
+            f"{name('num_cols')} {cols!r}: the emulated partition is 1 to 8 columns wide"
+        )
+
+
+SPEC = BackendSpec(
+    name="emulator",
+    summary="the functional NPU emulator, no hardware needed",
+    create=EmulatorBackend,
+    options=("num_cols",),
+    validate=_validate,
+)

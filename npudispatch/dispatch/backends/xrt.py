@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import threading
 import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from npudispatch.dispatch.backends.base import (
     RunStats,
     check_io,
 )
+from npudispatch.dispatch.backends.registry import BackendSpec
 from npudispatch.errors import BackendUnavailableError, DeviceError, DeviceHang
 
 CONVENTIONS = {"mlir-aie": 3, "dynamic-dispatch": 2}
@@ -286,3 +288,30 @@ class XrtBackend:
             "on this context; restart the process",
         }.get(getattr(state, "name", ""), "see `dmesg` for amdxdna messages")
         return DeviceError(f"program {name!r}: NPU command ended in {text}: {hint}")
+
+
+def _validate(options: Mapping[str, Any], name: Callable[[str], str]) -> None:
+    xclbin = Path(options["xclbin"]).expanduser()
+    if not xclbin.is_file():
+        raise BackendUnavailableError(
+            f"{name('xclbin')} {str(xclbin)!r} is not a file; give the path of the overlay's "
+            ".xclbin (without an NPU, use the 'emulator' backend)"
+        )
+    convention = options.get("convention", "mlir-aie")
+    if convention not in CONVENTIONS:
+        raise BackendUnavailableError(
+            f"{name('convention')} {convention!r}: choose one of {', '.join(CONVENTIONS)}"
+        )
+    timeout = options.get("timeout_ms", DEFAULT_TIMEOUT_MS)
+    if not isinstance(timeout, int) or timeout <= 0:
+        raise BackendUnavailableError(f"{name('timeout_ms')} {timeout!r} must be a positive int")
+
+
+SPEC = BackendSpec(
+    name="xrt",
+    summary="a real NPU through XRT's pyxrt; needs the overlay's .xclbin",
+    create=XrtBackend,
+    options=("xclbin", "kernel_name", "convention", "timeout_ms", "device_index"),
+    required=("xclbin",),
+    validate=_validate,
+)
