@@ -143,6 +143,19 @@ def test_fused_conv_matches_its_function_body_on_onnxruntime(act):
     check(ir.to_proto(ir_model), x_shape, seed=3)
 
 
+def test_fused_conv_clip_body_before_opset_15():
+    """CastLike is opset 15: an opset-12 model (PP-OCR) gets the Clip body without it."""
+    x_shape, w_shape, y_shape = (1, 3, 6, 7), (4, 3, 3, 3), (1, 4, 4, 5)
+    model = conv_model(
+        "FusedConv", x_shape, w_shape, y_shape, domain=opset.DOMAIN, opset=12,
+        activation="Clip", alpha=0.0, beta=6.0,
+    )  # fmt: skip
+    ir_model = ir.from_proto(model)
+    opset.attach_functions(ir_model)
+    assert next(iter(ir_model.graph)).overload == opset.CLIP_PRE_CASTLIKE
+    check(ir.to_proto(ir_model), x_shape, seed=3)
+
+
 # ---- declines -------------------------------------------------------------------------------
 
 
