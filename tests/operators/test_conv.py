@@ -186,6 +186,20 @@ def test_bad_attributes_decline_with_reason(attrs, why):
     assert isinstance(got, Decline) and why in got.reason, got
 
 
+@pytest.mark.parametrize(
+    ("attrs", "why"),
+    [
+        ({"strides": [2, 2], "output_padding": [2, 0]}, "output_padding [2, 0] must be <"),
+        ({"output_shape": [20, 20]}, "larger than the full output"),
+        ({"group": 3}, "group=3 does not fit"),
+    ],
+)
+def test_conv_transpose_bad_attributes_decline(attrs, why):
+    model = conv_model("ConvTranspose", (1, 4, 5, 6), (4, 3, 3, 3), (1, 3, 7, 8), **attrs)
+    got = _match(model)
+    assert isinstance(got, Decline) and why in got.reason, got
+
+
 def test_wrong_declared_output_shape_declines():
     model = conv_model("Conv", (1, 3, 5, 5), (2, 3, 3, 3), (1, 2, 4, 4))
     got = _match(model)
