@@ -76,6 +76,24 @@ def test_conv_matches_onnxruntime(case):
     check(conv_model("Conv", x_shape, w_shape, y_shape, **attrs), x_shape)
 
 
+@pytest.mark.parametrize(
+    ("w_shape", "y_shape", "attrs"),
+    [
+        ((4, 3, 3, 3), (1, 4, 6, 6), {"auto_pad": "SAME_UPPER", "strides": [2, 2],
+                                       "dilations": [2, 2]}),
+        ((4, 3, 3, 2), (1, 4, 11, 12), {"auto_pad": "SAME_LOWER", "dilations": [3, 2]}),
+    ],
+)  # fmt: skip
+def test_same_padding_with_dilation_matches_onnx_reference(w_shape, y_shape, attrs):
+    """onnxruntime refuses auto_pad SAME with dilations; the ONNX spec (and onnx.reference)
+    pads for the dilated kernel."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = conv_model("Conv", (1, 3, 11, 12), w_shape, y_shape, **attrs)
+    x = random((1, 3, 11, 12), F32)
+    assert_close(run_emu(model, {"X": x})["Y"], ReferenceEvaluator(model).run(None, {"X": x})[0])
+
+
 def test_conv_without_bias_and_bf16(float_dtype):
     model = conv_model("Conv", (1, 5, 8, 9), (6, 5, 3, 3), (1, 6, 6, 7), float_dtype, bias=False)
     check(model, (1, 5, 8, 9), float_dtype)
