@@ -12,23 +12,35 @@ or path) which is then partitioned with the NPU support query of the compiler (o
 * :func:`partition_html` is a table of the partitions (kind, ops, inputs, outputs) and of the
   nodes left on the CPU with the reason.
 
+This is also the presentation side of the core types: :func:`plot_plan` draws a buffer plan's
+scratch memory, and the notebook views of ``BufferPlan``, ``FusedProgram``, ``CompiledModel`` and
+``Transaction`` (:func:`plan_html`, :func:`program_html`, :func:`compiled_html`,
+``txn.html.transaction_html``) are registered here with :mod:`npudispatch.display`; the core
+types never import them.
+
 matplotlib is an optional dependency (``pip install npudispatch[viz]``).
 """
 
 from __future__ import annotations
 
+import html
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import onnx_ir as ir
 
 from npudispatch import graph
+from npudispatch.dispatch.plan import PAD_NAME, BufferKind, BufferPlan, Placement
+from npudispatch.display import register_html
 from npudispatch.errors import ModelError
 from npudispatch.graph import Partition, PartitionReport
 from npudispatch.graph.support import Supported
-from npudispatch.txn.html import html_table
+from npudispatch.txn.html import html_table, transaction_html
+
+if TYPE_CHECKING:
+    from npudispatch.dispatch.emit import FusedProgram
 
 __all__ = [
     "PartitionView",
@@ -264,3 +276,155 @@ def partition_html(source: Any, *, supported: Supported | None = None) -> str:
             [(u.name, f"{u.domain}.{u.op_type}", u.reason) for u in rep.unsupported],
         )
     return f'<div class="npudispatch-partitions">{out}</div>'
+
+
+# ---- rich views of the core types (registered with npudispatch.display) ---------------------
+
+
+def plan_html(plan: BufferPlan) -> str:
+    """Notebook view of a :class:`BufferPlan`: the summary as an HTML table."""
+    esc = html.escape
+    head = "".join(f"<div>{esc(line)}</div>" for line in plan.headline())
+    cols = ("tensor", "buffer", "offset", "bytes", "life", "shape", "dtype", "alias")
+    th = "".join(f"<th>{c}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in plan.table_rows()
+    )
+    return f"<div>{head}<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def plot_plan(plan: BufferPlan, ax: Any = None) -> Any:
+    """Draw a plan's scratch buffer: x = op index (lifetime), y = byte offset, one labelled
+    rectangle per intermediate, the shared op pad as a hatched band, and a dashed horizontal
+    line at the lower bound. Returns the matplotlib ``Axes``.
+
+    matplotlib is optional; raises ImportError with the install hint when it is missing.
+    """
+    try:
+        from matplotlib.patches import Rectangle
+    except ImportError as exc:
+        raise ImportError(
+            "plot_plan() needs matplotlib, an optional dependency: pip install matplotlib"
+        ) from exc
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(9, 5))
+    scratch = [
+        (name, pl)
+        for name, pl in plan.placements.items()
+        if pl.buffer == BufferKind.SCRATCH and pl.alias_of is None
+    ]
+    lo = min((pl.first for _, pl in scratch), default=0)
+    hi = max((pl.last for _, pl in scratch), default=0) + 1
+    for i, (name, pl) in enumerate(sorted(scratch, key=lambda kv: (kv[1].first, kv[1].offset))):
+        color = f"C{i % 10}"
+        ax.add_patch(
+            Rectangle(
+                (pl.first, pl.offset),
+                pl.last - pl.first + 1,
+                pl.nbytes,
+                facecolor=color,
+                edgecolor="black",
+                alpha=0.6,
+                label=name,
+            )
+        )
+    if plan.op_scratch_bytes:
+        ax.add_patch(
+            Rectangle(
+                (lo, plan.op_scratch_offset),
+                hi - lo,
+                plan.op_scratch_bytes,
+                facecolor="none",
+                edgecolor="grey",
+                hatch="//",
+                label=PAD_NAME,
+            )
+        )
+    bound = ax.axhline(
+        plan.scratch_lower_bound_bytes, color="red", linestyle="--", label="lower bound"
+    )
+    extras = [bound, *(p for p in ax.patches if p.get_label() == PAD_NAME)]
+    ax.legend(handles=extras, loc="upper right", fontsize=8)
+    ax.set_xlim(lo, hi)
+    # Headroom so the lower-bound line stays visible when the plan reaches it.
+    ax.set_ylim(0, 1.05 * max(plan.scratch_bytes, plan.scratch_lower_bound_bytes, 1))
+    _label_boxes(ax, scratch)
+    ax.set_xlabel("op index (tensor lifetime)")
+    ax.set_ylabel("scratch offset (bytes)")
+    ax.set_title(
+        f"scratch {plan.scratch_bytes:,} B ({plan.strategy}); "
+        f"intermediates {plan.scratch_intermediate_bytes:,} B, lower bound "
+        f"{plan.scratch_lower_bound_bytes:,} B"
+    )
+    return ax
+
+
+def _short_label(name: str) -> str:
+    """Readable tensor label: exporter names like ``/model/layers.0/mlp/Mul_output_0`` -> ``mlp/Mul``."""
+    parts = [p for p in name.replace("_output_0", "").split("/") if p]
+    return "/".join(parts[-2:]) if len(parts) > 1 else (parts[0] if parts else name)
+
+
+def _label_boxes(ax: Any, scratch: list[tuple[str, Placement]]) -> None:
+    """Label each tensor's rectangle with a short name, only where the text fits inside it."""
+    fig = ax.figure
+    fig.canvas.draw_idle()
+    to_px = ax.transData.transform
+    char_px = 8 * fig.dpi / 72 * 0.6  # fontsize 8, average glyph ~0.6 em
+    line_px = 8 * fig.dpi / 72 * 1.3
+    for name, pl in scratch:
+        (x0, y0), (x1, y1) = (
+            to_px((pl.first, pl.offset)),
+            to_px((pl.last + 1, pl.offset + pl.nbytes)),
+        )
+        label = _short_label(name)
+        if abs(x1 - x0) < char_px * len(label) + 4 or abs(y1 - y0) < line_px:
+            continue
+        ax.text(
+            pl.first + (pl.last - pl.first + 1) / 2,
+            pl.offset + pl.nbytes / 2,
+            label,
+            ha="center",
+            va="center",
+            fontsize=8,
+            clip_on=True,
+        )
+
+
+def program_html(program: FusedProgram) -> str:
+    """Notebook view of a :class:`FusedProgram`: the op list, the IO bindings and its plan."""
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{i}</td><td>{esc(op.name)}</td><td>{esc(op.op_type)}</td>"
+        f"<td>{op.kernel_id}</td><td>{esc(', '.join(op.in_args + op.const_args))}</td>"
+        f"<td>{esc(', '.join(op.out_args))}</td><td>{op.txn_ops}</td></tr>"
+        for i, op in enumerate(program.ops)
+    )
+    io = "".join(
+        f"<tr><td>{kind}</td><td>{esc(b.name)}</td><td>{esc(b.dtype)}</td>"
+        f"<td>{list(b.shape)}</td><td>{list(b.padded_shape)}</td><td>{b.offset}</td></tr>"
+        for kind, bs in (("in", program.inputs), ("out", program.outputs))
+        for b in bs
+    )
+    return (
+        f"<div><b>FusedProgram {esc(program.name)}</b>: {len(program.ops)} ops, fused txn "
+        f"{program.txn.nbytes:,} B ({program.txn.num_ops} txn ops), one kernel call"
+        "<table><tr><th>#</th><th>op</th><th>type</th><th>kernel</th><th>inputs</th>"
+        f"<th>outputs</th><th>txn ops</th></tr>{rows}</table>"
+        "<table><tr><th></th><th>tensor</th><th>dtype</th><th>shape</th><th>padded</th>"
+        f"<th>offset</th></tr>{io}</table>{plan_html(program.plan)}</div>"
+    )
+
+
+def compiled_html(compiled: Any) -> str:
+    """Notebook view of a ``CompiledModel``: its partitions (and why nodes stay on the CPU), then
+    each NPU program."""
+    return partition_html(compiled) + "".join(program_html(p) for p in compiled.programs.values())
+
+
+register_html("npudispatch.dispatch.plan.BufferPlan", plan_html)
+register_html("npudispatch.dispatch.emit.FusedProgram", program_html)
+register_html("npudispatch.dispatch.compile.CompiledModel", compiled_html)
+register_html("npudispatch.txn.transaction.Transaction", transaction_html)

@@ -36,6 +36,7 @@ from npudispatch.dispatch.emit import (
     value_nbytes,
 )
 from npudispatch.dispatch.plan import BufferPlan, TensorRequest, build_plan
+from npudispatch.display import rich_html
 from npudispatch.errors import ModelError, PlanError, UnsupportedOpError
 from npudispatch.graph import Partition, PartitionReport
 from npudispatch.graph.support import Supported
@@ -96,12 +97,8 @@ class CompiledModel:
         npu = sum(len(p.nodes) for p in self.partitions if p.kind == "npu")
         return npu / total if total else 0.0
 
-    def _repr_html_(self) -> str:
-        """Notebook view: the partitions (and why nodes stay on the CPU), then each program."""
-        from npudispatch.viz import partition_html
-
-        programs = "".join(p._repr_html_() for p in self.programs.values())
-        return partition_html(self) + programs
+    # Notebook view (partitions, why nodes stay on the CPU, each program): npudispatch.viz.
+    _repr_html_ = rich_html
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the whole compiled model (NPU programs, CPU segments with their weights,

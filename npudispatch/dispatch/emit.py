@@ -21,7 +21,6 @@ A constant an operator streams as an activation gets its own const region named
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ import onnx_ir as ir
 
 from npudispatch.dispatch.backends.base import ProgramImage
 from npudispatch.dispatch.plan import BufferKind, BufferPlan
+from npudispatch.display import rich_html
 from npudispatch.errors import ModelError, PlanError, ProgramFormatError, TxnFormatError
 from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, ArgSpec, OpConfig, round_up
@@ -502,26 +502,5 @@ class FusedProgram:
             f"{self.txn.num_ops} ops, buffers {self.plan.buffer_sizes})"
         )
 
-    def _repr_html_(self) -> str:
-        """Notebook view: the op list, the IO bindings and the buffer plan."""
-        esc = html.escape
-        rows = "".join(
-            f"<tr><td>{i}</td><td>{esc(op.name)}</td><td>{esc(op.op_type)}</td>"
-            f"<td>{op.kernel_id}</td><td>{esc(', '.join(op.in_args + op.const_args))}</td>"
-            f"<td>{esc(', '.join(op.out_args))}</td><td>{op.txn_ops}</td></tr>"
-            for i, op in enumerate(self.ops)
-        )
-        io = "".join(
-            f"<tr><td>{kind}</td><td>{esc(b.name)}</td><td>{esc(b.dtype)}</td>"
-            f"<td>{list(b.shape)}</td><td>{list(b.padded_shape)}</td><td>{b.offset}</td></tr>"
-            for kind, bs in (("in", self.inputs), ("out", self.outputs))
-            for b in bs
-        )
-        return (
-            f"<div><b>FusedProgram {esc(self.name)}</b>: {len(self.ops)} ops, fused txn "
-            f"{self.txn.nbytes:,} B ({self.txn.num_ops} txn ops), one kernel call"
-            "<table><tr><th>#</th><th>op</th><th>type</th><th>kernel</th><th>inputs</th>"
-            f"<th>outputs</th><th>txn ops</th></tr>{rows}</table>"
-            "<table><tr><th></th><th>tensor</th><th>dtype</th><th>shape</th><th>padded</th>"
-            f"<th>offset</th></tr>{io}</table>{self.plan._repr_html_()}</div>"
-        )
+    # Notebook view (op list, IO bindings, buffer plan): npudispatch.viz.program_html.
+    _repr_html_ = rich_html

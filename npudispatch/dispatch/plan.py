@@ -21,7 +21,6 @@ to the result, and :meth:`BufferPlan.validate` proves no two live tensors share 
 from __future__ import annotations
 
 import heapq
-import html
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from npudispatch.dispatch.allocate import (
     allocate,
     dd_style_no_reuse_size,
 )
+from npudispatch.display import rich_html
 from npudispatch.errors import PlanError
 from npudispatch.overlay_abi import BufferKind, round_up
 
@@ -47,7 +47,7 @@ __all__ = [
 TensorKind = Literal["input", "output", "intermediate"]
 _TENSOR_KINDS: tuple[str, ...] = ("input", "output", "intermediate")
 _FOREVER = (-(1 << 62), 1 << 62)  # lifetime of things the host touches outside the run
-_PAD_NAME = "<shared op scratch pad>"
+PAD_NAME = "<shared op scratch pad>"
 _PLAN_FORMAT = 1
 
 
@@ -182,7 +182,7 @@ class BufferPlan:
             groups[pl.buffer].append((f"tensor {name!r}", pl.offset, pl.end, first, last))
         groups[BufferKind.SCRATCH].append(
             (
-                _PAD_NAME,
+                PAD_NAME,
                 self.op_scratch_offset,
                 self.op_scratch_offset + self.op_scratch_bytes,
                 *_FOREVER,
@@ -341,7 +341,7 @@ class BufferPlan:
 
     # --- human views ---------------------------------------------------------------------------
 
-    def _rows(self) -> list[tuple[str, str, str, str, str, str, str, str]]:
+    def table_rows(self) -> list[tuple[str, str, str, str, str, str, str, str]]:
         rows = []
         order = sorted(self.placements.items(), key=lambda kv: (kv[1].buffer, kv[1].offset, kv[0]))
         for name, pl in order:
@@ -359,7 +359,7 @@ class BufferPlan:
             )
         return rows
 
-    def _headline(self) -> list[str]:
+    def headline(self) -> list[str]:
         lb = self.scratch_lower_bound_bytes
         ratio = f"{self.scratch_intermediate_bytes / lb:.3f}x" if lb else "n/a"
         tried = ", ".join(f"{k} {v:,}" for k, v in self.strategy_sizes.items())
@@ -375,10 +375,10 @@ class BufferPlan:
     def summary(self) -> str:
         """Plain-text report: buffer sizes, scratch quality, then one row per tensor."""
         header = ("tensor", "buffer", "offset", "bytes", "life", "shape", "dtype", "alias")
-        rows = [header, *self._rows()]
+        rows = [header, *self.table_rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         numeric = {2, 3}
-        lines = [*self._headline(), ""]
+        lines = [*self.headline(), ""]
         for r in rows:
             cells = (
                 c.rjust(w) if i in numeric else c.ljust(w)
@@ -393,115 +393,8 @@ class BufferPlan:
                 )
         return "\n".join(lines)
 
-    def _repr_html_(self) -> str:
-        """Notebook view: the summary as an HTML table."""
-        esc = html.escape
-        head = "".join(f"<div>{esc(line)}</div>" for line in self._headline())
-        cols = ("tensor", "buffer", "offset", "bytes", "life", "shape", "dtype", "alias")
-        th = "".join(f"<th>{c}</th>" for c in cols)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in self._rows()
-        )
-        return f"<div>{head}<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>"
-
-    def plot(self, ax: Any = None) -> Any:
-        """Draw the scratch buffer: x = op index (lifetime), y = byte offset, one labelled
-        rectangle per intermediate, the shared op pad as a hatched band, and a dashed horizontal
-        line at the lower bound. Returns the matplotlib ``Axes``.
-
-        matplotlib is optional; raises ImportError with the install hint when it is missing.
-        """
-        try:
-            from matplotlib.patches import Rectangle
-        except ImportError as exc:
-            raise ImportError(
-                "BufferPlan.plot() needs matplotlib, an optional dependency: pip install matplotlib"
-            ) from exc
-        if ax is None:
-            import matplotlib.pyplot as plt
-
-            _, ax = plt.subplots(figsize=(9, 5))
-        scratch = [
-            (name, pl)
-            for name, pl in self.placements.items()
-            if pl.buffer == BufferKind.SCRATCH and pl.alias_of is None
-        ]
-        lo = min((pl.first for _, pl in scratch), default=0)
-        hi = max((pl.last for _, pl in scratch), default=0) + 1
-        for i, (name, pl) in enumerate(sorted(scratch, key=lambda kv: (kv[1].first, kv[1].offset))):
-            color = f"C{i % 10}"
-            ax.add_patch(
-                Rectangle(
-                    (pl.first, pl.offset),
-                    pl.last - pl.first + 1,
-                    pl.nbytes,
-                    facecolor=color,
-                    edgecolor="black",
-                    alpha=0.6,
-                    label=name,
-                )
-            )
-        if self.op_scratch_bytes:
-            ax.add_patch(
-                Rectangle(
-                    (lo, self.op_scratch_offset),
-                    hi - lo,
-                    self.op_scratch_bytes,
-                    facecolor="none",
-                    edgecolor="grey",
-                    hatch="//",
-                    label=_PAD_NAME,
-                )
-            )
-        bound = ax.axhline(
-            self.scratch_lower_bound_bytes, color="red", linestyle="--", label="lower bound"
-        )
-        extras = [bound, *(p for p in ax.patches if p.get_label() == _PAD_NAME)]
-        ax.legend(handles=extras, loc="upper right", fontsize=8)
-        ax.set_xlim(lo, hi)
-        # Headroom so the lower-bound line stays visible when the plan reaches it.
-        ax.set_ylim(0, 1.05 * max(self.scratch_bytes, self.scratch_lower_bound_bytes, 1))
-        _label_boxes(ax, scratch)
-        ax.set_xlabel("op index (tensor lifetime)")
-        ax.set_ylabel("scratch offset (bytes)")
-        ax.set_title(
-            f"scratch {self.scratch_bytes:,} B ({self.strategy}); "
-            f"intermediates {self.scratch_intermediate_bytes:,} B, lower bound "
-            f"{self.scratch_lower_bound_bytes:,} B"
-        )
-        return ax
-
-
-def _short_label(name: str) -> str:
-    """Readable tensor label: exporter names like ``/model/layers.0/mlp/Mul_output_0`` -> ``mlp/Mul``."""
-    parts = [p for p in name.replace("_output_0", "").split("/") if p]
-    return "/".join(parts[-2:]) if len(parts) > 1 else (parts[0] if parts else name)
-
-
-def _label_boxes(ax: Any, scratch: list[tuple[str, Placement]]) -> None:
-    """Label each tensor's rectangle with a short name, only where the text fits inside it."""
-    fig = ax.figure
-    fig.canvas.draw_idle()
-    to_px = ax.transData.transform
-    char_px = 8 * fig.dpi / 72 * 0.6  # fontsize 8, average glyph ~0.6 em
-    line_px = 8 * fig.dpi / 72 * 1.3
-    for name, pl in scratch:
-        (x0, y0), (x1, y1) = (
-            to_px((pl.first, pl.offset)),
-            to_px((pl.last + 1, pl.offset + pl.nbytes)),
-        )
-        label = _short_label(name)
-        if abs(x1 - x0) < char_px * len(label) + 4 or abs(y1 - y0) < line_px:
-            continue
-        ax.text(
-            pl.first + (pl.last - pl.first + 1) / 2,
-            pl.offset + pl.nbytes / 2,
-            label,
-            ha="center",
-            va="center",
-            fontsize=8,
-            clip_on=True,
-        )
+    # Notebook view and picture (npudispatch.viz.plan_html / plot_plan), registered by viz.
+    _repr_html_ = rich_html
 
 
 def _check_disjoint(buffer: BufferKind, items: list[tuple[str, int, int, int, int]]) -> None:

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
+from npudispatch.display import rich_html
 from npudispatch.errors import TxnFormatError
 from npudispatch.txn.codec import OpIndex, decode_op, encode_op, encoded_size, scan
 from npudispatch.txn.header import HEADER_SIZE, OPT_VERSION, PLAIN_VERSION, TxnHeader
@@ -227,11 +228,8 @@ class Transaction:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def _repr_html_(self) -> str:
-        """Notebook summary: header, op histogram, DDR patches by argidx, data movement."""
-        from npudispatch.txn.html import transaction_html  # html imports this module
-
-        return transaction_html(self)
+    # Notebook view (header, op histogram, patches, data movement): txn.html, registered by viz.
+    _repr_html_ = rich_html
 
     def __repr__(self) -> str:
         fmt = "opt 1.0" if self.is_opt else "plain 0.1"

@@ -1,4 +1,4 @@
-"""BufferPlan.plot(): a matplotlib picture of the scratch buffer (Agg backend, no display)."""
+"""viz.plot_plan(): a matplotlib picture of the scratch buffer (Agg backend, no display)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from npudispatch import viz
 from npudispatch.dispatch.plan import TensorRequest, build_plan
 
 matplotlib = pytest.importorskip("matplotlib")
@@ -29,7 +30,7 @@ def test_plot_draws_one_rectangle_per_intermediate_and_lower_bound_line():
     import matplotlib.pyplot as plt
 
     plan = small_plan()
-    ax = plan.plot()
+    ax = viz.plot_plan(plan)
     try:
         labels = [p.get_label() for p in ax.patches]
         assert sorted(labels) == sorted(["Y0", "Y1", "Z0", "A", "<shared op scratch pad>"])
@@ -50,7 +51,7 @@ def test_plot_on_given_axes():
 
     fig, ax = plt.subplots()
     try:
-        assert small_plan().plot(ax) is ax
+        assert viz.plot_plan(small_plan(), ax) is ax
     finally:
         plt.close(fig)
 
@@ -60,4 +61,4 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
-        small_plan().plot()
+        viz.plot_plan(small_plan())

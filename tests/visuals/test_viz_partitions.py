@@ -118,3 +118,20 @@ def test_empty_report_is_refused():
     empty = ir.Model(ir.Graph([], [], nodes=[], name="empty"), ir_version=10)
     with pytest.raises(ModelError, match="nothing to draw"):
         viz.partition_view(graph.report(empty, lambda n: None))
+
+
+def test_core_types_get_rich_views_without_importing_their_renderers(compiled):
+    import subprocess
+    import sys
+
+    # Importing the core modules must not pull in the presentation side...
+    code = (
+        "import sys; import npudispatch.dispatch.compile, npudispatch.txn.transaction; "
+        "print('npudispatch.viz' in sys.modules, 'npudispatch.txn.html' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    # ...yet a notebook still gets every rich view (registered by viz on first display).
+    program = next(iter(compiled.programs.values()))
+    assert "FusedProgram" in program._repr_html_() and "<table>" in program.plan._repr_html_()
+    assert "npu0" in compiled._repr_html_() and "DDR" in program.txn._repr_html_()
