@@ -227,8 +227,6 @@ class CompiledArtifact:
 
     def save(self, directory: str | Path) -> Path:
         """Write the folder (see the module docstring); earlier segment folders are removed."""
-        from npudispatch.dispatch.meta import to_dd_meta
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / ARTIFACT_FILE).unlink(missing_ok=True)  # incomplete until written again
@@ -239,9 +237,7 @@ class CompiledArtifact:
         entries: list[dict[str, Any]] = []
         for seg in self.segments:
             if isinstance(seg, FusedProgram):
-                program_dir = seg.save(d / seg.name)
-                if not (program_dir / "meta.json").is_file():
-                    (program_dir / "meta.json").write_text(json.dumps(to_dd_meta(seg), indent=1))
+                seg.save(d / seg.name)
                 entries.append({"name": seg.name, "kind": "npu"})
                 continue
             seg_dir = d / seg.name

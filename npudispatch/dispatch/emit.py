@@ -412,12 +412,17 @@ class FusedProgram:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``program.json``, ``txn.bin`` (raw fused TXN), ``const.bin``, ``params.bin``."""
+        """Write ``program.json``, ``txn.bin`` (raw fused TXN), ``const.bin``, ``params.bin`` and
+        ``meta.json`` (DD's meta JSON, for DD tooling; :meth:`load` does not need it): the same
+        files as a partition folder of ``npudispatch compile -o``."""
+        from npudispatch.dispatch.meta import to_dd_meta
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "txn.bin").write_bytes(self.txn.to_bytes())
         (d / "const.bin").write_bytes(self.const_image)
         (d / "params.bin").write_bytes(self.params_image)
+        (d / "meta.json").write_text(json.dumps(to_dd_meta(self), indent=1))
         (d / "program.json").write_text(json.dumps(self.to_json(), indent=1))
         return d
 

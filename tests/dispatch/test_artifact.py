@@ -125,6 +125,13 @@ def test_single_fused_program_folder_runs(tmp_path):
     model = GOLDEN["G11"]()
     (program,) = compile_model(model).programs.values()
     program.save(tmp_path / "p")
+    assert _files(tmp_path / "p") == [
+        "const.bin",
+        "meta.json",
+        "params.bin",
+        "program.json",
+        "txn.bin",
+    ]  # what compile -o writes per NPU partition
     feeds = random_feeds(model)
     (got,) = Session(tmp_path / "p").run(None, feeds)
     (ref,) = onnxruntime_run(model, feeds).values()

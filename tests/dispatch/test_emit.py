@@ -78,6 +78,7 @@ def test_save_load_round_trip_runs_identically(tmp_path, g11):
     g11.save(tmp_path / "p")
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
         "const.bin",
+        "meta.json",
         "params.bin",
         "program.json",
         "txn.bin",
