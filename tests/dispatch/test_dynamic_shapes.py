@@ -3,6 +3,8 @@ onnxruntime-style errors for bad feeds. References are onnxruntime runs of the s
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -158,3 +160,19 @@ def test_bucketing_pads_in_crops_out_and_shares_programs(model, reference):
     assert y.shape == (3, 2, D) and by_name.last_run_stats.program_shapes == {"x": (4, 2, D)}
     with pytest.raises(ModelError, match="names no free input dim"):
         Session(model, cache=False, bucket={"x:2": 8})
+
+
+def test_cli_run_binds_free_dims_from_the_inputs_file(model, tmp_path, capsys):
+    """``run MODEL --inputs x.npz --check``: the arrays' shapes bind the free dims, for the
+    session and for the onnxruntime reference."""
+    from npudispatch.cli import main
+
+    path, npz = tmp_path / "dyn.onnx", tmp_path / "x.npz"
+    onnx.save(model, path)
+    np.savez(npz, x=_x(2, 3, D))
+    capsys.readouterr()
+    assert main(["run", str(path), "--inputs", str(npz), "--check", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ok"] is True and summary["outputs"]["y"]["shape"] == [2, 3, D]
+    assert main(["run", str(path)]) == 2  # random inputs need a shape
+    assert "free dims" in capsys.readouterr().err
