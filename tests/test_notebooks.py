@@ -17,6 +17,16 @@ EXPECTED = ["01_quickstart", "02_rewrites", "03_transactions", "04_memory", "05_
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 120
 
+#: What each notebook's text claims, as it prints it: the run must print every line.
+CLAIMS = {
+    "02_rewrites": [
+        "partitions before: ['npu0', 'cpu0', 'npu1']",  # Softsign has no NPU operator
+        "partitions after: ['npu0']",  # the rule makes it NPU ops: one partition
+        "kernel calls per run: 1",  # "one kernel call per run instead of two"
+        "CPU segments per run: 0",  # "no CPU segment in between"
+    ],
+}
+
 
 def test_every_expected_notebook_is_there():
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
@@ -66,3 +76,12 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert not errors
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), "a code cell did not run"
+    printed = {
+        line.strip()
+        for cell in code
+        for out in cell.outputs
+        if out.output_type == "stream"
+        for line in out.text.splitlines()
+    }
+    missing = [claim for claim in CLAIMS.get(path.stem, []) if claim not in printed]
+    assert not missing, f"{path.name} no longer prints what its text claims: {missing}"

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from npudispatch import __version__
 from npudispatch.errors import NpuDispatchError
 
 _COMMAND_MODULES = (
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="npudispatch",
         description="Compile ONNX models for AMD Ryzen AI NPUs and run them (emulator by default).",
     )
+    parser.add_argument("--version", action="version", version=f"npudispatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(f"npudispatch.cli.{name}").register(sub)

@@ -10,6 +10,7 @@ import onnx
 from npudispatch.cli.common import output_file, writing
 from npudispatch.errors import ModelError
 from npudispatch.examples import EXAMPLES, build_example
+from npudispatch.examples.golden import GOLDEN, GOLDEN_PURPOSE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,16 +33,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _summary(builder) -> str:
+    """First docstring line, without reST markup (the terminal shows it verbatim)."""
     doc = (builder.__doc__ or "").strip().splitlines()
-    return doc[0] if doc else ""
+    return doc[0].replace("``", "").replace(":class:", "").replace("`", "") if doc else ""
 
 
 def run(args: argparse.Namespace) -> int:
     """Save the example (or list the names)."""
     if args.list:
         width = max(map(len, EXAMPLES))
-        for name, builder in EXAMPLES.items():
-            print(f"{name:<{width}}  {_summary(builder)}")
+        golden = [n for n in EXAMPLES if n in GOLDEN]
+        runnable = [n for n in EXAMPLES if n not in GOLDEN]
+        print("Runnable models (npudispatch run FILE --check):")
+        for name in runnable:
+            print(f"  {name:<{width}}  {_summary(EXAMPLES[name])}")
+        print(f"\nDD golden graphs: {GOLDEN_PURPOSE}.")
+        for name in golden:
+            print(f"  {name:<{width}}  {_summary(EXAMPLES[name])}")
         return 0
     if not args.name or args.output is None:
         raise ModelError("example needs NAME and -o FILE (or --list to see the names)")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from npudispatch.cli.common import (
     add_dims_option,
@@ -42,6 +43,7 @@ from npudispatch.dispatch.backends import backend_names, backend_spec
 from npudispatch.dispatch.backends.registry import cli_flag
 from npudispatch.dispatch.check import ULPS
 from npudispatch.errors import ModelError
+from npudispatch.examples.golden import GOLDEN_PURPOSE, is_dd_golden
 from npudispatch.rewrites.precision import Tolerance, tolerance_for_output
 
 EXIT_MISMATCH = 1
@@ -220,6 +222,22 @@ def rounding_checks(
     return check_outputs(reference, feeds, results, fp32)
 
 
+def _refuse_dd_golden(path: Path) -> None:
+    """DD's golden graphs are for plan/meta fidelity: say so instead of failing to run them."""
+    if not Path(path).is_file():
+        return  # a program folder or a missing file: the Session reports those
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file: the Session's loader words that error
+        return
+    if is_dd_golden(proto):
+        raise ModelError(
+            f"{str(path)!r} is one of DD's golden graphs. {GOLDEN_PURPOSE}. Inspect it with "
+            f"`npudispatch plan {path}` or `npudispatch inspect {path}`; to run a model, try "
+            "`npudispatch example llama2-mlp-small -o mlp.onnx`"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the model; with --check compare with onnxruntime."""
     from npudispatch.dispatch.artifact import is_program_dir
@@ -231,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
     backend_spec(args.backend).check(options, cli_flag)  # the backend judges its own options
     if args.save_outputs is not None:
         output_file(args.save_outputs, "the outputs")
+    _refuse_dd_golden(args.model)
     if args.check and is_program_dir(args.model):
         raise ModelError(
             f"--check compares with onnxruntime on the original model, and {str(args.model)!r} "

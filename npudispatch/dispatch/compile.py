@@ -80,6 +80,29 @@ class CompiledModel:
     def partitions(self) -> list[Partition]:
         return self.report.partitions
 
+    def __repr__(self) -> str:
+        """One screen: node share on the NPU, partitions, kernel calls, a line per program."""
+        total = sum(len(p.nodes) for p in self.partitions)
+        npu = sum(len(p.nodes) for p in self.partitions if p.kind == "npu")
+        labels = " ".join(self.labels)
+        if len(labels) > 60:
+            labels = labels[:57] + "..."
+        lines = [
+            f"CompiledModel({self.model.graph.name or 'model'!r}: {npu}/{total} nodes on the NPU "
+            f"({self.npu_node_fraction:.0%}), {len(self.partitions)} partitions [{labels}], "
+            f"{self.kernel_calls_per_run} kernel calls per run, "
+            f"{len(self.report.unsupported)} nodes kept on the CPU"
+        ]
+        shown = list(self.programs.items())[:8]
+        for i, program in shown:
+            lines.append(
+                f"  {self.labels[i]}: {len(program.ops)} ops, txn {program.txn.nbytes:,} B, "
+                f"scratch {program.plan.scratch_bytes:,} B"
+            )
+        if len(self.programs) > len(shown):
+            lines.append(f"  ... {len(self.programs) - len(shown)} more NPU programs")
+        return "\n".join(lines) + ")"
+
     @property
     def labels(self) -> list[str]:
         """``npu0``, ``cpu0``, ``npu1``... per partition."""

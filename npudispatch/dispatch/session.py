@@ -233,7 +233,8 @@ class _Variant:
             raise UnsupportedOpError(
                 f"{len(lines)} node(s) cannot run on the NPU and fallback=None:\n"
                 + "\n".join(lines)
-                + "\nuse fallback='onnxruntime' (or 'reference') to run them on the CPU"
+                + "\nrun them on the CPU with fallback='onnxruntime' (or 'reference'); on the "
+                "command line: --fallback onnxruntime"
             )
         self.artifact = artifact
         self.compiled = compiled

@@ -18,7 +18,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["GOLDEN", "IR_VERSION"]
+__all__ = ["DD_GOLDEN_KEY", "GOLDEN", "GOLDEN_PURPOSE", "IR_VERSION", "is_dd_golden"]
+
+#: Model metadata key marking DD's golden graphs (value: :data:`GOLDEN_PURPOSE`).
+DD_GOLDEN_KEY = "npudispatch.dd_golden"
+GOLDEN_PURPOSE = (
+    "DynamicDispatch's own test graphs, with DD's vendor ops (amd.com / com.amd): npudispatch "
+    "uses them to check plan and meta fidelity (inspect, plan, compile); no NPU operator of ours "
+    "takes those ops, so they compile to 0 % NPU, and onnxruntime cannot run them either"
+)
+
+
+def is_dd_golden(model: onnx.ModelProto) -> bool:
+    """True for a model built by one of the :data:`GOLDEN` builders."""
+    return any(p.key == DD_GOLDEN_KEY for p in model.metadata_props)
+
 
 IR_VERSION = 10
 U8, U16, I32, I64, F32, BF16 = (
@@ -94,6 +108,7 @@ class _Builder:
         graph.value_info.extend(self.value_info)
         opsets = [helper.make_opsetid("", 19)] + [helper.make_opsetid(d, 1) for d in domains]
         self.proto.opset_import.extend(opsets)
+        helper.set_model_props(self.proto, {DD_GOLDEN_KEY: GOLDEN_PURPOSE})
         return self.proto
 
 

@@ -237,3 +237,30 @@ def test_graph_load_directory_and_empty_file(tmp_path):
     (tmp_path / "e.onnx").write_bytes(b"")
     with pytest.raises(NpuDispatchError, match="no ONNX graph"):
         graph.load(tmp_path / "e.onnx")
+
+
+def test_run_refuses_dd_golden_graphs_and_says_what_they_are_for(tmp_path, capsys):
+    import onnx
+
+    from npudispatch.cli import main
+    from npudispatch.examples import build_example
+    from npudispatch.examples.golden import is_dd_golden
+
+    path = tmp_path / "g6.onnx"
+    onnx.save(build_example("G6"), path)
+    assert is_dd_golden(onnx.load(path)) and not is_dd_golden(build_example("llama2-mlp-small"))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "golden graphs" in err and "plan and meta fidelity" in err and "0 % NPU" in err
+    assert main(["example", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "plan and meta fidelity" in listing and "``" not in listing
+
+
+def test_version_flag(capsys):
+    from npudispatch import __version__
+    from npudispatch.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"npudispatch {__version__}"

@@ -187,3 +187,13 @@ def test_num_cols_and_zero_dims_are_refused_up_front():
     empty = compile_model(llama_decoder_layer(), dims={"batch": 0, "sequence": 8})
     assert empty.kernel_calls_per_run == 0
     assert any("is empty" in u.reason for u in empty.report.unsupported)
+
+
+def test_compiled_model_repr_fits_one_screen():
+    from npudispatch.examples import build_example
+
+    text = repr(compile_model(build_example("llama2-mlp-small")))
+    lines = text.splitlines()
+    assert len(lines) <= 12 and all(len(line) <= 200 for line in lines)
+    assert "nodes on the NPU (100%)" in lines[0] and "1 kernel calls per run" in lines[0]
+    assert lines[1].strip().startswith("npu0:") and "txn" in lines[1]
