@@ -72,10 +72,14 @@ def _open_shape(node: ir.Node) -> str | None:
         shape = value.shape
         if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
             producer = value.producer()
-            source = f" (computed by {producer.name} from run-time data)" if producer else ""
+            if producer is None:  # a graph input: the user can bind it
+                return (
+                    f"tensor {value.name!r} has the symbolic shape {shape}; NPU programs need "
+                    "static shapes: bind its dims (--shape / --dims)"
+                )
             return (
-                f"tensor {value.name!r} has a shape known only at run time{source}; NPU "
-                "programs need static shapes"
+                f"tensor {value.name!r} has a shape known only at run time (computed by "
+                f"{producer.name} from run-time data); NPU programs need static shapes"
             )
         if 0 in shape:
             return f"tensor {value.name!r} is empty (shape {list(shape)}): nothing to compute"
