@@ -7,6 +7,7 @@ Passes are ``onnx_ir.passes`` passes run in place by :class:`PassManager`; fusio
 from npudispatch.rewrites.activations import activation_rules
 from npudispatch.rewrites.aliasing import ALIAS_KEY, MarkViewsPass, can_be_view, is_view
 from npudispatch.rewrites.analysis import GraphAnalysis
+from npudispatch.rewrites.cnn import conv_activation_rules, conv_fold_rules, hard_activation_rules
 from npudispatch.rewrites.folding import BindDimsPass, FoldShapesPass, unbound_dims
 from npudispatch.rewrites.manager import PassManager, PassRecord, check_invariants, format_records
 from npudispatch.rewrites.matmul import matmul_rules
@@ -46,9 +47,12 @@ __all__ = [
     "activation_rules",
     "can_be_view",
     "check_invariants",
+    "conv_activation_rules",
+    "conv_fold_rules",
     "convert_to_bf16",
     "default_pipeline",
     "format_records",
+    "hard_activation_rules",
     "is_view",
     "matmul_rules",
     "pad_model",
