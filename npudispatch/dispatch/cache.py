@@ -10,7 +10,8 @@ match is *stale or corrupt*: it is removed and rebuilt, never run.
 Location: ``$NPUDISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/npudispatch``, else
 ``~/.cache/npudispatch``. ``NPUDISPATCH_CACHE=0`` (or ``off``/``false``/``no``) disables it;
 ``Session(..., cache=False | DIR | CompileCache)`` overrides both. Entries are written to a
-temporary folder and renamed into place, so a reader never sees half an entry.
+temporary folder and renamed into place, so a reader never sees half an entry. The folder is
+kept under ``NPUDISPATCH_CACHE_MAX_MB`` (default 4 GiB): least recently used entries go first.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from npudispatch.errors import NpuDispatchError
 __all__ = [
     "CACHE_DIR_ENV",
     "CACHE_ENV",
+    "CACHE_MAX_ENV",
     "CompileCache",
     "code_fingerprint",
     "default_cache_dir",
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "NPUDISPATCH_CACHE_DIR"
 CACHE_ENV = "NPUDISPATCH_CACHE"
+CACHE_MAX_ENV = "NPUDISPATCH_CACHE_MAX_MB"
+#: Default size bound of the cache folder; least recently used entries go first.
+DEFAULT_MAX_BYTES = 4 * 2**30
 _KEY_FILE = "key.json"
 _OFF = {"0", "off", "false", "no"}
 
@@ -95,8 +100,17 @@ def _stat(path: Path) -> list[int]:
 class CompileCache:
     """Compiled models on disk under ``directory`` (see the module docstring)."""
 
-    def __init__(self, directory: str | Path | None = None) -> None:
+    def __init__(self, directory: str | Path | None = None, max_bytes: int | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
+        if max_bytes is None:
+            mb = os.environ.get(CACHE_MAX_ENV, "").strip()
+            try:
+                max_bytes = int(float(mb) * 2**20) if mb else DEFAULT_MAX_BYTES
+            except ValueError:
+                raise NpuDispatchError(
+                    f"{CACHE_MAX_ENV}={mb!r} is not a number of megabytes (e.g. 2048)"
+                ) from None
+        self.max_bytes = max_bytes
 
     def __repr__(self) -> str:
         return f"CompileCache({str(self.directory)!r})"
@@ -172,7 +186,9 @@ class CompileCache:
             stored = json.loads((entry / _KEY_FILE).read_text())
             if stored != json.loads(json.dumps(material, sort_keys=True)):
                 raise NpuDispatchError(f"{entry / _KEY_FILE} holds another key (stale entry)")
-            return CompiledArtifact.load(entry)
+            artifact = CompiledArtifact.load(entry)
+            os.utime(entry / _KEY_FILE)  # last use, for the least-recently-used trim
+            return artifact
         except (OSError, ValueError, NpuDispatchError) as exc:
             log.warning("compile cache: dropping bad entry %s (%s); re-compiling", entry, exc)
             shutil.rmtree(entry, ignore_errors=True)
@@ -194,10 +210,36 @@ class CompileCache:
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
+            self.trim(keep=entry)
             return entry
         except OSError as exc:
             log.warning("compile cache: cannot write %s (%s); continuing without it", entry, exc)
             return None
+
+    def trim(self, keep: Path | None = None) -> list[Path]:
+        """Remove least recently used entries until the cache holds at most ``max_bytes``
+        (``keep``, the entry just written, stays); returns the removed entries."""
+        entries = []
+        for key_file in self.directory.glob(f"??/*/{_KEY_FILE}"):
+            entry = key_file.parent
+            try:
+                size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+                entries.append((key_file.stat().st_mtime_ns, size, entry))
+            except OSError:
+                continue  # removed by another process meanwhile
+        total = sum(size for _, size, _ in entries)
+        removed = []
+        for _, size, entry in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            if entry == keep:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            total -= size
+            removed.append(entry)
+        if removed:
+            log.info("compile cache: removed %d least recently used entries", len(removed))
+        return removed
 
     def clear(self) -> None:
         """Remove every entry."""

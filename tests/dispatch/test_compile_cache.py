@@ -144,3 +144,20 @@ def test_default_folder_follows_xdg(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "npudispatch"
     assert resolve_cache(tmp_path / "x").directory == tmp_path / "x"
     assert isinstance(resolve_cache(True), CompileCache)
+
+
+def test_size_bound_removes_least_recently_used_entries(g11, tmp_path):
+    cache = CompileCache(tmp_path / "cache", max_bytes=10**9)
+    Session(g11, cache=cache)
+    other = tmp_path / "g9.onnx"
+    onnx.save(GOLDEN["G9"](), other)
+    Session(other, cache=cache)
+    older, newer = sorted(
+        _entries(cache.directory), key=lambda e: (e / "key.json").stat().st_mtime_ns
+    )
+    os.utime(older / "key.json", (1, 1))  # g11's entry: used long ago
+    Session(g11, cache=cache, bf16=False)  # fits: nothing removed
+    assert len(_entries(cache.directory)) == 3
+    cache.max_bytes = 1  # every entry is too big now: all but the newest go, oldest first
+    Session(g11, cache=cache, pad=False)
+    assert len(_entries(cache.directory)) == 1 and not older.exists() and not newer.exists()
