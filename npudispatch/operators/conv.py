@@ -70,6 +70,7 @@ K_LANES = 8  # the weight image's reduction axis is stored as whole 8-lane bf16 
 M_GRANULE = 8  # output channels are produced as whole 8-lane bf16 vectors
 
 VARIANT_CONV, VARIANT_TRANSPOSE = 0, 1
+PATCH_BLOCK_ELEMENTS = 1 << 24  # at most 64 MB of float32 patches gathered at once
 
 #: Record codes of FusedConv's activations (:data:`npudispatch.opset.CONV_ACTIVATIONS`); 0 = none.
 ACTIVATION_CODES: dict[str, int] = {"": 0, **{n: i + 1 for i, n in enumerate(CONV_ACTIVATIONS)}}
@@ -108,11 +109,18 @@ def conv_core(
         raise DeviceError(f"conv kernel: output spatial size {out} is empty")
     patches = windows(xp, window, out)  # [N, C, *O, *k] view
     r = window.rank
-    p = math.prod(out)
+    taps = math.prod(window.kernel)
     # [N, G, Cg, *k, *O] -> [N, G, Cg * R, P]: one gather copy, channel-major like the image.
+    # Blocks of output rows bound that copy (PATCH_BLOCK_ELEMENTS) for large feature maps.
     order = (0, 1, *range(2 + r, 2 + 2 * r), *range(2, 2 + r))
-    cols = patches.transpose(order).reshape(n, g, cg * math.prod(window.kernel), p)
-    y = np.matmul(weights, cols)  # [N, G, Mg, P], float32 accumulation
+    inner = math.prod(out[1:])
+    rows = max(1, PATCH_BLOCK_ELEMENTS // max(1, n * c * taps * inner))
+    y = np.empty((n, g, mg, out[0], inner), dtype=np.float32)
+    for start in range(0, out[0], rows):
+        block = patches[:, :, start : start + rows]
+        cols = block.transpose(order).reshape(n, g, cg * taps, -1)
+        part = np.matmul(weights, cols)  # [N, G, Mg, rows * inner], float32 accumulation
+        y[:, :, :, start : start + rows] = part.reshape(n, g, mg, -1, inner)
     return y.reshape(n, g * mg, *out)
 
 

@@ -94,6 +94,16 @@ def test_same_padding_with_dilation_matches_onnx_reference(w_shape, y_shape, att
     assert_close(run_emu(model, {"X": x})["Y"], ReferenceEvaluator(model).run(None, {"X": x})[0])
 
 
+@pytest.mark.parametrize("case", ["7x7-stride2", "conv3d", "conv1d", "depthwise-multiplier"])
+def test_patches_gathered_in_row_blocks(case, monkeypatch):
+    """Large feature maps gather their patches a block of output rows at a time: same result."""
+    import npudispatch.operators.conv as conv_module
+
+    monkeypatch.setattr(conv_module, "PATCH_BLOCK_ELEMENTS", 700)  # a few rows per block
+    x_shape, w_shape, y_shape, attrs = CONV_CASES[case]
+    check(conv_model("Conv", x_shape, w_shape, y_shape, **attrs), x_shape)
+
+
 def test_conv_without_bias_and_bf16(float_dtype):
     model = conv_model("Conv", (1, 5, 8, 9), (6, 5, 3, 3), (1, 6, 6, 7), float_dtype, bias=False)
     check(model, (1, 5, 8, 9), float_dtype)
