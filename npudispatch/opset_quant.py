@@ -30,13 +30,15 @@ class QuantizedOp:
     """A float op with a quantized fused form: its ONNX op type, data inputs and attributes.
 
     ``attributes``: name -> (ONNX attribute type, default as ONNX text or None = required).
-    ``min_opset``: lowest default-domain opset whose form of the op the body uses.
+    ``min_opset``: lowest default-domain opset whose form of the op the body uses (the body
+    is instantiated at the model's opset).
     """
 
     inner: str
     arity: int
     attributes: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-    min_opset: int = 13
+    min_opset: int = 10  # QuantizeLinear/DequantizeLinear exist since 10
+    per_axis: tuple[int, ...] = ()  # operands that may be quantized per channel along axis 0
 
     @property
     def name(self) -> str:
@@ -71,14 +73,24 @@ class QuantizedOp:
     def body(self) -> str:
         """The ONNX function body (text) of the fused op."""
         return _function_text(self.name, self.attribute_decls(), self.inputs, self.arity,
-                              self.op_lines([f"f{i}" for i in range(self.arity)], "r"))  # fmt: skip
+                              self.op_lines([f"f{i}" for i in range(self.arity)], "r"),
+                              self.per_axis)  # fmt: skip
 
 
 def _function_text(
-    name: str, decls: list[str], inputs: tuple[str, ...], n_dq: int, lines: list[str]
+    name: str,
+    decls: list[str],
+    inputs: tuple[str, ...],
+    n_dq: int,
+    lines: list[str],
+    per_axis: tuple[int, ...] = (),
 ) -> str:
     header = f" <{', '.join(decls)}>" if decls else ""
-    dqs = [f"f{i} = DequantizeLinear (x{i}, x{i}_scale, x{i}_zero_point)" for i in range(n_dq)]
+    dqs = [
+        f"f{i} = DequantizeLinear{' <axis = 0>' if i in per_axis else ''} "
+        f"(x{i}, x{i}_scale, x{i}_zero_point)"
+        for i in range(n_dq)
+    ]
     body = "\n            ".join([*dqs, *lines, "y = QuantizeLinear (r, y_scale, y_zero_point)"])
     return (
         f"\n        {name}{header} ({', '.join(inputs)}) => (y) {{\n            {body}\n        }}"
@@ -125,7 +137,9 @@ def chain_body(overload: str) -> str | None:
             args = [f"r{k - 1}", *[f"f{used + i}" for i in range(stage.arity - 1)]]
         used += len(args) if k == 0 else len(args) - 1
         lines += stage.op_lines(args, "r" if k == len(stages) - 1 else f"r{k}", f"s{k}_")
-    return _function_text(CHAIN, decls, (*inputs, "y_scale", "y_zero_point"), n, lines)
+    return _function_text(
+        CHAIN, decls, (*inputs, "y_scale", "y_zero_point"), n, lines, stages[0].per_axis
+    )
 
 
 def _ops() -> dict[str, QuantizedOp]:
@@ -147,13 +161,24 @@ def _ops() -> dict[str, QuantizedOp]:
         )
     ]
     ops += [
-        QuantizedOp("Softmax", 1, {"axis": ("int", "-1")}),
+        QuantizedOp("Softmax", 1, {"axis": ("int", "-1")}, 13),  # one-axis semantics
         QuantizedOp("Transpose", 1, {"perm": ("ints", None)}),
         QuantizedOp("ReduceMean", 1, {"axes": ("ints", None), "keepdims": ("int", "1")}, 18),
         QuantizedOp(
             "LayerNormalization", 3, {"axis": ("int", "-1"), "epsilon": ("float", "1e-05")}, 17
         ),
     ]
+    # Appended last: kernel ids follow this order. Weight W per output channel (axis 0); no bias
+    # (a biased Conv keeps its float form: the int32 bias DQ has no per-tensor grid).
+    conv_attrs = {
+        "auto_pad": ("string", '"NOTSET"'),
+        "dilations": ("ints", None),
+        "group": ("int", "1"),
+        "kernel_shape": ("ints", None),
+        "pads": ("ints", None),
+        "strides": ("ints", None),
+    }
+    ops.append(QuantizedOp("Conv", 2, conv_attrs, 13, per_axis=(1,)))  # DQ axis: opset 13
     return {op.inner: op for op in ops}
 
 

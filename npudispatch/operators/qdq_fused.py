@@ -39,9 +39,17 @@ from npudispatch.operators.base import (
     op_label,
     tensor_spec,
 )
+from npudispatch.operators.conv import conv_core
 from npudispatch.operators.dtypes import F32
-from npudispatch.operators.quantize import QUANT_DTYPES, dequantize, quant_range, quantize
+from npudispatch.operators.quantize import (
+    QUANT_DTYPES,
+    dequantize,
+    expand_param,
+    quant_range,
+    quantize,
+)
 from npudispatch.operators.unary import erf, softplus
+from npudispatch.operators.window import Window, resolve_window
 from npudispatch.opset import DOMAIN
 from npudispatch.opset_quant import CHAIN, QDQ_OPS, QuantizedOp, chain_arity, chain_stages
 
@@ -92,6 +100,17 @@ def _layer_norm(xs, dims, floats):
     return d / np.sqrt(var + F32.type(floats[0])) * scale + bias
 
 
+def _conv(xs, dims, floats):
+    """Conv (no bias) in float32: dims ``[group, r, *kernel, *strides, *dilations, *pads_begin,
+    *pads_end]``; the window gather and per-group matmul of the Conv operator, without bf16."""
+    x, w = xs
+    group, r = dims[0], dims[1]
+    k, st, dl, pb, pe = (tuple(dims[2 + i * r : 2 + (i + 1) * r]) for i in range(5))
+    m = w.shape[0]
+    weights = w.reshape(group, m // group, -1)
+    return conv_core(x, weights, Window(k, st, dl, pb, pe), (1,) * r)
+
+
 #: The float32 math of each wrapped op: ``fn(dequantized inputs, dims, floats) -> result``.
 FLOAT_OPS: dict[str, Callable] = {
     "Add": _binary(np.add),
@@ -115,6 +134,7 @@ FLOAT_OPS: dict[str, Callable] = {
     "Transpose": lambda xs, d, f: np.transpose(xs[0], d),
     "ReduceMean": _reduce_mean,
     "LayerNormalization": _layer_norm,
+    "Conv": _conv,
 }
 
 
@@ -149,6 +169,11 @@ def stage_attrs(spec: QuantizedOp, node: ir.Node, prefix: str, rank: int) -> dic
         if sorted(perm) != list(range(rank)):
             return Decline(f"perm {perm} is not a permutation of {rank} axes")
         attrs["perm"] = list(perm)
+    if inner == "Conv":
+        for name in ("dilations", "kernel_shape", "pads", "strides"):
+            attrs[name] = a.get_ints(f"{prefix}{name}", None)
+        attrs["group"] = a.get_int(f"{prefix}group", 1)
+        attrs["auto_pad"] = a.get_string(f"{prefix}auto_pad", "NOTSET")
     if inner == "ReduceMean":
         axes = a.get_ints(f"{prefix}axes", None)
         if not axes or any(not -rank <= x < rank for x in axes):
@@ -166,6 +191,23 @@ def stage_shape(spec: QuantizedOp, shapes: list[tuple[int, ...]], attrs: dict) -
         return out if out is not None else Decline(f"shapes {shapes} do not multiply")
     if inner == "Transpose":
         return tuple(shapes[0][p] for p in attrs["perm"])
+    if inner == "Conv":
+        x, w = shapes
+        group = attrs["group"]
+        if not 3 <= len(x) <= 5 or len(w) != len(x):
+            return Decline(f"Conv input {x} / weight {w}: 1-D to 3-D convolution only")
+        if group < 1 or x[1] % group or w[0] % group or x[1] // group != w[1]:
+            return Decline(f"Conv group={group} does not fit input {x} and weight {w}")
+        if attrs["kernel_shape"] is not None and tuple(attrs["kernel_shape"]) != tuple(w[2:]):
+            return Decline(f"Conv kernel_shape {attrs['kernel_shape']} differs from W {w}")
+        window = resolve_window(attrs, x[2:], w[2:])
+        if isinstance(window, str):
+            return Decline(f"Conv {window}")
+        out = window.output_size(x[2:])
+        if any(o < 1 for o in out):
+            return Decline(f"Conv windows do not fit the input (output size {out})")
+        attrs["window"] = window
+        return (x[0], w[0], *out)
     if inner == "ReduceMean":
         axes = attrs["axes"]
         return tuple(
@@ -197,12 +239,26 @@ def stage_dims(spec: QuantizedOp, attrs: dict) -> list[int]:
         return list(attrs["perm"])
     if spec.inner == "ReduceMean":
         return [attrs["keepdims"], *attrs["axes"]]
+    if spec.inner == "Conv":
+        win = attrs["window"]
+        return [attrs["group"], win.rank, *win.kernel, *win.strides, *win.dilations,
+                *win.pads_begin, *win.pads_end]  # fmt: skip
     return []
 
 
 def stage_floats(spec: QuantizedOp, attrs: dict) -> list[float]:
     """Record floats of one stage (LayerNormalization epsilon)."""
     return [attrs["epsilon"]] if spec.inner == "LayerNormalization" else []
+
+
+def _operand_params(q: np.ndarray, scale: np.ndarray, zp: np.ndarray):
+    """Scale and zero point of one operand: per tensor, or per channel along axis 0."""
+    if scale.size == 1:
+        return scale.reshape(()), zp.reshape(())
+    return (
+        expand_param(scale, q.shape, 0, 0, 1.0),
+        expand_param(zp.astype(np.int64), q.shape, 0, 0, 0),
+    )
 
 
 _CODES = {inner: i for i, inner in enumerate(QDQ_OPS)}
@@ -255,17 +311,28 @@ class QdqFusedOp(Operator):
                     return Decline(f"{label}: output y is padded (quantized padding is not 0)")
                 qdtype = y.dtype
             scale, zp = const_array(node.inputs[s_idx]), const_array(node.inputs[z_idx])
-            if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+            if scale is None or zp is None:
+                return Decline(f"{label}: {what} scale and zero point must be constants")
+            # Per channel (axis 0) only where the op allows it, e.g. a Conv weight.
+            per_axis = k < arity and k in stages[0].per_axis and scale.size != 1
+            if per_axis and not (
+                scale.ndim == 1 and zp.shape == scale.shape and scale.size == specs[-1].shape[0]
+            ):
+                return Decline(
+                    f"{label}: {what} scale {scale.shape} / zero point {zp.shape} must be per "
+                    f"tensor or per channel along axis 0 of {specs[-1].shape}"
+                )
+            if not per_axis and (scale.size != 1 or zp.size != 1):
                 return Decline(
                     f"{label}: {what} scale and zero point must be one-element constants"
                 )
-            if scale.dtype != np.float32 or not (np.isfinite(scale).all() and scale.item() > 0):
+            if scale.dtype != np.float32 or not (np.isfinite(scale).all() and (scale > 0).all()):
                 return Decline(f"{label}: {what} scale must be a positive finite float32")
             if zp.dtype != qdtype:
                 return Decline(f"{label}: {what} zero point is {zp.dtype}, {what} is {qdtype}")
             lo, hi = quant_range(qdtype)
-            if not lo <= int(zp.reshape(())) <= hi:
-                return Decline(f"{label}: {what} zero point {zp.reshape(())} outside {qdtype}")
+            if not (lo <= zp.astype(np.int64)).all() or not (zp.astype(np.int64) <= hi).all():
+                return Decline(f"{label}: {what} zero point outside {qdtype}")
             for idx, arr in ((s_idx, scale), (z_idx, zp)):
                 specs.append(TensorSpec(tuple(arr.shape), arr.dtype))
                 consts[idx] = arr
@@ -317,7 +384,9 @@ class QdqFusedOp(Operator):
         stages = self.decode_stages(list(dims))
         arity = (len(inputs) - 2) // 3
         xs = [
-            dequantize(inputs[3 * i], inputs[3 * i + 1].reshape(()), inputs[3 * i + 2].reshape(()))
+            dequantize(
+                inputs[3 * i], *_operand_params(inputs[3 * i], *inputs[3 * i + 1 : 3 * i + 3])
+            )
             for i in range(arity)
         ]
         floats = list(floats)

@@ -405,6 +405,11 @@ def _fused_attrs(node: ir.Node, opset: int) -> dict | None:
                 return None
             axes = [int(a) for a in arr.reshape(-1)]
         return {"axes": list(axes), "keepdims": node.attributes.get_int("keepdims", 1)}
+    if op == "Conv":
+        names = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+        if any(k not in names for k in node.attributes) or len(node.inputs) != 2:
+            return None  # a biased Conv keeps its float form (see opset_quant)
+        return {k: a.value for k, a in node.attributes.items()}
     if node.attributes:
         return None  # e.g. a Gemm-like attribute the fused op would drop
     return {}
@@ -431,14 +436,22 @@ def _stage(node: ir.Node | None, reader: ir.Node, opset: int) -> tuple[str, dict
 
 
 def _operand_dq(
-    graph: ir.Graph, namer: _Namer, value: ir.Value, reader: ir.Node, made: list[ir.Node]
+    graph: ir.Graph,
+    namer: _Namer,
+    value: ir.Value,
+    reader: ir.Node,
+    made: list[ir.Node],
+    per_axis: bool = False,
 ) -> ir.Node | None:
-    """The per-tensor DQ feeding ``value`` to ``reader`` only, or an exact DQ of a scalar."""
+    """The per-tensor DQ feeding ``value`` to ``reader`` only (``per_axis``: or per channel
+    along axis 0), or an exact DQ of a scalar."""
     dq = value.producer()
     if _is(dq, "DequantizeLinear") and _single_reader(value) is reader:
         assert dq is not None
         p = _qparams(dq, dq.inputs[0].dtype)
-        if p is not None and p.per_tensor:
+        rank = len(dq.inputs[0].shape or ()) or 1
+        along_0 = p is not None and p.scale.ndim == 1 and not p.block and p.axis % rank == 0
+        if p is not None and (p.per_tensor or (per_axis and along_0)):
             return dq
     exact = _exact_scalar_dq(graph, namer, value, reader)
     if exact is not None:
@@ -464,6 +477,8 @@ def _fuse_ops(graph: ir.Graph, namer: _Namer, opset: int, report: QdqReport) -> 
                 break
             assert node is not None
             chain.insert(0, (node, stage))
+            if QDQ_OPS[stage[0]].per_axis:
+                break  # an op with per-channel operands must be the chain's first stage
             reader, value = node, node.inputs[0]
         # Longest fusable chain first: its first op's input 0 and every other operand are DQs.
         while chain:
@@ -472,8 +487,9 @@ def _fuse_ops(graph: ir.Graph, namer: _Namer, opset: int, report: QdqReport) -> 
             ok = True
             for k, (node, (inner, _)) in enumerate(chain):
                 first = 0 if k == 0 else 1
-                for v in node.inputs[first : QDQ_OPS[inner].arity]:
-                    dq = _operand_dq(graph, namer, v, node, made)
+                spec = QDQ_OPS[inner]
+                for j, v in enumerate(node.inputs[first : spec.arity], first):
+                    dq = _operand_dq(graph, namer, v, node, made, k == 0 and j in spec.per_axis)
                     if dq is None:
                         ok = False
                         break

@@ -179,3 +179,52 @@ def test_int16_zero_points_at_range_ends_and_saturation(tmp_path):
     np.testing.assert_allclose(sat, want_sat, atol=12.75 * 2**-8)
     compiled = sess.compiled
     assert compiled.npu_node_fraction == 1.0 and compiled.kernel_calls_per_run == 1
+
+
+# ---- a quantized CNN: the shared PP-OCR text-direction classifier ---------------------------------
+
+PPOCR_CLS = Path(__file__).resolve().parents[3] / "shared" / "models" / "ppocr_cls.onnx"
+
+
+@pytest.fixture(scope="session")
+def ppocr_qdq(tmp_path_factory) -> dict:
+    """PP-OCR cls with a fixed input shape, float and quantized A8W8 / A16W8 (1 batch each),
+    and the float model's kernel calls per run."""
+    if not PPOCR_CLS.exists():
+        pytest.skip(f"{PPOCR_CLS} is absent (the shared models folder beside the checkout)")
+    folder = tmp_path_factory.mktemp("ppocr")
+    model = onnx.load(PPOCR_CLS)
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, (1, 3, 48, 192)):
+        dim.ClearField("dim_param")
+        dim.dim_value = value
+    for dim, value in zip(model.graph.output[0].type.tensor_type.shape.dim, (1, 2)):
+        dim.ClearField("dim_param")
+        dim.dim_value = value
+    paths: dict = {"float": folder / "cls.onnx"}
+    onnx.save(model, paths["float"])
+    for recipe, act in RECIPES.items():
+        paths[recipe] = folder / f"cls-{recipe}.onnx"
+        quantization.quantize_static(
+            str(paths["float"]),
+            str(paths[recipe]),
+            _RandomReader(model, batches=1),
+            quant_format=quantization.QuantFormat.QDQ,
+            activation_type=getattr(quantization.QuantType, act),
+            weight_type=quantization.QuantType.QInt8,
+            per_channel=True,
+        )
+    paths["float_calls"] = npudispatch.compile_model(paths["float"]).kernel_calls_per_run
+    return paths
+
+
+@pytest.mark.slow
+def test_quantized_cnn_partitions_like_its_float_version(ppocr_qdq):
+    """Both recipes in one test: one worker quantizes the CNN once (the fixture is per worker)."""
+    for recipe in RECIPES:
+        quant = npudispatch.compile_model(ppocr_qdq[recipe])
+        assert quant.kernel_calls_per_run <= ppocr_qdq["float_calls"], recipe
+        assert quant.npu_node_fraction >= 0.9, [u.reason for u in quant.report.unsupported]
+        fused = {n.op_type for n in quant.model.graph if n.domain == "npudispatch"}
+        assert {"QDQAdd", "QDQMul"} <= fused, recipe
+        if recipe == "a16w8":  # opset 21: per-channel weights, Conv fused (A8W8 keeps opset 11)
+            assert "QDQConv" in fused

@@ -463,3 +463,45 @@ def test_fused_op_producing_a_graph_output():
     assert m2.graph.outputs[0].name == "out"
     got, want, calls = run_both(m, x_feed())
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1 and calls == 1
+
+
+# ---- quantized Conv ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_dq_conv_q_with_per_channel_weights_becomes_qdq_conv(group):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(group)
+    c, m_out = 4, 6
+    w = rng.integers(-127, 127, (m_out, c // group, 3, 3), endpoint=True).astype(np.int8)
+    ws = (rng.random(m_out) * 0.01 + 0.002).astype(np.float32)
+    inits = {
+        "xs": np.float32(0.05), "xz": np.uint8(128), "w": w, "ws": ws,
+        "wz": np.zeros(m_out, np.int8), "ys": np.float32(0.08), "yz": np.uint8(120),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "xs", "xz"], ["d"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["dw"], axis=0),
+        helper.make_node(
+            "Conv", ["d", "dw"], ["c"], group=group, strides=[2, 2], pads=[1, 1, 1, 1]
+        ),
+        helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["qc"]),
+        helper.make_node("DequantizeLinear", ["qc", "ys", "yz"], ["out"]),
+    ]
+    graph_proto = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 9, 9])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, m_out, 5, 5])],
+        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )  # fmt: skip
+    proto = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    m = ir.from_proto(proto)
+    m2, _ = rewritten(m)
+    assert ops(m2) == ["QuantizeLinear", P + "QDQConv", "DequantizeLinear"]
+    feeds = {"x": rng.uniform(-6, 6, (1, c, 9, 9)).astype(np.float32)}
+    got, want, calls = run_both(m, feeds)
+    assert np.abs(got - want).max() <= 0.08 * (1 + 1e-3) and calls == 1
+    assert np.ptp(want) > 1.0, "the test data must exercise the output range"
