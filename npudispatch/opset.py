@@ -26,8 +26,10 @@ Ops
     ``Y = act(Conv(X, W, B))`` with ``act`` one of :data:`CONV_ACTIVATIONS`: ``Relu``, ``Clip``
     (``min = alpha``, ``max = beta``), ``HardSigmoid`` (``alpha``, ``beta`` as in ONNX),
     ``HardSwish``, ``Sigmoid``, ``Silu``, ``LeakyRelu`` (``alpha``). ``B`` is required (the
-    rewriter writes zeros when the Conv had none). Each activation is its own function overload
-    (named like the activation), selected by :func:`attach_functions`.
+    rewriter writes zeros when the Conv had none). Optional ``post_scale`` and ``post_shift``
+    (floats, both or neither) then give ``Y = act(...) * post_scale + post_shift``. Each
+    combination is its own function overload (:func:`fused_conv_overload`), selected by
+    :func:`attach_functions`.
 
 Name clashes with the reference evaluator (pitfall 15): ``Gelu`` is also a standard op (opset 20)
 with the same single attribute ``approximate`` and the same semantics, so ``ReferenceEvaluator``
@@ -92,8 +94,14 @@ OPS: dict[str, OpSpec] = {
         "FusedConv",
         ("X", "W", "B"),
         ("Y",),
-        {"activation": "Relu", "alpha": "(per activation)", "beta": "(per activation)"},
-        "Y = activation(Conv(X, W, B)); Conv attributes as in ONNX Conv",
+        {
+            "activation": "Relu",
+            "alpha": "(per activation)",
+            "beta": "(per activation)",
+            "post_scale": "1.0",
+            "post_shift": "0.0",
+        },
+        "Y = activation(Conv(X, W, B)) * post_scale + post_shift; Conv attributes as in ONNX",
     ),
 }
 
@@ -188,23 +196,49 @@ _CONV_ACTIVATION_BODIES = {
             Y = Mul (C, s)""",
     "LeakyRelu": "Y = LeakyRelu <alpha: float = @alpha> (C)",
 }
-for _act, _body in _CONV_ACTIVATION_BODIES.items():
-    _BODIES[("FusedConv", _act)] = f"""
-        FusedConv <auto_pad, dilations, group, kernel_shape, pads, strides, activation, alpha,
-                   beta> (X, W, B) => (Y) {{
-            {_CONV}
-            {_body}
-        }}"""
-# CastLike is opset 15: older models get Clip bounds as float32 constants (Clip runs on float32
-# there anyway); attach_functions picks this overload for them.
-CLIP_PRE_CASTLIKE = "Clip_pre15"
-_BODIES[("FusedConv", CLIP_PRE_CASTLIKE)] = _BODIES[("FusedConv", "Clip")].replace(
-    _CONV_ACTIVATION_BODIES["Clip"],
-    """lo = Constant <value_float: float = @alpha> ()
+_CLIP_BEFORE_CASTLIKE = """lo = Constant <value_float: float = @alpha> ()
             hi = Constant <value_float: float = @beta> ()
             m = Max (C, lo)
-            Y = Min (m, hi)""",
-)
+            Y = Min (m, hi)"""
+_POST_AFFINE = """ps = Constant <value_float: float = @post_scale> ()
+            pt = Constant <value_float: float = @post_shift> ()
+            ps_t = CastLike (ps, A)
+            pt_t = CastLike (pt, A)
+            sa = Mul (A, ps_t)
+            Y = Add (sa, pt_t)"""
+CASTLIKE_OPSET = 15
+# CastLike is opset 15: older models get constants as float32 (their Clip/Mul/Add run on float32
+# there anyway); attach_functions picks those "_pre15" overloads for them.
+CLIP_PRE_CASTLIKE = "Clip_pre15"
+
+
+def fused_conv_overload(activation: str, affine: bool, opset: int) -> str:
+    """Overload name of a FusedConv body: the activation, ``_affine`` with post_scale/post_shift,
+    ``_pre15`` where the body needs CastLike and the model's opset predates it."""
+    castlike = activation == "Clip" or affine
+    return (
+        activation
+        + ("_affine" if affine else "")
+        + ("_pre15" if castlike and opset < CASTLIKE_OPSET else "")
+    )
+
+
+for _act, _body in _CONV_ACTIVATION_BODIES.items():
+    for _affine in (False, True):
+        for _old in (False, True):
+            _text = _CLIP_BEFORE_CASTLIKE if _old and _act == "Clip" else _body
+            if _affine:
+                tail = _POST_AFFINE
+                if _old:
+                    tail = tail.replace("CastLike (ps, A)", "Identity (ps)")
+                    tail = tail.replace("CastLike (pt, A)", "Identity (pt)")
+                _text = _text.replace("Y = ", "A = ") + "\n            " + tail
+            _BODIES[("FusedConv", fused_conv_overload(_act, _affine, 0 if _old else 99))] = f"""
+        FusedConv <auto_pad, dilations, group, kernel_shape, pads, strides, activation, alpha,
+                   beta, post_scale, post_shift> (X, W, B) => (Y) {{
+            {_CONV}
+            {_text}
+        }}"""
 
 
 def function_for(op_type: str, overload: str = "", opset: int = 18) -> ir.Function:
@@ -258,7 +292,12 @@ def attach_functions(model: ir.Model) -> list[tuple[str, str, str]]:
                     f"node {node.name!r}: FusedConv activation={act!r}, expected one of "
                     f"{sorted(CONV_ACTIVATIONS)}"
                 )
-            node.overload = CLIP_PRE_CASTLIKE if act == "Clip" and opset < 15 else act
+            affine = {"post_scale", "post_shift"} & set(node.attributes)
+            if len(affine) == 1:
+                raise ModelError(
+                    f"node {node.name!r}: FusedConv post_scale and post_shift go together"
+                )
+            node.overload = fused_conv_overload(act, bool(affine), opset)
         ident = (DOMAIN, node.op_type, node.overload)
         if ident not in model.functions:
             model.functions[ident] = function_for(node.op_type, node.overload, opset)
@@ -363,7 +402,8 @@ class FusedConv(OpRun):
     op_domain = DOMAIN
 
     def _run(self, x, w, b, activation=None, alpha=None, beta=None, auto_pad=None,
-             dilations=None, group=None, kernel_shape=None, pads=None, strides=None):  # fmt: skip
+             dilations=None, group=None, kernel_shape=None, pads=None, strides=None,
+             post_scale=None, post_shift=None):  # fmt: skip
         from onnx.reference.ops.op_conv import _conv_implementation
 
         name = activation.decode() if isinstance(activation, bytes) else activation or "Relu"
@@ -374,7 +414,10 @@ class FusedConv(OpRun):
         da, db = CONV_ACTIVATIONS[name]
         a = da if alpha is None else alpha
         bb = db if beta is None else beta
-        return (conv_activation(y, name, a, bb).astype(x.dtype),)
+        y = conv_activation(y, name, a, bb)
+        if post_scale is not None or post_shift is not None:
+            y = y * (1.0 if post_scale is None else post_scale) + (post_shift or 0.0)
+        return (y.astype(x.dtype),)
 
 
 _REFERENCE_OPS: dict[str, type[OpRun]] = {
@@ -426,6 +469,7 @@ __all__ = [
     "attach_functions",
     "conv_activation",
     "function_for",
+    "fused_conv_overload",
     "gelu",
     "reference_op",
     "reference_ops",

@@ -23,11 +23,13 @@ The input is cropped to its real shape (padded lanes never enter a window), zero
 ConvTranspose stride, padded (or cropped for negative pads), and every window is gathered with
 one strided view; per group one float32 matmul ``W[g] (Mg x Kg) @ patches (Kg x P)`` computes all
 ``P`` output pixels (inputs rounded to bf16, float32 accumulation). Then bias, the fused
-activation, one rounding to bf16, and the result is written into the (possibly padded) output.
+activation and affine, one rounding to bf16, and the result is written into the (possibly
+padded) output.
 
 Params record ``dims``: ``[variant, r, G, Mg, Cg, *kernel, *strides, *dilations, *pads_begin,
 *pads_end, *upsample, activation]`` (variant 0 Conv / FusedConv, 1 ConvTranspose; ``upsample`` =
-ConvTranspose strides, else 1s; activation codes :data:`ACTIVATION_CODES`); floats ``[alpha, beta]``.
+ConvTranspose strides, else 1s; activation codes :data:`ACTIVATION_CODES`); floats ``[alpha,
+beta, post_scale, post_shift]`` (FusedConv's affine after the activation; 1 and 0 otherwise).
 """
 
 from __future__ import annotations
@@ -205,7 +207,8 @@ class Conv(Operator):
         attrs = {
             k: _attr(node, k, None)
             for k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides",
-                      "output_padding", "output_shape", "activation", "alpha", "beta")
+                      "output_padding", "output_shape", "activation", "alpha", "beta",
+                      "post_scale", "post_shift")
         }  # fmt: skip
         geo = self.geometry(attrs, x.logical_shape, w.shape, label)
         if isinstance(geo, Decline):
@@ -251,12 +254,15 @@ class Conv(Operator):
         return {"G": group, "M": m, "Mg": m // group, "Cg": cg, "window": window, "out": out,
                 "upsample": (1,) * window.rank}  # fmt: skip
 
-    def activation(self, attrs: dict[str, Any], label: str) -> tuple[int, float, float] | Decline:
-        """Plain Conv has no fused activation; FusedConv overrides this."""
-        for name in ("activation", "alpha", "beta"):
+    def activation(
+        self, attrs: dict[str, Any], label: str
+    ) -> tuple[int, float, float, float, float] | Decline:
+        """``(code, alpha, beta, post_scale, post_shift)``: plain Conv has no fused activation
+        (code 0, identity affine); FusedConv overrides this."""
+        for name in ("activation", "alpha", "beta", "post_scale", "post_shift"):
             if attrs[name] is not None:
                 return Decline(f"{label}: attribute {name} is not a Conv attribute")
-        return (0, 0.0, 0.0)
+        return (0, 0.0, 0.0, 1.0, 0.0)
 
     # ---- consts / record ----------------------------------------------------------------------
     def _parts(self, cfg: OpConfig) -> list[np.ndarray]:
@@ -282,7 +288,8 @@ class Conv(Operator):
                 *e["upsample"], e["activation"][0]]  # fmt: skip
 
     def op_floats(self, cfg: OpConfig) -> list[float]:
-        return [float(cfg.extra["activation"][1]), float(cfg.extra["activation"][2])]
+        """``[alpha, beta, post_scale, post_shift]``."""
+        return [float(v) for v in cfg.extra["activation"][1:]]
 
     # ---- kernel -------------------------------------------------------------------------------
     def kernel(self, record: ParamsRecord, operands: Sequence[Any]) -> list[np.ndarray]:
@@ -310,6 +317,8 @@ class Conv(Operator):
         y = conv_core(to_compute(x), weights, window, upsample)
         y = y + bias.reshape(1, -1, *(1,) * r)
         y = activate(y, code, *floats[:2])
+        if floats[2:4] != [1.0, 0.0]:
+            y = y * floats[2] + floats[3]
         out = table.outputs[0]
         result = [fit(store(y, out.dtype), out.shape)]
         return records.pack_outputs(result, table.outputs, record.output_bytes)
@@ -326,7 +335,8 @@ class Conv(Operator):
             x, w, b, "NOTSET", list(window.dilations), cfg.extra["G"], list(window.kernel),
             [*window.pads_begin, *window.pads_end], list(window.strides),
         )  # fmt: skip
-        y = activate(y, *cfg.extra["activation"])
+        code, alpha, beta, scale, shift = cfg.extra["activation"]
+        y = activate(y, code, alpha, beta) * scale + shift
         return [np.asarray(y).astype(cfg.outputs[0].dtype)]
 
     def granularity(self, cfg: OpConfig) -> ShapeConstraints:
@@ -340,14 +350,17 @@ class Conv(Operator):
 
 
 class FusedConv(Conv):
-    """``npudispatch.FusedConv(X, W, B)``: Conv then ``activation`` (``alpha``, ``beta``), one
-    launch; produced by :mod:`npudispatch.rewrites.cnn` (see :mod:`npudispatch.opset`)."""
+    """``npudispatch.FusedConv(X, W, B)``: Conv then ``activation`` (``alpha``, ``beta``), then
+    ``* post_scale + post_shift``, one launch; produced by :mod:`npudispatch.rewrites.cnn` (see
+    :mod:`npudispatch.opset`)."""
 
     domain = DOMAIN
     op_type = "FusedConv"
     kernel_id = 601
 
-    def activation(self, attrs: dict[str, Any], label: str) -> tuple[int, float, float] | Decline:
+    def activation(
+        self, attrs: dict[str, Any], label: str
+    ) -> tuple[int, float, float, float, float] | Decline:
         name = attrs["activation"] or ""
         if name not in CONV_ACTIVATIONS:
             return Decline(f"{label}: activation {name!r} is not one of {sorted(CONV_ACTIVATIONS)}")
@@ -355,7 +368,9 @@ class FusedConv(Conv):
         alpha, beta = CONV_ACTIVATIONS[name]
         alpha = alpha if attrs["alpha"] is None else float(attrs["alpha"])
         beta = beta if attrs["beta"] is None else float(attrs["beta"])
-        return (code, alpha, beta)
+        scale = 1.0 if attrs["post_scale"] is None else float(attrs["post_scale"])
+        shift = 0.0 if attrs["post_shift"] is None else float(attrs["post_shift"])
+        return (code, alpha, beta, scale, shift)
 
 
 class ConvTranspose(Conv):

@@ -18,6 +18,8 @@ the activations go first because folding would take HardSigmoid's ``+ 3`` into a
   HardSigmoid, HardSwish (also as ``x · HardSigmoid(x; 1/6, 1/2)``), Sigmoid, ``npudispatch.Silu``
   and LeakyRelu -> ``npudispatch.FusedConv(x, W, B; activation, alpha, beta)`` with the Conv's
   attributes; ``B`` becomes zeros when the Conv had none. ``W`` must be constant (the NPU formats it).
+  A following multiply and/or add by one-element constants becomes the FusedConv's
+  ``post_scale`` / ``post_shift``.
 """
 
 from __future__ import annotations
@@ -390,8 +392,43 @@ def _conv_hswish_check(context, x, conv, hs, **_):
     return r
 
 
+def _post_affine_rule(kind: str) -> pattern.RewriteRule:
+    """``FusedConv · s`` (``kind`` "Mul") or ``FusedConv + t`` ("Add") with a one-element
+    constant -> folded into the FusedConv's ``post_scale`` / ``post_shift`` (composing with any
+    affine it already has; PP-OCRv4 scales and shifts every HardSwish output by learned scalars)."""
+
+    def pat(op, x, w, b, k):
+        y = op.FusedConv(x, w, b, _domain=DOMAIN, _outputs=["fused"])
+        return op.Mul(y, k) if kind == "Mul" else op.Add(y, k)
+
+    def check(context, x, w, b, k, fused, **_):
+        r = pattern.MatchResult()
+        if len(fused.uses()) != 1 or fused.is_graph_output():
+            return r.fail(f"FusedConv output {fused.name!r} has other readers", fused)
+        if scalar(k) is None:
+            return r.fail(f"{k.name!r} is not a one-element constant", k)
+        return r
+
+    def rewrite(op, x, w, b, k, fused, **_):
+        attrs = _conv_attrs(fused.producer())
+        scale = float(attrs.pop("post_scale", 1.0))
+        shift = float(attrs.pop("post_shift", 0.0))
+        value = float(scalar(k))  # type: ignore[arg-type]
+        if kind == "Mul":
+            scale, shift = scale * value, shift * value
+        else:
+            shift += value
+        return op.FusedConv(
+            x, w, b, **attrs, post_scale=scale, post_shift=shift, _domain=DOMAIN,
+            _version=VERSION,
+        )  # fmt: skip
+
+    return pattern.RewriteRule(pat, rewrite, check, name=f"FuseConvPost{kind}")
+
+
 def conv_activation_rules() -> pattern.RewriteRuleSet:
-    """Conv followed by one activation -> npudispatch.FusedConv."""
+    """Conv followed by one activation -> npudispatch.FusedConv; then a scalar affine after it
+    into the FusedConv."""
     simple = [_simple_act_rule(a) for a in CONV_ACTIVATIONS if a != "Clip"]
     return pattern.RewriteRuleSet(
         [
@@ -403,6 +440,8 @@ def conv_activation_rules() -> pattern.RewriteRuleSet:
             ),
             pattern.RewriteRule(_clip_pattern, _clip_rewrite, _clip_check, name="FuseConvClip"),
             *simple,
+            _post_affine_rule("Mul"),
+            _post_affine_rule("Add"),
         ],
         commute=True,
     )

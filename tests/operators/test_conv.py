@@ -171,6 +171,22 @@ def test_fused_conv_matches_its_function_body_on_onnxruntime(act):
     check(ir.to_proto(ir_model), x_shape, seed=3)
 
 
+@pytest.mark.parametrize("opset_version", [12, 17])
+@pytest.mark.parametrize("act", ["Clip", "HardSwish"])
+def test_fused_conv_post_affine(act, opset_version):
+    """post_scale / post_shift after the activation, against the function body on onnxruntime."""
+    x_shape, w_shape, y_shape = (1, 4, 7, 6), (6, 4, 3, 3), (1, 6, 7, 6)
+    model = conv_model(
+        "FusedConv", x_shape, w_shape, y_shape, domain=opset.DOMAIN, opset=opset_version,
+        pads=[1, 1, 1, 1], activation=act, post_scale=-1.5, post_shift=0.25, **ACTS[act],
+    )  # fmt: skip
+    ir_model = ir.from_proto(model)
+    opset.attach_functions(ir_model)
+    node = next(iter(ir_model.graph))
+    assert node.overload == opset.fused_conv_overload(act, True, opset_version)
+    check(ir.to_proto(ir_model), x_shape, seed=4)
+
+
 def test_fused_conv_clip_body_before_opset_15():
     """CastLike is opset 15: an opset-12 model (PP-OCR) gets the Clip body without it."""
     x_shape, w_shape, y_shape = (1, 3, 6, 7), (4, 3, 3, 3), (1, 4, 4, 5)

@@ -298,6 +298,58 @@ def test_conv_activation_negative_cases():
     assert "Mul" in ops(m)
 
 
+@pytest.mark.parametrize("opset", [12, 17])
+@pytest.mark.parametrize("kind", ["MulAdd", "Mul", "Add"])
+def test_scalar_affine_after_fused_conv(kind, opset):
+    """PP-OCRv4's learnable scalars after each HardSwish: a * act(conv) + b in the FusedConv."""
+    nodes = [conv_node(), helper.make_node("HardSwish" if opset >= 14 else "Relu", ["c"], ["a"])]
+    if kind == "MulAdd":
+        nodes += [helper.make_node("Mul", ["k1", "a"], ["m"]),
+                  helper.make_node("Add", ["m", "k2"], ["y"])]  # fmt: skip
+    else:
+        nodes.append(helper.make_node(kind, ["a", "k1" if kind == "Mul" else "k2"], ["y"]))
+    inits = {**conv_inits(), "k1": np.array([0.7], np.float32), "k2": np.array([-0.4], np.float32)}
+    before, after = both(nodes, inits, [1, M, 7, 9], opset=opset)
+    rewrite(after, conv_activation_rules())
+    fused = [n for n in after.graph if n.op_type == "FusedConv"]
+    assert [o for o in ops(after) if o != "Constant"] == ["npudispatch.FusedConv"]
+    attrs = fused[0].attributes
+    assert attrs["post_scale"].value == pytest.approx(0.7 if "Mul" in kind else 1.0)
+    assert attrs["post_shift"].value == pytest.approx(-0.4 if "Add" in kind else 0.0)
+    same_on_ort(before, after)
+
+
+def test_scalar_affine_negative_cases():
+    # a per-channel scale is not a scalar affine (left for the elementwise Mul)
+    nodes = [conv_node(), helper.make_node("Relu", ["c"], ["a"]),
+             helper.make_node("Mul", ["a", "k"], ["y"])]  # fmt: skip
+    m = build(nodes, {**conv_inits(), "k": np.ones((M, 1, 1), np.float32)}, [1, M, 7, 9])
+    rewrite(m, conv_activation_rules())
+    assert "Mul" in ops(m)
+    # the activation output is also read elsewhere
+    nodes = [
+        conv_node(),
+        helper.make_node("Relu", ["c"], ["a"]),
+        helper.make_node("Mul", ["a", "k"], ["y"]),
+        helper.make_node("Neg", ["a"], ["n"]),
+    ]
+    m = build(nodes, {**conv_inits(), **scalars(k=2.0)}, [1, M, 7, 9], outs=["n"])
+    rewrite(m, conv_activation_rules())
+    assert "Mul" in ops(m)
+    # the Mul result is read by something besides the Add: the Add stays
+    nodes = [
+        conv_node(),
+        helper.make_node("Relu", ["c"], ["a"]),
+        helper.make_node("Mul", ["a", "k"], ["m"]),
+        helper.make_node("Add", ["m", "t"], ["y"]),
+    ]
+    before, after = both(nodes, {**conv_inits(), **scalars(k=2.0, t=1.0)}, [1, M, 7, 9],
+                         outs=["m"])  # fmt: skip
+    rewrite(after, conv_activation_rules())
+    assert "Add" in ops(after)
+    same_on_ort(before, after)
+
+
 # ---- exporter-shaped blocks through Session -------------------------------------------------
 
 
