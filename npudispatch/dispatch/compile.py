@@ -1,65 +1,53 @@
 """Model -> :class:`CompiledModel`: load, rewrite, partition, and per NPU partition plan + emit.
 
-For every NPU partition (docs/architecture.md §1-3):
-
-* its operators in topological order (each node matched once with the operator registry);
-* zero-copy views (``rewrites.is_view``) get no transaction: each chain of views and the tensor
-  it views form an *alias group* sharing one placement. The group's root is its host-visible
-  tensor (partition input or output) if it has one, else the tensor a real op produces. A group
-  that would join two host-visible tensors (``X -> Identity -> Y`` with both crossing the
-  partition boundary) or a constant cannot be zero-copy; its views are sent to the CPU and the
-  graph is re-partitioned, so the partition report says why;
-* per tensor the maximum byte request of any operator ``ArgSpec`` touching it (padding included);
-  lifetimes over the partition's op order; per-op scratch, const and params sizes;
-* :func:`~npudispatch.dispatch.plan.build_plan`, then :func:`~npudispatch.dispatch.emit.emit`.
+The stages (docs/architecture.md §1): ``graph.load``, the rewrite pipeline, partitioning with the
+one NPU support query (views that cannot be zero-copy are sent back to the CPU until the partition
+report is stable), then per NPU partition
+:func:`~npudispatch.dispatch.partition_plan.plan_partition` (a typed
+:class:`~npudispatch.dispatch.partition_plan.PartitionPlan`) and
+:func:`~npudispatch.dispatch.emit.emit`.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from npudispatch import graph
 from npudispatch.dispatch import limits
-from npudispatch.dispatch.emit import (
-    CONST_TENSOR_PREFIX,
-    FusedProgram,
-    Launch,
-    emit,
-    value_nbytes,
+from npudispatch.dispatch.emit import FusedProgram, emit
+from npudispatch.dispatch.partition_plan import (
+    PartitionIO,
+    PartitionPlan,
+    partition_io,
+    plan_partition,
+    unplaceable_views,
 )
-from npudispatch.dispatch.plan import BufferPlan, TensorRequest, build_plan
 from npudispatch.display import rich_html
-from npudispatch.errors import ModelError, PlanError, UnsupportedOpError
+from npudispatch.errors import PlanError
 from npudispatch.graph import Partition, PartitionReport
 from npudispatch.graph.support import Supported
-from npudispatch.operators import registry
-from npudispatch.operators.base import (
-    ArgKind,
-    Decline,
-    OpConfig,
-    TensorSpec,
-    round_up,
-    tensor_spec,
-)
-from npudispatch.operators.inplace import inplace_pairs
 from npudispatch.progress import progress
-from npudispatch.rewrites import MarkViewsPass, default_pipeline, is_view
+from npudispatch.rewrites import MarkViewsPass, default_pipeline
 from npudispatch.rewrites.support import support_query
 
-__all__ = ["CompiledModel", "compile_model", "plan_partition"]
+__all__ = [
+    "CompiledModel",
+    "PartitionIO",
+    "PartitionPlan",
+    "compile_model",
+    "partition_io",
+    "plan_partition",
+]
 
 #: Widest partition of an AIE2P (Strix) array (partitions are 1-8 columns wide).
 MAX_PARTITION_COLS = 8
-
-ALIGN = 64
 
 
 @dataclass
@@ -201,7 +189,7 @@ def compile_model(
     demoted: dict[ir.Node, str] = {}
     while True:  # converges: the set of demoted views only grows
         rep = graph.report(model, lambda n: demoted.get(n) or query(n))
-        new = {n: r for part in rep.npu_partitions for n, r in _unplaceable_views(part).items()}
+        new = {n: r for part in rep.npu_partitions for n, r in unplaceable_views(part).items()}
         if not new:
             break
         demoted.update(new)
@@ -217,243 +205,13 @@ def compile_model(
         )
     for i, part in progress(npu_parts, desc="compile NPU partitions"):
         t0 = time.perf_counter()
-        launches, plan, io = plan_partition(part, num_cols=num_cols)
-        limits.check_program_size(labels[i], plan.buffer_sizes)  # before images are allocated
+        planned = plan_partition(part, num_cols=num_cols)
+        # before images are allocated
+        limits.check_program_size(labels[i], planned.plan.buffer_sizes)
         t1 = time.perf_counter()
-        programs[i] = emit(labels[i], launches, plan, io, num_cols=num_cols)
+        programs[i] = emit(labels[i], planned, num_cols=num_cols)
         t_plan += t1 - t0
         t_emit += time.perf_counter() - t1
     timings["plan"] = t_plan
     timings["emit"] = t_emit
     return CompiledModel(model, rep, programs, timings)
-
-
-# --- alias groups ---------------------------------------------------------------------------
-
-
-class _Groups:
-    """Union-find over values joined by view nodes: ``view output ~ view input``."""
-
-    def __init__(self) -> None:
-        self.parent: dict[ir.Value, ir.Value] = {}
-
-    def find(self, v: ir.Value) -> ir.Value:
-        self.parent.setdefault(v, v)
-        while self.parent[v] is not v:
-            self.parent[v] = self.parent[self.parent[v]]
-            v = self.parent[v]
-        return v
-
-    def union(self, a: ir.Value, b: ir.Value) -> None:
-        self.parent[self.find(a)] = self.find(b)
-
-    def members(self) -> dict[ir.Value, list[ir.Value]]:
-        out: dict[ir.Value, list[ir.Value]] = {}
-        for v in list(self.parent):
-            out.setdefault(self.find(v), []).append(v)
-        return out
-
-
-def _view_groups(part: Partition) -> _Groups:
-    groups = _Groups()
-    for node in part.nodes:
-        for v in node.inputs:
-            if v is not None:
-                groups.find(v)
-        for v in node.outputs:
-            groups.find(v)
-        if is_view(node):
-            groups.union(node.outputs[0], node.inputs[0])
-        for out_idx, in_idx in inplace_pairs(node):  # e.g. present KV written over past KV
-            groups.union(node.outputs[out_idx], node.inputs[in_idx])
-    return groups
-
-
-def _unplaceable_views(part: Partition) -> dict[ir.Node, str]:
-    """Views of ``part`` that cannot be zero-copy, with the reason (they go to the CPU)."""
-    views = [n for n in part.nodes if is_view(n)]
-    if not views:
-        return {}
-    if len(views) == len(part.nodes):
-        return {
-            n: "an NPU partition made only of views has no kernel to run; the view runs on the CPU"
-            for n in views
-        }
-    groups = _view_groups(part)
-    host = set(part.inputs) | set(part.outputs)
-    bad: dict[ir.Node, str] = {}
-    for members in groups.members().values():
-        visible = [v.name for v in members if v in host]
-        consts = [v.name for v in members if v.is_initializer()]
-        if len(visible) <= 1 and not consts:
-            continue
-        reason = (
-            f"zero-copy view would make host-visible tensors {visible} share memory"
-            if len(visible) > 1
-            else f"view of constant {consts[0]!r} (fold it with FoldShapesPass to keep it off the CPU)"
-        )
-        member_set = set(members)
-        for n in views:
-            if n.outputs[0] in member_set:
-                bad[n] = reason + "; the view runs on the CPU"
-    return bad
-
-
-# --- planning ------------------------------------------------------------------------------
-
-
-@dataclass
-class PartitionIO:
-    """The host-visible tensors of one NPU partition, in packing order."""
-
-    inputs: list[ir.Value]
-    outputs: list[ir.Value]
-
-
-def _in_graph_order(values: list[ir.Value], graph_values: Sequence[ir.Value]) -> list[ir.Value]:
-    """``values`` with the graph's own inputs/outputs among them put in the graph's order.
-
-    Partitions list boundary values in node order, which boundary casts and fusions shuffle;
-    the host-visible bindings of a program follow the model's declared order instead (other
-    boundary values keep their slots).
-    """
-    rank = {v: i for i, v in enumerate(graph_values)}
-    slots = [i for i, v in enumerate(values) if v in rank]
-    ordered = list(values)
-    for i, v in zip(slots, sorted((values[i] for i in slots), key=rank.__getitem__)):
-        ordered[i] = v
-    return ordered
-
-
-def partition_io(part: Partition) -> PartitionIO:
-    """The partition's boundary values, the model's inputs/outputs among them in graph order."""
-    owner = part.nodes[0].graph if part.nodes else None
-    if owner is None:
-        return PartitionIO(list(part.inputs), list(part.outputs))
-    return PartitionIO(
-        _in_graph_order(part.inputs, owner.inputs), _in_graph_order(part.outputs, owner.outputs)
-    )
-
-
-def _match(node: ir.Node) -> OpConfig:
-    cfg = registry.match(node)
-    if isinstance(cfg, Decline):
-        raise UnsupportedOpError(
-            f"node {node.name!r} ({node.op_type}) is in an NPU partition but no operator takes it: "
-            f"{cfg.reason}"
-        )
-    return cfg
-
-
-def plan_partition(
-    part: Partition, *, num_cols: int = 4
-) -> tuple[list[Launch], BufferPlan, PartitionIO]:
-    """Match the partition's ops, derive tensor requests and lifetimes, build the buffer plan."""
-    if part.kind != "npu":
-        raise ValueError(f"plan_partition needs an NPU partition, got a {part.kind} one")
-    io = partition_io(part)
-    launches: list[Launch] = []
-    # Matching formats each op's weights once (the long step for big models).
-    for node in progress(part.nodes, desc="match ops + format weights"):
-        if is_view(node):
-            continue
-        cfg = _match(node)
-        op = cfg.operator
-        launches.append(Launch(node, cfg, op.buffers(cfg), op.format_consts(cfg), op.params(cfg)))
-    if not launches:
-        raise ModelError(
-            f"NPU partition {[n.name for n in part.nodes]} has no operator to run (views only)"
-        )
-
-    groups = _view_groups(part)
-    host_in, host_out = set(part.inputs), set(part.outputs)
-    members = groups.members()
-    root_of: dict[ir.Value, ir.Value] = {}
-    view_outputs = {n.outputs[0] for n in part.nodes if is_view(n)}
-    for vals in members.values():
-        visible = [v for v in vals if v in host_in or v in host_out]
-        producers = [v for v in vals if v not in view_outputs]
-        root = visible[0] if visible else producers[0]
-        for v in vals:
-            root_of[v] = root
-
-    # Requests: model size of each member, raised to the largest ArgSpec touching any member.
-    need: dict[ir.Value, int] = {}
-    last_op = len(launches) - 1
-    life: dict[ir.Value, list[int]] = {}
-    kernel_spec: dict[ir.Value, TensorSpec] = {}
-    const_inputs: dict[str, tuple[ir.Value, int]] = {}
-    for v, root in root_of.items():
-        if v.is_initializer():
-            continue
-        need[root] = max(need.get(root, 0), round_up(value_nbytes(v)))
-    for i, launch in enumerate(launches):
-        node = launch.node
-        for a in launch.args:
-            if a.kind not in (ArgKind.INPUT, ArgKind.OUTPUT):
-                continue
-            v = (node.inputs if a.kind == ArgKind.INPUT else node.outputs)[a.index]
-            if v is None:
-                raise ModelError(f"node {node.name!r}: {a.kind.name} arg {a.index} has no value")
-            if v.is_initializer():  # a constant streamed as an activation: own const region
-                prev = const_inputs.get(v.name, (v, 0))[1]
-                const_inputs[v.name] = (v, max(prev, a.offset + a.nbytes))
-                continue
-            root = root_of[v]
-            need[root] = max(need[root], a.nbytes)
-            if a.kind == ArgKind.OUTPUT and a.dtype is not None and a.padded_shape is not None:
-                kernel_spec.setdefault(v, TensorSpec(tuple(a.padded_shape), np.dtype(a.dtype)))
-        for v in [*node.inputs, *node.outputs]:
-            if v is not None and not v.is_initializer():
-                life.setdefault(root_of[v], []).append(i)
-
-    requests: list[TensorRequest] = []
-    aliases: dict[str, tuple[str, int]] = {}
-    ordered = [*io.inputs, *io.outputs]
-    ordered += [v for v in root_of if v not in host_in and v not in host_out]
-    for v in ordered:
-        if v.is_initializer():
-            continue
-        root = root_of[v]
-        uses = life.get(root, [0])
-        first = 0 if root in host_in else min(uses)
-        last = last_op if root in host_out else max(uses)
-        kind = "input" if v in host_in else "output" if v in host_out else "intermediate"
-        spec = tensor_spec(v, f"tensor {v.name!r}")
-        if isinstance(spec, Decline) and v.dtype is None and v in kernel_spec:
-            # an omitted optional output the model leaves untyped: the kernel's spec sizes it
-            spec = kernel_spec[v]
-        if isinstance(spec, Decline):
-            raise ModelError(spec.reason)
-        requests.append(
-            TensorRequest(
-                name=v.name,
-                nbytes=need[root],
-                kind=kind,  # type: ignore[arg-type]
-                first=first,
-                last=last,
-                shape=spec.logical_shape,
-                dtype=np.dtype(spec.dtype).name,
-                padded_shape=spec.shape if spec.real_shape is not None else None,
-            )
-        )
-        if root is not v:
-            aliases[v.name] = (root.name, 0)
-
-    op_scratch: dict[str, int] = {}
-    op_consts: dict[str, int] = {}
-    op_params: dict[str, int] = {}
-    for launch in launches:
-        name = launch.node.name
-        kinds = {k: [a for a in launch.args if a.kind == k] for k in ArgKind}
-        op_scratch[name] = sum(round_up(a.nbytes, ALIGN) for a in kinds[ArgKind.SCRATCH])
-        op_consts[name] = max(
-            len(launch.consts), sum(round_up(a.nbytes) for a in kinds[ArgKind.CONST])
-        )
-        op_params[name] = max(
-            len(launch.params), sum(round_up(a.nbytes) for a in kinds[ArgKind.PARAMS])
-        )
-    for tname, (_, size) in const_inputs.items():
-        op_consts[CONST_TENSOR_PREFIX + tname] = size
-    plan = build_plan(requests, aliases, op_scratch, op_consts, op_params, alignment=ALIGN)
-    return launches, plan, io

@@ -25,19 +25,22 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from npudispatch.dispatch.backends.base import ProgramImage
-from npudispatch.dispatch.plan import BufferKind, BufferPlan
+from npudispatch.dispatch.plan import BufferPlan
 from npudispatch.display import rich_html
 from npudispatch.errors import ModelError, PlanError, ProgramFormatError, TxnFormatError
 from npudispatch.operators import registry
-from npudispatch.operators.base import ArgKind, ArgSpec, OpConfig, round_up
+from npudispatch.operators.base import ArgSpec, OpConfig
 from npudispatch.txn import ArgRange, Transaction, fuse_rebased, rebase, wrap
+
+if TYPE_CHECKING:
+    from npudispatch.dispatch.partition_plan import PartitionPlan
 
 __all__ = [
     "CONST_TENSOR_PREFIX",
@@ -186,44 +189,6 @@ def _op_entry(launch: Launch, txn_ops: int) -> OpEntry:
     )
 
 
-def _ranges(launch: Launch, plan: BufferPlan) -> list[ArgRange]:
-    node = launch.node
-    name = node.name
-    ranges: list[ArgRange] = []
-    cursor = {ArgKind.CONST: 0, ArgKind.SCRATCH: 0, ArgKind.PARAMS: 0}
-    for a in launch.args:
-        if a.kind in (ArgKind.INPUT, ArgKind.OUTPUT):
-            v = (node.inputs if a.kind == ArgKind.INPUT else node.outputs)[a.index]
-            assert v is not None
-            if v.is_initializer():
-                buffer, offset = (
-                    BufferKind.CONST,
-                    plan.const_regions[CONST_TENSOR_PREFIX + v.name][0],
-                )
-            else:
-                pl = plan.placements[v.name]
-                if a.nbytes > pl.nbytes:
-                    raise PlanError(
-                        f"op {name!r} {a.kind.name} arg {a.index} ({v.name!r}) needs {a.nbytes} B "
-                        f"but the plan gives {pl.nbytes} B; the tensor requests were computed wrong"
-                    )
-                buffer, offset = pl.buffer, pl.offset
-            ranges.append(ArgRange(a.local_argidx, a.offset, a.nbytes, int(buffer), offset))
-            continue
-        if a.kind == ArgKind.SCRATCH:
-            base, step = plan.op_scratch_offset, round_up(a.nbytes, plan.alignment)
-        else:
-            regions = plan.const_regions if a.kind == ArgKind.CONST else plan.params_regions
-            if name not in regions:
-                raise PlanError(f"op {name!r} has a {a.kind.name} arg but no region in the plan")
-            base, step = regions[name][0], round_up(a.nbytes)
-        ranges.append(
-            ArgRange(a.local_argidx, a.offset, a.nbytes, int(a.kind), base + cursor[a.kind])
-        )
-        cursor[a.kind] += step
-    return ranges
-
-
 def _const_tensor_bytes(value: ir.Value, size: int) -> bytes:
     """Raw bytes of a constant streamed as an activation (ONNX layout, zero-filled to ``size``)."""
     assert value.const_value is not None
@@ -263,28 +228,21 @@ def _fuse_rebased(
         raise
 
 
-def emit(
-    name: str,
-    launches: Sequence[Launch],
-    plan: BufferPlan,
-    io: Any,
-    *,
-    num_cols: int = 4,
-) -> FusedProgram:
-    """Re-base every op transaction onto the plan, fuse, and build the const and params images.
-
-    ``io`` has ``inputs``/``outputs`` (the partition's host-visible values, in order).
-    """
+def emit(name: str, planned: PartitionPlan, *, num_cols: int = 4) -> FusedProgram:
+    """Re-base every op transaction with the ranges of ``planned`` (computed once by
+    :func:`~npudispatch.dispatch.partition_plan.plan_partition`), fuse, and build the const and
+    params images and the IO bindings."""
+    launches, plan, io = planned.launches, planned.plan, planned.io
     txns: list[tuple[Transaction, list[ArgRange]]] = []
     ops: list[OpEntry] = []
     const_image = bytearray(plan.const_bytes)
     params_image = bytearray(plan.params_bytes)
     const_tensors: dict[str, dict[str, Any]] = {}
-    for launch in launches:
+    for launch, ranges in zip(launches, planned.ranges, strict=True):
         node = launch.node
         op = launch.cfg.operator
         txn = op.transaction(launch.cfg, num_cols)
-        txns.append((txn, _ranges(launch, plan)))
+        txns.append((txn, ranges))
         ops.append(_op_entry(launch, txn.num_ops))
         if launch.consts:
             off = plan.const_regions[node.name][0]
