@@ -250,6 +250,8 @@ def function_for(op_type: str, overload: str = "", opset: int = 18) -> ir.Functi
             f"no function body for {DOMAIN}.{op_type} overload {overload!r}; "
             f"known: {sorted(_BODIES)}"
         )
+    if opset < PER_AXIS_OPSET:  # DequantizeLinear-10 has no axis: every operand is per tensor
+        text = text.replace("DequantizeLinear <axis = 0>", "DequantizeLinear")
     header = f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]'
     if overload:
         header += f', overload: "{overload}"'
@@ -263,14 +265,18 @@ def attach_functions(model: ir.Model) -> list[tuple[str, str, str]]:
     Needed before onnxruntime can run a rewritten model. Gelu nodes with ``approximate="tanh"`` get
     ``node.overload = "tanh"`` (see the module docstring). Returns the identifiers added.
     """
+    ours = [node for node in model.graph.all_nodes() if node.domain == DOMAIN]
+    if not ours:
+        return []  # nothing to attach: e.g. a pure ai.onnx.ml model needs no default opset
     opset = model.opset_imports.get("")
     if opset is None:
-        raise ModelError("model has no default-domain opset import; cannot pick function opset")
+        raise ModelError(
+            f"model has no default-domain opset import but uses {DOMAIN}.{ours[0].op_type} "
+            f"(node {ours[0].name!r}), whose function body needs one; import the default domain"
+        )
     model.opset_imports.setdefault(DOMAIN, VERSION)
     added: list[tuple[str, str, str]] = []
-    for node in model.graph.all_nodes():
-        if node.domain != DOMAIN:
-            continue
+    for node in ours:
         if node.op_type not in OPS:
             raise ModelError(
                 f"node {node.name!r} uses unknown op {DOMAIN}.{node.op_type}; "
@@ -445,6 +451,7 @@ def reference_op(op_type: str) -> type[OpRun]:
 # Quantized fused ops (QDQAdd, QDQSoftmax, ...): specs and bodies generated from one table.
 from npudispatch.opset_quant import (  # noqa: E402
     CHAIN,
+    PER_AXIS_OPSET,
     chain_body,
     quantized_bodies,
     quantized_specs,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "CHAIN",
+    "PER_AXIS_OPSET",
     "QDQ_OPS",
     "QuantizedOp",
     "chain_arity",
@@ -97,6 +98,10 @@ def _function_text(
     )
 
 
+PER_AXIS_OPSET = 13
+"""First opset whose DequantizeLinear takes ``axis`` (per-channel operands); below it the bodies
+drop the axis and the rewrite fuses per-tensor operands only."""
+
 CHAIN = "QDQChain"
 """Op type of a chain of quantized-form ops between one set of DQs and one Q; the stages are its
 ``overload`` (``"Pow.ReduceMean"``) and its ``stages`` attribute; stage ``k``'s attributes are
@@ -178,7 +183,22 @@ def _ops() -> dict[str, QuantizedOp]:
         "pads": ("ints", None),
         "strides": ("ints", None),
     }
-    ops.append(QuantizedOp("Conv", 2, conv_attrs, 13, per_axis=(1,)))  # DQ axis: opset 13
+    ops.append(QuantizedOp("Conv", 2, conv_attrs, per_axis=(1,)))
+    gemm_attrs = {
+        "alpha": ("float", "1.0"),
+        "beta": ("float", "1.0"),
+        "transA": ("int", "0"),
+        "transB": ("int", "0"),
+    }
+    # B per output channel needs transB=1 (B [N, K], axis 0); C is the int32 bias per channel.
+    ops.append(QuantizedOp("Gemm", 3, gemm_attrs, per_axis=(1, 2)))
+    ops.append(QuantizedOp("GlobalAveragePool", 1))
+    # Inference BatchNormalization: scale, B, mean, var per channel (exact DQs of the floats).
+    bn_attrs = {"epsilon": ("float", "1e-05"), "momentum": ("float", "0.9")}
+    ops.append(QuantizedOp("BatchNormalization", 5, bn_attrs, per_axis=(1, 2, 3, 4)))
+    ops.append(QuantizedOp("HardSigmoid", 1, {"alpha": ("float", "0.2"), "beta": ("float", "0.5")}))
+    ops.append(QuantizedOp("HardSwish", 1, min_opset=14))
+    ops.append(QuantizedOp("LeakyRelu", 1, {"alpha": ("float", "0.01")}))
     return {op.inner: op for op in ops}
 
 

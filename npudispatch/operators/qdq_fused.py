@@ -111,6 +111,41 @@ def _conv(xs, dims, floats):
     return conv_core(x, weights, Window(k, st, dl, pb, pe), (1,) * r)
 
 
+def _gemm(xs, dims, floats):
+    a, b, c = xs
+    trans_a, trans_b = dims
+    alpha, beta = (F32.type(f) for f in floats)
+    y = np.matmul(a.T if trans_a else a, b.T if trans_b else b)
+    return alpha * y + beta * c
+
+
+def _batch_norm(xs, dims, floats):
+    x, scale, bias, mean, var = xs
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    inv = F32.type(1) / np.sqrt(var + F32.type(floats[0]))
+    return (x - mean.reshape(shape)) * (inv * scale).reshape(shape) + bias.reshape(shape)
+
+
+def _global_average_pool(xs, dims, floats):
+    x = xs[0]
+    return np.mean(x, axis=tuple(range(2, x.ndim)), keepdims=True, dtype=F32)
+
+
+def _hard_sigmoid(xs, dims, floats):
+    alpha, beta = (F32.type(f) for f in floats)
+    return np.clip(alpha * xs[0] + beta, F32.type(0), F32.type(1))
+
+
+def _hard_swish(xs, dims, floats):
+    x = xs[0]
+    return x * np.clip(x * F32.type(1 / 6) + F32.type(0.5), F32.type(0), F32.type(1))
+
+
+def _leaky_relu(xs, dims, floats):
+    x = xs[0]
+    return np.where(x >= 0, x, F32.type(floats[0]) * x)
+
+
 #: The float32 math of each wrapped op: ``fn(dequantized inputs, dims, floats) -> result``.
 FLOAT_OPS: dict[str, Callable] = {
     "Add": _binary(np.add),
@@ -135,6 +170,21 @@ FLOAT_OPS: dict[str, Callable] = {
     "ReduceMean": _reduce_mean,
     "LayerNormalization": _layer_norm,
     "Conv": _conv,
+    "Gemm": _gemm,
+    "GlobalAveragePool": _global_average_pool,
+    "BatchNormalization": _batch_norm,
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _hard_swish,
+    "LeakyRelu": _leaky_relu,
+}
+
+#: Record floats each op reads (attribute values), in this order.
+STAGE_FLOATS: dict[str, tuple[tuple[str, float], ...]] = {
+    "LayerNormalization": (("epsilon", 1e-5),),
+    "Gemm": (("alpha", 1.0), ("beta", 1.0)),
+    "HardSigmoid": (("alpha", 0.2), ("beta", 0.5)),
+    "LeakyRelu": (("alpha", 0.01),),
+    "BatchNormalization": (("epsilon", 1e-5),),
 }
 
 
@@ -162,8 +212,11 @@ def stage_attrs(spec: QuantizedOp, node: ir.Node, prefix: str, rank: int) -> dic
         if not -rank <= axis < rank:
             return Decline(f"{inner} axis {axis} out of range for rank {rank}")
         attrs["axis"] = axis % rank
-    if inner == "LayerNormalization":
-        attrs["epsilon"] = a.get_float(f"{prefix}epsilon", 1e-5)
+    for name, default in STAGE_FLOATS.get(inner, ()):
+        attrs[name] = a.get_float(f"{prefix}{name}", default)
+    if inner == "Gemm":
+        attrs["transA"] = a.get_int(f"{prefix}transA", 0)
+        attrs["transB"] = a.get_int(f"{prefix}transB", 0)
     if inner == "Transpose":
         perm = a.get_ints(f"{prefix}perm", list(range(rank))[::-1])
         if sorted(perm) != list(range(rank)):
@@ -191,6 +244,28 @@ def stage_shape(spec: QuantizedOp, shapes: list[tuple[int, ...]], attrs: dict) -
         return out if out is not None else Decline(f"shapes {shapes} do not multiply")
     if inner == "Transpose":
         return tuple(shapes[0][p] for p in attrs["perm"])
+    if inner == "Gemm":
+        a, b, c = shapes
+        if len(a) != 2 or len(b) != 2:
+            return Decline(f"Gemm operands {a}, {b} must be 2-D")
+        (m, k) = a[::-1] if attrs["transA"] else a
+        (k2, n) = b[::-1] if attrs["transB"] else b
+        if k != k2:
+            return Decline(f"Gemm shapes {a} and {b} do not multiply")
+        try:
+            if np.broadcast_shapes(c, (m, n)) != (m, n):
+                raise ValueError
+        except ValueError:
+            return Decline(f"Gemm C {c} does not broadcast to {(m, n)}")
+        return (m, n)
+    if inner == "BatchNormalization":
+        x = shapes[0]
+        if len(x) < 2 or any(s != (x[1],) for s in shapes[1:]):
+            return Decline(f"BatchNormalization parameters {shapes[1:]} must be [C] of {x}")
+        return x
+    if inner == "GlobalAveragePool":
+        x = shapes[0]
+        return Decline(f"input rank {len(x)} < 3") if len(x) < 3 else (*x[:2], *(1,) * (len(x) - 2))
     if inner == "Conv":
         x, w = shapes
         group = attrs["group"]
@@ -239,6 +314,8 @@ def stage_dims(spec: QuantizedOp, attrs: dict) -> list[int]:
         return list(attrs["perm"])
     if spec.inner == "ReduceMean":
         return [attrs["keepdims"], *attrs["axes"]]
+    if spec.inner == "Gemm":
+        return [attrs["transA"], attrs["transB"]]
     if spec.inner == "Conv":
         win = attrs["window"]
         return [attrs["group"], win.rank, *win.kernel, *win.strides, *win.dilations,
@@ -248,7 +325,7 @@ def stage_dims(spec: QuantizedOp, attrs: dict) -> list[int]:
 
 def stage_floats(spec: QuantizedOp, attrs: dict) -> list[float]:
     """Record floats of one stage (LayerNormalization epsilon)."""
-    return [attrs["epsilon"]] if spec.inner == "LayerNormalization" else []
+    return [attrs[name] for name, _ in STAGE_FLOATS.get(spec.inner, ())]
 
 
 def _operand_params(q: np.ndarray, scale: np.ndarray, zp: np.ndarray):
@@ -396,7 +473,7 @@ class QdqFusedOp(Operator):
             n_new = spec.arity if k == 0 else spec.arity - 1
             operands = ([] if r is None else [r]) + xs[used : used + n_new]
             used += n_new
-            n_floats = 1 if spec.inner == "LayerNormalization" else 0
+            n_floats = len(STAGE_FLOATS.get(spec.inner, ()))
             r = float_op(spec.inner, operands, own, floats[:n_floats])
             floats = floats[n_floats:]
         ys, yz = inputs[3 * arity].reshape(()), inputs[3 * arity + 1].reshape(())

@@ -19,10 +19,14 @@
    ``rewrites/matmul.py`` rule).
 6. **fused** - every other DQ -> op -> Q group whose op has a quantized form
    (:data:`npudispatch.opset_quant.QDQ_OPS`: Add, Sub, Mul, Div, Pow, MatMul of two activations,
-   Softmax, LayerNormalization, ReduceMean, Transpose, Sigmoid, Tanh, Erf, ...) becomes
-   ``npudispatch.QDQ<Op>``. A scalar float32 constant operand that was never quantized (a
-   ``Div`` by ``sqrt(head_dim)``) is written exactly as ``DQ(q=±1, scale=|c|, zp=0)``. A group
-   is fused only when the operator library takes the fused node (else nothing changes).
+   Gemm and Conv with per-channel weights, BatchNormalization, Softmax, LayerNormalization,
+   ReduceMean, GlobalAveragePool, Transpose, Sigmoid, Tanh, Erf, HardSigmoid, ...) becomes
+   ``npudispatch.QDQ<Op>``. A float32 constant operand that was never quantized (a ``Div`` by
+   ``sqrt(head_dim)``; BatchNormalization's per-channel mean and variance) is written exactly as
+   ``DQ(q=sign(c), scale=|c|, zp=0)``, per tensor for a scalar, per channel where the op takes
+   per-channel operands. A chain of such ops between one set of DQs and one Q (``Pow ->
+   ReduceMean``) becomes ``npudispatch.QDQChain``. A group is fused only when the operator
+   library takes the fused node (else nothing changes).
 7. **merge_dq** - identical DequantizeLinear copies left by step 2 are merged again.
 8. **nbits** - ``MatMul(a, DQ(W))`` with a constant int4/uint4 ``W [K, N]`` quantized in blocks
    of 16..128 along K becomes ``com.microsoft.MatMulNBits``: the weight is formatted 4-bit at
@@ -52,7 +56,7 @@ from npudispatch.operators.base import Decline
 from npudispatch.operators.quantize import QUANT_DTYPES, dequantize, expand_param, quantize
 from npudispatch.operators.weights import pack_nibbles
 from npudispatch.opset import DOMAIN, VERSION
-from npudispatch.opset_quant import CHAIN, QDQ_OPS
+from npudispatch.opset_quant import CHAIN, PER_AXIS_OPSET, QDQ_OPS
 from npudispatch.rewrites._checks import const_array
 from npudispatch.rewrites.aliasing import VIEW_OPS
 from npudispatch.rewrites.matmul import qmatmul_rule
@@ -345,26 +349,31 @@ def _fuse(
     return True
 
 
-def _exact_scalar_dq(
-    graph: ir.Graph, namer: _Namer, value: ir.Value, before: ir.Node
+def _exact_dq(
+    graph: ir.Graph, namer: _Namer, value: ir.Value, before: ir.Node, per_axis: bool = False
 ) -> ir.Node | None:
-    """``DQ(q, scale, 0)`` equal to a scalar float32 constant exactly (q = ±1 or 0)."""
+    """A DQ equal to a float32 constant exactly: ``q = sign(c)`` (int8), ``scale = |c|``
+    (1 where c is 0), zero point 0 - per tensor for a scalar, per channel (axis 0) for a 1-d
+    constant where the reader allows it (``per_axis``)."""
     arr = const_array(value)
-    if arr is None or arr.dtype != np.float32 or arr.size != 1 or not np.isfinite(arr).all():
+    if arr is None or arr.dtype != np.float32 or not np.isfinite(arr).all():
         return None
-    c = float(arr.reshape(()))
-    q = np.array(0 if c == 0 else (1 if c > 0 else -1), np.int8).reshape(arr.shape)
-    scale = np.array(abs(c) if c else 1.0, np.float32)
-    zp = np.zeros((), np.int8)
+    if arr.size != 1 and not (per_axis and arr.ndim == 1):
+        return None
+    q = np.sign(arr).astype(np.int8)
+    scale = np.where(arr == 0, np.float32(1), np.abs(arr)).astype(np.float32)
+    if arr.size == 1:
+        scale = scale.reshape(())
+    zp = np.zeros(scale.shape, np.int8)
     base = value.name or "const"
-    qv = _initializer(graph, namer, f"{base}__q", q)
     node = ir.node(
         "DequantizeLinear",
         [
-            qv,
+            _initializer(graph, namer, f"{base}__q", q),
             _initializer(graph, namer, f"{base}__scale", scale),
             _initializer(graph, namer, f"{base}__zp", zp),
         ],
+        {"axis": 0} if arr.size != 1 else {},
         name=namer(f"{base}__exact_dq"),
     )
     out = node.outputs[0]
@@ -410,9 +419,10 @@ def _fused_attrs(node: ir.Node, opset: int) -> dict | None:
         if any(k not in names for k in node.attributes) or len(node.inputs) != 2:
             return None  # a biased Conv keeps its float form (see opset_quant)
         return {k: a.value for k, a in node.attributes.items()}
-    if node.attributes:
-        return None  # e.g. a Gemm-like attribute the fused op would drop
-    return {}
+    spec = QDQ_OPS.get(op)
+    if spec is None or any(k not in spec.attributes for k in node.attributes):
+        return None  # an attribute the fused op would drop
+    return {k: a.value for k, a in node.attributes.items()}
 
 
 MAX_CHAIN = 4
@@ -453,7 +463,7 @@ def _operand_dq(
         along_0 = p is not None and p.scale.ndim == 1 and not p.block and p.axis % rank == 0
         if p is not None and (p.per_tensor or (per_axis and along_0)):
             return dq
-    exact = _exact_scalar_dq(graph, namer, value, reader)
+    exact = _exact_dq(graph, namer, value, reader, per_axis)
     if exact is not None:
         made.append(exact)
     return exact
@@ -489,7 +499,8 @@ def _fuse_ops(graph: ir.Graph, namer: _Namer, opset: int, report: QdqReport) -> 
                 first = 0 if k == 0 else 1
                 spec = QDQ_OPS[inner]
                 for j, v in enumerate(node.inputs[first : spec.arity], first):
-                    dq = _operand_dq(graph, namer, v, node, made, k == 0 and j in spec.per_axis)
+                    per_axis = k == 0 and j in spec.per_axis and opset >= PER_AXIS_OPSET
+                    dq = _operand_dq(graph, namer, v, node, made, per_axis)
                     if dq is None:
                         ok = False
                         break

@@ -287,12 +287,16 @@ FUSED = {
     "QDQTranspose": ([(2, 8, 4, 16)], {"perm": [0, 2, 1, 3]}, np.uint8),
     "QDQReduceMean": ([(2, 8, 64)], {"axes": [-1], "keepdims": 1}, np.uint16),
     "QDQLayerNormalization": ([(2, 8, 64), (64,), (64,)], {"axis": -1, "epsilon": 1e-5}, np.uint8),
+    "QDQGlobalAveragePool": ([(1, 8, 6, 10)], {}, np.uint16),
+    "QDQHardSigmoid": ([(3, 40)], {"alpha": 0.25, "beta": 0.4}, np.uint8),
+    "QDQHardSwish": ([(3, 40)], {}, np.uint16),
+    "QDQLeakyRelu": ([(3, 40)], {"alpha": 0.1}, np.int8),
 }
 
 
 def fused_model(name: str, seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """One fused node: activation inputs streamed, later operands of Pow/Div/LN constant."""
-    from npudispatch.operators.qdq_fused import QDQ_OPERATORS, float_op
+    from npudispatch.operators.qdq_fused import QDQ_OPERATORS, STAGE_FLOATS, float_op
 
     shapes, attrs, adt = FUSED[name]
     adt = np.dtype(adt)
@@ -332,7 +336,8 @@ def fused_model(name: str, seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np
         cfg_dims = attrs["perm"]
     if name == "QDQReduceMean":
         cfg_dims = [attrs["keepdims"], len(shapes[0]) - 1]
-    r = float_op(op.spec.inner, deq, cfg_dims, [attrs.get("epsilon", 0.0)])
+    floats = [attrs.get(k, d) for k, d in STAGE_FLOATS.get(op.spec.inner, ())]
+    r = float_op(op.spec.inner, deq, cfg_dims, floats)
     # Output scale spanning the result's range, zero point inside it.
     y_s = np.float32(max(float(np.ptp(r)), 1e-3) / (hi - lo) * 1.1)
     y_z = np.array(int(np.clip(lo - np.floor(r.min() / y_s), lo, hi)), adt)

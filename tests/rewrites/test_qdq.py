@@ -505,3 +505,70 @@ def test_dq_conv_q_with_per_channel_weights_becomes_qdq_conv(group):
     got, want, calls = run_both(m, feeds)
     assert np.abs(got - want).max() <= 0.08 * (1 + 1e-3) and calls == 1
     assert np.ptp(want) > 1.0, "the test data must exercise the output range"
+
+
+def test_dq_gemm_q_with_per_channel_weight_and_int32_bias_becomes_qdq_gemm():
+    """quantize_static's Gemm: B [N, K] (transB=1) per output channel, C int32 per channel."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    k, n = 48, 20
+    ws = (rng.random(n) * 0.01 + 0.002).astype(np.float32)
+    inits = {
+        "xs": np.float32(0.05), "xz": np.uint8(128),
+        "w": rng.integers(-127, 127, (n, k), endpoint=True).astype(np.int8), "ws": ws,
+        "wz": np.zeros(n, np.int8),
+        "b": rng.integers(-3000, 3000, n).astype(np.int32), "bs": (ws * 0.05).astype(np.float32),
+        "bz": np.zeros(n, np.int32), "ys": np.float32(0.1), "yz": np.uint8(128),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "xs", "xz"], ["d"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["dw"], axis=0),
+        helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["db"], axis=0),
+        helper.make_node("Gemm", ["d", "dw", "db"], ["g"], transB=1, alpha=0.5),
+        helper.make_node("QuantizeLinear", ["g", "ys", "yz"], ["qg"]),
+        helper.make_node("DequantizeLinear", ["qg", "ys", "yz"], ["out"]),
+    ]
+    graph_proto = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [3, n])],
+        initializer=[numpy_helper.from_array(np.asarray(v), key) for key, v in inits.items()],
+    )  # fmt: skip
+    proto = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    m = ir.from_proto(proto)
+    m2, _ = rewritten(m)
+    assert ops(m2) == ["QuantizeLinear", P + "QDQGemm", "DequantizeLinear"]
+    got, want, calls = run_both(m, {"x": rng.uniform(-6, 6, (3, k)).astype(np.float32)})
+    assert np.abs(got - want).max() <= 0.1 * (1 + 1e-3) and calls == 1
+    assert np.ptp(want) > 2.0
+
+
+def test_batch_norm_with_float_statistics_becomes_qdq_batch_norm():
+    """Mean, variance, scale and bias never quantized: exact per-channel DQs make it fusable."""
+    m = qdq_model(
+        """
+        q = QuantizeLinear (x, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        s = BatchNormalization <epsilon = 0.001> (d, g, b, mu, var)
+        qs = QuantizeLinear (s, ys, yz)
+        out = DequantizeLinear (qs, ys, yz)""",
+        extra="float[4] g = {1.5, -0.5, 0.0, 2.0}, float[4] b = {0.1, 0.2, -0.3, 0.0}, "
+        "float[4] mu = {0.5, -1.0, 0.0, 2.0}, float[4] var = {1.0, 4.0, 0.25, 2.0}",
+    )
+    m2, _ = rewritten(m)
+    assert ops(m2) == ["QuantizeLinear", P + "QDQBatchNormalization", "DequantizeLinear"]
+    got, want, calls = run_both(m, x_feed())
+    assert np.abs(got - want).max() <= 0.1 * (1 + 1e-3) and calls == 1
+
+
+def test_per_channel_bodies_drop_the_axis_below_opset_13():
+    from npudispatch import opset
+
+    body13 = ir.to_proto(opset.function_for("QDQConv", "", 13))
+    body11 = ir.to_proto(opset.function_for("QDQConv", "", 11))
+    axes = [[a.name for a in n.attribute] for n in body13.node if n.op_type == "DequantizeLinear"]
+    assert axes == [[], ["axis"]]
+    assert all(not n.attribute for n in body11.node if n.op_type == "DequantizeLinear")
