@@ -145,8 +145,10 @@ class DataMovement:
     def totals(self) -> dict[tuple[int, Direction, int, int | None], int]:
         """Bytes moved per (col, direction, channel, argidx)."""
         sums: dict[tuple[int, Direction, int, int | None], int] = defaultdict(int)
-        for t in self.transfers():
-            sums[(t.col, t.direction, t.channel, t.argidx)] += t.nbytes
+        for task in self.tasks:  # arithmetic, not expanded: repeats x chains can be huge
+            for b in task.bds:
+                key = (task.col, task.direction, task.channel, b.argidx)
+                sums[key] += b.length_bytes * (task.repeat_count + 1)
         return dict(sums)
 
     def render(self) -> str:
