@@ -86,6 +86,25 @@ def match_specs(
     return node_config(op, node, specs, outs, consts=consts)
 
 
+def unknown_attributes(node: ir.Node, known: set[str]) -> Decline | None:
+    """Decline a node carrying attributes this kernel does not implement (newer op versions)."""
+    extra = sorted(set(node.attributes) - known)
+    if extra:
+        return Decline(f"{op_label(node)}: attribute(s) {extra} are not supported")
+    return None
+
+
+GQA_ATTRS = {
+    "num_heads", "kv_num_heads", "scale", "softcap", "local_window_size", "do_rotary",
+    "rotary_interleaved", "smooth_softmax", "k_quant_type", "v_quant_type", "kv_cache_bit_width",
+}  # fmt: skip
+MHA_ATTRS = {"num_heads", "scale", "mask_filter_value", "unidirectional"}
+ATTENTION_ATTRS = {
+    "is_causal", "kv_num_heads", "q_num_heads", "qk_matmul_output_mode", "scale", "softcap",
+    "softmax_precision",
+}  # fmt: skip
+
+
 class _Attention(Operator):
     """Exact shapes for every tensor; the kernel runs :meth:`attend` with bf16 operands."""
 
@@ -135,6 +154,8 @@ class GroupQueryAttention(_Attention):
     kernel_id = 900
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
+        if (bad := unknown_attributes(node, GQA_ATTRS)) is not None:
+            return bad
         cfg = match_specs(self, node, (7, 12))
         if isinstance(cfg, Decline):
             return cfg
@@ -296,6 +317,8 @@ class MultiHeadAttention(_Attention):
     kernel_id = 901
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
+        if (bad := unknown_attributes(node, MHA_ATTRS)) is not None:
+            return bad
         cfg = match_specs(self, node, (3, 8))
         if isinstance(cfg, Decline):
             return cfg
@@ -385,6 +408,8 @@ class Attention(_Attention):
         label = op_label(node)
         if version is None:
             return Decline(f"{label}: opset version unknown; declare the default-domain opset")
+        if (bad := unknown_attributes(node, ATTENTION_ATTRS)) is not None:
+            return bad
         cfg = match_specs(self, node, (3, 6))
         if isinstance(cfg, Decline):
             return cfg
@@ -415,6 +440,9 @@ class Attention(_Attention):
             )
         if (ins[4] is None) != (ins[5] is None):
             return Decline(f"{label}: past_key and past_value must both be given")
+        for window in ("left_window_size", "right_window_size"):  # opset 25 sliding window
+            if int(attr_value(node, window, -1)) != -1:
+                return Decline(f"{label}: {window} (sliding-window attention) is not supported")
         cfg.extra.update(q_heads=qn, kv_heads=kvn, rank=rank)
         return cfg
 

@@ -14,7 +14,12 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch.operators import attention_math as am
-from npudispatch.operators.attention import MS_DOMAIN, _Attention, match_specs
+from npudispatch.operators.attention import (
+    MS_DOMAIN,
+    _Attention,
+    match_specs,
+    unknown_attributes,
+)
 from npudispatch.operators.base import Decline, OpConfig, op_label
 from npudispatch.operators.matmul import attr_value
 
@@ -28,6 +33,9 @@ class _Rotary(_Attention):
     sin_in: ClassVar[int]
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
+        known = {"interleaved", "num_heads", "rotary_embedding_dim", "is_packed_batching", "scale"}
+        if (bad := unknown_attributes(node, known)) is not None:
+            return bad
         cfg = match_specs(self, node, (3, 4))
         if isinstance(cfg, Decline):
             return cfg
@@ -37,6 +45,8 @@ class _Rotary(_Attention):
         assert x is not None
         if cos is None or sin is None or cos.shape != sin.shape:
             return Decline(f"{label}: cos_cache and sin_cache must have the same shape")
+        if float(attr_value(node, "scale", 1.0)) != 1.0:
+            return Decline(f"{label}: scale != 1 is not supported")
         if int(attr_value(node, "is_packed_batching", 0)):
             return Decline(f"{label}: packed batching is not supported")
         rank = len(x.shape)
