@@ -198,6 +198,18 @@ def _ops() -> dict[str, QuantizedOp]:
     ops.append(QuantizedOp("BatchNormalization", 5, bn_attrs, per_axis=(1, 2, 3, 4)))
     ops.append(QuantizedOp("HardSigmoid", 1, {"alpha": ("float", "0.2"), "beta": ("float", "0.5")}))
     ops.append(QuantizedOp("HardSwish", 1, min_opset=14))
+    window_attrs = {
+        "auto_pad": ("string", '"NOTSET"'),
+        "ceil_mode": ("int", "0"),
+        "dilations": ("ints", None),
+        "kernel_shape": ("ints", None),
+        "pads": ("ints", None),
+        "strides": ("ints", None),
+    }
+    ops.append(QuantizedOp("MaxPool", 1, {**window_attrs, "storage_order": ("int", "0")}, 12))
+    ops.append(
+        QuantizedOp("AveragePool", 1, {**window_attrs, "count_include_pad": ("int", "0")}, 19)
+    )
     ops.append(QuantizedOp("LeakyRelu", 1, {"alpha": ("float", "0.01")}))
     return {op.inner: op for op in ops}
 

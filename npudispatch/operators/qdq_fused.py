@@ -41,6 +41,7 @@ from npudispatch.operators.base import (
 )
 from npudispatch.operators.conv import conv_core
 from npudispatch.operators.dtypes import F32
+from npudispatch.operators.pool import KIND_AVG, KIND_MAX, pool
 from npudispatch.operators.quantize import (
     QUANT_DTYPES,
     dequantize,
@@ -126,6 +127,14 @@ def _batch_norm(xs, dims, floats):
     return (x - mean.reshape(shape)) * (inv * scale).reshape(shape) + bias.reshape(shape)
 
 
+def _pool(xs, dims, floats):
+    """dims ``[kind, ceil_mode, count_include_pad, r, *kernel, *strides, *dilations,
+    *pads_begin, *pads_end]`` (kinds of :mod:`.pool`)."""
+    kind, ceil, include, r = dims[:4]
+    k, st, dl, pb, pe = (tuple(dims[4 + i * r : 4 + (i + 1) * r]) for i in range(5))
+    return pool(xs[0], kind, Window(k, st, dl, pb, pe), bool(ceil), bool(include))
+
+
 def _global_average_pool(xs, dims, floats):
     x = xs[0]
     return np.mean(x, axis=tuple(range(2, x.ndim)), keepdims=True, dtype=F32)
@@ -173,6 +182,8 @@ FLOAT_OPS: dict[str, Callable] = {
     "Gemm": _gemm,
     "GlobalAveragePool": _global_average_pool,
     "BatchNormalization": _batch_norm,
+    "MaxPool": _pool,
+    "AveragePool": _pool,
     "HardSigmoid": _hard_sigmoid,
     "HardSwish": _hard_swish,
     "LeakyRelu": _leaky_relu,
@@ -222,6 +233,14 @@ def stage_attrs(spec: QuantizedOp, node: ir.Node, prefix: str, rank: int) -> dic
         if sorted(perm) != list(range(rank)):
             return Decline(f"perm {perm} is not a permutation of {rank} axes")
         attrs["perm"] = list(perm)
+    if inner in ("MaxPool", "AveragePool"):
+        for name in ("dilations", "kernel_shape", "pads", "strides"):
+            attrs[name] = a.get_ints(f"{prefix}{name}", None)
+        attrs["auto_pad"] = a.get_string(f"{prefix}auto_pad", "NOTSET")
+        attrs["ceil_mode"] = a.get_int(f"{prefix}ceil_mode", 0)
+        attrs["count_include_pad"] = a.get_int(f"{prefix}count_include_pad", 0)
+        if a.get_int(f"{prefix}storage_order", 0):
+            return Decline("MaxPool storage_order=1 is not supported")
     if inner == "Conv":
         for name in ("dilations", "kernel_shape", "pads", "strides"):
             attrs[name] = a.get_ints(f"{prefix}{name}", None)
@@ -263,6 +282,21 @@ def stage_shape(spec: QuantizedOp, shapes: list[tuple[int, ...]], attrs: dict) -
         if len(x) < 2 or any(s != (x[1],) for s in shapes[1:]):
             return Decline(f"BatchNormalization parameters {shapes[1:]} must be [C] of {x}")
         return x
+    if inner in ("MaxPool", "AveragePool"):
+        x = shapes[0]
+        if len(x) < 3 or attrs["kernel_shape"] is None:
+            return Decline(f"{inner} needs kernel_shape and a rank >= 3 input, got {x}")
+        window = resolve_window(attrs, x[2:], attrs["kernel_shape"])
+        if isinstance(window, str):
+            return Decline(f"{inner} {window}")
+        if any(max(b, e) >= kk * d for b, e, kk, d in zip(window.pads_begin, window.pads_end,
+                                                        window.kernel, window.dilations)):  # fmt: skip
+            return Decline(f"{inner} pads reach a whole window into the padding")
+        out = window.output_size(x[2:], bool(attrs["ceil_mode"]))
+        if any(o < 1 for o in out):
+            return Decline(f"{inner} windows do not fit the input (output size {out})")
+        attrs["window"] = window
+        return (*x[:2], *out)
     if inner == "GlobalAveragePool":
         x = shapes[0]
         return Decline(f"input rank {len(x)} < 3") if len(x) < 3 else (*x[:2], *(1,) * (len(x) - 2))
@@ -316,6 +350,11 @@ def stage_dims(spec: QuantizedOp, attrs: dict) -> list[int]:
         return [attrs["keepdims"], *attrs["axes"]]
     if spec.inner == "Gemm":
         return [attrs["transA"], attrs["transB"]]
+    if spec.inner in ("MaxPool", "AveragePool"):
+        win = attrs["window"]
+        kind = KIND_MAX if spec.inner == "MaxPool" else KIND_AVG
+        return [kind, attrs["ceil_mode"], attrs["count_include_pad"], win.rank, *win.kernel,
+                *win.strides, *win.dilations, *win.pads_begin, *win.pads_end]  # fmt: skip
     if spec.inner == "Conv":
         win = attrs["window"]
         return [attrs["group"], win.rank, *win.kernel, *win.strides, *win.dilations,

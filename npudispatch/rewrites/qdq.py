@@ -2,8 +2,8 @@
 
 :class:`QdqPass` runs these steps in order; each counts what it did in :class:`QdqReport`:
 
-1. **fold_quantize** - ``QuantizeLinear`` of a constant (quantizers quantize scalar constants
-   such as an RMSNorm epsilon too) becomes an integer initializer, computed with the NPU
+1. **fold_quantize** - ``QuantizeLinear`` of a constant or of a view of one (quantizers quantize
+   scalar constants such as an RMSNorm epsilon too) becomes an integer initializer, computed with the NPU
    operator's ONNX semantics (bit-identical to onnxruntime).
 2. **unique_dq** - a DequantizeLinear read by several nodes gets one copy per reader (like
    onnxruntime's QDQ transformers), so each DQ -> op -> Q group can fuse on its own; copies no
@@ -170,11 +170,27 @@ def _single_reader(value: ir.Value) -> ir.Node | None:
 # ---- 1. Q of constants ------------------------------------------------------------------------
 
 
+def _const_or_view_of_const(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``value``, looking through a Reshape/Flatten/Squeeze/Unsqueeze of a
+    constant with a static output shape (exporters reshape per-channel parameters this way)."""
+    arr = const_array(value)
+    if arr is not None or value is None:
+        return arr
+    view = value.producer()
+    if view is None or view.op_type not in _SHAPE_VIEWS or view.domain not in _STANDARD:
+        return None
+    src = const_array(view.inputs[0])
+    shape = value.shape
+    if src is None or shape is None or not shape.is_static():
+        return None
+    return src.reshape(tuple(int(d) for d in shape))
+
+
 def _fold_quantize(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
     for node in list(graph):
         if not _is(node, "QuantizeLinear"):
             continue
-        x = const_array(node.inputs[0])
+        x = _const_or_view_of_const(node.inputs[0])
         out = node.outputs[0]
         params = _qparams(node, out.dtype)
         if x is None or params is None or x.dtype != np.float32 or out.is_graph_output():

@@ -226,5 +226,13 @@ def test_quantized_cnn_partitions_like_its_float_version(ppocr_qdq):
         assert quant.npu_node_fraction >= 0.9, [u.reason for u in quant.report.unsupported]
         fused = {n.op_type for n in quant.model.graph if n.domain == "npudispatch"}
         assert {"QDQAdd", "QDQMul"} <= fused, recipe
-        if recipe == "a16w8":  # opset 21: per-channel weights, Conv fused (A8W8 keeps opset 11)
-            assert "QDQConv" in fused
+        assert "QDQConv" in fused, recipe
+    # A16W8 (opset 21): every op is quantized and within one step of onnxruntime, but 53
+    # Conv layers deep a single-op step propagates: measured 1-3 output steps (of 65536), bound
+    # 4. A8W8 keeps opset 11, where BatchNormalization's per-channel statistics cannot be
+    # written as DequantizeLinear (no axis before opset 13): it runs in bf16, ~7 steps off.
+    model = onnx.load(ppocr_qdq["a16w8"])
+    feeds = {"x": np.random.default_rng(5).standard_normal((1, 3, 48, 192)).astype(np.float32)}
+    want = ort_run(ppocr_qdq["a16w8"], feeds, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    (got,) = npudispatch.Session(str(ppocr_qdq["a16w8"])).run(None, feeds)
+    assert np.abs(got - want).max() <= 4 * output_step(model) * (1 + 1e-3)

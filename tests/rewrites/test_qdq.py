@@ -572,3 +572,44 @@ def test_per_channel_bodies_drop_the_axis_below_opset_13():
     axes = [[a.name for a in n.attribute] for n in body13.node if n.op_type == "DequantizeLinear"]
     assert axes == [[], ["axis"]]
     assert all(not n.attribute for n in body11.node if n.op_type == "DequantizeLinear")
+
+
+POOLS = {
+    "MaxPool": "MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]>",
+    "AveragePool": "AveragePool <kernel_shape = [2, 3], strides = [1, 2], ceil_mode = 1>",
+}
+
+
+@pytest.mark.parametrize("pool", list(POOLS))
+def test_dq_pool_q_becomes_fused_pool(pool):
+    m = qdq_model(
+        f"""
+        q = QuantizeLinear (x, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        s = {POOLS[pool]} (d)
+        qs = QuantizeLinear (s, ys, yz)
+        out = DequantizeLinear (qs, ys, yz)""",
+        inputs="float[1,3,7,9] x",
+        outputs="float[1,3,4,5] out" if pool == "MaxPool" else "float[1,3,6,4] out",
+    )
+    m2, _ = rewritten(m)
+    assert ops(m2) == ["QuantizeLinear", P + f"QDQ{pool}", "DequantizeLinear"]
+    got, want, calls = run_both(m, x_feed((1, 3, 7, 9)))
+    assert np.abs(got - want).max() <= 0.1 * (1 + 1e-3) and calls == 1
+
+
+def test_quantize_of_a_reshaped_constant_folds():
+    m = qdq_model(
+        """
+        r = Reshape (c, shp)
+        q = QuantizeLinear (r, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        out = Mul (x, d)""",
+        inputs="float[2,4] x", outputs="float[2,4] out",
+        extra="float[8] c = {0.1, -0.2, 0.3, 1.0, 2.0, -3.0, 0.025, 0.075}, int64[2] shp = {2, 4}",
+    )  # fmt: skip
+    want = ort_plain(m, {"x": np.ones((2, 4), np.float32)})[0]
+    m2, report = rewritten(m)
+    assert report.counts["fold_quantize"] == 1 and "QuantizeLinear" not in ops(m2)
+    mul = next(n for n in m2.graph if n.op_type == "Mul")
+    np.testing.assert_array_equal(mul.inputs[1].const_value.numpy(), want)
