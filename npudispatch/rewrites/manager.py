@@ -1,4 +1,11 @@
-"""The pass manager: runs onnx_ir passes in order (optionally to a fixpoint), checks, records, dumps."""
+"""The pass manager: onnx_ir's ``PassManager`` with our checks, records, dumps and networkx view.
+
+The sequencing (passes in order, repeated until a round changes nothing) is
+``onnx_ir.passes.PassManager``'s; each pass runs inside an observing wrapper that times it, diffs
+the graph (nodes added / removed / changed), checks the global invariants on the networkx view of
+:class:`~npudispatch.rewrites.analysis.GraphAnalysis` and dumps the model when asked. Each pass's
+own ``requires``/``ensures`` run as onnx_ir runs them.
+"""
 
 from __future__ import annotations
 
@@ -182,36 +189,39 @@ class PassManager:
         """Run the passes on ``model`` in place; ``modified`` is True when anything changed."""
         self.records = []
         self.analysis = GraphAnalysis(model)
-        any_modified = False
-        for step in range(self.max_steps):
-            round_modified = False
-            for p in self.passes:
-                rec = self._run_one(p, model, step)
-                self.records.append(rec)
-                round_modified |= rec.modified
-            any_modified |= round_modified
-            if not self.fixpoint or not round_modified:
-                break
-        else:
-            if self.fixpoint:
-                busy = sorted(
-                    {r.name for r in self.records if r.step == self.max_steps - 1 and r.modified}
-                )
-                raise RewriteError(
-                    f"no fixpoint after {self.max_steps} rounds: passes {busy} still modify the "
-                    "model (a pass reporting modified=True forever, or rules that undo each "
-                    "other); raise max_steps or fix the pass"
-                )
-        return ir.passes.PassResult(model, any_modified)
+        if not self.passes:
+            return ir.passes.PassResult(model, False)
+        sequence = ir.passes.PassManager(
+            [_Observed(self, p) for p in self.passes],
+            steps=self.max_steps if self.fixpoint else 1,
+            early_stop=True,
+        )
+        try:
+            result = sequence(model)
+        except Exception as exc:  # onnx_ir wraps a pass's error in PassError: surface ours
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, RewriteError):
+                cause = cause.__cause__
+            if cause is not None:
+                raise cause from None
+            raise RewriteError(f"the pass manager failed: {exc}") from exc
+        last = self.max_steps - 1
+        if self.fixpoint and any(r.step == last and r.modified for r in self.records):
+            busy = sorted({r.name for r in self.records if r.step == last and r.modified})
+            raise RewriteError(
+                f"no fixpoint after {self.max_steps} rounds: passes {busy} still modify the "
+                "model (a pass reporting modified=True forever, or rules that undo each "
+                "other); raise max_steps or fix the pass"
+            )
+        return ir.passes.PassResult(model, result.modified)
 
-    def _run_one(self, p: ir.passes.PassBase, model: ir.Model, step: int) -> PassRecord:
+    def _run_one(self, p: ir.passes.PassBase, model: ir.Model) -> PassRecord:
+        """Run one pass observed: time, graph diff, invariants, dump; the record is kept."""
         name = pass_name(p)
+        step = len(self.records) // len(self.passes)
         before = _snapshot(model.graph)
         t0 = time.perf_counter()
         try:
-            # Passes that use graph algorithms read `analysis` (kept in sync lazily).
-            if hasattr(p, "analysis"):
-                p.analysis = self.analysis
             result = p(model)
         except RewriteError:
             raise
@@ -250,6 +260,7 @@ class PassManager:
                 )
         if self.dump_dir is not None and (self.dump_after is None or name in self.dump_after):
             self._dump(model, name, step)
+        self.records.append(rec)
         return rec
 
     def _dump(self, model: ir.Model, name: str, step: int) -> None:
@@ -268,6 +279,20 @@ class PassManager:
     def summary(self) -> str:
         """A readable table of :attr:`records`."""
         return format_records(self.records)
+
+
+class _Observed(ir.passes.InPlacePass):
+    """One pass as the manager's onnx_ir ``PassManager`` runs it (see the module docstring)."""
+
+    def __init__(self, manager: PassManager, inner: ir.passes.PassBase) -> None:
+        super().__init__()
+        self.manager, self.inner = manager, inner
+
+    def __repr__(self) -> str:
+        return pass_name(self.inner)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, self.manager._run_one(self.inner, model).modified)
 
 
 def format_records(records: Sequence[PassRecord]) -> str:
