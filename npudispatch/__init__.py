@@ -8,6 +8,7 @@ functional virtual NPU that runs fused programs when no NPU is present).
 
 from npudispatch.errors import (
     BackendUnavailableError,
+    CpuSegmentError,
     DeviceError,
     DeviceFault,
     DeviceHang,
@@ -35,6 +36,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BackendUnavailableError",
+    "CpuSegmentError",
     "DeviceError",
     "DeviceFault",
     "DeviceHang",

@@ -23,6 +23,11 @@ class UnsupportedOpError(NpuDispatchError):
     """An ONNX node cannot run on the NPU and no CPU fallback was allowed."""
 
 
+class CpuSegmentError(NpuDispatchError, RuntimeError):
+    """A CPU segment failed on its engine (onnxruntime or onnx.reference) while running; the
+    message names the segment, its nodes and what the engine reported."""
+
+
 class TxnFormatError(NpuDispatchError, ValueError):
     """A transaction binary is malformed; the message names the byte offset, op index and opcode."""
 
@@ -53,6 +58,7 @@ class BackendUnavailableError(DeviceError):
 
 __all__ = [
     "BackendUnavailableError",
+    "CpuSegmentError",
     "DeviceError",
     "DeviceFault",
     "DeviceHang",

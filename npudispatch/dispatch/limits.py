@@ -71,8 +71,8 @@ def max_program_bytes() -> int:
 
 
 def _nbytes(value: ir.Value) -> int | None:
-    if value.dtype is None or value.shape is None:
-        return None
+    if value.dtype is None or value.shape is None or value.dtype == ir.DataType.STRING:
+        return None  # strings have no fixed size (and never reach the NPU)
     dims = list(value.shape)
     if not all(isinstance(d, int) for d in dims):
         return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import threading
 import time
 import warnings
@@ -44,7 +45,12 @@ from npudispatch.dispatch.compile import CompiledModel, compile_model
 from npudispatch.dispatch.dynamic import ModelSource, Shapes, Signature
 from npudispatch.dispatch.emit import FusedProgram
 from npudispatch.dispatch.ort_session import onnxruntime_session
-from npudispatch.errors import BackendUnavailableError, ModelError, UnsupportedOpError
+from npudispatch.errors import (
+    BackendUnavailableError,
+    CpuSegmentError,
+    ModelError,
+    UnsupportedOpError,
+)
 
 __all__ = ["CompileEvent", "NodeArg", "Session", "SessionRunStats"]
 
@@ -138,21 +144,47 @@ class _CpuSegment:
                 )
                 self._sess = ReferenceEvaluator(proto, new_ops=opset.reference_ops())
         except Exception as exc:  # ORT raises its own pybind types; keep ours on top
-            nodes = ", ".join(segment.node_labels())
+            # Say what the engine reported: the cause may be a type or attribute it does not
+            # implement, a malformed node or a missing kernel, not necessarily a non-standard op.
             raise UnsupportedOpError(
-                f"CPU segment {label} [{nodes}] cannot run on {engine} either: {exc}. These nodes "
-                "have no NPU operator (see the partition report) and no CPU implementation; "
-                "convert them to standard ONNX ops"
+                f"CPU segment {label} [{', '.join(segment.node_labels())}] could not be loaded by "
+                f"{engine}, which reported: {_first_line(exc)}. These nodes have no NPU operator "
+                "(the partition report says why) and must run on the CPU"
             ) from exc
+        self.label = label
+        self._segment = segment
 
     def run(self, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {name: np.ascontiguousarray(env[name]) for name in self.inputs}
-        if self.engine == "onnxruntime":
-            outs = self._sess.run(self.outputs, feeds)  # InferenceSession.run is thread-safe
-        else:
-            with self._lock:  # the reference evaluator keeps per-run state
-                outs = self._sess.run(self.outputs, feeds)
+        # np.ascontiguousarray would turn a rank-0 feed into shape [1]
+        feeds = {name: np.require(env[name], requirements="C") for name in self.inputs}
+        try:
+            if self.engine == "onnxruntime":
+                outs = self._sess.run(self.outputs, feeds)  # InferenceSession.run is thread-safe
+            else:
+                with self._lock:  # the reference evaluator keeps per-run state
+                    outs = self._sess.run(self.outputs, feeds)
+        except Exception as exc:  # the engines' own exception types; ours on top
+            raise self._run_error(exc, feeds) from exc
         return dict(zip(self.outputs, outs))
+
+    def _run_error(self, exc: Exception, feeds: Mapping[str, np.ndarray]) -> CpuSegmentError:
+        labels = self._segment.node_labels()
+        reported = _first_line(exc)
+        # onnxruntime names the failing node ("... node. Name:'Gather_3' ...")
+        named = re.search(r"Name:\s*'([^']+)'", str(exc))
+        culprit = next((s for s in labels if named and s.startswith(named.group(1) + " (")), None)
+        where = f"node {culprit}" if culprit else f"one of its nodes [{', '.join(labels)}]"
+        shapes = ", ".join(f"{n} {list(np.shape(a))}" for n, a in feeds.items())
+        return CpuSegmentError(
+            f"CPU segment {self.label} failed on {self.engine} at {where} (inputs: {shapes}); "
+            f"{self.engine} reported: {reported}"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The engine's message without onnxruntime's multi-line stack dumps."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _NpuSegment:

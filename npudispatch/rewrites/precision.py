@@ -108,6 +108,9 @@ _POOLS_AVG = ("AveragePool", "GlobalAveragePool")
 _POOLS_MAX = ("MaxPool", "GlobalMaxPool")
 _CNN_LANEWISE = ("HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Elu", "Selu")
 _CNN_WEIGHTED = ("BatchNormalization", "Resize", "Upsample")
+# Rounded operand through a transcendental function, rounded result (Exp amplifies the operand's
+# relative error by |x|: 3 U holds for |x| up to about 4, the range of activations and logits).
+_UNARY_MATH = ("Exp", "Log", "Tanh", "Erf", "Sqrt", "Reciprocal", "Sin", "Cos", "Softplus", "Pow")
 
 #: Error budget per op type in units of :data:`BF16_UNIT_ROUNDOFF` (absent = 0: exact / float32).
 BUDGETS: dict[str, float] = {
@@ -121,6 +124,7 @@ BUDGETS: dict[str, float] = {
     **dict.fromkeys(_POOLS_MAX, 1.0),
     **dict.fromkeys(_CNN_LANEWISE, 3.0),
     **dict.fromkeys(_CNN_WEIGHTED, 3.0),
+    **dict.fromkeys(_UNARY_MATH, 3.0),
     "Clip": 1.0,
 }
 
@@ -247,6 +251,17 @@ def _bf16_const(value: ir.Value, name: str) -> ir.Value:
     return new
 
 
+def _statistic_outputs(node: ir.Node) -> list[ir.Value]:
+    """A norm's mean / inverse-std outputs: typed by its ``stash_type`` (float32), not by ``T``.
+
+    They stay float32 when the node computes in bf16 (onnx shape inference says so too; casting
+    them would be undone by the next inference and the fixpoint would never settle).
+    """
+    ops = registry.candidates(node.domain, node.op_type)
+    kinds: tuple[str, ...] = getattr(ops[0], "output_kinds", ()) if ops else ()
+    return [v for v, kind in zip(node.outputs, kinds) if kind in ("mean", "inv_std")]
+
+
 def _trial(node: ir.Node, convert_consts: bool) -> str | None:
     """Whether ``node`` matches with its float32 tensors as bf16 (None) or why not."""
     saved_types: list[tuple[ir.Value, ir.TypeProtocol | None]] = []
@@ -262,8 +277,9 @@ def _trial(node: ir.Node, convert_consts: bool) -> str | None:
                 continue
             saved_types.append((v, v.type))
             v.type = ir.TensorType(BF16)
+        stats = _statistic_outputs(node)
         for v in node.outputs:
-            if v.dtype == F32:
+            if v.dtype == F32 and v not in stats:
                 saved_types.append((v, v.type))
                 v.type = ir.TensorType(BF16)
         result = registry.match(node)
@@ -333,6 +349,7 @@ def _convert_partition(
         for v in (*node.inputs, *node.outputs):
             if v is not None and v.dtype == F32:
                 values.setdefault(v)
+    keep_f32 = {v for node in bf16_nodes for v in _statistic_outputs(node)}
     const_cache: dict[ir.Value, ir.Value] = {}
     checked: list[ir.Node] = [n for n in bf16_nodes if not _view(n)]
     for v in values:
@@ -353,7 +370,9 @@ def _convert_partition(
             continue
         producer = v.producer()
         outside = [(n, i) for n, i in v.uses() if n not in bf16_nodes]
-        if producer in bf16_nodes:
+        if v in keep_f32 and not uses:
+            continue  # a float32 statistic read only outside the bf16 nodes
+        if producer in bf16_nodes and v not in keep_f32:
             if not outside and not v.is_graph_output():
                 v.type = ir.TensorType(BF16)  # internal: converted in place
                 report.converted_values.append(v.name or "")

@@ -1,0 +1,75 @@
+"""ONNX backend node tests through ``npudispatch.Session`` (emulator + onnxruntime fallback).
+
+Every case of the installed ``onnx`` package runs (``onnx_node_cases.py``). onnxruntime is the
+control: a case it fails itself is skipped with its error. A case in ``expected_failures.py``
+is a strict xfail: it must fail with the stated error type, and passing fails the suite so the
+list can only shrink.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import onnx_ir as ir
+import pytest
+from expected_failures import EXPECTED_FAILURES
+from onnx_node_cases import NodeCase, assert_outputs_match, node_cases, onnxruntime_verdict
+
+import npudispatch
+from npudispatch import graph
+from npudispatch.rewrites.precision import tolerance_for_output
+
+
+def _params() -> list:
+    params = []
+    for name in node_cases():
+        marks = []
+        if (known := EXPECTED_FAILURES.get(name)) is not None:
+            marks.append(pytest.mark.xfail(reason=known.reason, raises=known.raises, strict=True))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def _npu_nodes(session: npudispatch.Session) -> set[ir.Node]:
+    return {n for p in session.compiled.partitions if p.kind == "npu" for n in p.nodes}
+
+
+def _tolerances(session: npudispatch.Session, case: NodeCase):
+    """The case's own tolerance, or the bf16 policy for outputs computed on the NPU."""
+    model = session.compiled.model
+    npu = _npu_nodes(session)
+    digraph = graph.to_networkx(model) if npu else None
+    names = [o.name for o in session.get_outputs()]
+
+    def tolerance(i: int, expected: np.ndarray) -> tuple[float, float]:
+        value = next(v for v in model.graph.outputs if v.name == names[i])
+        producer = value.producer()
+        if digraph is None or producer is None:
+            return case.rtol, case.atol
+        if not {producer, *nx.ancestors(digraph, producer)} & npu:
+            return case.rtol, case.atol
+        policy = tolerance_for_output(model, names[i], lambda n: None if n in npu else "cpu")
+        finite = np.asarray(expected, np.float64)
+        finite = finite[np.isfinite(finite)]
+        rms = float(np.sqrt(np.mean(finite**2))) if finite.size else 0.0
+        scaled = policy.scaled(rms if rms > 0 else 1.0)
+        return max(scaled.rtol, case.rtol), max(scaled.atol, case.atol)
+
+    return tolerance, names
+
+
+@pytest.mark.parametrize("name", _params())
+def test_node_case(name: str) -> None:
+    case = node_cases()[name]
+    if (why := onnxruntime_verdict(case)) is not None:
+        pytest.skip(f"onnxruntime fails this case itself: {why}")
+    session = npudispatch.Session(case.model, cache=False)
+    got = session.run(None, case.inputs)
+    tolerance, names = _tolerances(session, case)
+    assert_outputs_match(case.outputs, got, tolerance, names)
+
+
+def test_expected_failures_name_real_cases() -> None:
+    """A stale entry (renamed or removed upstream) must be deleted, not silently ignored."""
+    unknown = sorted(set(EXPECTED_FAILURES) - set(node_cases()))
+    assert not unknown, f"expected_failures.py names cases the installed onnx lacks: {unknown}"
