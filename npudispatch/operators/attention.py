@@ -440,9 +440,6 @@ class Attention(_Attention):
             )
         if (ins[4] is None) != (ins[5] is None):
             return Decline(f"{label}: past_key and past_value must both be given")
-        for window in ("left_window_size", "right_window_size"):  # opset 25 sliding window
-            if int(attr_value(node, window, -1)) != -1:
-                return Decline(f"{label}: {window} (sliding-window attention) is not supported")
         cfg.extra.update(q_heads=qn, kv_heads=kvn, rank=rank)
         return cfg
 

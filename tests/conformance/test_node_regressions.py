@@ -142,3 +142,42 @@ def test_string_tensors_pass_the_size_limits() -> None:
     feeds = {"a": np.array(["npu", ""], object), "b": np.array(["dispatch", "x"], object)}
     (got,) = npudispatch.Session(model).run(None, feeds)
     np.testing.assert_array_equal(got, _onnxruntime(model, feeds)[0])
+
+
+def test_cpu_segment_run_failure_is_our_error_naming_segment_and_node() -> None:
+    """A run-time onnxruntime failure surfaced as onnxruntime's own exception type."""
+    model = _model(
+        [helper.make_node("Gather", ["table", "idx"], ["y"], name="lookup")],
+        [
+            helper.make_tensor_value_info("table", F32, [4, 3]),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", F32, [2, 3])],
+    )
+    feeds = {"table": np.ones((4, 3), np.float32), "idx": np.array([1, 7], np.int64)}
+    with pytest.raises(Exception, match="out of data bounds"):  # the control: ort refuses too
+        _onnxruntime(model, feeds)
+    session = npudispatch.Session(model)
+    with pytest.raises(npudispatch.CpuSegmentError) as info:
+        session.run(None, feeds)
+    message = str(info.value)
+    assert "CPU segment cpu0" in message and "node lookup (ai.onnx.Gather)" in message
+    assert "onnxruntime reported:" in message and "idx [2]" in message
+    assert info.value.__cause__ is not None  # onnxruntime's exception stays attached
+
+
+def test_cpu_segment_load_failure_quotes_the_engine() -> None:
+    """A segment onnxruntime cannot load: say what it reported, not that the op is non-standard."""
+    i16 = TensorProto.INT16
+    model = _model(
+        [helper.make_node("Relu", ["x"], ["y"], name="clamp")],
+        [helper.make_tensor_value_info("x", i16, [3])],
+        [helper.make_tensor_value_info("y", i16, [3])],
+    )  # valid ONNX; onnxruntime has no int16 Relu kernel
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
+        _onnxruntime(model, {})
+    with pytest.raises(npudispatch.UnsupportedOpError) as info:
+        npudispatch.Session(model)
+    message = str(info.value)
+    assert "cpu0 [clamp (ai.onnx.Relu)]" in message and "onnxruntime, which reported:" in message
+    assert "standard ONNX" not in message
