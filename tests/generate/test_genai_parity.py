@@ -6,6 +6,7 @@ References are computed here with onnxruntime-genai on the shared Qwen2 folders 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ def test_fp32_greedy_reproduces_genai_tokens(folder):
     assert got == want
 
 
+@functools.cache
 def _agreement(folder: str) -> tuple[float, float]:
     seq = genai_greedy(folder, 65)[:64]
     want = genai_teacher_forced(folder, seq)
