@@ -44,8 +44,6 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch import graph, opset
-from npudispatch.operators import registry
-from npudispatch.operators.base import Decline
 from npudispatch.operators.matmul_nbits import dequantize_nbits
 from npudispatch.rewrites import default_pipeline
 from npudispatch.rewrites.precision import BUDGETS
@@ -145,18 +143,20 @@ class RoundingReference:
 
         m = graph.load(model, dims=dims, input_shapes=input_shapes)
         default_pipeline(pad=False, bf16=bf16)(m)
-        self.jitter_shapes = _insert_rounding(m)
+        # Dequantized weights are fed as inputs: onnxruntime reads them in place instead of
+        # copying them through the serialized model (three float32 copies of a 4-bit MLP).
+        self.weights: dict[str, np.ndarray] = {}
+        self.jitter_shapes = _insert_rounding(m, self.weights)
         if any(n.domain == opset.DOMAIN for n in m.graph.all_nodes()):
             opset.attach_functions(m)
         m.ir_version = min(m.ir_version, graph.EXTRACT_IR_VERSION)
-        self.model = m
         self.session = onnxruntime_session(m, optimize=False)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray], jitter: int | None = None) -> dict[str, Any]:
         """Outputs by name; ``jitter`` = seed of a probe run (None: the reference itself)."""
         rng = None if jitter is None else np.random.default_rng(jitter)
-        full = {k: np.asarray(v).astype(np.float32) for k, v in feeds.items()}
+        full = {k: np.asarray(v).astype(np.float32) for k, v in feeds.items()} | self.weights
         for name, shape in self.jitter_shapes.items():
             if rng is None:
                 full[name] = np.ones(shape, np.float32)
@@ -232,17 +232,24 @@ def _rounds(node: ir.Node) -> bool:
     return BUDGETS.get(node.op_type, 0.0) > 0 and npu_support(node) is None
 
 
-def _insert_rounding(model: ir.Model) -> dict[str, tuple[int, ...]]:
-    """Make ``model`` float32 with bf16 rounding where the NPU rounds; returns the jitter inputs."""
+def _insert_rounding(model: ir.Model, weights: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Make ``model`` float32 with bf16 rounding where the NPU rounds; returns the jitter inputs.
+
+    ``weights`` receives the weight inputs the model now takes (dequantized, already rounded).
+    """
     g = model.graph
     _widen_bf16(model)
     rounded: set[ir.Value] = set()
     jitters: dict[str, tuple[int, ...]] = {}
+    replaced: set[ir.Node] = set()  # ends of dequantized MatMulNBits: round there only
+    inner: set[ir.Node] = set()  # their MatMul when a bias Add follows: no rounding between
     for node in list(g):
         if node.op_type == "MatMulNBits" and _rounds(node):
-            _dequantize_as_formatted(g, node)
+            new = _dequantize_as_formatted(g, node, weights, rounded)
+            replaced.add(new[-1])
+            inner.update(new[:-1])
     for node in list(g):
-        if not _rounds(node):
+        if node in inner or not (node in replaced or _rounds(node)):
             continue
         for slot, value in enumerate(node.inputs):
             if value is None or value.dtype != _F32 or value in rounded:
@@ -372,18 +379,25 @@ def _rounding_nodes(g: ir.Graph, value: ir.Value) -> list[ir.Node]:
     return nodes
 
 
-def _dequantize_as_formatted(g: ir.Graph, node: ir.Node) -> None:
-    """MatMulNBits -> MatMul (+ Add bias) on the bf16 weight the NPU's image holds."""
-    cfg = registry.match(node)
-    if isinstance(cfg, Decline):
-        return
+def _dequantize_as_formatted(
+    g: ir.Graph, node: ir.Node, weights: dict[str, np.ndarray], rounded: set[ir.Value]
+) -> list[ir.Node]:
+    """MatMulNBits -> MatMul (+ Add bias) on the bf16 weight the NPU's image holds (a new graph
+    input whose array goes to ``weights``); returns the new nodes."""
     k, n = int(node.attributes.get_int("K")), int(node.attributes.get_int("N"))
     block = int(node.attributes.get_int("block_size"))
     ins = list(node.inputs) + [None] * (6 - len(node.inputs))
     consts = [None if v is None or v.const_value is None else v.const_value.numpy() for v in ins]
     scales = _round(np.asarray(consts[2], np.float32))
     w = _round(dequantize_nbits(consts[1], scales, consts[3], k, n, block).astype(np.float32))
-    weight = _const(g, f"{node.name}__w_bf16", np.ascontiguousarray(w))
+    weight = ir.Value(
+        name=f"{node.name}__w_bf16_{next(_SERIAL)}",
+        type=ir.TensorType(_F32),
+        shape=ir.Shape(w.shape),
+    )
+    g.inputs.append(weight)
+    weights[weight.name] = np.ascontiguousarray(w)
+    rounded.add(weight)
     out = node.outputs[0]
     matmul = ir.Node("", "MatMul", [ins[0], weight], name=f"{node.name}__deq")
     new = [matmul]
@@ -405,4 +419,5 @@ def _dequantize_as_formatted(g: ir.Graph, node: ir.Node) -> None:
                 g.outputs[i] = result
     g.remove(node, safe=True)
     out.name = f"{name}__nbits"
-    result.name = name  # a MatMul now: rounded like the op it replaces
+    result.name = name
+    return new
