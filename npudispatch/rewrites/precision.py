@@ -40,7 +40,9 @@ HardSigmoid HardSwish LeakyRelu PRelu Elu Selu         3       operand + result 
 BatchNormalization (folded multiply-add)               3       operand + result rounding
 Resize Upsample                                        3       weighted taps (nearest: exact)
 Clip                                                   1       one rounding
-Transpose, views, CPU (float32) ops                    0       exact data movement / fp32
+GroupQueryAttention MultiHeadAttention Attention       8       2 matmuls + softmax (+ rope)
+RotaryEmbedding                                        3       operand + result rounding
+Transpose, views, Gather, integer ops, CPU ops         0       exact data movement / fp32
 =====================================================  ======  ==========================
 
 * ``rtol = U * sqrt(sum of budget**2 over the ops on the path)``: independent roundings add in
@@ -108,6 +110,8 @@ _POOLS_AVG = ("AveragePool", "GlobalAveragePool")
 _POOLS_MAX = ("MaxPool", "GlobalMaxPool")
 _CNN_LANEWISE = ("HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Elu", "Selu")
 _CNN_WEIGHTED = ("BatchNormalization", "Resize", "Upsample")
+# q·k and p·v dot products (4 each), the streaming softmax (4), rotary on q and k (3), in quadrature
+_ATTENTION = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 # Rounded operand through a transcendental function, rounded result (Exp amplifies the operand's
 # relative error by |x|: 3 U holds for |x| up to about 4, the range of activations and logits).
 _UNARY_MATH = ("Exp", "Log", "Tanh", "Erf", "Sqrt", "Reciprocal", "Sin", "Cos", "Softplus", "Pow")
@@ -126,6 +130,8 @@ BUDGETS: dict[str, float] = {
     **dict.fromkeys(_CNN_WEIGHTED, 3.0),
     **dict.fromkeys(_UNARY_MATH, 3.0),
     "Clip": 1.0,
+    **dict.fromkeys(_ATTENTION, 8.0),
+    "RotaryEmbedding": 3.0,
 }
 
 
