@@ -8,6 +8,8 @@ running into kernels with garbage. What is checked, and against what:
 
 * schema: every key present with its JSON type; names are strings, sizes and offsets
   non-negative integers, dtypes ones that kernels can receive;
+* sizes: the five buffers within :func:`~npudispatch.dispatch.limits.max_program_bytes`
+  (checked before a backend allocates them);
 * images: ``const.bin`` / ``params.bin`` are exactly the plan's const / params buffer sizes;
   the transaction parses and its header fits ``num_cols``;
 * bindings: each input/output binding equals the plan's placement of that tensor (buffer,
@@ -33,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from npudispatch.dispatch import limits
 from npudispatch.emulator.addrgen import extent_words
-from npudispatch.errors import DeviceError, NpuDispatchError, ProgramFormatError
+from npudispatch.errors import DeviceError, NpuDispatchError, PlanError, ProgramFormatError
 from npudispatch.operators import records
 from npudispatch.operators.dtypes import dtype_code
 from npudispatch.overlay_abi import ParamsRecord
@@ -181,6 +184,10 @@ def check_program(where: Path, program: FusedProgram) -> None:
     j = _Doc(where)
     plan = program.plan
     sizes = list(plan.buffer_sizes)
+    try:  # before a backend allocates the input, output and scratch buffers
+        limits.check_program_size(program.name, sizes)
+    except PlanError as exc:
+        raise ProgramFormatError(f"{where}: field 'plan': {exc}") from None
     for f, image, kind in (
         ("const.bin", program.const_image, 3),
         ("params.bin", program.params_image, 4),

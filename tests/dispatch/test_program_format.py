@@ -164,3 +164,11 @@ def test_flipped_characters_in_program_json_are_refused_or_harmless(tmp_path, pr
         except ProgramFormatError:
             continue
         _load_and_run(d, feeds)
+
+
+def test_a_huge_scratch_buffer_is_refused_before_allocation(tmp_path, program):
+    """A plan asking for a 1 PiB scratch buffer: refused at load, nothing allocated."""
+    d = program.save(tmp_path / "p")
+    _edit(d, lambda doc: doc["plan"].update(scratch_bytes=1 << 50))
+    with pytest.raises(ProgramFormatError, match="limit per program"):
+        FusedProgram.load(d)
