@@ -86,7 +86,12 @@ def test_inspect_json_has_stable_keys(tmp_path, capsys):
     assert list(doc) == ["nodes", "op_types", "partitions", "unsupported"]
     assert doc["op_types"] == {"Mul": 2, "Sigmoid": 1, "com.microsoft::MatMulNBits": 3}
     assert doc["nodes"][0] == "/mlp/gate_proj/MatMulNBits"
-    assert [list(p) for p in doc["partitions"]] == [["kind", "nodes", "inputs", "outputs"]]
+    assert [list(p) for p in doc["partitions"]] == [
+        ["kind", "nodes", "inputs", "outputs", "quantization"]
+    ]
+    assert list(doc["partitions"][0]["quantization"]) == [
+        "activation_dtypes", "weight_dtypes", "conversions"
+    ]  # fmt: skip
     assert doc["partitions"][0]["inputs"] == ["X"] and doc["unsupported"] == []
 
 
