@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,7 @@ def compile_model(
     model_or_path: graph.ModelLike,
     *,
     dims: Mapping[str, int] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     rewrite: bool = True,
     supported: Supported | None = None,
     num_cols: int = 4,
@@ -158,7 +159,8 @@ def compile_model(
 ) -> CompiledModel:
     """Compile a model: one :class:`FusedProgram` per NPU partition.
 
-    ``dims`` binds symbolic dimensions; ``rewrite=False`` skips the rewrite pipeline (views are
+    ``dims`` binds symbolic dimensions by name and ``input_shapes`` whole input shapes by input
+    name (see :func:`npudispatch.graph.load`); ``rewrite=False`` skips the rewrite pipeline (views are
     still marked so they stay zero-copy); ``supported`` narrows what may run on the NPU;
     ``num_cols`` is the number of AIE columns the transactions use. ``pad`` pads NPU tensors to
     the operators' granularity (copy-in zero-pads, copy-out crops: graph inputs and outputs keep
@@ -169,7 +171,7 @@ def compile_model(
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model = graph.load(model_or_path, dims=dims)
+    model = graph.load(model_or_path, dims=dims, input_shapes=input_shapes)
     limits.check_model_sizes(model)
     timings["load"] = time.perf_counter() - t0
 
