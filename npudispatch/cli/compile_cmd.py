@@ -75,7 +75,13 @@ def run(args: argparse.Namespace) -> int:
         bf16=args.bf16,
     )
     out = output_dir(args.output, "the compiled programs")
-    options = {"pad": args.pad, "bf16": args.bf16, "dims": dims, "num_cols": args.num_cols}
+    options = {
+        "pad": args.pad,
+        "bf16": args.bf16,
+        "dims": dims,
+        "input_shapes": {name: list(shape) for name, shape in (shapes or {}).items()},
+        "num_cols": args.num_cols,
+    }
     artifact = CompiledArtifact.from_compiled(compiled, options)
     with writing(out, "the compiled programs"):
         artifact.save(out)
