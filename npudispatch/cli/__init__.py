@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "compile_cmd",
     "run_cmd",
     "plan_cmd",
+    "profile_cmd",
     "generate_cmd",
 )
 

@@ -40,6 +40,7 @@ from npudispatch.operators.base import ArgSpec, OpConfig
 from npudispatch.txn import ArgRange, Transaction, fuse_rebased, rebase, wrap
 
 if TYPE_CHECKING:
+    from npudispatch.dispatch.estimate import Device, ProgramEstimate
     from npudispatch.dispatch.partition_plan import PartitionPlan
 
 __all__ = [
@@ -348,6 +349,14 @@ class FusedProgram:
             },
             "txn": {"num_ops": self.txn.num_ops, "bytes": self.txn.nbytes},
         }
+
+    def estimate(self, device: str | Device = "strix") -> ProgramEstimate:
+        """The cost model's estimate of this program on ``device`` (``"strix"``, ``"phoenix"`` or
+        a :class:`~npudispatch.dispatch.estimate.Device`): a model estimate, not a measurement
+        (see :mod:`npudispatch.dispatch.estimate`)."""
+        from npudispatch.dispatch.estimate import estimate_program
+
+        return estimate_program(self, device)
 
     # --- persistence ---------------------------------------------------------------------------
 
