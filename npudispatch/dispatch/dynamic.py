@@ -3,7 +3,8 @@
 A model's inputs may have free dims (named ``batch`` or unnamed). :class:`Session` compiles one
 specialisation per set of input shapes it is fed: :func:`bind_shapes` checks each feed against
 the declared signature (rank, fixed dims, dtype, in onnxruntime's words) and returns the concrete
-shapes; :func:`specialise` writes them into a fresh copy of the model before compilation.
+shapes, which :func:`~npudispatch.dispatch.compile.compile_model` binds (``input_shapes=``) in a
+fresh copy of the model (:class:`ModelSource`).
 
 Bucketing (opt-in, for models where zero padding does not change the unpadded results): chosen
 dims are rounded up to a multiple (:func:`bucket_shapes`), so nearby sizes share one program;
@@ -35,7 +36,6 @@ __all__ = [
     "infer_output_shapes",
     "pin",
     "read_signature",
-    "specialise",
     "type_string",
 ]
 
@@ -197,33 +197,6 @@ def _ir_dtype(dtype: np.dtype) -> ir.DataType | None:
 
 def _show(dims: Sequence[Dim]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
-
-
-def specialise(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """Give the graph inputs of ``model`` the concrete ``shapes`` (in place).
-
-    Returns the symbolic dims to bind elsewhere in the graph (value_info, custom-op outputs): each
-    input dim name that got a single value and still appears outside the inputs. A name that got
-    two values (exporters reuse ``?`` for unrelated dims) means nothing and is left to inference.
-    """
-    values: dict[str, set[int]] = {}
-    for v in model.graph.inputs:
-        if v.name not in shapes:
-            continue
-        shape = tuple(int(d) for d in shapes[v.name])
-        for d, n in zip(v.shape or (), shape):
-            if isinstance(d, ir.SymbolicDim) and d.value:
-                values.setdefault(d.value, set()).add(n)
-        v.shape = ir.Shape(shape)
-    graph_inputs = set(model.graph.inputs)
-    remaining: set[str] = set()
-    candidates = [*model.graph.initializers.values(), *model.graph.outputs]
-    candidates += [o for node in model.graph for o in node.outputs]
-    for v in candidates:
-        if v in graph_inputs or v.shape is None:
-            continue
-        remaining.update(d.value for d in v.shape if isinstance(d, ir.SymbolicDim) and d.value)
-    return {k: next(iter(s)) for k, s in values.items() if len(s) == 1 and k in remaining}
 
 
 def bucket_shapes(inputs: Sequence[Signature], shapes: Shapes, bucket: Mapping[str, int]) -> Shapes:

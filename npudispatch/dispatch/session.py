@@ -489,9 +489,7 @@ class Session:
         ):
             # dims= alone binds every input: compile the user's model as given (first time)
             return compile_model(self._source.take_original(), dims=user_dims or None, **opts)
-        model = self._source.fresh()
-        bind = dynamic.specialise(model, shapes)
-        return compile_model(model, dims=bind or None, **opts)
+        return compile_model(self._source.fresh(), input_shapes=shapes, **opts)
 
     def warmup(
         self, shapes: Mapping[str, Sequence[int]] | Sequence[Mapping[str, Sequence[int]]]
