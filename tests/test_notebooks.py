@@ -13,7 +13,14 @@ import pytest
 from corpus_util import CORPUS_DIR, corpus_available
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-EXPECTED = ["01_quickstart", "02_rewrites", "03_transactions", "04_memory", "05_generate"]
+EXPECTED = [
+    "01_quickstart",
+    "02_rewrites",
+    "03_transactions",
+    "04_memory",
+    "05_generate",
+    "06_profile",
+]
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 120
 
@@ -24,6 +31,10 @@ CLAIMS = {
         "partitions after: ['npu0']",  # the rule makes it NPU ops: one partition
         "kernel calls per run: 1",  # "one kernel call per run instead of two"
         "CPU segments per run: 0",  # "no CPU segment in between"
+    ],
+    "06_profile": [
+        "bound on strix: memory",  # "the call is memory-bound on both devices"
+        "bound on phoenix: memory",
     ],
 }
 
