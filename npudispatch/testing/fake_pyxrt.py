@@ -27,7 +27,6 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,12 @@ from npudispatch.testing.fake_pyxrt_types import (  # noqa: F401  (part of the f
     _TO_DEVICE,
     DEFAULT_MEMS,
     MLIR_AIE_ARGS,
+    BoArg,
+    CommandError,
+    FakeSystem,
+    KernelCall,
     _Arg,
+    _DeviceState,
     _incompatible,
     _PybindEnum,
     _PybindIntEnum,
@@ -50,6 +54,7 @@ from npudispatch.testing.fake_pyxrt_types import (  # noqa: F401  (part of the f
     error,
     ert_cmd_state,
     info,
+    noop_executor,
     notice,
     uuid,
     warning,
@@ -86,50 +91,6 @@ class _since:
 
 
 # ----------------------------------------------------------------------------------- system
-
-
-@dataclass
-class FakeSystem:
-    """Machine-wide state of the fake: devices, version profile, limits and the executor.
-
-    ``context_limit``: live hardware contexts per device (npu1 6, npu4 16 resident, 32 with
-    temporal sharing). ``heap_bytes``: cacheable (instruction) heap per device. ``latency_s``:
-    simulated command duration; when > 0 commands run on a worker thread so ``wait(ms)`` can time
-    out. ``executor`` runs each command (default: :func:`noop_executor`).
-    """
-
-    num_devices: int = 1
-    device_name: str = "RyzenAI-npu4"
-    bdf: str = "0000:c5:00.1"
-    version: tuple[int, int] = (2, 21)
-    context_limit: int = 16
-    heap_bytes: int = 64 << 20
-    latency_s: float = 0.0
-    executor: Callable[[KernelCall], ert_cmd_state | None] | None = None
-    _devices: dict[int, _DeviceState] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def device_state(self, index: int) -> _DeviceState:
-        with self._lock:
-            return self._devices.setdefault(index, _DeviceState(index))
-
-
-@dataclass
-class _DeviceState:
-    index: int
-    registered: dict[str, xclbin] = field(default_factory=dict)
-    live_contexts: int = 0
-    next_slot: int = 1
-    heap_used: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def release_context(self) -> None:
-        with self.lock:
-            self.live_contexts -= 1
-
-    def release_heap(self, nbytes: int) -> None:
-        with self.lock:
-            self.heap_used -= nbytes
 
 
 _system = FakeSystem()
@@ -459,55 +420,6 @@ for _flag in bo.flags:
 
 
 # --------------------------------------------------------------------------------- kernel
-
-
-@dataclass(frozen=True)
-class BoArg:
-    """A buffer argument as the device sees it: the BO and the device memory used."""
-
-    bo: bo
-    view: memoryview  # device memory of the BO, or of a hidden clone after a bank mismatch
-    cloned: bool
-
-
-@dataclass(frozen=True)
-class KernelCall:
-    """One command as the firmware receives it.
-
-    ``args[i]`` is a :class:`BoArg`, an ``int`` (scalar as written: 4 bytes, zero-extended), or
-    ``None`` (never set / swallowed by ``kernel.__call__`` -> 0 on the device).
-    """
-
-    kernel_name: str
-    args: tuple[BoArg | int | None, ...]
-    context: hw_context
-
-    def scalar(self, i: int) -> int:
-        """Arg ``i`` as the integer the device reads (unset -> 0)."""
-        a = self.args[i] if i < len(self.args) else None
-        if isinstance(a, BoArg):
-            return a.bo.address()
-        return 0 if a is None else a
-
-    def buffer(self, i: int) -> BoArg | None:
-        """Arg ``i`` if it is a buffer, else None."""
-        a = self.args[i] if i < len(self.args) else None
-        return a if isinstance(a, BoArg) else None
-
-
-class CommandError(Exception):
-    """Raised by an executor to end a command in a given state (default ERROR) with a reason."""
-
-    def __init__(
-        self, reason: str, state: ert_cmd_state = ert_cmd_state.ERT_CMD_STATE_ERROR
-    ) -> None:
-        super().__init__(reason)
-        self.state = state
-
-
-def noop_executor(call: KernelCall) -> None:
-    """A device that completes every command at once and touches no memory."""
-    return None
 
 
 class kernel:
