@@ -71,8 +71,31 @@ SHAPE_OPS = frozenset(
         "Identity",
         "Reshape",
         "Expand",
+        "Neg",
+        "Abs",
+        "Max",
+        "Min",
+        "Mod",
+        "Floor",
+        "Ceil",
+        "Less",
+        "Greater",
+        "LessOrEqual",
+        "GreaterOrEqual",
+        "Not",
+        "And",
+        "Or",
+        "ReduceProd",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "Tile",
+        "Flatten",
     }
 )
+# Exporters compute dims through floats too (Cast -> Div -> Floor -> Cast for ``floor(w / 2)``):
+# float results this small are shape maths, never weights.
+_SMALL_FLOAT_ELEMENTS = 8
 
 # Shape tensors hold a handful of int64s; 1024 elements is far above any shape and far below weights.
 SHAPE_TENSOR_LIMIT = 1024
@@ -396,10 +419,23 @@ def should_fold_shape_node(node: ir.Node, size_limit: int = SHAPE_TENSOR_LIMIT) 
         return shape is not None and int(np.prod(shape.numpy())) <= size_limit
     if node.op_type in ("Shape", "Size", "Constant", "Range"):
         return None
-    # Float arithmetic is model maths, not shape maths: leave it to the fusions.
-    if not all(_is_int_shape_value(o) for o in node.outputs if node.op_type != "Cast"):
+    # Float arithmetic is model maths, not shape maths: leave it to the fusions (except on
+    # scalars and short vectors).
+    if not all(
+        _is_int_shape_value(o) or _is_tiny(o) for o in node.outputs if node.op_type != "Cast"
+    ):
         return False
     return None
+
+
+def _is_tiny(value: ir.Value) -> bool:
+    shape = value.shape
+    return (
+        shape is not None
+        and shape.is_static()
+        and int(np.prod(shape.numpy() if hasattr(shape, "numpy") else list(shape)))
+        <= _SMALL_FLOAT_ELEMENTS
+    )
 
 
 def fold_shape_arithmetic(model: ir.Model, size_limit: int = SHAPE_TENSOR_LIMIT) -> bool:

@@ -22,12 +22,6 @@ _SEQUENCE_IO = Expected(
     "or optionals is refused at load",
     ModelError,
 )
-_EXPANDED_LAYERNORM = Expected(
-    "static shapes: the expanded LayerNormalization body computes its reduced shape from "
-    "Shape/Slice/ConstantOfShape with a negative axis and loading leaves it symbolic (graph.load "
-    "shape folding, issue 11 item 3)",
-    ModelError,
-)
 _AFFINE_GRID_DEAD_BRANCH = Expected(
     "shape folding inlines a constant-condition If, but the dropped branch still holds uses of "
     "outer values, so the nodes feeding it survive dead-code removal and extracting the CPU "
@@ -80,25 +74,6 @@ EXPECTED_FAILURES: dict[str, Expected] = {
             "test_split_to_sequence_nokeepdims",
         ],
         _SEQUENCE_IO,
-    ),
-    **dict.fromkeys(
-        [
-            f"test_layer_normalization_{case}_expanded{ver}"
-            for case in (
-                "2d_axis_negative_1",
-                "2d_axis_negative_2",
-                "3d_axis_negative_1_epsilon",
-                "3d_axis_negative_2_epsilon",
-                "3d_axis_negative_3_epsilon",
-                "4d_axis_negative_1",
-                "4d_axis_negative_2",
-                "4d_axis_negative_3",
-                "4d_axis_negative_4",
-                "default_axis",
-            )
-            for ver in ("", "_ver18")
-        ],
-        _EXPANDED_LAYERNORM,
     ),
     "test_mvn": Expected(
         "onnx shape inference at load rejects the MeanVarianceNormalization function body "
