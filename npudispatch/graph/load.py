@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
+from npudispatch.domains import domain_label
 from npudispatch.errors import ModelError
 from npudispatch.graph import shapes
 from npudispatch.graph.naming import assign_unique_names
@@ -361,7 +362,7 @@ def _check_values_typed(graph: ir.Graph) -> None:
                 where = (
                     f"tensor {value.name!r} (output {slot} of node {node.name!r}, {node.op_type})"
                 )
-                domain = node.domain or "ai.onnx"
+                domain = domain_label(node.domain)
                 raise ModelError(
                     f"{where} has no dtype after shape inference: neither onnx nor onnxruntime's "
                     f"symbolic shape inference knows {domain}.{node.op_type}; declare the tensor's "

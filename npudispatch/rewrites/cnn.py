@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from npudispatch.domains import is_onnx_domain
 from npudispatch.opset import CONV_ACTIVATIONS, DOMAIN, VERSION
 from npudispatch.rewrites._checks import (
     const_array,
@@ -62,7 +63,7 @@ def _fail_unless_foldable_conv(r: pattern.MatchResult, conv: ir.Value, uses: int
     """The Conv producing ``conv``: default domain, constant float weight (and bias), read only by
     the matched pattern (``uses`` consumers) and not a graph output."""
     node = _conv_node(conv)
-    if node.domain not in ("", "ai.onnx"):
+    if not is_onnx_domain(node.domain):
         r.fail(f"{node.name!r} is not an ONNX Conv", node)
         return False
     w = node.inputs[1]

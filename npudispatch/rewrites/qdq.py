@@ -51,6 +51,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from npudispatch.domains import is_onnx_domain
 from npudispatch.operators import registry
 from npudispatch.operators.base import Decline
 from npudispatch.operators.quantize import QUANT_DTYPES, dequantize, expand_param, quantize
@@ -63,7 +64,6 @@ from npudispatch.rewrites.matmul import qmatmul_rule
 
 __all__ = ["QdqPass", "QdqReport", "quantization_summary", "run_qdq_rewrites"]
 
-_STANDARD = ("", "ai.onnx")
 _SHAPE_VIEWS = VIEW_OPS - {"Identity"}
 _ZP_DTYPES = {*QUANT_DTYPES.values(), np.dtype(np.int32)}
 
@@ -81,7 +81,7 @@ class QdqReport:
 
 
 def _is(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in _STANDARD
+    return node is not None and node.op_type == op_type and is_onnx_domain(node.domain)
 
 
 def _input(node: ir.Node, i: int) -> ir.Value | None:
@@ -177,7 +177,7 @@ def _const_or_view_of_const(value: ir.Value | None) -> np.ndarray | None:
     if arr is not None or value is None:
         return arr
     view = value.producer()
-    if view is None or view.op_type not in _SHAPE_VIEWS or view.domain not in _STANDARD:
+    if view is None or view.op_type not in _SHAPE_VIEWS or not is_onnx_domain(view.domain):
         return None
     src = const_array(view.inputs[0])
     shape = value.shape
@@ -249,7 +249,7 @@ def _merge_dq(graph: ir.Graph, report: QdqReport) -> None:
 
 def _views(graph: ir.Graph, report: QdqReport) -> None:
     for view in list(graph):
-        if view.op_type not in _SHAPE_VIEWS or view.domain not in _STANDARD or not view.inputs:
+        if view.op_type not in _SHAPE_VIEWS or not is_onnx_domain(view.domain) or not view.inputs:
             continue
         src = view.inputs[0]
         dq = src.producer() if src is not None else None
@@ -448,7 +448,7 @@ MAX_CHAIN = 4
 def _stage(node: ir.Node | None, reader: ir.Node, opset: int) -> tuple[str, dict] | None:
     """``(op, attrs)`` when ``node`` is a standard op with a quantized form whose only reader
     is ``reader``, else None."""
-    if node is None or node.domain not in _STANDARD or node.graph is None:
+    if node is None or not is_onnx_domain(node.domain) or node.graph is None:
         return None
     spec = QDQ_OPS.get(node.op_type)
     if spec is None or spec.inner == "Identity" or opset < spec.min_opset:
