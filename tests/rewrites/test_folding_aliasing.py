@@ -47,7 +47,7 @@ def test_bind_dims_typo_is_an_error():
 
 
 def test_big_and_float_tensors_are_not_folded():
-    text = """agraph (float[4] x, float[2000] w) => (float[4] y, float[2000] z) <float[4] a = {1,2,3,4}, float[4] b = {1,1,1,1}> {
+    text = """agraph (float[16] x, float[2000] w) => (float[16] y, float[2000] z) <float[16] a = {1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4}, float[16] b = {1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1}> {
       ab = Add(a, b)
       y = Mul(x, ab)
       s = Constant <value = int64[1] {2000}> ()
@@ -56,11 +56,25 @@ def test_big_and_float_tensors_are_not_folded():
     }"""
     m = model(text)
     FoldShapesPass(size_limit=1024)(m)
-    assert "Add" in ops(m)  # float arithmetic is left to the fusions
+    assert "Add" in ops(m)  # float arithmetic beyond a few elements is left to the fusions
     assert "ConstantOfShape" in ops(m)  # 2000 elements > size limit
     small = model(text.replace("2000", "16"))
     FoldShapesPass(size_limit=1024)(small)
     assert "ConstantOfShape" not in ops(small)
+
+
+def test_scalar_float_shape_maths_is_folded():
+    # floor(n / 2) as exporters write it: Cast -> Div -> Floor -> Cast back to int64.
+    text = """agraph (float[N] x) => (float[M] y) <int64[1] n = {10}, float[1] two = {2.0}> {
+      f = Cast <to = 1> (n)
+      h = Div(f, two)
+      fl = Floor(h)
+      k = Cast <to = 7> (fl)
+      y = Slice(x, k, n)
+    }"""
+    m = model(text)
+    FoldShapesPass()(m)
+    assert ops(m) == ["Slice"]
 
 
 VIEWS = """agraph (float[2,3,4] x, float[N,12] d) => (float[6,4] y, float[N,3,4] e) <int64[2] s = {6, 4}, int64[3] t = {-1, 3, 4}> {
