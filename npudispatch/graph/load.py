@@ -93,7 +93,7 @@ def _to_ir(model: ModelLike) -> ir.Model:
         return model
     if isinstance(model, onnx.ModelProto):
         _check_proto_external_data(model.graph, None)
-        return ir.from_proto(model)
+        return _from_proto(model)
     path = Path(model)
     if path.is_dir():
         raise ModelError(f"model path {str(path)!r} is a directory; give the path to a .onnx file")
@@ -114,9 +114,38 @@ def _to_ir(model: ModelLike) -> ir.Model:
             "or not an ONNX model (re-export or re-download it)"
         )
     _check_proto_external_data(proto.graph, path.parent)
-    ir_model = ir.from_proto(proto)
+    ir_model = _from_proto(proto)
     ir.external_data.set_base_dir(ir_model.graph, path.parent)
     return ir_model
+
+
+def _from_proto(proto: onnx.ModelProto) -> ir.Model:
+    """``ir.from_proto`` after the single-assignment checks it would fail on without a name."""
+    _check_single_assignment(proto.graph)
+    try:
+        return ir.from_proto(proto)
+    except Exception as exc:  # onnx_ir raises SerdeError chained to the real cause
+        cause = exc.__cause__ or exc
+        raise ModelError(
+            f"the model's graph cannot be read: {cause}; fix the file (re-export it) and retry"
+        ) from exc
+
+
+def _check_single_assignment(graph: onnx.GraphProto) -> None:
+    """Every tensor has one producer: no node output may reuse an input, initializer or output."""
+    owners = {v.name: "a graph input" for v in graph.input}
+    owners.update({t.name: "an initializer" for t in graph.initializer})
+    for index, node in enumerate(graph.node):
+        label = f"node {node.name or index!r} ({node.op_type})"
+        for name in node.output:
+            if not name:
+                continue
+            if name in owners:
+                raise ModelError(
+                    f"{label} writes tensor {name!r}, which is already {owners[name]}; every "
+                    "tensor must have exactly one producer (rename the output)"
+                )
+            owners[name] = f"the output of node {node.name or index!r} ({node.op_type})"
 
 
 def _all_initializers(graph: ir.Graph) -> Iterator[ir.Value]:

@@ -339,3 +339,26 @@ def test_detector_like_cli_compiles_and_runs_check_from_another_directory(
     capsys.readouterr()
     assert cli_main(["run", str(path), "--shape", "x=1x3x16x24", "--check"]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("outputs", "inits", "needle"),
+    [
+        ([["x"], ["y"]], [], "'x', which is already a graph input"),
+        ([["y"], ["y"]], [], "'y', which is already the output of node 'n0'"),
+        ([["w"], ["y"]], [numpy_helper.from_array(np.ones(2, np.float32), "w")], "initializer"),
+    ],
+)
+def test_second_producer_of_a_tensor_is_a_model_error(outputs, inits, needle):
+    nodes = [
+        helper.make_node("Relu", ["x"], outputs[0], name="n0"),
+        helper.make_node("Neg", ["x"], outputs[1], name="n1"),
+    ]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", F32, [2])],
+        [helper.make_tensor_value_info("y", F32, [2])], inits,
+    )  # fmt: skip
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelError, match="exactly one producer") as err:
+        graph.load(proto)
+    assert needle in str(err.value)
