@@ -66,61 +66,23 @@ class MatMulNBits(TiledMatMul):
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
         """Constant 4-bit weights in onnxruntime layout; float A; optional packed zp and bias."""
-        bits = int(attr_value(node, "bits", 4))
-        if bits != 4:
-            return Decline(f"MatMulNBits bits={bits}: only 4-bit weights are supported")
-        block = int(attr_value(node, "block_size", 0))
-        if block not in Q4_BLOCK_SIZES:
-            return Decline(f"MatMulNBits block_size={block}: supported sizes are {Q4_BLOCK_SIZES}")
-        k, n = int(attr_value(node, "K", 0)), int(attr_value(node, "N", 0))
-        if k <= 0 or n <= 0:
-            return Decline(f"MatMulNBits needs positive K and N attributes, got K={k}, N={n}")
+        k, n, block = _geometry(node)
         a = match_activation(node, 0, "input A")
         if real_dim(a, -1) != k:
             return Decline(f"A's last axis is {real_dim(a, -1)} but attribute K={k}")
-        ins = list(node.inputs) + [None] * (6 - len(node.inputs))
-        if ins[4] is not None:
-            return Decline("MatMulNBits with g_idx (act-order) is not supported")
-        k_blocks = -(-k // block)
-        b = const_array(ins[1])
-        if b is None:
-            return Decline("B is not a constant initializer: 4-bit weights must be constant")
-        if b.dtype != np.uint8 or b.size != n * k_blocks * block // 2:
-            return Decline(
-                f"B must be uint8 [N={n}, {k_blocks}, {block // 2}], got {b.dtype} {b.shape}"
-            )
-        scales = const_array(ins[2])
-        if scales is None or scales.size != n * k_blocks:
-            return Decline(f"scales must be a constant of N*k_blocks={n * k_blocks} elements")
-        zp = None
-        if ins[3] is not None:
-            zp = const_array(ins[3])
-            if zp is None:
-                return Decline("zero_points is not a constant initializer")
-            if zp.dtype != np.uint8:
-                return Decline(f"zero_points of dtype {zp.dtype}: only packed uint8 is supported")
-            if zp.size != n * (-(-k_blocks // 2)):
-                return Decline(
-                    f"zero_points has {zp.size} bytes, expected {n * (-(-k_blocks // 2))}"
-                )
-        bias = None
-        if ins[5] is not None:
-            bias = const_array(ins[5])
-            if bias is None or bias.size != n:
-                return Decline(f"bias must be a constant of N={n} elements")
+        weights = _constant_inputs(node, n, k_blocks=-(-k // block), block=block)
         out = output_spec(node, a.dtype)
         specs: list[TensorSpec | None] = [a]
         consts: dict[int, np.ndarray] = {}
-        for i, arr in ((1, b), (2, scales), (3, zp), (4, None), (5, bias)):
-            if arr is None:
-                specs.append(None)
-                continue
-            specs.append(TensorSpec(tuple(arr.shape), arr.dtype))
-            consts[i] = arr
+        for i in range(1, 6):
+            arr = weights.get(i)
+            specs.append(None if arr is None else TensorSpec(tuple(arr.shape), arr.dtype))
+            if arr is not None:
+                consts[i] = arr
         while specs and specs[-1] is None:
             specs.pop()
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
-        extra = {"K": k, "N": n, "block_size": block, "bias_rows": int(bias is not None)}
+        attrs = {"K": k, "N": n, "bits": 4, "block_size": block}
+        extra = {"K": k, "N": n, "block_size": block, "bias_rows": int(5 in weights)}
         return node_config(self, node, specs, [out], consts=consts, attrs=attrs, extra=extra)
 
     def layout(self, cfg: OpConfig) -> TileLayout:
@@ -160,3 +122,49 @@ class MatMulNBits(TiledMatMul):
 
 
 __all__ = ["MatMulNBits", "dequantize_nbits"]
+
+
+def _geometry(node: ir.Node) -> tuple[int, int, int]:
+    """``(K, N, block_size)`` from the attributes; raises a Decline for what the kernel lacks."""
+    bits = int(attr_value(node, "bits", 4))
+    if bits != 4:
+        raise Decline(f"MatMulNBits bits={bits}: only 4-bit weights are supported")
+    block = int(attr_value(node, "block_size", 0))
+    if block not in Q4_BLOCK_SIZES:
+        raise Decline(f"MatMulNBits block_size={block}: supported sizes are {Q4_BLOCK_SIZES}")
+    k, n = int(attr_value(node, "K", 0)), int(attr_value(node, "N", 0))
+    if k <= 0 or n <= 0:
+        raise Decline(f"MatMulNBits needs positive K and N attributes, got K={k}, N={n}")
+    return k, n, block
+
+
+def _constant_inputs(node: ir.Node, n: int, *, k_blocks: int, block: int) -> dict[int, np.ndarray]:
+    """B (1), scales (2), zero points (3) and bias (5) by input index, each checked against the
+    onnxruntime layout; raises a Decline naming the first input that does not fit."""
+    ins = list(node.inputs) + [None] * (6 - len(node.inputs))
+    if ins[4] is not None:
+        raise Decline("MatMulNBits with g_idx (act-order) is not supported")
+    b = const_array(ins[1])
+    if b is None:
+        raise Decline("B is not a constant initializer: 4-bit weights must be constant")
+    if b.dtype != np.uint8 or b.size != n * k_blocks * block // 2:
+        raise Decline(f"B must be uint8 [N={n}, {k_blocks}, {block // 2}], got {b.dtype} {b.shape}")
+    scales = const_array(ins[2])
+    if scales is None or scales.size != n * k_blocks:
+        raise Decline(f"scales must be a constant of N*k_blocks={n * k_blocks} elements")
+    found = {1: b, 2: scales}
+    if ins[3] is not None:
+        zp = const_array(ins[3])
+        if zp is None:
+            raise Decline("zero_points is not a constant initializer")
+        if zp.dtype != np.uint8:
+            raise Decline(f"zero_points of dtype {zp.dtype}: only packed uint8 is supported")
+        if zp.size != n * (-(-k_blocks // 2)):
+            raise Decline(f"zero_points has {zp.size} bytes, expected {n * (-(-k_blocks // 2))}")
+        found[3] = zp
+    if ins[5] is not None:
+        bias = const_array(ins[5])
+        if bias is None or bias.size != n:
+            raise Decline(f"bias must be a constant of N={n} elements")
+        found[5] = bias
+    return found

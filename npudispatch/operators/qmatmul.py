@@ -57,6 +57,38 @@ def _scalar(node: ir.Node, i: int, what: str) -> np.ndarray | Decline:
     return arr.reshape(())
 
 
+def _per_tensor_coefficients(node: ir.Node, a_dtype: np.dtype) -> dict[int, np.ndarray]:
+    """a_scale (1), a_zero_point (2), y_scale (6), y_zero_point (7) as scalars; raises a Decline
+    unless they are constant, per-tensor, float32 scales and an a_zero_point of a's dtype."""
+    scalars = {}
+    for i, what in ((1, "a_scale"), (2, "a_zero_point"), (6, "y_scale"), (7, "y_zero_point")):
+        scalars[i] = Decline.check(_scalar(node, i, what))
+    for i, what in ((1, "a_scale"), (4, "b_scale"), (6, "y_scale")):
+        arr = const_array(node.inputs[i])
+        if arr is not None and arr.dtype != np.float32:
+            # A bf16 scale (the precision pass tries one) moves the quantization grid.
+            raise Decline(f"{what} is {arr.dtype}: float32 scales only")
+    if scalars[2].dtype != a_dtype:
+        raise Decline(f"a_zero_point dtype {scalars[2].dtype} differs from a ({a_dtype})")
+    return scalars
+
+
+def _per_column_coefficients(node: ir.Node, n: int, b_dtype: np.dtype) -> dict[int, np.ndarray]:
+    """b_scale (4) and b_zero_point (5) broadcast to N columns; raises a Decline unless they are
+    constant, per-tensor or per-column, with a b_zero_point of b's dtype."""
+    col = {}
+    for i, what in ((4, "b_scale"), (5, "b_zero_point")):
+        arr = const_array(node.inputs[i])
+        if arr is None:
+            raise Decline(f"{what} must be a constant initializer")
+        if arr.size not in (1, n):
+            raise Decline(f"{what} has {arr.size} elements: per-tensor or per-column (N={n})")
+        col[i] = np.broadcast_to(arr.reshape(-1), (n,))
+    if col[5].dtype != b_dtype:
+        raise Decline(f"b_zero_point dtype {col[5].dtype} differs from b ({b_dtype})")
+    return col
+
+
 class QMatMul(TiledMatMul):
     """npudispatch.QMatMul(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp) -> y."""
 
@@ -81,26 +113,8 @@ class QMatMul(TiledMatMul):
         k, n = b.shape
         if real_dim(a, -1) != k:
             return Decline(f"a's last axis is {real_dim(a, -1)} but b has K={k}")
-        scalars = {}
-        for i, what in ((1, "a_scale"), (2, "a_zero_point"), (6, "y_scale"), (7, "y_zero_point")):
-            scalars[i] = Decline.check(_scalar(node, i, what))
-        for i, what in ((1, "a_scale"), (4, "b_scale"), (6, "y_scale")):
-            arr = const_array(node.inputs[i])
-            if arr is not None and arr.dtype != np.float32:
-                # A bf16 scale (the precision pass tries one) moves the quantization grid.
-                return Decline(f"{what} is {arr.dtype}: float32 scales only")
-        if scalars[2].dtype != a.dtype:
-            return Decline(f"a_zero_point dtype {scalars[2].dtype} differs from a ({a.dtype})")
-        col = {}
-        for i, what in ((4, "b_scale"), (5, "b_zero_point")):
-            arr = const_array(node.inputs[i])
-            if arr is None:
-                return Decline(f"{what} must be a constant initializer")
-            if arr.size not in (1, n):
-                return Decline(f"{what} has {arr.size} elements: per-tensor or per-column (N={n})")
-            col[i] = np.broadcast_to(arr.reshape(-1), (n,))
-        if col[5].dtype != b.dtype:
-            return Decline(f"b_zero_point dtype {col[5].dtype} differs from b ({b.dtype})")
+        scalars = _per_tensor_coefficients(node, a.dtype)
+        col = _per_column_coefficients(node, n, b.dtype)
         out = Decline.check(tensor_spec(node.outputs[0], "output y"))
         if out.dtype not in ACT_DTYPES or out.dtype != scalars[7].dtype:
             return Decline(f"output dtype {out.dtype} must be uint8/uint16 and match y_zero_point")

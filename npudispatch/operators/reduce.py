@@ -53,9 +53,7 @@ class _Reduce(Operator):
         label = op_label(node)
         x, out = cfg.inputs[0], cfg.outputs[0]
         assert x is not None
-        axes = self._axes(node, cfg, label)
-        if isinstance(axes, Decline):
-            return axes
+        axes = Decline.check(self._axes(node, cfg, label))
         rank = len(x.shape)
         if rank == 0:
             return Decline(f"{label}: scalar input has no axis to reduce")
