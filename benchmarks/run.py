@@ -18,6 +18,8 @@ calls one per-area benchmark module and turns its numbers into a ratio measured 
                               folder, plus bytes copied per decode step (generate_bench)
 ``start_llama2_mlp``          warm-cache Session()+first run / cold one, no-op device (start_bench)
 ``start_ppocr_cls``           the same for PP-OCR's classifier (../shared/models; not --quick)
+``cli_start``                 slower of ``npudispatch --help`` / ``txn stats FILE`` (fresh
+                              processes) / ``python -c "import numpy"`` (cli_start_bench)
 ============================  ==========================================================
 
 ``--quick`` uses tiny sizes and single repeats (for tests); the numbers are then not meaningful.
@@ -47,6 +49,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` i
 import numpy as np
 
 from benchmarks import (
+    cli_start_bench,
     cnn_bench,
     compile_bench,
     external_data_bench,
@@ -236,6 +239,22 @@ def _start(quick: bool) -> list[Row]:
     return rows
 
 
+def _cli_start(quick: bool) -> list[Row]:
+    r = _quiet(cli_start_bench.run, quick=quick)
+    met = "met" if r["target_met"] else "NOT met"
+    return [
+        Row(
+            "cli_start",
+            r["ratio_to_numpy_start"],
+            "slower of `npudispatch --help` / `txn stats FILE` / `python -c 'import numpy'`",
+            f"--help {_ms(r['help_s'])}, txn stats ({r['txn_bytes']:,} B) "
+            f"{_ms(r['txn_stats_s'])} vs {_ms(r['numpy_start_s'])}; target "
+            f"{r['target_s']} s each {met}",
+            r,
+        )
+    ]
+
+
 def _memcpy_seconds(nbytes: int, repeat: int) -> float:
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
@@ -320,6 +339,7 @@ BENCHMARKS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("external_data_rss", _external_data),
     ("generate_decode_step", _generate),
     ("start", _start),
+    ("cli_start", _cli_start),
 ]
 
 

@@ -30,6 +30,7 @@ KEYS = {
     "external_data_rss",
     "generate_decode_step",
     "start_llama2_mlp",
+    "cli_start",
 }
 SKIPPABLE = {"txn", "emulator_ppocr_det", "generate_decode_step"}  # ../shared, genai extra
 

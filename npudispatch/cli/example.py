@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import onnx
-
 from npudispatch.cli.common import output_file, writing
 from npudispatch.errors import ModelError
-from npudispatch.examples import EXAMPLES, build_example
-from npudispatch.examples.golden import GOLDEN, GOLDEN_PURPOSE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +36,11 @@ def _summary(builder) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Save the example (or list the names)."""
+    import onnx  # here, not at module level: `npudispatch --help` must not load onnx
+
+    from npudispatch.examples import EXAMPLES, build_example
+    from npudispatch.examples.golden import GOLDEN, GOLDEN_PURPOSE
+
     if args.list:
         width = max(map(len, EXAMPLES))
         golden = [n for n in EXAMPLES if n in GOLDEN]

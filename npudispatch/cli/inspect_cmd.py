@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx_ir as ir
-
-from npudispatch import graph
 from npudispatch.cli.common import add_dims_option, parse_dims, parse_shapes, print_json
 from npudispatch.domains import is_onnx_domain
-from npudispatch.rewrites import default_pipeline
-from npudispatch.rewrites.qdq import quantization_summary
-from npudispatch.rewrites.support import npu_support
+
+if TYPE_CHECKING:  # imported where used: `npudispatch --help` must not load onnx (start-up time)
+    import onnx_ir as ir
+
+    from npudispatch import graph
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +46,10 @@ def inspect_model(model: ir.Model, support: graph.SupportQuery | None = None) ->
     ``support`` defaults to the NPU operator library (views plus every node an operator takes),
     so the reasons are the library's own decline reasons.
     """
+    from npudispatch import graph
+    from npudispatch.rewrites.qdq import quantization_summary
+    from npudispatch.rewrites.support import npu_support
+
     order = graph.topological_order(model)
     rep = graph.report(model, support if support is not None else npu_support)
     return {
@@ -81,6 +84,8 @@ def _names(values: list[str], limit: int = 6) -> str:
 
 def render(model: ir.Model, doc: dict[str, Any], source: str) -> str:
     """Human-readable report with aligned columns."""
+    from npudispatch import graph
+
     labels = graph.partition_names([graph.Partition(p["kind"], []) for p in doc["partitions"]])
     where = {n: label for label, p in zip(labels, doc["partitions"]) for n in p["nodes"]}
     by_name = {n.name: n for n in model.graph}
@@ -131,6 +136,9 @@ def render(model: ir.Model, doc: dict[str, Any], source: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and print the report."""
+    from npudispatch import graph
+    from npudispatch.rewrites import default_pipeline
+
     model = graph.load(
         args.model, dims=parse_dims(args.dims), input_shapes=parse_shapes(args.shape)
     )

@@ -23,10 +23,9 @@ import io
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from npudispatch.cli.common import (
     add_dims_option,
@@ -41,10 +40,10 @@ from npudispatch.cli.common import (
 from npudispatch.cli.compile_cmd import add_compile_options
 from npudispatch.dispatch.backends import backend_names, backend_spec
 from npudispatch.dispatch.backends.registry import cli_flag
-from npudispatch.dispatch.check import ULPS
 from npudispatch.errors import ModelError
-from npudispatch.examples.golden import GOLDEN_PURPOSE, is_dd_golden
-from npudispatch.rewrites.precision import Tolerance, tolerance_for_output
+
+if TYPE_CHECKING:  # onnx-heavy modules load where used: `npudispatch --help` stays fast
+    from npudispatch.rewrites.precision import Tolerance
 
 EXIT_MISMATCH = 1
 
@@ -181,6 +180,8 @@ def check_tolerance(
     e = np.asarray(expected, np.float64)
     finite = e[np.isfinite(e)]
     rms = float(np.sqrt(np.mean(finite**2))) if finite.size else 0.0
+    from npudispatch.rewrites.precision import Tolerance, tolerance_for_output
+
     tol = tolerance_for_output(session.compiled.model, name).scaled(rms if rms > 0 else 1.0)
     return Tolerance(tol.rtol if rtol is None else rtol, tol.atol if atol is None else atol)
 
@@ -226,6 +227,10 @@ def _refuse_dd_golden(path: Path) -> None:
     """DD's golden graphs are for plan/meta fidelity: say so instead of failing to run them."""
     if not Path(path).is_file():
         return  # a program folder or a missing file: the Session reports those
+    import onnx
+
+    from npudispatch.examples.golden import GOLDEN_PURPOSE, is_dd_golden
+
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # not an ONNX file: the Session's loader words that error
@@ -241,7 +246,9 @@ def _refuse_dd_golden(path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the model; with --check compare with onnxruntime."""
     from npudispatch.dispatch.artifact import is_program_dir
+    from npudispatch.dispatch.check import ULPS
     from npudispatch.dispatch.session import Session
+    from npudispatch.rewrites.precision import Tolerance
 
     dims = parse_dims(args.dims)
     shapes = parse_shapes(args.shape)
