@@ -28,7 +28,8 @@ happen before and after its DMAs. The program's bound is the largest of its thre
 (the call latency), memory (the summed time of memory-bound ops) or compute (of compute-bound
 ops). Per program the estimate also reports DDR traffic / minimum traffic, where the minimum is
 the const image read once plus the inputs plus the outputs: what keeping every intermediate on
-the array would cost, versus sending it through DDR (DynamicDispatch's way, and ours).
+the array would cost, versus sending it through DDR (DynamicDispatch's way, and ours). It can be
+below 1 when an op reads only part of an input (a Slice of a graph input).
 """
 
 from __future__ import annotations

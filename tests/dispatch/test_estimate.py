@@ -99,6 +99,25 @@ def test_matmul_bytes_macs_and_time(matmul_program):
     assert est.traffic_ratio == pytest.approx((33792 + record) / 33792)
 
 
+@pytest.mark.parametrize(
+    ("op_type", "w_shape", "y_shape", "attrs", "macs"),
+    [
+        # every output element: C/G x 3 x 3 MACs
+        ("Conv", (8, 4, 3, 3), (1, 8, 8, 8), {"pads": [1, 1, 1, 1]}, 8 * 8 * 8 * 4 * 9),
+        # every input element scatters into M/G x 3 x 3 outputs
+        ("ConvTranspose", (4, 2, 3, 3), (1, 2, 17, 17), {"strides": [2, 2]}, 4 * 8 * 8 * 2 * 9),
+    ],
+)
+def test_conv_macs(op_type, w_shape, y_shape, attrs, macs):
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 8, 8])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, list(y_shape))
+    w = numpy_helper.from_array(np.random.default_rng(0).random(w_shape, np.float32), "W")
+    node = helper.make_node(op_type, ["X", "W"], ["Y"], name="conv", **attrs)
+    (op,) = _only_program(_model([node], [x], [y], [w])).estimate().ops
+    assert op.op_type == op_type and op.macs == macs
+    assert op.bytes_by_buffer["input"]["read"] == 4 * 8 * 8 * 4  # the whole float32 input
+
+
 def test_compute_bound_and_int8_rate_on_a_custom_device(matmul_program):
     slow = Device("slow", "slow", 4, 4, 2, 2, 1e15, 2e9, 1e9, 0.0)
     est = estimate_program(matmul_program, slow)
