@@ -230,6 +230,11 @@ def _plan(nodes: list[tuple[ir.Node, OpConfig]], pinned: Mapping[ir.Value, str])
         if len(reals) > 1:
             group.skipped = f"tied axes have different real sizes {sorted(reals)}"
             continue
+        if current == 1:
+            # A size-1 axis broadcasts in elementwise consumers; padded, its lanes would be
+            # read as real data (Mul(x[..., 8], scale[1]) became x * [s, pad, pad, ...]).
+            group.skipped = "size-1 axes broadcast: padding one would change what readers compute"
+            continue
         stuck = [(k, pin[k]) for k in keys if k in pin and _key_size(k)[0] != target]
         if stuck:
             group.skipped = f"{_label(stuck[0][0])} is pinned: {stuck[0][1]}"

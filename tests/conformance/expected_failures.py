@@ -39,13 +39,6 @@ _BF16_QUANTIZE = Expected(
     "integer outputs are compared exactly",
     AssertionError,
 )
-_BF16_MASKED_ATTENTION = Expected(
-    "bf16: the expanded Attention body (MatMul, additive mask, Softmax, MatMul as separate NPU "
-    "ops) misses the per-output budget on 5-10 % of elements; not analysed yet (the fused "
-    "Attention operator is not involved)",
-    AssertionError,
-)
-
 EXPECTED_FAILURES: dict[str, Expected] = {
     **dict.fromkeys(
         [
@@ -106,14 +99,5 @@ EXPECTED_FAILURES: dict[str, Expected] = {
             "test_dynamicquantizelinear_min_adjusted_expanded",
         ],
         _BF16_QUANTIZE,
-    ),
-    **dict.fromkeys(
-        [
-            "test_attention_4d_gqa_causal_nonpad_decode_expanded",
-            "test_attention_local_window_ext_cache_rank2_mask_expanded",
-            "test_attention_local_window_ext_cache_rank3_head_mask_expanded",
-            "test_attention_local_window_ext_cache_rank4_batch_mask_expanded",
-        ],
-        _BF16_MASKED_ATTENTION,
     ),
 }

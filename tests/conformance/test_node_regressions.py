@@ -181,3 +181,29 @@ def test_cpu_segment_load_failure_quotes_the_engine() -> None:
     message = str(info.value)
     assert "cpu0 [clamp (ai.onnx.Relu)]" in message and "onnxruntime, which reported:" in message
     assert "standard ONNX" not in message
+
+
+def test_size_one_axis_is_not_padded_away_from_broadcasting() -> None:
+    """Padding gave a constant [1] scale read by an NPU Sqrt eight lanes (zeros past the first),
+    so the Mul broadcasting the Sqrt's result multiplied lanes 1..7 by 0: the expanded Attention
+    body's sqrt(1/sqrt(head size)) scaling of Q and K."""
+    model = _model(
+        [
+            helper.make_node("Div", ["one", "d"], ["scale"]),
+            helper.make_node("Sqrt", ["scale"], ["root"]),
+            helper.make_node("Mul", ["x", "root"], ["y"]),
+        ],
+        [helper.make_tensor_value_info("x", F32, [2, 8])],
+        [helper.make_tensor_value_info("y", F32, [2, 8])],
+        [
+            numpy_helper.from_array(np.ones(1, np.float32), "one"),
+            numpy_helper.from_array(np.array([4.0], np.float32), "d"),
+        ],
+    )
+    feeds = {"x": np.linspace(-2, 2, 16, dtype=np.float32).reshape(2, 8)}
+    session = npudispatch.Session(model)
+    (got,) = session.run(None, feeds)
+    assert session.compiled.kernel_calls_per_run == 1  # Sqrt and Mul on the NPU
+    tolerance_for(["Cast", "Sqrt", "Mul", "Cast"]).assert_close(
+        got, _onnxruntime(model, feeds)[0], "y"
+    )
