@@ -43,10 +43,6 @@ reason and run on the CPU.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
@@ -54,118 +50,25 @@ from onnxscript.rewriter import pattern
 from npudispatch.domains import is_onnx_domain
 from npudispatch.operators import registry
 from npudispatch.operators.base import Decline
-from npudispatch.operators.quantize import QUANT_DTYPES, dequantize, expand_param, quantize
+from npudispatch.operators.quantize import dequantize, expand_param, quantize
 from npudispatch.operators.weights import pack_nibbles
 from npudispatch.opset import DOMAIN, VERSION
 from npudispatch.opset_quant import CHAIN, PER_AXIS_OPSET, QDQ_OPS
 from npudispatch.rewrites._checks import const_array
-from npudispatch.rewrites.aliasing import VIEW_OPS
 from npudispatch.rewrites.matmul import qmatmul_rule
+from npudispatch.rewrites.qdq_common import (
+    SHAPE_VIEWS,
+    Namer,
+    QdqReport,
+    input_at,
+    is_op,
+    new_initializer,
+    qparams_of,
+    quantization_summary,
+    single_reader,
+)
 
 __all__ = ["QdqPass", "QdqReport", "quantization_summary", "run_qdq_rewrites"]
-
-_SHAPE_VIEWS = VIEW_OPS - {"Identity"}
-_ZP_DTYPES = {*QUANT_DTYPES.values(), np.dtype(np.int32)}
-
-
-@dataclass
-class QdqReport:
-    """What one :class:`QdqPass` run did: counts per step and fused op types."""
-
-    counts: Counter = field(default_factory=Counter)
-    fused_ops: Counter = field(default_factory=Counter)
-
-    @property
-    def modified(self) -> bool:
-        return any(v for k, v in self.counts.items() if k not in ("unique_dq", "merge_dq"))
-
-
-def _is(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and is_onnx_domain(node.domain)
-
-
-def _input(node: ir.Node, i: int) -> ir.Value | None:
-    return node.inputs[i] if i < len(node.inputs) else None
-
-
-class _Namer:
-    def __init__(self, graph: ir.Graph) -> None:
-        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
-        self.used |= {v.name for n in graph for v in n.outputs} | {n.name for n in graph}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
-
-
-def _initializer(graph: ir.Graph, namer: _Namer, base: str, arr: np.ndarray) -> ir.Value:
-    name = namer(base)
-    value = ir.Value(
-        name=name,
-        type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-        shape=ir.Shape(arr.shape),
-        const_value=ir.tensor(arr, name=name),
-    )
-    graph.register_initializer(value)
-    return value
-
-
-@dataclass(frozen=True)
-class _QParams:
-    """Constant parameters of one Q or DQ node (``zp`` in the quantized numpy dtype)."""
-
-    scale: np.ndarray
-    zp: np.ndarray
-    axis: int
-    block: int
-
-    @property
-    def per_tensor(self) -> bool:
-        return self.scale.size == 1 and not self.block
-
-    def same(self, other: _QParams) -> bool:
-        return (
-            self.per_tensor
-            and other.per_tensor
-            and self.zp.dtype == other.zp.dtype
-            and np.array_equal(self.scale.reshape(()), other.scale.reshape(()))
-            and np.array_equal(self.zp.reshape(()), other.zp.reshape(()))
-        )
-
-
-def _qparams(node: ir.Node, qtype: ir.DataType | None) -> _QParams | None:
-    """Constant float32 scale and integer zero point of a Q/DQ node, else None."""
-    scale = const_array(_input(node, 1))
-    zp_val = _input(node, 2)
-    if scale is None or scale.dtype != np.float32:
-        return None
-    if zp_val is not None:
-        zp = const_array(zp_val)
-        if zp is None:
-            return None
-    else:
-        if qtype is None or qtype.is_floating_point():
-            return None
-        zp = np.zeros(scale.shape, qtype.numpy())
-    if zp.dtype not in _ZP_DTYPES:
-        return None
-    return _QParams(
-        scale,
-        zp,
-        node.attributes.get_int("axis", 1),
-        node.attributes.get_int("block_size", 0),
-    )
-
-
-def _single_reader(value: ir.Value) -> ir.Node | None:
-    uses = value.uses()
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    return uses[0][0]
-
 
 # ---- 1. Q of constants ------------------------------------------------------------------------
 
@@ -177,7 +80,7 @@ def _const_or_view_of_const(value: ir.Value | None) -> np.ndarray | None:
     if arr is not None or value is None:
         return arr
     view = value.producer()
-    if view is None or view.op_type not in _SHAPE_VIEWS or not is_onnx_domain(view.domain):
+    if view is None or view.op_type not in SHAPE_VIEWS or not is_onnx_domain(view.domain):
         return None
     src = const_array(view.inputs[0])
     shape = value.shape
@@ -186,20 +89,20 @@ def _const_or_view_of_const(value: ir.Value | None) -> np.ndarray | None:
     return src.reshape(tuple(int(d) for d in shape))
 
 
-def _fold_quantize(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
+def _fold_quantize(graph: ir.Graph, namer: Namer, report: QdqReport) -> None:
     for node in list(graph):
-        if not _is(node, "QuantizeLinear"):
+        if not is_op(node, "QuantizeLinear"):
             continue
         x = _const_or_view_of_const(node.inputs[0])
         out = node.outputs[0]
-        params = _qparams(node, out.dtype)
+        params = qparams_of(node, out.dtype)
         if x is None or params is None or x.dtype != np.float32 or out.is_graph_output():
             continue
         axis = params.axis % max(x.ndim, 1)
         scale = expand_param(params.scale, x.shape, axis, params.block, 1.0)
         zp = expand_param(params.zp.astype(np.int64), x.shape, axis, params.block, 0)
         q = quantize(x, scale, zp, params.zp.dtype)
-        out.replace_all_uses_with(_initializer(graph, namer, f"{out.name}__const", q))
+        out.replace_all_uses_with(new_initializer(graph, namer, f"{out.name}__const", q))
         graph.remove(node, safe=True)
         report.counts["fold_quantize"] += 1
 
@@ -207,9 +110,9 @@ def _fold_quantize(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
 # ---- 2/7. unique DQ readers and merging them back --------------------------------------------
 
 
-def _unique_dq(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
+def _unique_dq(graph: ir.Graph, namer: Namer, report: QdqReport) -> None:
     for node in list(graph):
-        if not _is(node, "DequantizeLinear"):
+        if not is_op(node, "DequantizeLinear"):
             continue
         out = node.outputs[0]
         for reader, idx in out.uses()[1:]:
@@ -234,7 +137,7 @@ def _dq_key(node: ir.Node) -> tuple:
 def _merge_dq(graph: ir.Graph, report: QdqReport) -> None:
     seen: dict[tuple, ir.Node] = {}
     for node in list(graph):
-        if not _is(node, "DequantizeLinear") or node.outputs[0].is_graph_output():
+        if not is_op(node, "DequantizeLinear") or node.outputs[0].is_graph_output():
             continue
         first = seen.setdefault(_dq_key(node), node)
         if first is node:
@@ -249,18 +152,18 @@ def _merge_dq(graph: ir.Graph, report: QdqReport) -> None:
 
 def _views(graph: ir.Graph, report: QdqReport) -> None:
     for view in list(graph):
-        if view.op_type not in _SHAPE_VIEWS or not is_onnx_domain(view.domain) or not view.inputs:
+        if view.op_type not in SHAPE_VIEWS or not is_onnx_domain(view.domain) or not view.inputs:
             continue
         src = view.inputs[0]
         dq = src.producer() if src is not None else None
-        q = _single_reader(view.outputs[0])
-        if not (_is(dq, "DequantizeLinear") and _is(q, "QuantizeLinear")):
+        q = single_reader(view.outputs[0])
+        if not (is_op(dq, "DequantizeLinear") and is_op(q, "QuantizeLinear")):
             continue
         assert dq is not None and q is not None
-        if _single_reader(dq.outputs[0]) is not view or q.outputs[0].is_graph_output():
+        if single_reader(dq.outputs[0]) is not view or q.outputs[0].is_graph_output():
             continue
         x = dq.inputs[0]
-        pd, pq = _qparams(dq, x.dtype), _qparams(q, q.outputs[0].dtype)
+        pd, pq = qparams_of(dq, x.dtype), qparams_of(q, q.outputs[0].dtype)
         if pd is None or pq is None or not pd.same(pq) or x.dtype != q.outputs[0].dtype:
             continue
         out = view.outputs[0]
@@ -274,16 +177,16 @@ def _views(graph: ir.Graph, report: QdqReport) -> None:
 # ---- 4. DQ -> Q chains ------------------------------------------------------------------------
 
 
-def _dq_q(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
+def _dq_q(graph: ir.Graph, namer: Namer, report: QdqReport) -> None:
     for q in list(graph):
-        if not _is(q, "QuantizeLinear") or q.inputs[0] is None:
+        if not is_op(q, "QuantizeLinear") or q.inputs[0] is None:
             continue
         dq = q.inputs[0].producer()
-        if not _is(dq, "DequantizeLinear") or _single_reader(dq.outputs[0]) is not q:
+        if not is_op(dq, "DequantizeLinear") or single_reader(dq.outputs[0]) is not q:
             continue
         assert dq is not None
         x, y = dq.inputs[0], q.outputs[0]
-        pd, pq = _qparams(dq, x.dtype), _qparams(q, y.dtype)
+        pd, pq = qparams_of(dq, x.dtype), qparams_of(q, y.dtype)
         if pd is None or pq is None:
             continue
         if pd.same(pq) and x.dtype == y.dtype and not y.is_graph_output():
@@ -301,18 +204,18 @@ def _dq_q(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
 # ---- 5/6. DQ -> op -> Q ----------------------------------------------------------------------
 
 
-def _zero_point(graph: ir.Graph, namer: _Namer, node: ir.Node, base: str) -> ir.Value:
-    zp = _input(node, 2)
+def _zero_point(graph: ir.Graph, namer: Namer, node: ir.Node, base: str) -> ir.Value:
+    zp = input_at(node, 2)
     if zp is not None:
         return zp
-    dtype = (node.outputs[0] if _is(node, "QuantizeLinear") else node.inputs[0]).dtype
+    dtype = (node.outputs[0] if is_op(node, "QuantizeLinear") else node.inputs[0]).dtype
     assert dtype is not None
-    return _initializer(graph, namer, base, np.zeros((), dtype.numpy()))
+    return new_initializer(graph, namer, base, np.zeros((), dtype.numpy()))
 
 
 def _fuse(
     graph: ir.Graph,
-    namer: _Namer,
+    namer: Namer,
     stages: list[tuple[str, dict]],
     dqs: list[ir.Node],
     q: ir.Node,
@@ -366,7 +269,7 @@ def _fuse(
 
 
 def _exact_dq(
-    graph: ir.Graph, namer: _Namer, value: ir.Value, before: ir.Node, per_axis: bool = False
+    graph: ir.Graph, namer: Namer, value: ir.Value, before: ir.Node, per_axis: bool = False
 ) -> ir.Node | None:
     """A DQ equal to a float32 constant exactly: ``q = sign(c)`` (int8), ``scale = |c|``
     (1 where c is 0), zero point 0 - per tensor for a scalar, per channel (axis 0) for a 1-d
@@ -385,9 +288,9 @@ def _exact_dq(
     node = ir.node(
         "DequantizeLinear",
         [
-            _initializer(graph, namer, f"{base}__q", q),
-            _initializer(graph, namer, f"{base}__scale", scale),
-            _initializer(graph, namer, f"{base}__zp", zp),
+            new_initializer(graph, namer, f"{base}__q", q),
+            new_initializer(graph, namer, f"{base}__scale", scale),
+            new_initializer(graph, namer, f"{base}__zp", zp),
         ],
         {"axis": 0} if arr.size != 1 else {},
         name=namer(f"{base}__exact_dq"),
@@ -425,7 +328,7 @@ def _fused_attrs(node: ir.Node, opset: int) -> dict | None:
             return None
         axes = node.attributes.get_ints("axes", None)
         if axes is None:
-            arr = const_array(_input(node, 1))
+            arr = const_array(input_at(node, 1))
             if arr is None:
                 return None
             axes = [int(a) for a in arr.reshape(-1)]
@@ -453,7 +356,7 @@ def _stage(node: ir.Node | None, reader: ir.Node, opset: int) -> tuple[str, dict
     spec = QDQ_OPS.get(node.op_type)
     if spec is None or spec.inner == "Identity" or opset < spec.min_opset:
         return None
-    if _single_reader(node.outputs[0]) is not reader or any(v.uses() for v in node.outputs[1:]):
+    if single_reader(node.outputs[0]) is not reader or any(v.uses() for v in node.outputs[1:]):
         return None
     if len(node.inputs) < spec.arity or any(v is None for v in node.inputs[: spec.arity]):
         return None
@@ -463,7 +366,7 @@ def _stage(node: ir.Node | None, reader: ir.Node, opset: int) -> tuple[str, dict
 
 def _operand_dq(
     graph: ir.Graph,
-    namer: _Namer,
+    namer: Namer,
     value: ir.Value,
     reader: ir.Node,
     made: list[ir.Node],
@@ -472,9 +375,9 @@ def _operand_dq(
     """The per-tensor DQ feeding ``value`` to ``reader`` only (``per_axis``: or per channel
     along axis 0), or an exact DQ of a scalar."""
     dq = value.producer()
-    if _is(dq, "DequantizeLinear") and _single_reader(value) is reader:
+    if is_op(dq, "DequantizeLinear") and single_reader(value) is reader:
         assert dq is not None
-        p = _qparams(dq, dq.inputs[0].dtype)
+        p = qparams_of(dq, dq.inputs[0].dtype)
         rank = len(dq.inputs[0].shape or ()) or 1
         along_0 = p is not None and p.scale.ndim == 1 and not p.block and p.axis % rank == 0
         if p is not None and (p.per_tensor or (per_axis and along_0)):
@@ -485,13 +388,13 @@ def _operand_dq(
     return exact
 
 
-def _fuse_ops(graph: ir.Graph, namer: _Namer, opset: int, report: QdqReport) -> None:
+def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> None:
     """Walk back from every per-tensor Q through up to :data:`MAX_CHAIN` quantized-form ops
     (following input 0) to DQs; fuse the longest chain whose operands are all DQs."""
     for q in list(graph):
-        if q.graph is not graph or not _is(q, "QuantizeLinear") or q.inputs[0] is None:
+        if q.graph is not graph or not is_op(q, "QuantizeLinear") or q.inputs[0] is None:
             continue
-        pq = _qparams(q, q.outputs[0].dtype)
+        pq = qparams_of(q, q.outputs[0].dtype)
         if pq is None or not pq.per_tensor:
             continue
         chain: list[tuple[ir.Node, tuple[str, dict]]] = []
@@ -537,19 +440,19 @@ def _fuse_ops(graph: ir.Graph, namer: _Namer, opset: int, report: QdqReport) -> 
 NBITS_BLOCKS = (16, 32, 64, 128)
 
 
-def _nbits(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
+def _nbits(graph: ir.Graph, namer: Namer, report: QdqReport) -> None:
     """``MatMul(a, DQ(W))`` with a constant 4-bit ``W [K, N]`` quantized in blocks along K
     (``axis=0``, ``block_size`` 16..128) becomes ``com.microsoft.MatMulNBits``: the weight stays
     4-bit and is formatted at compile time. Codes are shifted to unsigned (``int4 + 8``) with
     the zero point shifted alike, so ``(code - zp) * scale`` is unchanged."""
     for dq in list(graph):
-        if not _is(dq, "DequantizeLinear") or dq.outputs[0].is_graph_output():
+        if not is_op(dq, "DequantizeLinear") or dq.outputs[0].is_graph_output():
             continue
         w = const_array(dq.inputs[0])
         qtype = dq.inputs[0].dtype
         if w is None or w.ndim != 2 or qtype not in (ir.DataType.INT4, ir.DataType.UINT4):
             continue
-        params = _qparams(dq, qtype)
+        params = qparams_of(dq, qtype)
         if params is None or params.block not in NBITS_BLOCKS or params.axis % 2 != 0:
             continue
         k, n = w.shape
@@ -558,7 +461,7 @@ def _nbits(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
             continue
         readers = dq.outputs[0].uses()
         if not readers or any(
-            not _is(r, "MatMul")
+            not is_op(r, "MatMul")
             or i != 1
             or r.inputs[0] is None
             or r.inputs[0].dtype != ir.DataType.FLOAT
@@ -570,16 +473,16 @@ def _nbits(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
         codes[:, :k] = (w.astype(np.int16) + shift).T
         zps = (params.zp.astype(np.int16) + shift).T.astype(np.uint8)  # [N, k_blocks]
         base = dq.inputs[0].name or "w"
-        b_val = _initializer(
+        b_val = new_initializer(
             graph, namer, f"{base}__nbits", pack_nibbles(codes).reshape(n, k_blocks, -1)
         )
-        s_val = _initializer(
+        s_val = new_initializer(
             graph, namer, f"{base}__nbits_scales", np.ascontiguousarray(params.scale.T).reshape(-1)
         )
         inputs = [b_val, s_val]
         if not (zps == 8).all():
             inputs.append(
-                _initializer(graph, namer, f"{base}__nbits_zp", pack_nibbles(zps).reshape(-1))
+                new_initializer(graph, namer, f"{base}__nbits_zp", pack_nibbles(zps).reshape(-1))
             )
         for reader, _ in readers:
             node = ir.node(
@@ -611,19 +514,19 @@ def _nbits(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
 # ---- 9. DQ of constants ----------------------------------------------------------------------
 
 
-def _fold_dequantize(graph: ir.Graph, namer: _Namer, report: QdqReport) -> None:
+def _fold_dequantize(graph: ir.Graph, namer: Namer, report: QdqReport) -> None:
     for node in list(graph):
-        if not _is(node, "DequantizeLinear"):
+        if not is_op(node, "DequantizeLinear"):
             continue
         x = const_array(node.inputs[0])
         out = node.outputs[0]
-        params = _qparams(node, node.inputs[0].dtype)
+        params = qparams_of(node, node.inputs[0].dtype)
         if x is None or params is None or out.is_graph_output() or out.dtype != ir.DataType.FLOAT:
             continue
         axis = params.axis % max(x.ndim, 1)
         scale = expand_param(params.scale, x.shape, axis, params.block, 1.0)
         zp = expand_param(params.zp.astype(np.int64), x.shape, axis, params.block, 0)
-        value = _initializer(graph, namer, f"{out.name}__const", dequantize(x, scale, zp))
+        value = new_initializer(graph, namer, f"{out.name}__const", dequantize(x, scale, zp))
         out.replace_all_uses_with(value)
         graph.remove(node, safe=True)
         report.counts["fold_dequantize"] += 1
@@ -640,11 +543,11 @@ def run_qdq_rewrites(model: ir.Model) -> QdqReport:
     """Run the QDQ steps (module docstring) on ``model`` in place; returns what they did."""
     graph = model.graph
     report = QdqReport()
-    if not any(_is(n, "QuantizeLinear") or _is(n, "DequantizeLinear") for n in graph):
+    if not any(is_op(n, "QuantizeLinear") or is_op(n, "DequantizeLinear") for n in graph):
         return report
     opset = model.opset_imports.get("", 1)
     before = set(graph.initializers)
-    namer = _Namer(graph)
+    namer = Namer(graph)
     _fold_quantize(graph, namer, report)
     _unique_dq(graph, namer, report)
     _views(graph, report)
@@ -653,7 +556,7 @@ def run_qdq_rewrites(model: ir.Model) -> QdqReport:
     if count:
         report.fused_ops["QMatMul"] += count
         report.counts["qmatmul"] += count
-        namer = _Namer(graph)
+        namer = Namer(graph)
     _fuse_ops(graph, namer, opset, report)
     report.counts["fused"] += sum(v for k, v in report.fused_ops.items() if k != "QMatMul")
     _merge_dq(graph, report)
@@ -677,44 +580,3 @@ class QdqPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.report = run_qdq_rewrites(model)
         return ir.passes.PassResult(model, self.report.modified)
-
-
-_INT_TYPES = {ir.DataType.from_numpy(d) for d in _ZP_DTYPES}
-
-
-def _converts(node: ir.Node) -> bool:
-    """Whether ``node`` turns float data into integers or back (Q, DQ, float<->int Cast)."""
-    if _is(node, "QuantizeLinear") or _is(node, "DequantizeLinear"):
-        return True
-    if _is(node, "Cast") and node.inputs and node.inputs[0] is not None:
-        src, dst = node.inputs[0].dtype, node.outputs[0].dtype
-        return src is not None and dst is not None and (src in _INT_TYPES) != (dst in _INT_TYPES)
-    return False
-
-
-def quantization_summary(nodes: Iterable[ir.Node]) -> dict[str, list[str]]:
-    """Quantization at a glance for a group of nodes (an NPU or CPU partition).
-
-    ``activation_dtypes``: dtypes of the non-constant tensors the nodes read or write (shape
-    arithmetic in int64 left out); ``weight_dtypes``: dtypes of the constant tensors with more
-    than one element they read (weights, not scales); ``conversions``: names of the nodes that
-    turn float data into integers or back (QuantizeLinear, DequantizeLinear, float<->int Cast).
-    """
-    acts: set[str] = set()
-    weights: set[str] = set()
-    conversions: list[str] = []
-    for node in nodes:
-        for v in (*node.inputs, *node.outputs):
-            if v is None or v.dtype is None or v.dtype in (ir.DataType.INT64, ir.DataType.BOOL):
-                continue
-            if v.const_value is None:
-                acts.add(v.dtype.name.lower())
-            elif v.const_value.size > 1:
-                weights.add(v.dtype.name.lower())
-        if _converts(node):
-            conversions.append(node.name or f"<unnamed {node.op_type}>")
-    return {
-        "activation_dtypes": sorted(acts),
-        "weight_dtypes": sorted(weights),
-        "conversions": conversions,
-    }
