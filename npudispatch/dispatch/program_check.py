@@ -287,10 +287,13 @@ def _check_records(where: Path, program: FusedProgram, sizes: Sequence[int]) -> 
                 raise ProgramFormatError(
                     f"{where}: {at} has real shape {real} outside shape {spec.shape}"
                 )
-            if spec.nbytes > memory:
+            # The table describes logical tensors; weights are stored formatted (float32 as bf16,
+            # 4-bit codes two to a byte), so the bound is on elements: two per byte of memory.
+            elements = math.prod(spec.shape)
+            if elements > 2 * memory:
                 raise ProgramFormatError(
-                    f"{where}: {at} describes a {spec.shape} tensor of {spec.nbytes} B, more "
-                    f"than the program's {memory} B of memory"
+                    f"{where}: {at} describes a {spec.shape} tensor of {elements} elements, more "
+                    f"than the program's {memory} B of memory can hold"
                 )
         if len(table.outputs) != len(record.output_bytes):
             raise ProgramFormatError(
