@@ -24,8 +24,10 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch import graph, opset
+from npudispatch.dispatch.artifact import CpuSegmentModel
 from npudispatch.dispatch.backends.emulator import kernel_registry
 from npudispatch.dispatch.emit import FusedProgram
+from npudispatch.dispatch.segments import CpuSegment
 from npudispatch.emulator import VirtualNpu
 from npudispatch.errors import DeviceError, ModelError
 from npudispatch.generate.programs import CompiledPhase
@@ -203,24 +205,14 @@ def _instruction_image(backend: Any, txn: Any) -> bytes:
     return txn.to_bytes()
 
 
-class _CpuSegment:
-    """A CPU partition as an onnxruntime sub-model."""
-
-    def __init__(self, model: ir.Model, part: graph.Partition, label: str) -> None:
-        import onnxruntime as ort
-
-        sub = graph.extract(model, part, name=f"generate_{label}")
-        opset.attach_functions(sub)
-        proto = ir.serde.serialize_model(sub)
-        self.inputs = [v.name for v in part.inputs]
-        self.outputs = [v.name for v in part.outputs]
-        self.sess = ort.InferenceSession(
-            proto.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
-
-    def run(self, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.sess.run(self.outputs, {n: np.ascontiguousarray(env[n]) for n in self.inputs})
-        return dict(zip(self.outputs, outs))
+def _cpu_segment(model: ir.Model, part: graph.Partition, label: str) -> CpuSegment:
+    """A CPU partition on onnxruntime (the Session's segment: external weights, errors)."""
+    sub = graph.extract(model, part, name=f"generate_{label}")
+    opset.attach_functions(sub)
+    spec = CpuSegmentModel(
+        label, [v.name for v in part.inputs], [v.name for v in part.outputs], sub
+    )
+    return CpuSegment(spec, "onnxruntime")
 
 
 class ResidentDevice:
@@ -241,11 +233,11 @@ class ResidentDevice:
             _Slot({ph: p.programs[k] for ph, p in self.phases.items()}, cache, xrt)
             for k in range(n_programs)
         ]
-        self._cpu: dict[str, dict[int, _CpuSegment]] = {}
+        self._cpu: dict[str, dict[int, CpuSegment]] = {}
         for ph, p in self.phases.items():
             labels = p.compiled.labels
             self._cpu[ph] = {
-                i: _CpuSegment(p.compiled.model, part, labels[i])
+                i: _cpu_segment(p.compiled.model, part, labels[i])
                 for i, part in enumerate(p.compiled.partitions)
                 if part.kind == "cpu"
             }
