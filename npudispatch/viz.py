@@ -131,12 +131,15 @@ def plot_partitions(
     ax: Any = None,
     labels: bool = True,
     title: str | None = None,
+    wrap: int = 40,
 ) -> Any:
     """Draw the partition view with matplotlib; returns the ``Axes``.
 
     One rounded box per node (its op type as label when ``labels``), grey arrows for the data
-    edges, a legend entry per partition (``npu0 (19 nodes)``). Raises ImportError with the
-    install hint when matplotlib is missing.
+    edges, a legend entry per partition (``npu0 (19 nodes)``). A graph deeper than ``wrap``
+    topological generations is folded into bands of ``wrap`` columns, stacked top to bottom, so
+    a 300-node detector stays readable. Raises ImportError with the install hint when matplotlib
+    is missing.
     """
     try:
         from matplotlib.patches import Patch
@@ -145,10 +148,17 @@ def plot_partitions(
             "plot_partitions needs matplotlib, an optional dependency: "
             "pip install 'npudispatch[viz]'"
         ) from exc
+    if wrap < 1:
+        raise ValueError(f"wrap must be at least 1 column, got {wrap}")
     view = partition_view(source, supported=supported)
     pos = view.position
     columns = max(x for x, _ in pos.values()) + 1
     rows = max(Counter(x for x, _ in pos.values()).values())
+    if columns > wrap:  # fold into bands: generation g goes to column g % wrap of band g // wrap
+        band_height = rows + 1.5
+        pos = {n: (x % wrap, y - (x // wrap) * band_height) for n, (x, y) in view.position.items()}
+        rows = int(band_height * (-(-columns // wrap)))
+        columns = wrap
     if ax is None:
         import matplotlib.pyplot as plt
 
@@ -195,7 +205,10 @@ def plot_partitions(
     ax.set_xlim(-0.7, columns - 0.3)
     ys = [y for _, y in pos.values()]
     ax.set_ylim(min(ys) - 0.8, max(ys) + 0.8)
-    ax.set_xlabel("topological generation")
+    ax.set_xlabel(
+        "topological generation"
+        + (f" (bands of {wrap}, top to bottom)" if pos is not view.position else "")
+    )
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_yticks([])
     for side in ("top", "right", "left"):

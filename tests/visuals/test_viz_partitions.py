@@ -135,3 +135,31 @@ def test_core_types_get_rich_views_without_importing_their_renderers(compiled):
     program = next(iter(compiled.programs.values()))
     assert "FusedProgram" in program._repr_html_() and "<table>" in program.plan._repr_html_()
     assert "npu0" in compiled._repr_html_() and "DDR" in program.txn._repr_html_()
+
+
+def test_deep_graphs_wrap_into_bands():
+    """A 100-node chain is drawn as 3 bands of at most 40 columns, not one unreadable strip."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu" if i % 2 else "Neg", [f"t{i}"], [f"t{i + 1}"], name=f"n{i}")
+        for i in range(100)
+    ]
+    g = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [8])],
+        [helper.make_tensor_value_info("t100", TensorProto.FLOAT, [8])],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    ax = viz.plot_partitions(model, wrap=40)
+    boxes = [t for t in ax.texts if t.get_text()]  # arrows are empty annotations
+    xs = [t.get_position()[0] for t in boxes]
+    ys = {round(t.get_position()[1], 3) for t in boxes}
+    assert len(xs) == 100 and max(xs) <= 39 and len(ys) == 3
+    assert "bands of 40" in ax.get_xlabel()
+    default = [t for t in viz.plot_partitions(model).texts if t.get_text()]
+    assert len({round(t.get_position()[1], 3) for t in default}) == 3
+    with pytest.raises(ValueError, match="wrap"):
+        viz.plot_partitions(model, wrap=0)
