@@ -26,6 +26,7 @@ from onnx import numpy_helper
 __all__ = [
     "NodeCase",
     "assert_outputs_match",
+    "cases_from_files",
     "node_cases",
     "onnxruntime_verdict",
 ]
@@ -78,7 +79,7 @@ def _read_value(path: Path, type_proto: onnx.TypeProto) -> Any:
     return numpy_helper.to_array(tensor)
 
 
-def _from_files(root: Path) -> list[NodeCase]:
+def cases_from_files(root: Path) -> list[NodeCase]:
     """Cases shipped as files (onnx <= 1.18): the runner's default tolerances, as onnx uses."""
     cases = []
     for case_dir in sorted(p for p in root.iterdir() if (p / "model.onnx").exists()):
@@ -119,7 +120,7 @@ def _from_generators() -> list[NodeCase]:
 def node_cases() -> dict[str, NodeCase]:
     """Every node test case of the installed onnx, by name (built once per process)."""
     shipped = Path(onnx.__file__).parent / "backend" / "test" / "data" / "node"
-    cases = _from_files(shipped) if shipped.is_dir() else _from_generators()
+    cases = cases_from_files(shipped) if shipped.is_dir() else _from_generators()
     return {c.name: c for c in cases}
 
 

@@ -78,3 +78,29 @@ def test_expected_failures_name_real_cases_onnxruntime_passes() -> None:
     controls = {name: onnxruntime_verdict(cases[name]) for name in EXPECTED_FAILURES}
     failing = {name: why for name, why in controls.items() if why is not None}
     assert not failing, f"onnxruntime fails these listed cases itself (delete them): {failing}"
+
+
+def test_cases_shipped_as_files_load_like_generated_ones(tmp_path) -> None:
+    """onnx <= 1.18 ships the cases as model.onnx + test_data_set_0/*.pb: that layout is read
+    back into the same NodeCase (here one case written the way onnx's generate-data writes it)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx_node_cases import cases_from_files
+
+    generated = node_cases()["test_relu"]
+    case_dir = tmp_path / generated.name
+    (case_dir / "test_data_set_0").mkdir(parents=True)
+    onnx.save(generated.model, case_dir / "model.onnx")
+    for i, (name, value) in enumerate(generated.inputs.items()):
+        tensor = numpy_helper.from_array(value, name)
+        (case_dir / "test_data_set_0" / f"input_{i}.pb").write_bytes(tensor.SerializeToString())
+    for i, value in enumerate(generated.outputs):
+        tensor = numpy_helper.from_array(value, generated.model.graph.output[i].name)
+        (case_dir / "test_data_set_0" / f"output_{i}.pb").write_bytes(tensor.SerializeToString())
+    (loaded,) = cases_from_files(tmp_path)
+    assert loaded.name == generated.name and loaded.model == generated.model
+    assert list(loaded.inputs) == list(generated.inputs)
+    for got, want in zip(
+        [*loaded.inputs.values(), *loaded.outputs], [*generated.inputs.values(), *generated.outputs]
+    ):
+        np.testing.assert_array_equal(got, want)
