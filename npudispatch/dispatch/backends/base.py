@@ -122,7 +122,14 @@ def check_io(prepared: Prepared, input_image: bytes | np.ndarray, output: np.nda
     """Validate an ``execute`` call's buffers; returns the input image as a flat uint8 array."""
     program = prepared.program
     n_in, n_out = program.buffer_sizes[INPUT], program.buffer_sizes[OUTPUT]
-    if isinstance(input_image, bytes | bytearray | memoryview):
+    if (
+        type(input_image) is np.ndarray
+        and input_image.dtype == np.uint8
+        and input_image.ndim == 1
+        and input_image.flags.c_contiguous
+    ):
+        data = input_image  # the common case (a session's input image): nothing to convert
+    elif isinstance(input_image, bytes | bytearray | memoryview):
         data = np.frombuffer(input_image, dtype=np.uint8)
     else:
         arr = np.ascontiguousarray(input_image)
