@@ -6,6 +6,7 @@ depth, what counts as a hang or a fault).
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -82,21 +83,28 @@ def _is_lock_request(row: int, off: int) -> bool:
     return 0x40000 <= off < 0x44000
 
 
+_QUEUE_OFFSETS = {SHIM_ROW: _SHIM_QUEUES, MEMTILE_ROW: tuple(_MEMTILE_QUEUES)}
+_CORE_QUEUE_OFFSETS = tuple(_CORE_QUEUES)
+_QUEUE_SETS = {SHIM_ROW: frozenset(_SHIM_QUEUES), MEMTILE_ROW: frozenset(_MEMTILE_QUEUES)}
+_CORE_QUEUE_SET = frozenset(_CORE_QUEUES)
+
+
 def _queue_offsets(row: int) -> Sequence[int]:
-    if row == SHIM_ROW:
-        return _SHIM_QUEUES
-    if row == MEMTILE_ROW:
-        return tuple(_MEMTILE_QUEUES)
-    return tuple(_CORE_QUEUES)
+    """Task-queue register offsets of a tile in ``row``, in the order a BLOCKWRITE serves them."""
+    return _QUEUE_OFFSETS.get(row, _CORE_QUEUE_OFFSETS)
+
+
+@functools.cache
+def _opcode_name(code: object, kind: type) -> str:
+    try:
+        return txops.Opcode(code).name
+    except ValueError:
+        return f"CUSTOM_{code:#x}" if isinstance(code, int) else kind.__name__
 
 
 def opname(op: object) -> str:
     """Opcode name of a typed op (``CUSTOM_0x86`` for unknown custom ops)."""
-    code = getattr(op, "opcode", None)
-    try:
-        return txops.Opcode(code).name
-    except ValueError:
-        return f"CUSTOM_{code:#x}" if isinstance(code, int) else type(op).__name__
+    return _opcode_name(getattr(op, "opcode", None), type(op))
 
 
 class VirtualNpu:
@@ -253,7 +261,7 @@ class VirtualNpu:
         col, row, off = self._check_reg(addr)
         value &= 0xFFFFFFFF
         self.regs[addr] = value
-        if off in _queue_offsets(row):
+        if off in _QUEUE_SETS.get(row, _CORE_QUEUE_SET):
             self._on_queue_write(col, row, off, value)
 
     # ------------------------------------------------------------------ op handlers
@@ -441,7 +449,7 @@ class VirtualNpu:
         """
         address = base_byte_address(bd, rep)
         loc = self._locate(task, bd_id, address, 4 * extent_words(bd))
-        total = sum(int(b.size) for b in self.buffers)
+        total = self.memory.total_bytes
         if bd.length_bytes > total:
             raise EmulatorFault(
                 f"DMA of the task queued by op #{task.op_index} moves {bd.length_bytes} B, more "

@@ -49,6 +49,23 @@ class Task:
                 yield rep, bd_id, bd
 
 
+_DECODED: dict[tuple[int, ...], ShimBd] = {}
+_DECODED_LIMIT = 1 << 14
+
+
+def decode_bd(words: tuple[int, ...]) -> ShimBd:
+    """``ShimBd.decode(words)``, remembered: programs re-queue the same BD words every run.
+
+    The emulator treats decoded BDs as read-only, so one object per distinct word tuple is shared.
+    """
+    bd = _DECODED.get(words)
+    if bd is None:
+        if len(_DECODED) >= _DECODED_LIMIT:
+            _DECODED.clear()
+        bd = _DECODED[words] = ShimBd.decode(words)
+    return bd
+
+
 def snapshot_chain(
     read_reg: Callable[[int], int], col: int, start_bd: int, *, allow_invalid: bool = False
 ) -> list[tuple[int, ShimBd]]:
@@ -68,7 +85,7 @@ def snapshot_chain(
             )
         seen.add(bd_id)
         base = shim_bd_addr(col, bd_id)
-        bd = ShimBd.decode([read_reg(base + 4 * k) for k in range(8)])
+        bd = decode_bd(tuple(read_reg(base + 4 * k) for k in range(8)))
         if not bd.valid and allow_invalid:
             chain.append((bd_id, bd))
             return chain

@@ -105,6 +105,7 @@ class HostMemory:
             if hi_a > lo_b:
                 raise ValueError(f"argument buffers {a} and {b} overlap at {lo_b:#x}")
         self._spans = spans
+        self.total_bytes = sum(self.sizes)
 
     @property
     def buffers(self) -> list[np.ndarray]:
@@ -135,8 +136,8 @@ class HostMemory:
         first = loc.offset // 4
         if pat.offsets is None:
             out = words[first : first + pat.length].copy()
-        else:
-            out = words[first + pat.offsets]
+        else:  # gather from the window at the base: the cached offsets are used as they are
+            out = np.take(words[first:], pat.offsets)
         return out.view(np.uint8)
 
     def write(self, loc: Location, pat: WordPattern, data: np.ndarray) -> None:
@@ -147,4 +148,4 @@ class HostMemory:
         if pat.offsets is None:
             words[first : first + pat.length] = values
         else:
-            words[first + pat.offsets] = values
+            np.put(words[first:], pat.offsets, values)
