@@ -4,8 +4,9 @@ An entry is a :class:`~npudispatch.dispatch.artifact.CompiledArtifact` folder na
 of its key: the model's content hash (the ``.onnx`` bytes and every external-data file it
 references), the bound input shapes, the compile options and the npudispatch version together
 with a fingerprint of its own source files (so a changed operator never reuses an old program).
-``key.json`` in the entry repeats the key; an entry whose key, format or any file hash does not
-match is *stale or corrupt*: it is removed and rebuilt, never run.
+``key.json`` in the entry repeats the key and ``manifest.json`` holds the sha256 of every other
+file in the entry; an entry whose key, format, file list or any file hash does not match is
+*stale or corrupt*: it is removed and rebuilt, never run.
 
 Location: ``$NPUDISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/npudispatch``, else
 ``~/.cache/npudispatch``. ``NPUDISPATCH_CACHE=0`` (or ``off``/``false``/``no``) disables it;
@@ -50,6 +51,7 @@ CACHE_MAX_ENV = "NPUDISPATCH_CACHE_MAX_MB"
 #: Default size bound of the cache folder; least recently used entries go first.
 DEFAULT_MAX_BYTES = 4 * 2**30
 _KEY_FILE = "key.json"
+_MANIFEST_FILE = "manifest.json"
 _OFF = {"0", "off", "false", "no"}
 
 
@@ -90,6 +92,16 @@ def model_digest(source: ModelSource) -> str:
         if target.is_file():  # a missing file is reported by the loader, with its reason
             _hash_file(h, target)
     return h.hexdigest()
+
+
+def _digests(entry: Path) -> dict[str, str]:
+    """sha256 of every file under ``entry`` (but the manifest), by POSIX relative path."""
+    out = {}
+    for f in sorted(entry.rglob("*")):
+        if f.is_file() and f.name != _MANIFEST_FILE:
+            with open(f, "rb") as fh:
+                out[f.relative_to(entry).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return out
 
 
 def _stat(path: Path) -> list[int]:
@@ -186,13 +198,42 @@ class CompileCache:
             stored = json.loads((entry / _KEY_FILE).read_text())
             if stored != json.loads(json.dumps(material, sort_keys=True)):
                 raise NpuDispatchError(f"{entry / _KEY_FILE} holds another key (stale entry)")
-            artifact = CompiledArtifact.load(entry)
+            # Trust: the manifest's digests cover every byte of every file the loader reads
+            # (compiled.json, each program's program.json / txn.bin / const.bin / params.bin,
+            # CPU segment models, constants, key.json), and they were written in the same
+            # store() as those files by the code the key's fingerprint names, i.e. this code.
+            # So the files are exactly the ones this code saved from a program it compiled;
+            # re-validating them (program_check's transaction walk, each record decode) could
+            # only find what the compiler itself produced. Any damaged, missing or extra file
+            # fails the manifest and the entry is rebuilt. Entries without a manifest get the
+            # full checks.
+            trusted = self._verify_manifest(entry)
+            artifact = CompiledArtifact.load(entry, trusted=trusted)
             os.utime(entry / _KEY_FILE)  # last use, for the least-recently-used trim
             return artifact
         except (OSError, ValueError, NpuDispatchError) as exc:
             log.warning("compile cache: dropping bad entry %s (%s); re-compiling", entry, exc)
             shutil.rmtree(entry, ignore_errors=True)
             return None
+
+    @staticmethod
+    def _verify_manifest(entry: Path) -> bool:
+        """True when ``manifest.json`` lists exactly the entry's files, each with its sha256;
+        False for an entry written without one; raises :class:`NpuDispatchError` otherwise."""
+        path = entry / _MANIFEST_FILE
+        if not path.is_file():
+            return False
+        doc = json.loads(path.read_text())
+        listed = doc.get("sha256") if isinstance(doc, dict) else None
+        if not isinstance(listed, dict):
+            raise NpuDispatchError(f"{path} is malformed")
+        found = _digests(entry)
+        if found != listed:
+            changed = sorted(set(found) ^ set(listed)) or sorted(
+                f for f in found if found[f] != listed.get(f)
+            )
+            raise NpuDispatchError(f"{path}: {', '.join(changed)} differ from the manifest")
+        return True
 
     def store(self, material: Mapping[str, Any], artifact: CompiledArtifact) -> Path | None:
         """Save ``artifact`` under its key; a write failure is logged, not raised (the run
@@ -204,6 +245,8 @@ class CompileCache:
             try:
                 artifact.save(tmp)
                 (tmp / _KEY_FILE).write_text(json.dumps(material, sort_keys=True))
+                manifest = {"sha256": _digests(tmp)}
+                (tmp / _MANIFEST_FILE).write_text(json.dumps(manifest, sort_keys=True))
                 if entry.exists():  # another process won the race, or a bad entry is in place
                     shutil.rmtree(entry, ignore_errors=True)
                 os.replace(tmp, entry)

@@ -84,7 +84,9 @@ def test_another_process_loads_instead_of_compiling(g11, tmp_path):
     assert second[0] == "disk cache"
 
 
-@pytest.mark.parametrize("damage", ["const", "key", "truncate-json"])
+@pytest.mark.parametrize(
+    "damage", ["const", "key", "truncate-json", "program-json", "txn", "extra-file", "manifest"]
+)
 def test_corrupt_or_stale_entries_are_rebuilt_never_run(g11, tmp_path, damage, caplog):
     cache = tmp_path / "cache"
     feeds = random_feeds(GOLDEN["G11"]())
@@ -99,6 +101,22 @@ def test_corrupt_or_stale_entries_are_rebuilt_never_run(g11, tmp_path, damage, c
         key = json.loads((entry / "key.json").read_text())
         key["options"]["pad"] = "something else"
         (entry / "key.json").write_text(json.dumps(key))
+    elif damage == "program-json":
+        # valid JSON, valid digests of the binaries: only the manifest sees the edit (the
+        # deep program check is skipped for manifest-verified entries)
+        f = entry / "npu0" / "program.json"
+        doc = json.loads(f.read_text())
+        doc["outputs"][0]["offset"] += 64
+        f.write_text(json.dumps(doc))
+    elif damage == "txn":
+        f = entry / "npu0" / "txn.bin"
+        data = bytearray(f.read_bytes())
+        data[-8] ^= 0x01
+        f.write_bytes(bytes(data))
+    elif damage == "extra-file":
+        (entry / "npu0" / "stray.bin").write_bytes(b"x")
+    elif damage == "manifest":
+        (entry / "manifest.json").write_text("{}")
     else:
         f = entry / "compiled.json"
         f.write_text(f.read_text()[:20])
