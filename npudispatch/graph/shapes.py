@@ -459,28 +459,26 @@ def fold_shape_arithmetic(model: ir.Model, size_limit: int = SHAPE_TENSOR_LIMIT)
 
 
 def _castlike_to_cast(model: ir.Model) -> bool:
-    """Turn ``CastLike(saturate=0)`` into the equivalent ``Cast(to=T, saturate=0)`` first.
+    """Turn a CastLike that carries attributes into the equivalent ``Cast(to=T, ...)`` first.
 
     onnxscript's folder rewrites every CastLike whose target type is known into a Cast *without*
-    the ``saturate`` attribute, which changes float8 results (saturate defaults to 1). A Cast that
-    already carries the attribute is left alone. True when a node was rewritten.
+    its attributes, which changes results (``saturate=0`` for float8; ``round_mode``). Cast and
+    CastLike take the same attributes in every opset, so they are all carried over; a Cast that
+    already has them is left alone. True when a node was rewritten.
     """
     changed = False
-    for node in list(model.graph):
-        if node.op_type != "CastLike" or not is_onnx_domain(node.domain):
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.op_type != "CastLike" or not is_onnx_domain(node.domain) or not node.attributes:
             continue
-        saturate = node.attributes.get("saturate")
         like = node.inputs[1] if len(node.inputs) > 1 else None
-        if saturate is None or like is None or like.dtype is None:
+        if like is None or like.dtype is None or node.graph is None:
             continue
+        attributes = {name: attr.value for name, attr in node.attributes.items()}
         cast = ir.node(
-            "Cast",
-            [node.inputs[0]],
-            attributes={"to": like.dtype, "saturate": saturate.as_int()},
-            name=node.name,
+            "Cast", [node.inputs[0]], attributes={**attributes, "to": like.dtype}, name=node.name
         )
         ir.convenience.replace_nodes_and_values(
-            model.graph, node, [node], [cast], node.outputs, cast.outputs
+            node.graph, node, [node], [cast], node.outputs, cast.outputs
         )
         cast.outputs[0].name = node.outputs[0].name
         changed = True
