@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from npudispatch.emulator.addrgen import base_byte_address, extent_words, pattern
+from npudispatch.emulator.blas import KERNEL_BLAS_THREADS, limited_blas_threads
 from npudispatch.emulator.dma import (
     QUEUE_DEPTH,
     ChainError,
@@ -120,6 +121,10 @@ class VirtualNpu:
     Registers and buffers persist across :meth:`run` calls (one call = one kernel invocation);
     :attr:`stats` and :attr:`transfers` describe the last run. A failed run resets the control
     state (:meth:`reset`); the buffers keep whatever the failed run wrote.
+
+    ``kernel_blas_threads`` bounds OpenBLAS's threads while a program runs (restored afterwards;
+    see :mod:`npudispatch.emulator.blas`): the kernels' tile-sized matrices lose more to thread
+    synchronisation than they gain.
     """
 
     def __init__(
@@ -132,10 +137,12 @@ class VirtualNpu:
         trace: bool = False,
         queue_depth: int = QUEUE_DEPTH,
         max_transfers: int = MAX_TRANSFERS,
+        kernel_blas_threads: int = KERNEL_BLAS_THREADS,
     ) -> None:
         if not 1 <= num_cols <= MAX_COLS:
             raise ValueError(f"num_cols must be 1..{MAX_COLS}, got {num_cols}")
         self.max_transfers = max_transfers
+        self.kernel_blas_threads = kernel_blas_threads
         self.num_cols = num_cols
         self.trace = trace
         self.queue_depth = queue_depth
@@ -222,14 +229,15 @@ class VirtualNpu:
         self.transfers = []
         launches0 = self.overlay.launches
         try:
-            for index, op in enumerate(ops):
-                self._op_index, self._opname = index, opname(op)
-                handler = self._handlers.get(type(op))
-                if handler is not None:
-                    handler(op)
-                self.stats.ops[self._opname] += 1
-            self._op_index, self._opname = None, "end of program"
-            self._finish()
+            with limited_blas_threads(self.kernel_blas_threads):
+                for index, op in enumerate(ops):
+                    self._op_index, self._opname = index, opname(op)
+                    handler = self._handlers.get(type(op))
+                    if handler is not None:
+                        handler(op)
+                    self.stats.ops[self._opname] += 1
+                self._op_index, self._opname = None, "end of program"
+                self._finish()
         except BaseException:
             self.stats.kernel_launches = self.overlay.launches - launches0
             self.reset()  # a failed run must not leave streams behind for the next one
