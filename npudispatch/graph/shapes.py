@@ -454,8 +454,38 @@ def fold_shape_arithmetic(model: ir.Model, size_limit: int = SHAPE_TENSOR_LIMIT)
     )
     if result.modified:
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        _forget_dropped_branches(model)
         RemoveUnusedNodesPass()(model)  # the folded chains' leftover constants
     return bool(result.modified) or pinned
+
+
+def _live_graphs(graph: ir.Graph) -> set[ir.Graph]:
+    graphs = {graph}
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                graphs |= _live_graphs(attr.as_graph())
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.as_graphs():
+                    graphs |= _live_graphs(sub)
+    return graphs
+
+
+def _forget_dropped_branches(model: ir.Model) -> None:
+    """Detach nodes of subgraphs that folding dropped from the values they read.
+
+    When the folder inlines an ``If`` with a constant condition, the nodes of the branch it
+    drops still count as users of outer values, which keeps those values' producers alive
+    through dead-code removal. Their reads are dropped here: the branch can never run.
+    """
+    live = _live_graphs(model.graph)
+    for graph in live:
+        values = [*graph.inputs, *graph.initializers.values()]
+        values += [v for node in graph for v in node.outputs]
+        for value in values:
+            for user, index in list(value.uses()):
+                if user.graph is not None and user.graph not in live:
+                    user.replace_input_with(index, None)
 
 
 def _castlike_to_cast(model: ir.Model) -> bool:

@@ -22,12 +22,6 @@ _SEQUENCE_IO = Expected(
     "or optionals is refused at load",
     ModelError,
 )
-_AFFINE_GRID_DEAD_BRANCH = Expected(
-    "shape folding inlines a constant-condition If, but the dropped branch still holds uses of "
-    "outer values, so the nodes feeding it survive dead-code removal and extracting the CPU "
-    "segment refuses them as dead code",
-    ModelError,
-)
 _BF16_HUGE_LOGITS = Expected(
     "bf16 policy: logits 10000..10003 are one value in bf16 (spacing 64 there), so Softmax over "
     "them is uniform; inputs this large are outside what bf16 compute can resolve",
@@ -72,15 +66,6 @@ EXPECTED_FAILURES: dict[str, Expected] = {
         "onnx shape inference at load rejects the MeanVarianceNormalization function body "
         "(its Constant axes); onnxruntime does not run that check (graph.load, issue 11 item 3)",
         ModelError,
-    ),
-    **dict.fromkeys(
-        [
-            "test_affine_grid_2d_expanded",
-            "test_affine_grid_2d_align_corners_expanded",
-            "test_affine_grid_3d_expanded",
-            "test_affine_grid_3d_align_corners_expanded",
-        ],
-        _AFFINE_GRID_DEAD_BRANCH,
     ),
     **dict.fromkeys(
         [
