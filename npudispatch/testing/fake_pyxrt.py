@@ -324,7 +324,9 @@ class bo:
                 state.heap_used += size
             weakref.finalize(self, state.release_heap, size)
         self._device, self._ctx, self._flags, self._group = dev, ctx, flg, group
-        self._host, self._dev = bytearray(size), bytearray(size)
+        # Zeroed like the driver's shmem-backed BOs, and like them zeroed lazily (calloc'd
+        # pages): a bytearray would touch every page of a large weights BO twice at allocation.
+        self._host, self._dev = np.zeros(size, np.uint8), np.zeros(size, np.uint8)
         self._root, self._offset, self._size = self, 0, size
         self._address = _alloc_address("heap" if flg is bo.flags.cacheable else "host", size)
 

@@ -212,11 +212,13 @@ class XrtBackend:
                     x.bo.flags.host_only,
                     kern.group_id(FIRST_DATA_ARG + i),
                 )
-                # Const/params images once; every buffer starts zeroed on the device too.
-                b.write(
-                    program.initial_buffer(i) if i in (CONST, PARAMS) else np.zeros(size, np.uint8),
-                    0,
-                )
+                # Const/params images once (written as they are, no staging copy); every byte
+                # past them, and every other buffer, starts zeroed on the device too.
+                image = {CONST: program.const_image, PARAMS: program.params_image}.get(i, b"")
+                if image:
+                    b.write(np.frombuffer(image, dtype=np.uint8), 0)
+                if size > len(image):
+                    b.write(np.zeros(size - len(image), np.uint8), len(image))
                 b.sync(to_dev)
                 bos.append(b)
         except RuntimeError as exc:
