@@ -25,6 +25,7 @@ import hashlib
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -285,14 +286,22 @@ class CompiledArtifact:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path, *, trusted: bool = False) -> CompiledArtifact:
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        trusted: bool = False,
+        contents: Mapping[str, bytes] | None = None,
+    ) -> CompiledArtifact:
         """Read a folder written by :meth:`save` (or one :meth:`FusedProgram.save` folder).
 
         Every file is checked against its sha256; a missing, corrupt or foreign file raises
         :class:`ModelError` naming it, before anything runs. ``trusted=True``: the caller has
         verified every file of the folder against digests of its own (the compile cache's
         manifest), so per-file digests and the programs' deep checks are not repeated (see
-        :meth:`FusedProgram.load`); format and version are still checked.
+        :meth:`FusedProgram.load`); format and version are still checked. ``contents``: bytes of
+        files the caller has already read (by POSIX path relative to ``directory``), not read
+        again.
         """
         d = Path(directory)
         doc_path = d / ARTIFACT_FILE
@@ -316,7 +325,7 @@ class CompiledArtifact:
                     f"{doc_path} was written by npudispatch {doc.get('npudispatch')!r}, this is "
                     f"{_version()}; re-compile the model"
                 )
-            return cls._from_doc(d, doc, trusted=trusted)
+            return cls._from_doc(d, doc, trusted=trusted, contents=contents or {})
         except NpuDispatchError:
             raise
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
@@ -326,14 +335,23 @@ class CompiledArtifact:
             ) from exc
 
     @classmethod
-    def _from_doc(cls, d: Path, doc: dict[str, Any], trusted: bool = False) -> CompiledArtifact:
+    def _from_doc(
+        cls,
+        d: Path,
+        doc: dict[str, Any],
+        trusted: bool = False,
+        contents: Mapping[str, bytes] | None = None,
+    ) -> CompiledArtifact:
+        contents = contents or {}
         segments: list[FusedProgram | CpuSegmentModel] = []
         for entry in doc["segments"]:
             name = str(entry["name"])
             if not _SEGMENT_DIR.fullmatch(name):
                 raise ModelError(f"{d / ARTIFACT_FILE}: bad segment name {name!r}")
             if entry["kind"] == "npu":
-                segments.append(FusedProgram.load(d / name, trusted=trusted))
+                prefix = f"{name}/"
+                mine = {k[len(prefix) :]: v for k, v in contents.items() if k.startswith(prefix)}
+                segments.append(FusedProgram.load(d / name, trusted=trusted, contents=mine))
                 continue
             seg_dir = d / name
             for fname, digest in entry["files"].items():

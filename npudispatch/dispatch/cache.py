@@ -24,12 +24,13 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from npudispatch.dispatch.artifact import CompiledArtifact
 from npudispatch.dispatch.dynamic import ModelSource
+from npudispatch.dispatch.emit import FILES as PROGRAM_FILES
 from npudispatch.errors import NpuDispatchError
 
 __all__ = [
@@ -94,13 +95,23 @@ def model_digest(source: ModelSource) -> str:
     return h.hexdigest()
 
 
-def _digests(entry: Path) -> dict[str, str]:
-    """sha256 of every file under ``entry`` (but the manifest), by POSIX relative path."""
+def _digests(
+    entry: Path, keep: Collection[str] = (), into: dict[str, bytes] | None = None
+) -> dict[str, str]:
+    """sha256 of every file under ``entry`` (but the manifest), by POSIX relative path; the
+    bytes of files named in ``keep`` are read whole, hashed and stored in ``into``."""
     out = {}
     for f in sorted(entry.rglob("*")):
-        if f.is_file() and f.name != _MANIFEST_FILE:
+        if not f.is_file() or f.name == _MANIFEST_FILE:
+            continue
+        rel = f.relative_to(entry).as_posix()
+        if into is not None and f.name in keep:
+            data = f.read_bytes()
+            into[rel] = data
+            out[rel] = hashlib.sha256(data).hexdigest()
+        else:
             with open(f, "rb") as fh:
-                out[f.relative_to(entry).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
+                out[rel] = hashlib.file_digest(fh, "sha256").hexdigest()
     return out
 
 
@@ -207,8 +218,8 @@ class CompileCache:
             # only find what the compiler itself produced. Any damaged, missing or extra file
             # fails the manifest and the entry is rebuilt. Entries without a manifest get the
             # full checks.
-            trusted = self._verify_manifest(entry)
-            artifact = CompiledArtifact.load(entry, trusted=trusted)
+            verified = self._verify_manifest(entry)
+            artifact = CompiledArtifact.load(entry, trusted=verified is not None, contents=verified)
             os.utime(entry / _KEY_FILE)  # last use, for the least-recently-used trim
             return artifact
         except (OSError, ValueError, NpuDispatchError) as exc:
@@ -217,23 +228,25 @@ class CompileCache:
             return None
 
     @staticmethod
-    def _verify_manifest(entry: Path) -> bool:
-        """True when ``manifest.json`` lists exactly the entry's files, each with its sha256;
-        False for an entry written without one; raises :class:`NpuDispatchError` otherwise."""
+    def _verify_manifest(entry: Path) -> dict[str, bytes] | None:
+        """Check that ``manifest.json`` lists exactly the entry's files, each with its sha256
+        (raises :class:`NpuDispatchError` when not); None for an entry written without one.
+        Returns the verified bytes of the programs' files, hashed and kept in one read."""
         path = entry / _MANIFEST_FILE
         if not path.is_file():
-            return False
+            return None
         doc = json.loads(path.read_text())
         listed = doc.get("sha256") if isinstance(doc, dict) else None
         if not isinstance(listed, dict):
             raise NpuDispatchError(f"{path} is malformed")
-        found = _digests(entry)
+        kept: dict[str, bytes] = {}
+        found = _digests(entry, keep=PROGRAM_FILES, into=kept)
         if found != listed:
             changed = sorted(set(found) ^ set(listed)) or sorted(
                 f for f in found if found[f] != listed.get(f)
             )
             raise NpuDispatchError(f"{path}: {', '.join(changed)} differ from the manifest")
-        return True
+        return kept
 
     def store(self, material: Mapping[str, Any], artifact: CompiledArtifact) -> Path | None:
         """Save ``artifact`` under its key; a write failure is logged, not raised (the run

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -394,7 +394,13 @@ class FusedProgram:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path, *, trusted: bool = False) -> FusedProgram:
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        trusted: bool = False,
+        contents: Mapping[str, bytes] | None = None,
+    ) -> FusedProgram:
         """Read a program written by :meth:`save`, validated as a whole.
 
         Raises :class:`~npudispatch.errors.ProgramFormatError` naming the file or field when
@@ -403,7 +409,8 @@ class FusedProgram:
         against digests written together with it by this same npudispatch code (the compile
         cache's manifest): the per-file sha256, the eager parse of every op and the whole-program
         check are then skipped, since they would re-verify bytes already known to be the ones
-        the compiler saved.
+        the compiler saved. ``contents``: bytes of some of the folder's files (by file name)
+        that the caller has already read, used instead of reading them again.
         """
         from npudispatch.dispatch import program_check
 
@@ -427,7 +434,7 @@ class FusedProgram:
             )
         program_check.check_document(d / "program.json", doc)
         try:
-            program = cls._from_doc(d, doc, trusted=trusted)
+            program = cls._from_doc(d, doc, trusted=trusted, contents=contents)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ProgramFormatError):
                 raise
@@ -442,8 +449,16 @@ class FusedProgram:
         return program
 
     @classmethod
-    def _from_doc(cls, d: Path, doc: dict[str, Any], *, trusted: bool = False) -> FusedProgram:
-        blobs = {f: (d / f).read_bytes() for f in FILES[1:]}
+    def _from_doc(
+        cls,
+        d: Path,
+        doc: dict[str, Any],
+        *,
+        trusted: bool = False,
+        contents: Mapping[str, bytes] | None = None,
+    ) -> FusedProgram:
+        known = contents or {}
+        blobs = {f: known[f] if f in known else (d / f).read_bytes() for f in FILES[1:]}
         for f, data in blobs.items():
             if not trusted and hashlib.sha256(data).hexdigest() != doc["sha256"][f]:
                 raise ProgramFormatError(
