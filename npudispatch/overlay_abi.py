@@ -35,13 +35,16 @@ from npudispatch.txn.registers import Direction, ShimChannel
 
 MAGIC = 0x4F445031  # bytes b"1PDO" in memory: "NPU Dispatch Overlay", version-tagged
 ABI_VERSION = 1
-HEADER_FORMAT = (
-    "<IHHHHHHI"  # magic, abi, kernel_id, n_operands, n_outputs, n_dims, reserved, payload
-)
+HEADER_FORMAT = "<IHHHHHHI"  # magic, abi, kernel_id, n_operands, n_outputs, n_dims, flags, payload
 HEADER_BYTES = struct.calcsize(HEADER_FORMAT)  # 20
 MAX_COUNT = 64  # operands, outputs and dims per record (guards against garbage headers)
 
 PARAMS_CHANNEL = ShimChannel(0, Direction.MM2S, 0)
+
+# Header ``flags`` bits (the former reserved half-word: 0 = the default launch, so bf16 records
+# are byte-for-byte what they were before the field had a meaning).
+FLAG_FP32_COMPUTE = 0x1
+"""Float math with float32 operands (no bf16 rounding) and float32 weight images (``--fp32``)."""
 
 WORD = 4  # shim DMAs move 32-bit words: every stream and buffer size is a multiple of this
 
@@ -89,7 +92,7 @@ class ParamsRecord:
 
     ``operand_bytes``/``output_bytes`` are the exact byte counts of each operand and output stream;
     ``dims`` are kernel-defined integers (shapes, tile counts...); ``payload`` is kernel-specific
-    (padded to 4 bytes when encoded).
+    (padded to 4 bytes when encoded); ``flags`` holds launch-mode bits (:data:`FLAG_FP32_COMPUTE`).
     """
 
     kernel_id: int
@@ -97,6 +100,7 @@ class ParamsRecord:
     output_bytes: list[int]
     dims: list[int] = field(default_factory=list)
     payload: bytes = b""
+    flags: int = 0
 
     def encode(self) -> bytes:
         """Serialize the record (length is a multiple of 4)."""
@@ -114,7 +118,7 @@ class ParamsRecord:
             len(self.operand_bytes),
             len(self.output_bytes),
             len(self.dims),
-            0,
+            self.flags,
             len(payload),
         )
         counts = struct.pack(
@@ -143,7 +147,9 @@ class ParamsRecord:
             raise DeviceHang(
                 f"params record needs {size} bytes but only {len(data)} arrived on {PARAMS_CHANNEL}"
             )
-        _, _, kernel_id, n_in, n_out, n_dims, _, n_payload = struct.unpack_from(HEADER_FORMAT, data)
+        _, _, kernel_id, n_in, n_out, n_dims, flags, n_payload = struct.unpack_from(
+            HEADER_FORMAT, data
+        )
         off = HEADER_BYTES
         counts = struct.unpack_from(f"<{n_in + n_out}I", data, off)
         off += 4 * (n_in + n_out)
@@ -155,6 +161,7 @@ class ParamsRecord:
             output_bytes=list(counts[n_in:]),
             dims=dims,
             payload=data[off : off + n_payload],
+            flags=flags,
         )
 
 

@@ -14,6 +14,12 @@ where the NPU rounds:
 * weights as formatted: bf16 initializers are widened exactly; 4-bit ``MatMulNBits`` weights are
   dequantized with bf16 scales and rounded to bf16, as the NPU's weight image holds them.
 
+With ``bf16=False`` (``--fp32``) the NPU computes in float32, so the reference has no rounding
+points (and no probes change it): it is the rewritten graph in float32, with ``MatMulNBits``
+dequantized exactly (float32 scales, as the float32 weight image holds them) so that onnxruntime's
+``accuracy_level`` int8 approximation of the activations is not what the NPU is compared with.
+The bf16-ulp unit below is kept as the budget in that mode (a float32-ulp budget is not defined).
+
 It runs on onnxruntime (CPU, float32), so its only differences from the NPU are accumulation order
 and the libm used by exp/erf/tanh: a result close to a bf16 rounding boundary may round the other
 way (one bf16 ulp) and such flips propagate. How far they can propagate is measured, not guessed:
@@ -146,7 +152,8 @@ class RoundingReference:
         # Dequantized weights are fed as inputs: onnxruntime reads them in place instead of
         # copying them through the serialized model (three float32 copies of a 4-bit MLP).
         self.weights: dict[str, np.ndarray] = {}
-        self.jitter_shapes = _insert_rounding(m, self.weights)
+        self.fp32_compute = not bf16
+        self.jitter_shapes = _insert_rounding(m, self.weights, fp32=self.fp32_compute)
         if any(n.domain == opset.DOMAIN for n in m.graph.all_nodes()):
             opset.attach_functions(m)
         m.ir_version = min(m.ir_version, graph.EXTRACT_IR_VERSION)
@@ -232,12 +239,20 @@ def _rounds(node: ir.Node) -> bool:
     return BUDGETS.get(node.op_type, 0.0) > 0 and npu_support(node) is None
 
 
-def _insert_rounding(model: ir.Model, weights: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+def _insert_rounding(
+    model: ir.Model, weights: dict[str, np.ndarray], *, fp32: bool = False
+) -> dict[str, tuple[int, ...]]:
     """Make ``model`` float32 with bf16 rounding where the NPU rounds; returns the jitter inputs.
 
     ``weights`` receives the weight inputs the model now takes (dequantized, already rounded).
+    ``fp32`` (float32 compute): only dequantize ``MatMulNBits`` exactly; no rounding, no jitter.
     """
     g = model.graph
+    if fp32:
+        for node in list(g):
+            if node.op_type == "MatMulNBits" and npu_support(node) is None:
+                _dequantize_as_formatted(g, node, weights, set(), fp32=True)
+        return {}
     _widen_bf16(model)
     rounded: set[ir.Value] = set()
     jitters: dict[str, tuple[int, ...]] = {}
@@ -380,16 +395,26 @@ def _rounding_nodes(g: ir.Graph, value: ir.Value) -> list[ir.Node]:
 
 
 def _dequantize_as_formatted(
-    g: ir.Graph, node: ir.Node, weights: dict[str, np.ndarray], rounded: set[ir.Value]
+    g: ir.Graph,
+    node: ir.Node,
+    weights: dict[str, np.ndarray],
+    rounded: set[ir.Value],
+    *,
+    fp32: bool = False,
 ) -> list[ir.Node]:
-    """MatMulNBits -> MatMul (+ Add bias) on the bf16 weight the NPU's image holds (a new graph
-    input whose array goes to ``weights``); returns the new nodes."""
+    """MatMulNBits -> MatMul (+ Add bias) on the bf16 weight the NPU's image holds (``fp32``: the
+    exact float32 weight); the weight is a new graph input whose array goes to ``weights``;
+    returns the new nodes."""
     k, n = int(node.attributes.get_int("K")), int(node.attributes.get_int("N"))
     block = int(node.attributes.get_int("block_size"))
     ins = list(node.inputs) + [None] * (6 - len(node.inputs))
     consts = [None if v is None or v.const_value is None else v.const_value.numpy() for v in ins]
-    scales = _round(np.asarray(consts[2], np.float32))
-    w = _round(dequantize_nbits(consts[1], scales, consts[3], k, n, block).astype(np.float32))
+    scales = np.asarray(consts[2], np.float32)
+    if not fp32:
+        scales = _round(scales)
+    w = dequantize_nbits(consts[1], scales, consts[3], k, n, block).astype(np.float32)
+    if not fp32:
+        w = _round(w)
     weight = ir.Value(
         name=f"{node.name}__w_bf16_{next(_SERIAL)}",
         type=ir.TensorType(_F32),

@@ -166,6 +166,8 @@ def compile_model(
     the operators' granularity (copy-in zero-pads, copy-out crops: graph inputs and outputs keep
     the user's shapes, see :mod:`npudispatch.rewrites.padding`); ``bf16`` stores float32
     intermediates in bf16 with casts at NPU-partition borders (:mod:`~npudispatch.rewrites.precision`);
+    ``bf16=False`` keeps float32 storage and makes every NPU launch compute in float32 (float32
+    operands and weight images; ``docs/numerics.md``);
     both are rewrite passes, so ``rewrite=False`` turns them off too. An ``ir.Model`` argument is
     rewritten in place. Raises :class:`ModelError` / :class:`PlanError` naming the culprit.
     """
@@ -207,7 +209,7 @@ def compile_model(
         )
     for i, part in progress(npu_parts, desc="compile NPU partitions"):
         t0 = time.perf_counter()
-        planned = plan_partition(part, num_cols=num_cols)
+        planned = plan_partition(part, num_cols=num_cols, fp32_compute=not bf16)
         # before images are allocated
         limits.check_program_size(labels[i], planned.plan.buffer_sizes)
         t1 = time.perf_counter()

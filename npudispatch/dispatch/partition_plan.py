@@ -179,9 +179,14 @@ def _match(node: ir.Node) -> OpConfig:
     return cfg
 
 
-def plan_partition(part: Partition, *, num_cols: int = 4) -> PartitionPlan:
+def plan_partition(
+    part: Partition, *, num_cols: int = 4, fp32_compute: bool = False
+) -> PartitionPlan:
     """Match the partition's ops, derive tensor requests and lifetimes, build the buffer plan,
-    and place every op buffer (the :class:`PartitionPlan` that :func:`emit` consumes)."""
+    and place every op buffer (the :class:`PartitionPlan` that :func:`emit` consumes).
+
+    ``fp32_compute``: every launch computes in float32 and float weights are formatted in float32
+    (``compile_model(bf16=False)``; ``docs/numerics.md``)."""
     if part.kind != "npu":
         raise ValueError(f"plan_partition needs an NPU partition, got a {part.kind} one")
     io = partition_io(part)
@@ -191,6 +196,7 @@ def plan_partition(part: Partition, *, num_cols: int = 4) -> PartitionPlan:
         if is_view(node):
             continue
         cfg = _match(node)
+        cfg.fp32_compute = fp32_compute
         op = cfg.operator
         launches.append(Launch(node, cfg, op.buffers(cfg), op.format_consts(cfg), op.params(cfg)))
     if not launches:

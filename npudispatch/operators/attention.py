@@ -32,7 +32,7 @@ from npudispatch.operators.base import (
     opset_version,
     tensor_spec,
 )
-from npudispatch.operators.dtypes import FLOAT_DTYPES, store
+from npudispatch.operators.dtypes import FLOAT_DTYPES, fp32_compute, store
 from npudispatch.operators.matmul import attr_value
 
 MS_DOMAIN = "com.microsoft"
@@ -106,7 +106,8 @@ ATTENTION_ATTRS = {
 
 
 class _Attention(Operator):
-    """Exact shapes for every tensor; the kernel runs :meth:`attend` with bf16 operands."""
+    """Exact shapes for every tensor; the kernel runs :meth:`attend` with bf16 operands (float32
+    ones in float32 compute)."""
 
     def granularity(self, cfg: OpConfig) -> ShapeConstraints:
         return ShapeConstraints(
@@ -125,7 +126,7 @@ class _Attention(Operator):
         raise NotImplementedError
 
     def compute(self, inputs, outputs, dims, floats):
-        outs = self.attend(inputs, outputs, dims, floats, bf16=True)
+        outs = self.attend(inputs, outputs, dims, floats, bf16=not fp32_compute())
         return [store(o, spec.dtype) for o, spec in zip(outs, outputs)]
 
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -33,8 +33,8 @@ import onnx_ir as ir
 
 from npudispatch.domains import is_onnx_domain, normalize_domain
 from npudispatch.operators import records
-from npudispatch.operators.dtypes import np_dtype
-from npudispatch.overlay_abi import BufferKind, ParamsRecord, round_up
+from npudispatch.operators.dtypes import launch_precision, np_dtype
+from npudispatch.overlay_abi import FLAG_FP32_COMPUTE, BufferKind, ParamsRecord, round_up
 
 if TYPE_CHECKING:
     from npudispatch.operators import dma
@@ -100,6 +100,9 @@ class OpConfig:
         int, np.ndarray
     ]  # initializer-fed inputs by input index (weights, scales, bias...)
     extra: dict[str, Any] = field(default_factory=dict)  # op-specific derived values
+    # Float32 compute (``bf16=False`` / ``--fp32``): decided at compile time, written into the
+    # record's flags; float weights and q4 scales are formatted in float32 too.
+    fp32_compute: bool = False
 
 
 @dataclass(eq=True)
@@ -164,6 +167,9 @@ class Operator(ABC):
         own = cls.__dict__.get("match")
         if own is not None and not getattr(own, "_returns_declines", False):
             cls.match = _returning_declines(own)  # type: ignore[method-assign]
+        kernel = cls.kernel  # own or inherited (the base class's is wrapped here too)
+        if not getattr(kernel, "_sets_precision", False):
+            cls.kernel = _in_record_precision(kernel)  # type: ignore[method-assign]
 
     domain: ClassVar[str] = ""
     op_type: ClassVar[str]
@@ -248,6 +254,7 @@ class Operator(ABC):
             output_bytes=output_bytes,
             dims=list(self.op_dims(cfg)),
             payload=table + records.encode_floats(self.op_floats(cfg)),
+            flags=FLAG_FP32_COMPUTE if cfg.fp32_compute else 0,
         )
 
     def format_consts(self, cfg: OpConfig) -> bytes:
@@ -339,6 +346,19 @@ def _returning_declines(match: Any) -> Any:
             return decline
 
     wrapper._returns_declines = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _in_record_precision(kernel: Any) -> Any:
+    """``kernel`` run in the compute precision its params record's flags select (one switch point
+    for every operator: ``dtypes.to_compute``/``store`` and the weight decoders read it)."""
+
+    @functools.wraps(kernel)
+    def wrapper(self: Operator, record: ParamsRecord, operands: Sequence[Any]) -> Any:
+        with launch_precision(bool(record.flags & FLAG_FP32_COMPUTE)):
+            return kernel(self, record, operands)
+
+    wrapper._sets_precision = True  # type: ignore[attr-defined]
     return wrapper
 
 

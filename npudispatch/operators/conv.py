@@ -55,7 +55,14 @@ from npudispatch.operators.base import (
     round_up,
     tensor_spec,
 )
-from npudispatch.operators.dtypes import BF16, F32, FLOAT_DTYPES, store, to_compute
+from npudispatch.operators.dtypes import (
+    F32,
+    FLOAT_DTYPES,
+    fp32_compute,
+    store,
+    to_compute,
+    weight_dtype,
+)
 from npudispatch.operators.matmul import fit, view
 from npudispatch.operators.window import (
     Window,
@@ -126,8 +133,9 @@ def conv_core(
     return y.reshape(n, g * mg, *out)
 
 
-def format_weights(w: np.ndarray, group: int, transpose: bool) -> np.ndarray:
-    """The bf16 weight image ``[G, Mg, Kp]`` of an ONNX Conv / ConvTranspose weight (module doc)."""
+def format_weights(w: np.ndarray, group: int, transpose: bool, *, fp32: bool = False) -> np.ndarray:
+    """The bf16 weight image ``[G, Mg, Kp]`` of an ONNX Conv / ConvTranspose weight (module doc);
+    float32 in float32 compute (``fp32``)."""
     w = np.asarray(w, F32)
     taps = w.shape[2:]
     if transpose:  # [C, Mg, *k] -> [G, Mg, Cg, *k] with flipped taps
@@ -139,8 +147,9 @@ def format_weights(w: np.ndarray, group: int, transpose: bool) -> np.ndarray:
         m, cg = w.shape[:2]
         w = w.reshape(group, m // group, cg, *taps)
     kg = cg * math.prod(taps)
-    image = np.zeros((group, w.shape[1], round_up(kg, K_LANES)), dtype=BF16)
-    image[..., :kg] = w.reshape(group, w.shape[1], kg).astype(BF16)
+    elem = weight_dtype(fp32)
+    image = np.zeros((group, w.shape[1], round_up(kg, K_LANES)), dtype=elem)
+    image[..., :kg] = w.reshape(group, w.shape[1], kg).astype(elem)
     return image
 
 
@@ -267,7 +276,12 @@ class Conv(Operator):
     # ---- consts / record ----------------------------------------------------------------------
     def _parts(self, cfg: OpConfig) -> list[np.ndarray]:
         if "const_parts" not in cfg.extra:  # formatting is done once per config
-            image = format_weights(cfg.consts[1], cfg.extra["G"], self.variant == VARIANT_TRANSPOSE)
+            image = format_weights(
+                cfg.consts[1],
+                cfg.extra["G"],
+                self.variant == VARIANT_TRANSPOSE,
+                fp32=cfg.fp32_compute,
+            )
             bias = np.zeros(cfg.extra["M"], F32)
             if 2 in cfg.consts:
                 bias[:] = np.asarray(cfg.consts[2], F32)
@@ -306,11 +320,12 @@ class Conv(Operator):
         upsample = d[5 + 5 * r : 5 + 6 * r]
         code = d[5 + 6 * r]
         kg = cg * math.prod(window.kernel)
-        img_bytes = g * mg * round_up(kg, K_LANES) * BF16.itemsize
+        elem = weight_dtype(fp32_compute())
+        img_bytes = g * mg * round_up(kg, K_LANES) * elem.itemsize
         const = np.frombuffer(memoryview(operands[1]).cast("B"), dtype=np.uint8)
         if const.size < round_up(img_bytes) + g * mg * 4:
             raise DeviceError(f"conv kernel: const region of {const.size} B is too short")
-        weights = const[:img_bytes].view(BF16).reshape(g, mg, -1)[..., :kg].astype(F32)
+        weights = const[:img_bytes].view(elem).reshape(g, mg, -1)[..., :kg].astype(F32)
         off = round_up(img_bytes)
         bias = const[off : off + g * mg * 4].view("<f4")
         x = crop_real(view(operands[0], x_spec, "conv input X"), x_spec.real_shape)

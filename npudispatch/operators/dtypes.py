@@ -1,12 +1,23 @@
-"""Dtype helpers: ONNX ↔ numpy mapping, bf16 rounding, and the dtype codes kernels read.
+"""Dtype helpers: ONNX ↔ numpy mapping, the kernels' compute rule, and the dtype codes kernels read.
 
-Kernels compute float math in bf16 (ARCHITECTURE §4 / operators contract): float32 activations are
-rounded to bf16 on entry, arithmetic runs in float32 (the accumulator), and results are rounded to
-bf16 before being stored in the output dtype. :func:`to_compute` and :func:`store` implement
-exactly that so every kernel shares one rounding rule (round-to-nearest-even, via ml_dtypes).
+Kernels compute float math in bf16 by default (ARCHITECTURE §4 / operators contract): float32
+activations are rounded to bf16 on entry, arithmetic runs in float32 (the accumulator), and results
+are rounded to bf16 before being stored in the output dtype. :func:`to_compute` and :func:`store`
+implement exactly that so every kernel shares one rounding rule (round-to-nearest-even, via
+ml_dtypes).
+
+A launch whose params record carries :data:`~npudispatch.overlay_abi.FLAG_FP32_COMPUTE` (models
+compiled with ``bf16=False``, CLI ``--fp32``) runs in **float32 compute** instead: operands enter as
+float32 and results are stored without a bf16 rounding. The operator framework sets the mode for
+the duration of each kernel call (:func:`launch_precision`); kernels ask :func:`fp32_compute` (or
+:func:`weight_dtype` for the float element type of their formatted weights) and never see the flag.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import ml_dtypes
 import numpy as np
@@ -59,11 +70,38 @@ def np_dtype(dtype: ir.DataType | None) -> np.dtype | None:
         return None
 
 
+_FP32_COMPUTE: ContextVar[bool] = ContextVar("npudispatch_fp32_compute", default=False)
+
+
+@contextlib.contextmanager
+def launch_precision(fp32: bool) -> Iterator[None]:
+    """Run the enclosed kernel call in float32 compute (``fp32``) or the default bf16 compute."""
+    token = _FP32_COMPUTE.set(bool(fp32))
+    try:
+        yield
+    finally:
+        _FP32_COMPUTE.reset(token)
+
+
+def fp32_compute() -> bool:
+    """Whether the current launch computes with float32 operands (see the module docstring)."""
+    return _FP32_COMPUTE.get()
+
+
+def weight_dtype(fp32: bool) -> np.dtype:
+    """Element type of formatted float weights and q4 scales: float32 in float32 compute."""
+    return F32 if fp32 else BF16
+
+
 def to_compute(x: np.ndarray) -> np.ndarray:
-    """Kernel entry: round a float operand to bf16 and widen it to the float32 accumulator type."""
+    """Kernel entry: a float operand as float32; rounded to bf16 first unless in float32 compute."""
+    if _FP32_COMPUTE.get():
+        return np.asarray(x, dtype=F32)
     return np.asarray(x).astype(BF16).astype(F32)
 
 
 def store(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Kernel exit: round a float32 result to bf16, then store it in ``dtype``."""
+    """Kernel exit: a float32 result stored in ``dtype`` (rounded to bf16 first in bf16 compute)."""
+    if _FP32_COMPUTE.get():
+        return np.asarray(x, dtype=F32).astype(dtype)
     return np.asarray(x, dtype=F32).astype(BF16).astype(dtype)

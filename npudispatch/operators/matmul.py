@@ -80,8 +80,8 @@ class MatMul(TiledMatMul):
         return node_config(self, node, [a, b], [out], consts={1: b_arr}, attrs={}, extra=extra)
 
     def layout(self, cfg: OpConfig) -> TileLayout:
-        """bf16 tiles of B."""
-        return bf16_layout(cfg.extra["K"], cfg.extra["N"])
+        """bf16 tiles of B (float32 in float32 compute)."""
+        return bf16_layout(cfg.extra["K"], cfg.extra["N"], fp32=cfg.fp32_compute)
 
     def stripes(self, cfg: OpConfig) -> int:
         """No weight image in the two-activation variant."""
@@ -91,7 +91,7 @@ class MatMul(TiledMatMul):
         """bf16 weight image (nothing for two activations)."""
         if cfg.extra["variant"] == VARIANT_ACT:
             return []
-        return [format_bf16(cfg.consts[1])]
+        return [format_bf16(cfg.consts[1], fp32=cfg.fp32_compute)]
 
     def op_dims(self, cfg: OpConfig) -> list[int]:
         """``[variant, K, N, stripes, 0]``."""
@@ -156,7 +156,8 @@ class MatMulBias(TiledMatMul):
 
     def const_parts(self, cfg: OpConfig) -> list[np.ndarray]:
         """bf16 weight image, float32 bias."""
-        return [format_bf16(cfg.consts[1]), bias_part(cfg.consts[2], cfg.extra["N"])]
+        w = format_bf16(cfg.consts[1], fp32=cfg.fp32_compute)
+        return [w, bias_part(cfg.consts[2], cfg.extra["N"])]
 
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """``A @ B + bias`` in float32."""
@@ -207,7 +208,9 @@ class Gemm(TiledMatMul):
 
     def const_parts(self, cfg: OpConfig) -> list[np.ndarray]:
         """bf16 image of B', then ``beta · C`` as float32 ``[rows, Np]`` if C is given."""
-        parts = [format_bf16(cfg.consts[1], n_major=bool(cfg.attrs["transB"]))]
+        parts = [
+            format_bf16(cfg.consts[1], n_major=bool(cfg.attrs["transB"]), fp32=cfg.fp32_compute)
+        ]
         rows = cfg.extra["bias_rows"]
         if rows:
             n, m = cfg.extra["N"], cfg.extra["M"]

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch.operators.base import Decline, OpConfig, TensorSpec, const_array, node_config
-from npudispatch.operators.dtypes import F32, to_compute
+from npudispatch.operators.dtypes import F32, fp32_compute, to_compute
 from npudispatch.operators.matmul import (
     TiledMatMul,
     TiledOperands,
@@ -87,12 +87,22 @@ class MatMulNBits(TiledMatMul):
 
     def layout(self, cfg: OpConfig) -> TileLayout:
         """q4 tiles."""
-        return q4_layout(cfg.extra["K"], cfg.extra["N"], cfg.extra["block_size"])
+        k, n, block = cfg.extra["K"], cfg.extra["N"], cfg.extra["block_size"]
+        return q4_layout(k, n, block, fp32_scales=cfg.fp32_compute)
 
     def const_parts(self, cfg: OpConfig) -> list[np.ndarray]:
         """q4 image, then the float32 bias part when a bias is given."""
         k, n, block = cfg.extra["K"], cfg.extra["N"], cfg.extra["block_size"]
-        parts = [format_q4(cfg.consts[1], cfg.consts[2], cfg.consts.get(3), k, n, block)]
+        image = format_q4(
+            cfg.consts[1],
+            cfg.consts[2],
+            cfg.consts.get(3),
+            k,
+            n,
+            block,
+            fp32_scales=cfg.fp32_compute,
+        )
+        parts = [image]
         if 5 in cfg.consts:
             parts.append(bias_part(cfg.consts[5], n))
         return parts
@@ -104,7 +114,8 @@ class MatMulNBits(TiledMatMul):
     def compute_tiled(self, t: TiledOperands) -> list[np.ndarray]:
         """Decode the q4 image, dequantize (bf16), bf16 matmul, add the bias part."""
         k, n, block = t.k, t.n, t.dims[5]
-        w = decode_q4(t.parts[0], k, n, block, t.stripes).dequantize()[:k, :n]
+        q4 = decode_q4(t.parts[0], k, n, block, t.stripes, fp32_scales=fp32_compute())
+        w = q4.dequantize()[:k, :n]
         acc = to_compute(t.acts[0][..., :k]) @ w
         if t.bias_rows:
             acc = acc + t.parts[1][: 4 * n].view("<f4")

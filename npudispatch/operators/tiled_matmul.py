@@ -48,7 +48,7 @@ from npudispatch.operators.base import (
     round_up,
     tensor_spec,
 )
-from npudispatch.operators.dtypes import FLOAT_DTYPES, store, to_compute
+from npudispatch.operators.dtypes import FLOAT_DTYPES, fp32_compute, store, to_compute
 from npudispatch.operators.weights import (
     TileLayout,
     bf16_layout,
@@ -222,8 +222,8 @@ class TiledMatMul(Operator):
 
     # ---- geometry / consts ------------------------------------------------------------------
     def layout(self, cfg: OpConfig) -> TileLayout:
-        """Tile layout of the weight image."""
-        return bf16_layout(cfg.extra["K"], cfg.extra["N"])
+        """Tile layout of the weight image (float32 elements in float32 compute)."""
+        return bf16_layout(cfg.extra["K"], cfg.extra["N"], fp32=cfg.fp32_compute)
 
     def stripes(self, cfg: OpConfig) -> int:
         """Weight stripe count (depends on the weight geometry only)."""
@@ -347,11 +347,11 @@ class TiledMatMul(Operator):
         return records.pack_outputs(outs, table.outputs, record.output_bytes)
 
     def compute_tiled(self, t: TiledOperands) -> list[np.ndarray]:
-        """bf16 matmul on the decoded bf16 weight image, × alpha, + bias part (if any)."""
+        """bf16 (or float32 compute) matmul on the decoded weight image, × alpha, + bias part."""
         k, n, bias_rows, floats = t.k, t.n, t.bias_rows, t.floats
         a = t.acts[0]
         a = a[..., :k] if not self.trans_a(t.dims) else a[:k, ...].T
-        w = decode_bf16(t.parts[0], k, n, t.stripes)[:k, :n]
+        w = decode_bf16(t.parts[0], k, n, t.stripes, fp32=fp32_compute())[:k, :n]
         acc = to_compute(a) @ w
         acc = acc * np.float32(floats[0]) if floats and floats[0] != 1.0 else acc
         if bias_rows:

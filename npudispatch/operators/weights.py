@@ -13,7 +13,8 @@ Every format shares one grid. The logical weight ``W[K, N]`` (``Y = A @ W``) is 
 
 Formats (byte layout of one subvolume):
 
-* ``bf16``: ``[NSUBV][KSUBV]`` bfloat16 (16,384 B).
+* ``bf16``: ``[NSUBV][KSUBV]`` bfloat16 (16,384 B); ``fp32``: the same grid in float32
+  (32,768 B), the image of float32 compute (``bf16=False``).
 * ``int8``: ``[NSUBV][KSUBV]`` int8 or uint8 (8,192 B), for quantized MatMul.
 * ``q4`` (MatMulNBits, 4-bit, group size ``G`` in {16, 32, 64, 128}, ``g = KSUBV / G``):
   ``[NSUBV][KSUBV/2]`` bytes of codes, byte ``j`` of a column holding rows ``2j`` (low nibble) and
@@ -21,7 +22,8 @@ Formats (byte layout of one subvolume):
   then scales ``[NSUBV][g]`` bfloat16; then zero points ``[g][NSUBV/2]`` bytes, packed along N
   (low nibble = even column); zero padding up to a multiple of 64 bytes. For ``G = 128`` this is
   4,096 + 128 + 32 → 4,288 B. Padded rows/columns carry code 8, zero point 8 and scale 0, so they
-  dequantize to exactly 0.
+  dequantize to exactly 0. In float32 compute the scales are float32 (``fp32_scales``: twice the
+  scale bytes) and dequantized weights are not rounded to bf16.
 
 Decoders (``decode_*``) read the bytes back; kernels use them, so a wrong image gives a wrong
 result. :func:`stripe_order` gives the N-block order of a weight stream striped over channels.
@@ -93,9 +95,9 @@ class TileLayout:
         return slice(start, start + self.subv_bytes)
 
 
-def bf16_layout(k: int, n: int) -> TileLayout:
-    """Layout of a bf16 weight image."""
-    return TileLayout(k, n, KSUBV * NSUBV * 2)
+def bf16_layout(k: int, n: int, *, fp32: bool = False) -> TileLayout:
+    """Layout of a bf16 weight image (``fp32``: of a float32 image, same grid, 4-byte elements)."""
+    return TileLayout(k, n, KSUBV * NSUBV * (4 if fp32 else 2))
 
 
 def int8_layout(k: int, n: int) -> TileLayout:
@@ -103,18 +105,19 @@ def int8_layout(k: int, n: int) -> TileLayout:
     return TileLayout(k, n, KSUBV * NSUBV)
 
 
-def q4_parts(block_size: int) -> tuple[int, int, int, int]:
+def q4_parts(block_size: int, *, fp32_scales: bool = False) -> tuple[int, int, int, int]:
     """(code bytes, scale bytes, zero-point bytes, padded subvolume bytes) of a q4 subvolume."""
     if block_size not in Q4_BLOCK_SIZES:
         raise ValueError(f"q4 block size must be one of {Q4_BLOCK_SIZES}, got {block_size}")
     groups = KSUBV // block_size
-    codes, scales, zps = NSUBV * KSUBV // 2, NSUBV * groups * 2, groups * NSUBV // 2
+    scale_bytes = 4 if fp32_scales else 2
+    codes, scales, zps = NSUBV * KSUBV // 2, NSUBV * groups * scale_bytes, groups * NSUBV // 2
     return codes, scales, zps, _ceil_to(codes + scales + zps, SUBV_ALIGN)
 
 
-def q4_layout(k: int, n: int, block_size: int) -> TileLayout:
+def q4_layout(k: int, n: int, block_size: int, *, fp32_scales: bool = False) -> TileLayout:
     """Layout of a 4-bit group-quantized weight image."""
-    return TileLayout(k, n, q4_parts(block_size)[3])
+    return TileLayout(k, n, q4_parts(block_size, fp32_scales=fp32_scales)[3])
 
 
 def stripe_order(n_blocks: int, stripes: int) -> np.ndarray:
@@ -185,19 +188,23 @@ def _unstripe(stream: np.ndarray, layout: TileLayout, stripes: int) -> np.ndarra
 # bf16 and 8-bit weights
 
 
-def format_bf16(w: np.ndarray, *, n_major: bool = False) -> np.ndarray:
-    """Format a float weight ``[K, N]`` (or ``[N, K]`` with ``n_major``) as a bf16 tile image.
+def format_bf16(w: np.ndarray, *, n_major: bool = False, fp32: bool = False) -> np.ndarray:
+    """Format a float weight ``[K, N]`` (or ``[N, K]`` with ``n_major``) as a bf16 tile image
+    (``fp32``: a float32 image, the weights unrounded).
 
-    Returns the image as a 1-d uint8 array of ``bf16_layout(K, N).nbytes`` bytes.
+    Returns the image as a 1-d uint8 array of ``bf16_layout(K, N, fp32=fp32).nbytes`` bytes.
     """
     w = np.asarray(w)
-    bits = bf16_bits(w) if w.dtype == np.float32 else w.astype(BF16).view(np.uint16)
+    if fp32:
+        bits = w.astype(np.float32).view(np.uint32)
+    else:
+        bits = bf16_bits(w) if w.dtype == np.float32 else w.astype(BF16).view(np.uint16)
     if n_major:
-        layout = bf16_layout(w.shape[1], w.shape[0])
+        layout = bf16_layout(w.shape[1], w.shape[0], fp32=fp32)
         return _tile_columns(bits, layout).view(np.uint8).reshape(-1)
-    layout = bf16_layout(*w.shape)
+    layout = bf16_layout(*w.shape, fp32=fp32)
     if bits.shape != (layout.kp, layout.np_):
-        padded = np.zeros((layout.kp, layout.np_), np.uint16)
+        padded = np.zeros((layout.kp, layout.np_), bits.dtype)
         padded[: w.shape[0], : w.shape[1]] = bits
         bits = padded
     # [kb, KSUBV, nb, NSUBV] -> [nb, kb, NSUBV, KSUBV]: the tile transpose in one copy.
@@ -205,10 +212,13 @@ def format_bf16(w: np.ndarray, *, n_major: bool = False) -> np.ndarray:
     return np.ascontiguousarray(tiles).view(np.uint8).reshape(-1)
 
 
-def decode_bf16(stream: np.ndarray, k: int, n: int, stripes: int = 1) -> np.ndarray:
-    """Read a (striped) bf16 image back: ``W[Kp, Np]`` as float32, padding included."""
-    layout = bf16_layout(k, n)
-    cols = _unstripe(stream, layout, stripes).view(BF16)
+def decode_bf16(
+    stream: np.ndarray, k: int, n: int, stripes: int = 1, *, fp32: bool = False
+) -> np.ndarray:
+    """Read a (striped) bf16 (``fp32``: float32) image back: ``W[Kp, Np]`` as float32, padding
+    included."""
+    layout = bf16_layout(k, n, fp32=fp32)
+    cols = _unstripe(stream, layout, stripes).view(np.float32 if fp32 else BF16)
     tiles = cols.reshape(layout.n_blocks, layout.k_blocks, NSUBV, KSUBV)
     return _untile_columns(tiles).T.astype(np.float32)
 
@@ -266,20 +276,22 @@ def format_q4(
     k: int,
     n: int,
     block_size: int,
+    *,
+    fp32_scales: bool = False,
 ) -> np.ndarray:
     """Format MatMulNBits constants (onnxruntime layout) as a q4 tile image (1-d uint8).
 
     ``b``: uint8 ``[N, k_blocks, block_size/2]``; ``scales``: float ``[N * k_blocks]`` (or
     ``[N, k_blocks]``); ``zero_points``: packed uint8 ``[N * ceil(k_blocks/2)]`` or ``None``
-    (zero point 8). ``k_blocks = ceil(K / block_size)``.
+    (zero point 8). ``k_blocks = ceil(K / block_size)``. ``fp32_scales`` stores float32 scales.
     """
-    layout = q4_layout(k, n, block_size)
-    codes_b, scale_b, zp_b, subv = q4_parts(block_size)
+    layout = q4_layout(k, n, block_size, fp32_scales=fp32_scales)
+    codes_b, scale_b, zp_b, subv = q4_parts(block_size, fp32_scales=fp32_scales)
     k_groups = -(-k // block_size)
     groups_p = layout.kp // block_size
     b = np.asarray(b, dtype=np.uint8).reshape(n, k_groups * block_size // 2)
     # Code bytes: K-pairs already packed by onnxruntime → one blocked byte transpose.
-    sc = np.zeros((layout.np_, groups_p), dtype=BF16)
+    sc = np.zeros((layout.np_, groups_p), dtype=np.float32 if fp32_scales else BF16)
     sc[:n, :k_groups] = np.asarray(scales, dtype=np.float32).reshape(n, k_groups)
     zp = np.full((layout.np_, groups_p), Q4_DEFAULT_ZERO_POINT, dtype=np.uint8)
     if zero_points is not None:
@@ -306,15 +318,16 @@ def format_q4(
 
 @dataclass(frozen=True, slots=True)
 class Q4Weights:
-    """A decoded q4 image: codes, zero points and bf16 scales on the padded grid."""
+    """A decoded q4 image: codes, zero points and scales on the padded grid."""
 
     codes: np.ndarray  # uint8 [Kp, Np], 0..15
     zero_points: np.ndarray  # uint8 [Kp / G, Np]
-    scales: np.ndarray  # float32 [Kp / G, Np] (bf16 values)
+    scales: np.ndarray  # float32 [Kp / G, Np] (bf16 values unless the image has float32 scales)
     block_size: int
+    fp32: bool = False  # float32 scales: dequantize without the bf16 rounding
 
     def dequantize(self) -> np.ndarray:
-        """``(code - zero_point) · scale`` as float32 ``[Kp, Np]``, rounded to bf16.
+        """``(code - zero_point) · scale`` as float32 ``[Kp, Np]``, rounded to bf16 (unless fp32).
 
         Computed a band of whole groups at a time in the codes' own memory order (N-major as
         :func:`decode_q4` returns them: the result is then a transposed view), so each band's
@@ -342,7 +355,8 @@ class Q4Weights:
                 np.subtract(src.view(np.int8), zp[r0:r1, :, None].view(np.int8), out=d)
                 band[...] = d
                 band *= sc[r0:r1, :, None]
-                round_bf16_inplace(band)
+                if not self.fp32:
+                    round_bf16_inplace(band)
             return w.T
         kp, np_ = codes.shape  # [Kp, Np]: group j is rows j*G:(j+1)*G
         w = np.empty((kp, np_), dtype=np.float32)
@@ -353,7 +367,8 @@ class Q4Weights:
             band = w[r0:r1]
             np.subtract(codes[r0:r1], zp[j], out=band, dtype=np.float32)
             band *= sc[j]
-            round_bf16_inplace(band)
+            if not self.fp32:
+                round_bf16_inplace(band)
         return w
 
 
@@ -375,18 +390,27 @@ def round_bf16_inplace(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def decode_q4(stream: np.ndarray, k: int, n: int, block_size: int, stripes: int = 1) -> Q4Weights:
+def decode_q4(
+    stream: np.ndarray,
+    k: int,
+    n: int,
+    block_size: int,
+    stripes: int = 1,
+    *,
+    fp32_scales: bool = False,
+) -> Q4Weights:
     """Read a (striped) q4 image back from its bytes."""
-    layout = q4_layout(k, n, block_size)
-    codes_b, scale_b, zp_b, subv = q4_parts(block_size)
+    layout = q4_layout(k, n, block_size, fp32_scales=fp32_scales)
+    codes_b, scale_b, zp_b, subv = q4_parts(block_size, fp32_scales=fp32_scales)
     g = KSUBV // block_size
     nb, kb = layout.n_blocks, layout.k_blocks
     sv = _unstripe(stream, layout, stripes).reshape(nb, kb, subv)
     code_bytes = sv[:, :, :codes_b].reshape(nb, kb, NSUBV, KSUBV // 2)
     codes = unpack_nibbles(_untile_columns(code_bytes), layout.kp).T  # [Kp, Np]
-    sc = sv[:, :, codes_b : codes_b + scale_b].copy().view(BF16).reshape(nb, kb, NSUBV, g)
+    scale_dtype = np.float32 if fp32_scales else BF16
+    sc = sv[:, :, codes_b : codes_b + scale_b].copy().view(scale_dtype).reshape(nb, kb, NSUBV, g)
     scales = _untile_columns(sc).T.astype(np.float32)  # [Kp/G, Np]
     zpb = sv[:, :, codes_b + scale_b : codes_b + scale_b + zp_b].reshape(nb, kb, g, NSUBV // 2)
     zp = unpack_nibbles(zpb, NSUBV)  # [nb, kb, g, NSUBV]
     zero_points = zp.transpose(1, 2, 0, 3).reshape(kb * g, nb * NSUBV)
-    return Q4Weights(codes, zero_points, scales, block_size)
+    return Q4Weights(codes, zero_points, scales, block_size, fp32_scales)

@@ -57,12 +57,14 @@ def slice_program() -> FusedProgram:
 
 @pytest.fixture(scope="module")
 def matmul_program() -> FusedProgram:
-    """float32 A [1, 128] @ const B [128, 128]: a bf16 weight image of exactly 128 x 128 x 2 B."""
+    """float32 A [1, 128] @ const B [128, 128]: a bf16 weight image of exactly 128 x 128 x 2 B
+    (float32 storage, bf16 compute: no rewrites; ``bf16=False`` would compute in float32)."""
     a = helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 128])
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 128])
     b = numpy_helper.from_array(np.random.default_rng(0).random((128, 128), np.float32), "B")
     node = helper.make_node("MatMul", ["A", "B"], ["Y"], name="mm")
-    return _only_program(_model([node], [a], [y], [b]))
+    (program,) = compile_model(_model([node], [a], [y], [b]), rewrite=False).programs.values()
+    return program
 
 
 def test_copy_op_moves_exactly_the_slice_and_its_record(slice_program):

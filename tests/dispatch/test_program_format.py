@@ -178,7 +178,8 @@ def test_a_huge_scratch_buffer_is_refused_before_allocation(tmp_path, program):
 
 def test_float32_storage_program_with_a_large_weight_loads(tmp_path):
     """A float32 weight held as bf16 in the const image is larger as a tensor than the program's
-    memory: the record check bounds elements, not float32 bytes."""
+    memory: the record check bounds elements, not float32 bytes. (Float32 storage with bf16
+    compute: no rewrites; ``bf16=False`` would format the weights in float32.)"""
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
@@ -189,6 +190,6 @@ def test_float32_storage_program_with_a_large_weight_loads(tmp_path):
         [numpy_helper.from_array(w, "w")],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    (prog,) = compile_model(model, bf16=False).programs.values()
+    (prog,) = compile_model(model, rewrite=False).programs.values()
     assert prog.plan.buffer_sizes and sum(prog.plan.buffer_sizes) < w.nbytes
     FusedProgram.load(prog.save(tmp_path / "p"))

@@ -7,6 +7,7 @@ References are computed here with onnxruntime-genai on the shared Qwen2 folders 
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def genai_greedy(folder: str, max_length: int) -> list[int]:
+    """onnxruntime-genai's greedy sequence (``folder``: a name in ../shared/models or a path)."""
     model = og.Model(str(MODELS_DIR / folder))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=max_length, do_sample=False)
@@ -54,17 +56,49 @@ def folder(request) -> str:
     return request.param
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every NPU kernel rounds operands to bf16 by the library's numerical policy (and q4 "
-    "scales are stored in bf16), so --fp32 only keeps float32 storage: greedy diverges from "
-    "onnxruntime-genai after 2 tokens (int4) / at the first token (fp32)",
-)
-def test_fp32_greedy_reproduces_genai_tokens(folder):
-    want = genai_greedy(folder, len(PROMPT) + 32)
+def _fp32_tokens(folder: str) -> list[int]:
     gen = Generator(MODELS_DIR / folder, bf16=False, max_length=len(PROMPT) + 32, prefill_length=8)
-    got = gen.generate(PROMPT, max_new_tokens=32, show_progress=False).tokens
-    assert got == want
+    return gen.generate(PROMPT, max_new_tokens=32, show_progress=False).tokens
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            "qwen2_tiny_int4",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the folder's MatMulNBits nodes have accuracy_level=4: onnxruntime "
+                "quantizes their activations to int8 (measured: rel. RMS logit gap 5.6 %, first "
+                "greedy difference at new token 3), while the NPU dequantizes exactly; see "
+                "test_fp32_greedy_matches_genai_with_exact_matmulnbits",
+            ),
+        ),
+        "qwen2_tiny_fp32",
+    ],
+)
+def test_fp32_greedy_reproduces_genai_tokens(name):
+    """Float32 compute (--fp32): 32 greedy tokens identical to onnxruntime-genai's."""
+    assert _fp32_tokens(name) == genai_greedy(name, len(PROMPT) + 32)
+
+
+def test_fp32_greedy_matches_genai_with_exact_matmulnbits(tmp_path):
+    """The int4 folder with ``accuracy_level`` set to 0 (onnxruntime dequantizes B exactly instead
+    of quantizing A to int8): onnxruntime-genai's 32 greedy tokens equal ours with --fp32, so the
+    only int4 difference above is that int8 approximation, not our float32 compute."""
+    import onnx
+
+    src = MODELS_DIR / "qwen2_tiny_int4"
+    model = onnx.load(src / "model.onnx", load_external_data=False)
+    levels = [a for n in model.graph.node for a in n.attribute if a.name == "accuracy_level"]
+    assert levels and any(a.i != 0 for a in levels)  # the folder does use the int8 path
+    for attr in levels:
+        attr.i = 0
+    for f in src.iterdir():
+        if f.name != "model.onnx":
+            shutil.copy(f, tmp_path / f.name)
+    onnx.save(model, tmp_path / "model.onnx")
+    assert _fp32_tokens("qwen2_tiny_int4") == genai_greedy(str(tmp_path), len(PROMPT) + 32)
 
 
 @functools.cache
