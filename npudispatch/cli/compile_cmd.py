@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_compile_options(parser: argparse.ArgumentParser) -> None:
-    """``--no-pad`` / ``--fp32``: turn off terminal padding / bf16 storage (compile, run, plan)."""
+    """``--no-pad`` / ``--fp32``: turn off terminal padding / bf16 storage and compute."""
     parser.add_argument(
         "--no-pad",
         dest="pad",
@@ -53,7 +53,8 @@ def add_compile_options(parser: argparse.ArgumentParser) -> None:
         "--fp32",
         dest="bf16",
         action="store_false",
-        help="store float32 intermediates as float32 (default: bf16 with casts at NPU borders)",
+        help="float32 storage and float32 compute in every NPU kernel (default: bf16 storage "
+        "with casts at NPU borders, bf16 operands with float32 accumulation)",
     )
 
 

@@ -62,7 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--fp32", dest="bf16", action="store_false", help="float32 storage")
+    parser.add_argument(
+        "--fp32", dest="bf16", action="store_false", help="float32 storage and compute"
+    )
     parser.add_argument(
         "--backend", choices=("emulator", "xrt"), default="emulator", help="where programs run"
     )

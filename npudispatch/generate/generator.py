@@ -70,9 +70,10 @@ class Generator:
     Compiles a prefill program (``prefill_length`` tokens) and a decode program (one token) once,
     keeps both resident on one device context sharing one weight image, and keeps the KV cache
     (``max_length`` rows, default the config's ``search.max_length``) on the device across steps.
-    ``bf16=False`` stores activations and the cache in float32 (``--fp32``). ``backend="xrt"``
-    (options as for :class:`~npudispatch.dispatch.backends.xrt.XrtBackend`, e.g. ``xclbin=``)
-    runs both programs in one XRT hardware context instead of the emulator.
+    ``bf16=False`` stores activations and the cache in float32 and computes in float32
+    (``--fp32``). ``backend="xrt"`` (options as for
+    :class:`~npudispatch.dispatch.backends.xrt.XrtBackend`, e.g. ``xclbin=``) runs both programs in
+    one XRT hardware context instead of the emulator.
     """
 
     def __init__(

@@ -21,6 +21,8 @@ converts them again, so it is idempotent (a second run reports ``modified=False`
 
 Tolerance policy (bf16 NPU compute vs float32 onnxruntime)
 ----------------------------------------------------------
+(Models compiled with ``bf16=False`` compute in float32 - no rounding to budget: compare them
+with float32 tolerances, docs/numerics.md §1.1.)
 bf16 keeps 8 significant bits: unit roundoff ``U = 2**-8`` (3.9e-3). Kernels round operands to
 bf16, compute in float32 and round the result to bf16 (``operators.dtypes``), so each op adds a
 few ``U`` of *relative* error. Budgets per op, in units of U (:data:`BUDGETS`):
