@@ -33,7 +33,7 @@ from npudispatch.operators.weights import (
     Q4_BLOCK_SIZES,
     Q4_DEFAULT_ZERO_POINT,
     TileLayout,
-    decode_q4,
+    dequantize_q4,
     format_q4,
     q4_layout,
     unpack_nibbles,
@@ -114,8 +114,7 @@ class MatMulNBits(TiledMatMul):
     def compute_tiled(self, t: TiledOperands) -> list[np.ndarray]:
         """Decode the q4 image, dequantize (bf16), bf16 matmul, add the bias part."""
         k, n, block = t.k, t.n, t.dims[5]
-        q4 = decode_q4(t.parts[0], k, n, block, t.stripes, fp32_scales=fp32_compute())
-        w = q4.dequantize()[:k, :n]
+        w = dequantize_q4(t.parts[0], k, n, block, t.stripes, fp32_scales=fp32_compute())[:k, :n]
         acc = to_compute(t.acts[0][..., :k]) @ w
         if t.bias_rows:
             acc = acc + t.parts[1][: 4 * n].view("<f4")

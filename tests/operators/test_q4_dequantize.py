@@ -35,3 +35,28 @@ def test_dequantize_matches_bf16_reference(n_major, band, monkeypatch) -> None:
 def test_unpack_nibbles_low_nibble_first() -> None:
     packed = np.array([[0x21, 0xF0, 0x0A]], dtype=np.uint8)
     np.testing.assert_array_equal(unpack_nibbles(packed, 5), [[1, 2, 0, 15, 10]])
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "block", "stripes", "fp32"),
+    [
+        (256, 200, 128, 1, False),
+        (300, 130, 32, 2, False),
+        (128, 64, 16, 1, True),
+        (97, 333, 64, 3, False),
+    ],
+)
+def test_streamed_dequantize_equals_decode_then_dequantize(k, n, block, stripes, fp32) -> None:
+    rng = np.random.default_rng(k + n)
+    k_blocks = -(-k // block)
+    b = rng.integers(0, 256, (n, k_blocks, block // 2), dtype=np.uint8)
+    scales = (rng.standard_normal(n * k_blocks) * 0.05).astype(np.float32)
+    zp = rng.integers(0, 256, n * (-(-k_blocks // 2)), dtype=np.uint8)
+    image = weights.format_q4(b, scales, zp, k, n, block, fp32_scales=fp32)
+    layout = weights.q4_layout(k, n, block, fp32_scales=fp32)
+    order = weights.stripe_order(layout.n_blocks, stripes)
+    # the stream a striped DMA delivers: N-block order[c] at stream column c
+    stream = image.reshape(layout.n_blocks, -1)[order].reshape(-1)
+    want = weights.decode_q4(stream, k, n, block, stripes, fp32_scales=fp32).dequantize()
+    got = weights.dequantize_q4(stream, k, n, block, stripes, fp32_scales=fp32)
+    np.testing.assert_array_equal(got, want)
