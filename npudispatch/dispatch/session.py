@@ -9,8 +9,11 @@ folder written by ``npudispatch compile -o`` (no model needed). A model whose in
 is compiled on the first ``run`` with each new set of input shapes (:mod:`.dynamic`); compiled
 specialisations are kept in memory (least recently used evicted) and on disk (:mod:`.cache`).
 
-Copy-in writes each feed straight into its (padded) placement of a zeroed input image; copy-out
-returns views cropped out of the output image: one copy each way, no staging arrays.
+Copy-in writes each feed straight into its (padded) placement of a per-thread input image, zeroed
+once (padding lanes are never written, so they stay zero); copy-out returns views cropped out of a
+fresh output image: one copy each way, no staging arrays. A run with the same input shapes as the
+previous one takes a fast path (:meth:`Session._run_hot`) whose checks are O(inputs) against specs
+worked out once; anything unusual takes the full path, which raises onnxruntime's errors.
 """
 
 from __future__ import annotations
