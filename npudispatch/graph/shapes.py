@@ -25,7 +25,9 @@ cannot handle (it asserts on some standard-op forms) never poisons the rest of t
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -361,7 +363,7 @@ def _infer_custom_node(
         ir_version=ir_version or onnx.IR_VERSION,
     )
     try:
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        inferred = _symbolic_infer(SymbolicShapeInference, proto)
     except Exception as exc:  # it asserts on forms it does not handle
         log.debug("onnxruntime symbolic inference of %s failed: %s", node.name, exc)
         return {}
@@ -376,6 +378,32 @@ def _infer_custom_node(
     if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
         _fix_gqa_present_length(node, types)
     return types
+
+
+_TEMP_FILE = "sym_shape_infer_temp.onnx"
+
+
+def _symbolic_infer(engine: Any, proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``SymbolicShapeInference.infer_shapes`` without its side effect: when a shape stays
+    unknown it saves the model as ``sym_shape_infer_temp.onnx`` in the working directory. Its own
+    steps are run instead (None when not every shape was inferred); should a release rename
+    them, the public call runs and a temp file it leaves behind is removed."""
+    try:
+        sym = engine(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+        sym._preprocess(proto)
+        done = False
+        while sym.run_:
+            done = sym._infer_impl()
+        sym._update_output_from_vi()
+        return sym.out_mp_ if done else None
+    except AttributeError:
+        pass
+    existed = os.path.exists(_TEMP_FILE)
+    try:
+        return engine.infer_shapes(proto, auto_merge=True)
+    finally:
+        if not existed and os.path.exists(_TEMP_FILE):
+            os.remove(_TEMP_FILE)
 
 
 def _fix_gqa_present_length(node: ir.Node, types: dict[str, onnx.TypeProto]) -> None:

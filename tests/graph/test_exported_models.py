@@ -362,3 +362,19 @@ def test_second_producer_of_a_tensor_is_a_model_error(outputs, inits, needle):
     with pytest.raises(ModelError, match="exactly one producer") as err:
         graph.load(proto)
     assert needle in str(err.value)
+
+
+def test_custom_op_inference_leaves_no_file_in_the_working_directory(tmp_path, monkeypatch):
+    # onnxruntime's symbolic inference saves sym_shape_infer_temp.onnx in the working directory
+    # when a shape stays unknown; loading must not litter the user's folder.
+    monkeypatch.chdir(tmp_path)
+    node = helper.make_node("Mystery", ["x"], ["y"], name="mystery", domain="com.microsoft")
+    g = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", F32, [3])],
+        [helper.make_tensor_value_info("y", F32, [3])],
+    )  # fmt: skip
+    proto = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    graph.load(proto)  # y keeps its declared type
+    assert list(tmp_path.iterdir()) == []
