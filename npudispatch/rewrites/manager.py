@@ -162,8 +162,14 @@ class PassManager:
         self.analysis: GraphAnalysis | None = None
         self._dumps = 0
 
-    def add(self, p: ir.passes.PassBase, *, before: str | None = None) -> PassManager:
-        """Append a pass (or insert it before the first pass named ``before``); returns self."""
+    def add(
+        self,
+        p: ir.passes.PassBase,
+        *,
+        before: type[ir.passes.PassBase] | str | None = None,
+    ) -> PassManager:
+        """Append a pass, or insert it before the first pass of class ``before`` (e.g.
+        ``before=MarkViewsPass``; a pass name string also works); returns self."""
         if not isinstance(p, ir.passes.PassBase):
             raise RewriteError(
                 f"{p!r} is not an onnx_ir pass; subclass ir.passes.InPlacePass (or wrap onnxscript "
@@ -173,11 +179,15 @@ class PassManager:
             self.passes.append(p)
             return self
         for i, q in enumerate(self.passes):
-            if pass_name(q) == before:
+            if isinstance(before, str) and pass_name(q) == before:
                 self.passes.insert(i, p)
                 return self
+            if isinstance(before, type) and isinstance(q, before):
+                self.passes.insert(i, p)
+                return self
+        wanted = before if isinstance(before, str) else before.__name__
         raise RewriteError(
-            f"no pass named {before!r} to insert before; passes: {[pass_name(q) for q in self.passes]}"
+            f"no pass {wanted!r} to insert before; passes: {[pass_name(q) for q in self.passes]}"
         )
 
     @property

@@ -104,13 +104,19 @@ def test_precondition_failure_names_pass():
 
 
 def test_add_before_and_rejects_non_passes():
+    from npudispatch.rewrites import MarkViewsPass, PrecisionPass
+
     pm = default_pipeline()
-    pm.add(LiarPass(), before="MarkViewsPass")
+    pm.add(LiarPass(), before=MarkViewsPass)  # by class: no string to misspell
     assert pm.names.index("LiarPass") == pm.names.index("MarkViewsPass") - 1
+    by_name = default_pipeline().add(LiarPass(), before="MarkViewsPass")
+    assert by_name.names == pm.names
     with pytest.raises(RewriteError):
         pm.add(lambda m: m)  # type: ignore[arg-type]
-    with pytest.raises(RewriteError, match="no pass named"):
+    with pytest.raises(RewriteError, match="no pass 'Nope'"):
         pm.add(LiarPass(), before="Nope")
+    with pytest.raises(RewriteError, match="no pass 'PrecisionPass'"):
+        default_pipeline(bf16=False).add(LiarPass(), before=PrecisionPass)
 
 
 def test_dumps(tmp_path):
