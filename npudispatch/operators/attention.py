@@ -15,6 +15,8 @@ Tensors keep their exact shapes (no terminal padding): the head layout is the te
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import numpy as np
 import onnx_ir as ir
 
@@ -114,6 +116,7 @@ class _Attention(Operator):
             inputs=tuple(None for _ in cfg.inputs), outputs=tuple(None for _ in cfg.outputs)
         )
 
+    @abstractmethod
     def attend(
         self,
         inputs: list[np.ndarray | None],
@@ -123,7 +126,8 @@ class _Attention(Operator):
         *,
         bf16: bool,
     ) -> list[np.ndarray]:
-        raise NotImplementedError
+        """This operator's attention on the kernel's operands (operands rounded to bf16 when
+        ``bf16``); each concrete operator defines it."""
 
     def compute(self, inputs, outputs, dims, floats):
         outs = self.attend(inputs, outputs, dims, floats, bf16=not fp32_compute())

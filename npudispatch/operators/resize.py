@@ -30,6 +30,7 @@ outside its real shape.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,10 +76,11 @@ def _str_attr(node: ir.Node, name: str, default: str) -> str:
 class _ResizeBase(Operator):
     """Shared config, const region, kernel and padding of Resize and Upsample."""
 
+    @abstractmethod
     def parse(self, node: ir.Node, label: str, version: int) -> dict[str, Any] | Decline:
         """Op-specific: ``method``, ``coordinate_mode``, ``nearest_mode``, ``cubic_a``,
         ``exclude_outside``, ``policy`` and the constant ``scales`` or ``sizes`` (with ``axes``)."""
-        raise NotImplementedError
+        ...
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
         if (bad := check_node_kind(self, node)) is not None:

@@ -15,6 +15,8 @@ on the real shapes; padded lanes of the input are cropped away before anything i
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import numpy as np
 import onnx_ir as ir
 
@@ -71,9 +73,10 @@ class _KernelMove(_DataMove):
         y = self.move_real(np.asarray(_crop(x, spec)), dims, list(floats))
         return [_place(y, out, f"{self.op_type} output")]
 
+    @abstractmethod
     def move_real(self, x: np.ndarray, dims: list[int], floats: list[float]) -> np.ndarray:
         """The op on the real (cropped) input; ``dims`` are :meth:`op_dims` without the mode."""
-        raise NotImplementedError
+        ...
 
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
         return [self.move_real(np.asarray(inputs[0]), self.op_dims(cfg)[1:], self.op_floats(cfg))]
@@ -254,10 +257,10 @@ class _BlockMove(_KernelMove):
             return want
         return self.finish(node, label, want, {"block": block, "mode": D2S_MODES.index(mode)})
 
+    @abstractmethod
     def out_shape(
         self, shape: tuple[int, ...], block: int, mode: str, label: str
-    ) -> tuple[int, ...] | Decline:
-        raise NotImplementedError
+    ) -> tuple[int, ...] | Decline: ...
 
     def op_dims(self, cfg: OpConfig) -> list[int]:
         return [MODE_KERNEL, cfg.extra["block"], cfg.extra["mode"]]
