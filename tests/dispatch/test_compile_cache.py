@@ -79,9 +79,9 @@ def test_another_process_loads_instead_of_compiling(g11, tmp_path):
 
     first, second = start(), start()
     assert first[0] == "compiled"
-    if first[1] != second[1]:  # the key covers npudispatch's source: a changed file recompiles
-        pytest.skip("npudispatch's source files changed between the two processes")
-    assert second[0] == "disk cache"
+    # The key covers npudispatch's own source: if a file changed between the two processes
+    # (someone editing the checkout), recompiling is the right answer, not a cache hit.
+    assert second[0] == ("disk cache" if first[1] == second[1] else "compiled")
 
 
 @pytest.mark.parametrize(
