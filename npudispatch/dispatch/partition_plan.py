@@ -10,7 +10,7 @@ For an NPU partition (docs/architecture.md §1.2):
   partition boundary) or a constant cannot be zero-copy: :func:`unplaceable_views` names those
   views, and the compiler sends them to the CPU and re-partitions;
 * per tensor the maximum byte request of any operator ``ArgSpec`` touching it (padding included);
-  lifetimes over the partition's op order; per-op scratch, const and params regions, laid out
+  lifetimes over the partition's op order (:func:`npudispatch.graph.live_ranges`, per alias group); per-op scratch, const and params regions, laid out
   once (:func:`_op_regions`) for both the plan's sizes and the re-basing ranges;
 * :func:`~npudispatch.dispatch.plan.build_plan`; the result is a :class:`PartitionPlan`.
 """
@@ -26,7 +26,7 @@ import onnx_ir as ir
 from npudispatch.dispatch.emit import CONST_TENSOR_PREFIX, Launch, value_nbytes
 from npudispatch.dispatch.plan import BufferPlan, TensorRequest, build_plan
 from npudispatch.errors import ModelError, PlanError, UnsupportedOpError
-from npudispatch.graph import Partition
+from npudispatch.graph import Partition, live_ranges
 from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, Decline, OpConfig, TensorSpec, tensor_spec
 from npudispatch.operators.inplace import inplace_pairs
@@ -218,15 +218,13 @@ def plan_partition(
 
     # Requests: model size of each member, raised to the largest ArgSpec touching any member.
     need: dict[ir.Value, int] = {}
-    last_op = len(launches) - 1
-    life: dict[ir.Value, list[int]] = {}
     kernel_spec: dict[ir.Value, TensorSpec] = {}
     const_inputs: dict[str, tuple[ir.Value, int]] = {}
     for v, root in root_of.items():
         if v.is_initializer():
             continue
         need[root] = max(need.get(root, 0), round_up(value_nbytes(v)))
-    for i, launch in enumerate(launches):
+    for launch in launches:
         node = launch.node
         for a in launch.args:
             if a.kind not in (ArgKind.INPUT, ArgKind.OUTPUT):
@@ -242,10 +240,10 @@ def plan_partition(
             need[root] = max(need[root], a.nbytes)
             if a.kind == ArgKind.OUTPUT and a.dtype is not None and a.padded_shape is not None:
                 kernel_spec.setdefault(v, TensorSpec(tuple(a.padded_shape), np.dtype(a.dtype)))
-        for v in [*node.inputs, *node.outputs]:
-            if v is not None and not v.is_initializer():
-                life.setdefault(root_of[v], []).append(i)
 
+    life = live_ranges(
+        [ln.node for ln in launches], live_in=host_in, live_out=host_out, group=root_of.__getitem__
+    )
     requests: list[TensorRequest] = []
     aliases: dict[str, tuple[str, int]] = {}
     ordered = [*io.inputs, *io.outputs]
@@ -254,9 +252,7 @@ def plan_partition(
         if v.is_initializer():
             continue
         root = root_of[v]
-        uses = life.get(root, [0])
-        first = 0 if root in host_in else min(uses)
-        last = last_op if root in host_out else max(uses)
+        first, last = life.get(root, (0, 0))
         kind = "input" if v in host_in else "output" if v in host_out else "intermediate"
         spec = tensor_spec(v, f"tensor {v.name!r}")
         if isinstance(spec, Decline) and v.dtype is None and v in kernel_spec:

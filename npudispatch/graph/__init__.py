@@ -10,7 +10,7 @@ Typical use::
     sub = graph.extract(model, rep.npu_partitions[0])
 """
 
-from npudispatch.graph.lifetimes import Lifetime, lifetimes
+from npudispatch.graph.lifetimes import Lifetime, lifetimes, live_ranges
 from npudispatch.graph.load import ModelLike, load
 from npudispatch.graph.naming import assign_unique_names
 from npudispatch.graph.order import node_inputs, to_networkx, topological_order
@@ -51,6 +51,7 @@ __all__ = [
     "default_support",
     "extract",
     "lifetimes",
+    "live_ranges",
     "load",
     "node_inputs",
     "partition",

@@ -44,3 +44,21 @@ def test_emit_uses_the_planned_ranges(planned):
     bad[0][0] = dataclasses.replace(first, local_argidx=first.local_argidx + 40)
     with pytest.raises(ModelError, match="re-basing failed"):
         emit("npu0", dataclasses.replace(planned, ranges=bad))
+
+
+def test_planned_lifetimes_are_the_graph_lifetimes_over_the_launch_order(planned):
+    """One definition of a lifetime: the planner's intervals are ``graph.lifetimes`` over its ops."""
+    from npudispatch import graph
+
+    order = [launch.node for launch in planned.launches]
+    owner = order[0].graph
+    assert len(order) == len(owner)  # one partition, no views: the launch order is a graph order
+    expected = graph.lifetimes(owner, order)
+    placed = planned.plan.placements
+    checked = 0
+    for value, life in expected.items():
+        if life.is_constant:
+            continue
+        assert (placed[value.name].first, placed[value.name].last) == (life.first, life.last)
+        checked += 1
+    assert checked == len(placed) > 3
