@@ -27,65 +27,38 @@ from npudispatch.operators.base import (
     Operator,
     ShapeConstraints,
     TensorSpec,
-    check_node_kind,
-    const_array,
-    node_config,
     op_label,
     opset_version,
-    tensor_spec,
 )
 from npudispatch.operators.dtypes import FLOAT_DTYPES, fp32_compute, store
+from npudispatch.operators.elementwise import match_float_node
 from npudispatch.operators.matmul import attr_value
 
 MS_DOMAIN = "com.microsoft"
 INT_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
-def match_specs(
-    op: Operator, node: ir.Node, n_inputs: tuple[int, int], *, optional_outputs: bool = True
-) -> OpConfig | Decline:
-    """Static specs of every present input/output; every initializer input becomes a const.
-
-    Outputs without a name (omitted optional outputs) are left out of the config (trailing) or
-    declined (in the middle), since the kernel writes each listed output.
-    """
-    if (bad := check_node_kind(op, node)) is not None:
-        return bad
-    label = op_label(node)
-    lo, hi = n_inputs
-    if not lo <= len(node.inputs) <= hi:
-        return Decline(f"{label}: expects {lo}..{hi} inputs, got {len(node.inputs)}")
-    specs: list[TensorSpec | None] = []
-    consts: dict[int, np.ndarray] = {}
-    for i, value in enumerate(node.inputs):
-        if value is None:
-            specs.append(None)
-            continue
-        spec = tensor_spec(value, f"{label} input {i}")
-        if isinstance(spec, Decline):
-            return spec
-        if spec.real_shape is not None and spec.real_shape != spec.shape:
+def match_specs(op: Operator, node: ir.Node, n_inputs: tuple[int, int]) -> OpConfig | Decline:
+    """:func:`~npudispatch.operators.elementwise.match_float_node` with every initializer input
+    as a const, trailing omitted outputs left out (the kernel writes only the listed ones), and
+    padded inputs declined: the head layout is the tensor layout."""
+    try:
+        cfg = match_float_node(
+            op,
+            node,
+            n_inputs,
+            const_inputs=tuple(range(len(node.inputs))),
+            omit_trailing_unnamed=True,
+        )
+    except Decline as decline:
+        return decline
+    for i, spec in enumerate(cfg.inputs):
+        if spec is not None and spec.real_shape is not None and spec.real_shape != spec.shape:
             return Decline(
-                f"{label}: input {i} '{value.name}' is padded; attention needs exact shapes"
+                f"{op_label(node)}: input {i} '{node.inputs[i].name}' is padded; attention needs "
+                "exact shapes"
             )
-        specs.append(spec)
-        if (arr := const_array(value)) is not None:
-            consts[i] = arr
-    outs: list[TensorSpec] = []
-    named = [bool(v.name) for v in node.outputs]
-    while named and not named[-1]:
-        named.pop()
-    if not all(named) or (not optional_outputs and len(named) != len(node.outputs)):
-        return Decline(f"{label}: an omitted output before a used one is not supported")
-    for j in range(len(named)):
-        spec = tensor_spec(node.outputs[j], f"{label} output {j}")
-        if isinstance(spec, Decline):
-            return spec
-        outs.append(spec)
-    x = specs[0]
-    if x is None or x.dtype not in FLOAT_DTYPES:
-        return Decline(f"{label}: input 0 dtype {x and x.dtype} is not float32 or bfloat16")
-    return node_config(op, node, specs, outs, consts=consts)
+    return cfg
 
 
 def unknown_attributes(node: ir.Node, known: set[str]) -> Decline | None:

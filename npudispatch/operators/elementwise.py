@@ -41,6 +41,7 @@ def match_float_node(
     *,
     const_inputs: tuple[int, ...] = (),
     unnamed_output: Callable[[int, list[TensorSpec | None]], TensorSpec] | None = None,
+    omit_trailing_unnamed: bool = False,
 ) -> OpConfig:
     """Shared matching for float ops: op type and domain, arity, static shapes, float32/bf16
     dtypes, constant inputs. Raises a :class:`Decline` naming the first problem.
@@ -49,6 +50,8 @@ def match_float_node(
     other constant input is still accepted and streamed as an activation-like operand.
     ``unnamed_output(j, input_specs)``: spec of an omitted optional output (empty name), which
     the kernel still writes (it gets a buffer nobody reads); without it such outputs decline.
+    ``omit_trailing_unnamed``: nameless outputs at the end are left out of the config (the kernel
+    skips them); a nameless output before a named one still declines.
     """
     if (bad := check_node_kind(op, node)) is not None:
         raise bad
@@ -65,8 +68,11 @@ def match_float_node(
         specs.append(Decline.check(tensor_spec(value, f"{label} input {i}")))
         if i in const_inputs and (arr := const_array(value)) is not None:
             consts[i] = arr
+    outputs = list(node.outputs)
+    while omit_trailing_unnamed and outputs and not outputs[-1].name:
+        outputs.pop()
     outs: list[TensorSpec] = []
-    for j, value in enumerate(node.outputs):
+    for j, value in enumerate(outputs):
         # An omitted optional output: nameless, or named by a loader but untyped and unread.
         omitted = not value.name or (
             value.dtype is None and not value.uses() and not value.is_graph_output()
