@@ -8,8 +8,8 @@ fresh copy of the model (:class:`ModelSource`).
 
 Bucketing (opt-in, for models where zero padding does not change the unpadded results): chosen
 dims are rounded up to a multiple (:func:`bucket_shapes`), so nearby sizes share one program;
-copy-in zero-pads, and every output is cropped to the shape onnx shape inference gives for the
-real input shapes (:func:`infer_output_shapes`).
+copy-in zero-pads, and every output is cropped to the shape that loading the model with the real
+input shapes gives (:func:`infer_output_shapes`).
 """
 
 from __future__ import annotations
@@ -233,40 +233,24 @@ def check_bucket(inputs: Sequence[Signature], bucket: Mapping[str, int]) -> None
 
 
 def infer_output_shapes(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> Shapes:
-    """Output shapes for the given input shapes, by onnx shape inference (weights not copied)."""
-    graph = onnx.GraphProto(name=proto.graph.name)
-    graph.node.extend(proto.graph.node)
-    graph.output.extend(proto.graph.output)
-    for v in proto.graph.input:
-        if v.name in shapes:
-            t = v.type.tensor_type
-            graph.input.append(
-                onnx.helper.make_tensor_value_info(v.name, t.elem_type, list(shapes[v.name]))
-            )
-    small = 1024
-    for t in proto.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) <= small:
-            graph.initializer.append(t)  # shape constants feed data propagation
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
-    for o in graph.output:  # forget declared output dims: they are what we ask for
-        o.type.tensor_type.ClearField("shape")
-    model = onnx.ModelProto(ir_version=proto.ir_version, graph=graph)
-    model.opset_import.extend(proto.opset_import)
-    model.functions.extend(proto.functions)
+    """Output shapes for the given input shapes: the model loaded with them bound
+    (:func:`npudispatch.graph.load`, the one shape resolution every compile uses; weights are
+    referenced, not copied)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # onnx raises InferenceError and friends
+        model = graph.load(proto, input_shapes=shapes)
+    except ModelError as exc:
         raise ModelError(f"bucketing: cannot infer the output shapes to crop to: {exc}") from exc
     out: Shapes = {}
-    for o in inferred.graph.output:
-        dims = _dims(o)
-        if not o.type.tensor_type.HasField("shape") or not all(isinstance(d, int) for d in dims):
+    for o in model.graph.outputs:
+        dims = tuple(o.shape) if o.shape is not None else ()
+        if o.shape is None or not all(isinstance(d, int) for d in dims):
+            shown = _show([d if isinstance(d, int) else None for d in dims])
             raise ModelError(
                 f"bucketing: the shape of output {o.name!r} for inputs {dict(shapes)} cannot be "
-                f"inferred ({_show(dims)}), so it cannot be cropped; run without bucket="
+                f"inferred ({shown if o.shape is not None else 'unknown rank'}), so it cannot be "
+                "cropped; run without bucket="
             )
-        out[o.name] = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+        out[o.name] = tuple(int(d) for d in dims)
     return out
 
 
