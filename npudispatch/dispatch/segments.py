@@ -27,7 +27,7 @@ from npudispatch.dispatch.ort_session import onnxruntime_session
 from npudispatch.errors import CpuSegmentError, ModelError, UnsupportedOpError
 
 if TYPE_CHECKING:
-    from npudispatch.dispatch.session import SessionRunStats
+    from npudispatch.dispatch.session_types import SessionRunStats
 
 __all__ = ["CpuSegment", "Fallback", "NpuSegment", "default_engine", "first_line"]
 

@@ -24,7 +24,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +46,7 @@ from npudispatch.dispatch.segments import (
     NpuSegment,
     default_engine,
 )
+from npudispatch.dispatch.session_types import CompileEvent, NodeArg, SessionRunStats
 from npudispatch.errors import (
     BackendUnavailableError,
     ModelError,
@@ -57,61 +57,6 @@ __all__ = ["CompileEvent", "NodeArg", "Session", "SessionRunStats"]
 
 #: Compiled specialisations a session keeps in memory by default (least recently used evicted).
 DEFAULT_MAX_SPECIALISATIONS = 8
-
-
-@dataclass(frozen=True)
-class NodeArg:
-    """A model input or output as onnxruntime describes it: ``name``, ``shape``, ``type``.
-
-    ``shape`` holds ints, the names of symbolic dims (str) and None for unnamed free dims.
-    """
-
-    name: str
-    shape: list[Any]
-    type: str  # "tensor(float)", "tensor(bfloat16)", ...
-
-
-@dataclass(frozen=True)
-class CompileEvent:
-    """One specialisation made ready: its input shapes, how (``"compiled"``, ``"disk cache"``,
-    ``"program"`` for a loaded one), the seconds it took, and the run that needed it (None: at
-    construction or in :meth:`Session.warmup`)."""
-
-    input_shapes: dict[str, tuple[int, ...]]
-    source: Literal["compiled", "disk cache", "program"]
-    seconds: float
-    run: int | None
-
-
-@dataclass
-class SessionRunStats:
-    """One ``run``: kernel calls, bytes copied to/from the device, CPU segments, seconds per stage.
-
-    ``compiled`` is set when this run had to make its input shapes' program ready (``compile``
-    says how and how long); ``input_shapes`` are the fed shapes, ``program_shapes`` the shapes
-    the program was compiled for (they differ when bucketing pads).
-    """
-
-    kernel_calls: int = 0
-    bytes_to_device: int = 0
-    bytes_from_device: int = 0
-    cpu_segments: int = 0
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    device: list[dict[str, Any]] = field(default_factory=list)
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    program_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    compile: CompileEvent | None = None
-
-    @property
-    def compiled(self) -> bool:
-        return self.compile is not None
-
-    @property
-    def bytes_copied(self) -> int:
-        return self.bytes_to_device + self.bytes_from_device
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
 
 def _make_backend(name: str, options: Mapping[str, Any]) -> Backend:
