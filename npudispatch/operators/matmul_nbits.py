@@ -8,9 +8,22 @@ optional ``g_idx`` (input 4, not supported); optional ``bias [N]`` (input 5). At
 
 The constants are formatted once into the q4 tile image of :mod:`weights` (codes, bf16 scales and
 packed zero points inside each 128 x 64 subvolume) followed by the float32 bias part. The kernel
-decodes that image from the bytes it receives, dequantizes to bf16 and runs the bf16 matmul, so a
-wrong byte in the image changes the result. DMA and record: :mod:`matmul` (``dims`` gets the block
-size appended).
+decodes that image from the bytes it receives, so a wrong byte in the image changes the result.
+DMA and record: :mod:`matmul` (``dims`` gets ``block_size`` and the int8-activation flag appended).
+
+Two kinds of arithmetic, chosen by ``accuracy_level`` (the model's request, honoured in both
+compute modes; docs/numerics.md §1.3):
+
+* ``accuracy_level`` 0..3: the weights are dequantized (to bf16, or exactly in float32 compute)
+  and multiplied with the activations in the launch's float precision;
+* ``accuracy_level = 4`` ("A may be quantized to int8 with the same block size"): each row of A is
+  quantized per K block of ``block_size`` lanes to int8 (:func:`quantize_blocks`: symmetric,
+  scale ``amax / 127``, round half to even), the int8 × int4 dot products are exact integers (the
+  NPU's native int8 MACs), and each block's integer sum is scaled by ``scale_A · scale_B`` in
+  float32 and accumulated in float32 (:func:`int8_block_matmul`). This is the computation of
+  onnxruntime's CPU kernel (MLAS SQNBitGemm, CompInt8), so the results agree to float32
+  accumulation order; in bf16 compute the operand A is rounded to bf16 before it is quantized
+  and the result is rounded to bf16 on exit, as for every kernel.
 """
 
 from __future__ import annotations
@@ -32,7 +45,9 @@ from npudispatch.operators.matmul import (
 from npudispatch.operators.weights import (
     Q4_BLOCK_SIZES,
     Q4_DEFAULT_ZERO_POINT,
+    Q4Weights,
     TileLayout,
+    decode_q4,
     dequantize_q4,
     format_q4,
     q4_layout,
@@ -40,21 +55,87 @@ from npudispatch.operators.weights import (
 )
 
 
+def nbits_weights(
+    b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, block: int
+) -> Q4Weights:
+    """onnxruntime-layout 4-bit constants → :class:`Q4Weights` (``[K_blocks·block, N]`` codes,
+    ``[K_blocks, N]`` zero points and float32 scales; no tile padding)."""
+    k_blocks = -(-k // block)
+    codes = unpack_nibbles(np.asarray(b, np.uint8).reshape(n, -1), k_blocks * block)
+    if zero_points is None:
+        zp = np.full((n, k_blocks), Q4_DEFAULT_ZERO_POINT, np.uint8)
+    else:
+        zp = unpack_nibbles(np.asarray(zero_points, np.uint8).reshape(n, -1), k_blocks)
+    sc = np.asarray(scales, F32).reshape(n, k_blocks)
+    return Q4Weights(codes.T, zp.T, sc.T, block, fp32=True)
+
+
 def dequantize_nbits(
     b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, block: int
 ) -> np.ndarray:
     """onnxruntime-layout 4-bit constants → float32 ``W[K, N]`` (reference semantics)."""
-    k_blocks = -(-k // block)
-    codes = unpack_nibbles(np.asarray(b, np.uint8).reshape(n, -1), k_blocks * block)
-    if zero_points is None:
-        zp = np.full((n, k_blocks), Q4_DEFAULT_ZERO_POINT, np.float32)
-    else:
-        zp = unpack_nibbles(np.asarray(zero_points, np.uint8).reshape(n, -1), k_blocks)
-    sc = np.asarray(scales, F32).reshape(n, k_blocks)
-    w_t = (codes.astype(F32) - np.repeat(zp.astype(F32), block, axis=1)) * np.repeat(
-        sc, block, axis=1
+    q4 = nbits_weights(b, scales, zero_points, k, n, block)
+    w = (q4.codes.astype(F32) - np.repeat(q4.zero_points.astype(F32), block, axis=0)) * np.repeat(
+        q4.scales, block, axis=0
     )
-    return w_t[:, :k].T
+    return w[:k]
+
+
+ACCURACY_INT8 = 4
+"""``accuracy_level`` at which A is quantized to int8 per K block (contrib op spec)."""
+
+_INT8_MAX = np.float32(127)
+_INT8_CHUNK_ELEMENTS = 1 << 22  # float32 elements of one chunk of per-block partial products
+
+
+def quantize_blocks(a: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantization of the rows of ``a`` (float32 ``[M, K]``) per K block.
+
+    Per block of ``block`` lanes (the last one zero-padded): ``scale = amax / 127`` and
+    ``q = round_half_even(a · (127 / amax))`` (0 for an all-zero block), both in float32, the
+    reciprocal taken from ``amax`` directly: onnxruntime's MLAS CompInt8 quantizer, so the same
+    float32 A gives the same codes. Returns ``q`` as exact small integers in float32
+    ``[M, k_blocks, block]`` and the scales float32 ``[M, k_blocks]``.
+    """
+    m, k = a.shape
+    k_blocks = -(-k // block)
+    padded = np.zeros((m, k_blocks * block), F32)
+    padded[:, :k] = a
+    blocks = padded.reshape(m, k_blocks, block)
+    amax = np.abs(blocks).max(axis=-1)
+    scale = amax / _INT8_MAX
+    inverse = np.zeros_like(amax)
+    np.divide(_INT8_MAX, amax, out=inverse, where=amax != 0)
+    q = np.rint(blocks * inverse[..., None])  # ties to even, like _MM_ROUND_NEAREST
+    return q, scale
+
+
+def int8_block_matmul(a: np.ndarray, weights: Q4Weights, k: int, n: int) -> np.ndarray:
+    """``accuracy_level = 4`` product of float32 ``a [..., K]`` and 4-bit ``weights``: float32
+    ``[..., N]`` (see the module docstring; no bias).
+
+    ``C = Σ_blocks scale_A·scale_B · Σ q_A·code  −  Σ_blocks (scale_A · Σ q_A) · (scale_B · zp)``:
+    the integer sums are exact (|partial sums| < 2^24 in float32), the zero point enters through
+    the block sum of the quantized A, as in MLAS. Blocks are processed in chunks so the partial
+    products never exceed :data:`_INT8_CHUNK_ELEMENTS` floats.
+    """
+    block = weights.block_size
+    lead = a.shape[:-1]
+    q, scale_a = quantize_blocks(np.asarray(a, F32).reshape(-1, k), block)
+    m, k_blocks = scale_a.shape
+    codes = weights.codes[: k_blocks * block, :n].astype(F32).reshape(k_blocks, block, n)
+    scale_b = weights.scales[:k_blocks, :n]
+    zero_term = -scale_b * weights.zero_points[:k_blocks, :n].astype(F32)
+    acc = np.zeros((m, n), F32)
+    step = max(1, _INT8_CHUNK_ELEMENTS // max(m * n, 1))
+    q_by_block = q.transpose(1, 0, 2)  # [k_blocks, M, block]
+    for b0 in range(0, k_blocks, step):
+        b1 = min(b0 + step, k_blocks)
+        dots = np.matmul(q_by_block[b0:b1], codes[b0:b1])  # exact integers [blocks, M, N]
+        combined = scale_a.T[b0:b1, :, None] * scale_b[b0:b1, None, :]
+        acc += (combined * dots).sum(axis=0)
+    acc += (scale_a * q.sum(axis=-1)) @ zero_term
+    return acc.reshape(*lead, n)
 
 
 class MatMulNBits(TiledMatMul):
@@ -81,8 +162,15 @@ class MatMulNBits(TiledMatMul):
                 consts[i] = arr
         while specs and specs[-1] is None:
             specs.pop()
-        attrs = {"K": k, "N": n, "bits": 4, "block_size": block}
-        extra = {"K": k, "N": n, "block_size": block, "bias_rows": int(5 in weights)}
+        level = int(attr_value(node, "accuracy_level", 0))
+        attrs = {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": level}
+        extra = {
+            "K": k,
+            "N": n,
+            "block_size": block,
+            "bias_rows": int(5 in weights),
+            "int8_activations": int(level == ACCURACY_INT8),
+        }
         return node_config(self, node, specs, [out], consts=consts, attrs=attrs, extra=extra)
 
     def layout(self, cfg: OpConfig) -> TileLayout:
@@ -108,30 +196,48 @@ class MatMulNBits(TiledMatMul):
         return parts
 
     def op_dims(self, cfg: OpConfig) -> list[int]:
-        """``[0, K, N, stripes, bias_rows, block_size]``."""
-        return [*super().op_dims(cfg), cfg.extra["block_size"]]
+        """``[0, K, N, stripes, bias_rows, block_size, int8_activations]``."""
+        return [*super().op_dims(cfg), cfg.extra["block_size"], cfg.extra["int8_activations"]]
 
     def compute_tiled(self, t: TiledOperands) -> list[np.ndarray]:
-        """Decode the q4 image, dequantize (bf16), bf16 matmul, add the bias part."""
-        k, n, block = t.k, t.n, t.dims[5]
-        w = dequantize_q4(t.parts[0], k, n, block, t.stripes, fp32_scales=fp32_compute())[:k, :n]
-        acc = to_compute(t.acts[0][..., :k]) @ w
+        """Decode the q4 image; int8 block products (``accuracy_level=4``) or dequantize and
+        multiply in the launch's precision; add the bias part."""
+        k, n, block, int8_activations = t.k, t.n, t.dims[5], t.dims[6]
+        a = to_compute(t.acts[0][..., :k])
+        fp32 = fp32_compute()
+        if int8_activations:
+            q4 = decode_q4(t.parts[0], k, n, block, t.stripes, fp32_scales=fp32)
+            acc = int8_block_matmul(a, q4, k, n)
+        else:
+            w = dequantize_q4(t.parts[0], k, n, block, t.stripes, fp32_scales=fp32)[:k, :n]
+            acc = a @ w
         if t.bias_rows:
             acc = acc + t.parts[1][: 4 * n].view("<f4")
         return t.store_output(acc)
 
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """``A @ dequantize(B) (+ bias)`` in float32 (onnxruntime semantics)."""
+        """``A @ dequantize(B) (+ bias)`` in float32, or the int8 block product at
+        ``accuracy_level=4`` (onnxruntime semantics)."""
         k, n, block = cfg.extra["K"], cfg.extra["N"], cfg.extra["block_size"]
         ins = list(inputs) + [None] * (6 - len(inputs))
-        w = dequantize_nbits(ins[1], ins[2], ins[3], k, n, block)
-        y = np.asarray(ins[0], F32) @ w
+        if cfg.extra["int8_activations"]:
+            q4 = nbits_weights(ins[1], ins[2], ins[3], k, n, block)
+            y = int8_block_matmul(np.asarray(ins[0], F32), q4, k, n)
+        else:
+            y = np.asarray(ins[0], F32) @ dequantize_nbits(ins[1], ins[2], ins[3], k, n, block)
         if ins[5] is not None:
             y = y + np.asarray(ins[5], F32)
         return [y.astype(cfg.outputs[0].dtype)]
 
 
-__all__ = ["MatMulNBits", "dequantize_nbits"]
+__all__ = [
+    "ACCURACY_INT8",
+    "MatMulNBits",
+    "dequantize_nbits",
+    "int8_block_matmul",
+    "nbits_weights",
+    "quantize_blocks",
+]
 
 
 def _geometry(node: ir.Node) -> tuple[int, int, int]:

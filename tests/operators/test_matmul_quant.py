@@ -74,7 +74,9 @@ def ort_run(model, feeds):
 # ---- MatMulNBits ------------------------------------------------------------------------------
 
 
-def nbits_model(m_shape, k, n, block, *, zp=True, bias=False, seed=0, bits=4, b_const=True):
+def nbits_model(
+    m_shape, k, n, block, *, zp=True, bias=False, seed=0, bits=4, b_const=True, accuracy_level=0
+):
     rng = np.random.default_rng(seed)
     kb = -(-k // block)
     inits = {
@@ -90,7 +92,7 @@ def nbits_model(m_shape, k, n, block, *, zp=True, bias=False, seed=0, bits=4, b_
         inits["bias"] = rng.standard_normal(n).astype(np.float32)
     node = helper.make_node(
         "MatMulNBits", names, ["Y"], domain="com.microsoft", name="mmnb",
-        K=k, N=n, bits=bits, block_size=block, accuracy_level=0,
+        K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level,
     )  # fmt: skip
     inputs = [("A", F32, (*m_shape, k))]
     if not b_const:
