@@ -241,6 +241,14 @@ def _rounds(node: ir.Node) -> bool:
     return BUDGETS.get(node.op_type, 0.0) > 0 and npu_support(node) is None
 
 
+def _exact_nbits(node: ir.Node) -> bool:
+    """A ``MatMulNBits`` whose kernel dequantizes the weights (``accuracy_level`` below 4); at 4
+    the NPU quantizes the activations to int8 blocks exactly as onnxruntime does."""
+    if node.op_type != "MatMulNBits":
+        return False
+    return node.attributes.get_int("accuracy_level", 0) != ACCURACY_INT8
+
+
 def _insert_rounding(
     model: ir.Model, weights: dict[str, np.ndarray], *, fp32: bool = False
 ) -> dict[str, tuple[int, ...]]:
@@ -302,14 +310,6 @@ def _widen_bf16(model: ir.Model) -> None:
     g = model.graph
     for name, init in list(g.initializers.items()):
         if init.dtype == _BF16 and init.const_value is not None:
-def _exact_nbits(node: ir.Node) -> bool:
-    """A ``MatMulNBits`` whose kernel dequantizes the weights (``accuracy_level`` below 4); at 4
-    the NPU quantizes the activations to int8 blocks exactly as onnxruntime does."""
-    if node.op_type != "MatMulNBits":
-        return False
-    return node.attributes.get_int("accuracy_level", 0) != ACCURACY_INT8
-
-
             arr = np.asarray(init.const_value.numpy()).astype(np.float32)
             init.const_value = ir.tensor(arr, name=name)
             init.type = ir.TensorType(_F32)
