@@ -12,24 +12,29 @@ where the NPU rounds:
 * on the float inputs of those ops that are not already rounded (graph inputs, CPU results,
   float32 constants), because kernels round operands to bf16 on entry;
 * weights as formatted: bf16 initializers are widened exactly; 4-bit ``MatMulNBits`` weights are
-  dequantized with bf16 scales and rounded to bf16, as the NPU's weight image holds them; a
-  ``MatMulNBits`` with ``accuracy_level=4`` stays onnxruntime's own node (its int8 activation
-  blocks are what the NPU computes too, numerics.md §1.3) with its scales rounded to bf16.
+  dequantized with bf16 scales and rounded to bf16, as the NPU's weight image holds them.
 
 With ``bf16=False`` (``--fp32``) the NPU computes in float32, so the reference has no rounding
 points (and no probes change it): it is the rewritten graph in float32, with ``MatMulNBits``
-dequantized exactly (float32 scales, as the float32 weight image holds them) unless its
-``accuracy_level`` is 4, where onnxruntime's int8-activation kernel is the reference as it is.
+dequantized exactly (float32 scales, as the float32 weight image holds them) so that onnxruntime's
+``accuracy_level`` int8 approximation of the activations is not what the NPU is compared with.
 The bf16-ulp unit below is kept as the budget in that mode (a float32-ulp budget is not defined).
 
 It runs on onnxruntime (CPU, float32), so its only differences from the NPU are accumulation order
 and the libm used by exp/erf/tanh: a result close to a bf16 rounding boundary may round the other
-way (one bf16 ulp) and such flips propagate. How far they can propagate is measured, not guessed:
-the reference is run :data:`PROBES` more times with every rounding point multiplied by
-``1 ± 2**-8`` (random signs; about one bf16 ulp), and the largest change of each output element is
-its *sensitivity* ``s``: one ulp of the magnitudes involved, carried to that element through the
-graph (large for a softmax of large logits or a difference of large terms, small for a sigmoid
-near zero). An output passes when every element satisfies::
+way (one bf16 ulp) and such flips propagate (through a 100-convolution detector they cascade to
+about half the spread of the probes below). One onnxruntime kernel is no float32 reference:
+its Sigmoid is accurate only to ~1e-7 absolute (0 below -18), so the reference computes
+``Sigmoid`` as ``1 / (1 + exp(-x))`` (:func:`_accurate_sigmoid`). How far flips can propagate is
+measured, not guessed: the reference is run :data:`PROBES` more times with every rounding point
+multiplied by ``1 ± 2**-8`` (random signs; about one bf16 ulp), and the largest change of each
+output element is its *sensitivity* ``s``: one ulp of the magnitudes involved, carried to that
+element through the graph (large for a softmax of large logits or a difference of large terms,
+small for a sigmoid near zero). ``s`` is a sample maximum, so a few probes can underestimate it
+for single elements; when :data:`PROBES` runs do not settle the verdict it is taken again with
+:data:`MAX_PROBES` (a verdict only moves from fail to pass as probes are added, so this is the
+:data:`MAX_PROBES` verdict, computed cheaply when it is clear). An output passes when every
+element satisfies::
 
     |npu - reference| <= ULPS * (s + ulp_bf16(|reference|) + floor)
 
@@ -52,12 +57,20 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch import graph, opset
-from npudispatch.operators.matmul_nbits import ACCURACY_INT8, dequantize_nbits
+from npudispatch.operators.matmul_nbits import dequantize_nbits
 from npudispatch.rewrites import default_pipeline
 from npudispatch.rewrites.precision import BUDGETS
 from npudispatch.rewrites.support import npu_support
 
-__all__ = ["PROBES", "RMS_ULPS", "ULPS", "OutputCheck", "RoundingReference", "check_outputs"]
+__all__ = [
+    "MAX_PROBES",
+    "PROBES",
+    "RMS_ULPS",
+    "ULPS",
+    "OutputCheck",
+    "RoundingReference",
+    "check_outputs",
+]
 
 ULPS = 2
 """Allowed difference, in bf16 ulps of the magnitudes involved (see the module docstring)."""
@@ -65,7 +78,11 @@ ULPS = 2
 PROBES = 4
 """Extra reference runs with every rounding point perturbed by one ulp (random signs)."""
 
+MAX_PROBES = 16
+"""Probe runs when :data:`PROBES` do not settle the verdict (see :func:`check_outputs`)."""
+
 JITTER = 2.0**-8
+"""Relative size of the probe perturbation: one bf16 unit roundoff (about one ulp)."""
 
 RMS_ULPS = 0.125
 """Allowed root-mean-square of the per-element differences in those units: rounding flips are
@@ -73,7 +90,6 @@ sparse (clean models stay below 0.02), a systematic error (a 1 % weight change: 
 
 FLOAT32_ULPS = 4
 """Floor of the unit: float32 ulps of the output's largest magnitude (onnxruntime's resolution)."""
-"""Relative size of the probe perturbation: one bf16 unit roundoff (about one ulp)."""
 
 _F32, _BF16 = ir.DataType.FLOAT, ir.DataType.BFLOAT16
 _FLOATS = (_F32, _BF16)
@@ -103,6 +119,7 @@ class OutputCheck:
     rms_ulps: float
     fp32_max_abs: float | None
     where: tuple[int, ...] | None = None
+    probes: int = PROBES
 
     def describe(self) -> str:
         """One sentence: what was compared, the tolerance and why."""
@@ -110,8 +127,14 @@ class OutputCheck:
         text = (
             f"max |Δ| {self.max_abs:.3g} on values up to {self.max_magnitude:.3g} vs the "
             f"rounding-aware onnxruntime reference; {verdict} {self.allowed_ulps} ulp of bf16 at "
-            f"the magnitudes involved (worst element {self.worst_ulps:.2f} ulp"
+            f"the magnitudes involved"
         )
+        text += (
+            f", carried through the graph by {self.probes} perturbed reference runs"
+            if self.probes
+            else " (float32 compute: no rounding points)"
+        )
+        text += f" (worst element {self.worst_ulps:.2f} ulp"
         if self.worst_ulps > self.allowed_ulps and self.where is not None:
             text += f" at index {list(self.where)}"
         text += f"; rms {self.rms_ulps:.3f} ulp, limit {RMS_ULPS} for systematic errors)"
@@ -132,6 +155,7 @@ class OutputCheck:
             "allowed_rms_ulps": RMS_ULPS,
             "fp32_max_abs": self.fp32_max_abs,
             "where": None if self.where is None else list(self.where),
+            "probes": self.probes,
             "reference": "onnxruntime on the rewritten graph with bf16 rounding where the NPU rounds",
         }
 
@@ -158,6 +182,8 @@ class RoundingReference:
         self.jitter_shapes = _insert_rounding(m, self.weights, fp32=self.fp32_compute)
         if any(n.domain == opset.DOMAIN for n in m.graph.all_nodes()):
             opset.attach_functions(m)
+        for body in (m.graph, *(f.graph for f in m.functions.values())):
+            _accurate_sigmoid(body)
         m.ir_version = min(m.ir_version, graph.EXTRACT_IR_VERSION)
         self.session = onnxruntime_session(m, optimize=False)
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -183,54 +209,82 @@ def check_outputs(
     *,
     ulps: int = ULPS,
 ) -> dict[str, OutputCheck]:
-    """Compare NPU outputs with the rounding-aware reference (module docstring)."""
+    """Compare NPU outputs with the rounding-aware reference (module docstring).
+
+    The sensitivity is a sample maximum over probe runs, so it can only grow with more probes,
+    and every verdict can only turn from failing to passing. :data:`PROBES` runs decide when
+    everything passes; otherwise the verdict is taken again with :data:`MAX_PROBES`, the
+    estimate the check stands by (passing with fewer probes implies passing with more).
+    """
     ref = reference.run(feeds)
     probes = [reference.run(feeds, jitter=seed) for seed in range(PROBES)]
-    out: dict[str, OutputCheck] = {}
-    for name, value in actual.items():
-        r = np.asarray(ref[name], np.float64)
-        a = np.asarray(value, np.float64)
-        if a.shape != r.shape:
-            raise ValueError(f"output {name!r}: NPU shape {a.shape}, reference {r.shape}")
-        sens = np.zeros_like(r)
-        for p in probes:
-            with np.errstate(invalid="ignore"):
-                sens = np.fmax(sens, np.abs(np.asarray(p[name], np.float64) - r))
-        # onnxruntime's own float32 resolution at the output's scale: libm differences
-        # (a sigmoid saturating to 0 vs 3e-8) are no rounding question.
-        floor = (
-            FLOAT32_ULPS
-            * 2.0**-23
-            * (float(np.abs(r[np.isfinite(r)]).max()) if np.isfinite(r).any() else 0.0)
-        )
-        unit = sens + ulp_bf16(r) + floor
-        both_nan = np.isnan(a) & np.isnan(r)
-        same_inf = np.isinf(a) & (a == r)
-        with np.errstate(invalid="ignore"):
-            diff = np.where(both_nan | same_inf, 0.0, np.abs(a - r))
-        diff = np.where(np.isnan(diff), np.inf, diff)
-        ratio = diff / unit
-        worst = int(np.argmax(ratio)) if ratio.size else 0
-        finite = np.isfinite(r)
-        fp = None
-        if fp32 is not None and name in fp32:
-            e = np.asarray(fp32[name], np.float64)
-            ok_fp = np.isfinite(e) & np.isfinite(a)
-            fp = float(np.abs(a - e)[ok_fp].max()) if ok_fp.any() else 0.0
-        worst_ulps = float(ratio.reshape(-1)[worst]) if ratio.size else 0.0
-        rms = float(np.sqrt(np.mean(np.square(ratio)))) if ratio.size else 0.0
-        out[name] = OutputCheck(
-            name=name,
-            ok=bool(worst_ulps <= ulps and rms <= RMS_ULPS),
-            max_abs=float(diff[np.isfinite(diff)].max()) if np.isfinite(diff).any() else 0.0,
-            max_magnitude=float(np.abs(r[finite]).max()) if finite.any() else 0.0,
-            worst_ulps=worst_ulps,
-            allowed_ulps=ulps,
-            rms_ulps=rms,
-            fp32_max_abs=fp,
-            where=tuple(int(i) for i in np.unravel_index(worst, r.shape)) if r.size else None,
-        )
+    jittered = bool(reference.jitter_shapes)
+    out = {
+        name: _judge(name, value, ref, probes, fp32, ulps, jittered)
+        for name, value in actual.items()
+    }
+    if jittered and not all(v.ok for v in out.values()):
+        probes += [reference.run(feeds, jitter=seed) for seed in range(PROBES, MAX_PROBES)]
+        out = {
+            name: _judge(name, value, ref, probes, fp32, ulps, jittered)
+            for name, value in actual.items()
+        }
     return out
+
+
+def _judge(
+    name: str,
+    value: np.ndarray,
+    ref: Mapping[str, Any],
+    probes: Sequence[Mapping[str, Any]],
+    fp32: Mapping[str, np.ndarray] | None,
+    ulps: int,
+    jittered: bool,
+) -> OutputCheck:
+    """One output's verdict against the reference, with the sensitivity from ``probes``."""
+    r = np.asarray(ref[name], np.float64)
+    a = np.asarray(value, np.float64)
+    if a.shape != r.shape:
+        raise ValueError(f"output {name!r}: NPU shape {a.shape}, reference {r.shape}")
+    sens = np.zeros_like(r)
+    for p in probes:
+        with np.errstate(invalid="ignore"):
+            sens = np.fmax(sens, np.abs(np.asarray(p[name], np.float64) - r))
+    # onnxruntime's own float32 resolution at the output's scale: libm differences
+    # (a sigmoid saturating to 0 vs 3e-8) are no rounding question.
+    floor = (
+        FLOAT32_ULPS
+        * 2.0**-23
+        * (float(np.abs(r[np.isfinite(r)]).max()) if np.isfinite(r).any() else 0.0)
+    )
+    unit = sens + ulp_bf16(r) + floor
+    both_nan = np.isnan(a) & np.isnan(r)
+    same_inf = np.isinf(a) & (a == r)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(both_nan | same_inf, 0.0, np.abs(a - r))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    ratio = diff / unit
+    worst = int(np.argmax(ratio)) if ratio.size else 0
+    finite = np.isfinite(r)
+    fp = None
+    if fp32 is not None and name in fp32:
+        e = np.asarray(fp32[name], np.float64)
+        ok_fp = np.isfinite(e) & np.isfinite(a)
+        fp = float(np.abs(a - e)[ok_fp].max()) if ok_fp.any() else 0.0
+    worst_ulps = float(ratio.reshape(-1)[worst]) if ratio.size else 0.0
+    rms = float(np.sqrt(np.mean(np.square(ratio)))) if ratio.size else 0.0
+    return OutputCheck(
+        name=name,
+        ok=bool(worst_ulps <= ulps and rms <= RMS_ULPS),
+        max_abs=float(diff[np.isfinite(diff)].max()) if np.isfinite(diff).any() else 0.0,
+        max_magnitude=float(np.abs(r[finite]).max()) if finite.any() else 0.0,
+        worst_ulps=worst_ulps,
+        allowed_ulps=ulps,
+        rms_ulps=rms,
+        fp32_max_abs=fp,
+        where=tuple(int(i) for i in np.unravel_index(worst, r.shape)) if r.size else None,
+        probes=len(probes) if jittered else 0,
+    )
 
 
 # ---- building the reference -------------------------------------------------------------------
@@ -239,14 +293,6 @@ def check_outputs(
 def _rounds(node: ir.Node) -> bool:
     """An NPU op whose kernel rounds to bf16 (data movement and views are exact)."""
     return BUDGETS.get(node.op_type, 0.0) > 0 and npu_support(node) is None
-
-
-def _exact_nbits(node: ir.Node) -> bool:
-    """A ``MatMulNBits`` whose kernel dequantizes the weights (``accuracy_level`` below 4); at 4
-    the NPU quantizes the activations to int8 blocks exactly as onnxruntime does."""
-    if node.op_type != "MatMulNBits":
-        return False
-    return node.attributes.get_int("accuracy_level", 0) != ACCURACY_INT8
 
 
 def _insert_rounding(
@@ -260,7 +306,7 @@ def _insert_rounding(
     g = model.graph
     if fp32:
         for node in list(g):
-            if _exact_nbits(node) and npu_support(node) is None:
+            if node.op_type == "MatMulNBits" and npu_support(node) is None:
                 _dequantize_as_formatted(g, node, weights, set(), fp32=True)
         return {}
     _widen_bf16(model)
@@ -269,12 +315,7 @@ def _insert_rounding(
     replaced: set[ir.Node] = set()  # ends of dequantized MatMulNBits: round there only
     inner: set[ir.Node] = set()  # their MatMul when a bias Add follows: no rounding between
     for node in list(g):
-        if node.op_type == "MatMulNBits" and not _exact_nbits(node) and _rounds(node):
-            scales = node.inputs[2]
-            assert scales is not None and scales.const_value is not None
-            arr = np.asarray(scales.const_value.numpy(), np.float32)
-            node.replace_input_with(2, _const(g, f"{scales.name}__bf16r", _round(arr)))
-        elif _exact_nbits(node) and _rounds(node):
+        if node.op_type == "MatMulNBits" and _rounds(node):
             new = _dequantize_as_formatted(g, node, weights, rounded)
             replaced.add(new[-1])
             inner.update(new[:-1])
@@ -302,6 +343,44 @@ def _insert_rounding(
         if not init.uses() and not init.is_graph_output() and init not in g.inputs:
             del g.initializers[name]
     return jitters
+
+
+def _accurate_sigmoid(g: ir.Graph) -> None:
+    """Each ``Sigmoid`` becomes ``Reciprocal(1 + Exp(-x))``, correct to a few float32 ulps.
+
+    onnxruntime's CPU Sigmoid (MLAS's logistic: a rational approximation on ``x`` clamped to
+    [-18, 18], plus 0.5) is accurate to ~1e-7 *absolute*: 0.5 % off at -12, 100 % at -17, and 0
+    below -18, while the NPU's sigmoid is correct to bf16 *relative* precision down to 1e-38.
+    A probability map of large negative logits (a detector's background) is all such values, so
+    the reference takes the exact formula, which onnxruntime's Exp and Reciprocal evaluate to
+    float32 relative precision over the whole range (``exp`` overflow gives the limit 0).
+    """
+    for node in list(g):
+        if node.op_type != "Sigmoid" or node.domain not in ("", "ai.onnx"):
+            continue
+        (x,), (y,) = node.inputs, node.outputs
+        assert x is not None
+        # a Constant node, not an initializer: function bodies (FusedConv's Sigmoid) have none
+        one = ir.Node("", "Constant", [], attributes=[ir.AttrFloat32("value_float", 1.0)])
+        neg = ir.Node("", "Neg", [x])
+        exp = ir.Node("", "Exp", [neg.outputs[0]])
+        den = ir.Node("", "Add", [exp.outputs[0], one.outputs[0]])
+        rec = ir.Node("", "Reciprocal", [den.outputs[0]])
+        chain = [one, neg, exp, den, rec]
+        for n in chain:
+            n.name = f"{node.name}__npud_sigmoid_{next(_SERIAL)}"
+            n.outputs[0].name = n.name
+            n.outputs[0].type, n.outputs[0].shape = y.type, y.shape
+        one.outputs[0].type, one.outputs[0].shape = ir.TensorType(_F32), ir.Shape([])
+        g.insert_before(node, chain)
+        result = rec.outputs[0]
+        for use_node, slot in list(y.uses()):
+            use_node.replace_input_with(slot, result)
+        idx = [i for i, o in enumerate(g.outputs) if o is y]
+        for i in idx:
+            g.outputs[i] = result
+        g.remove(node, safe=True)
+        result.name = y.name
 
 
 def _widen_bf16(model: ir.Model) -> None:

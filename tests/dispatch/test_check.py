@@ -16,7 +16,14 @@ from e2e_models import GOLDEN, random_feeds
 from onnx import TensorProto, helper, numpy_helper
 
 from npudispatch.cli import main
-from npudispatch.dispatch.check import ULPS, RoundingReference, check_outputs, ulp_bf16
+from npudispatch.dispatch.check import (
+    MAX_PROBES,
+    PROBES,
+    ULPS,
+    RoundingReference,
+    check_outputs,
+    ulp_bf16,
+)
 from npudispatch.dispatch.compile import compile_model
 from npudispatch.dispatch.session import Session
 from npudispatch.examples import build_example
@@ -106,6 +113,31 @@ def test_accepts_a_probability_map_near_zero():
     assert verdict.ok and verdict.max_magnitude < 1e-3, verdict.describe()
 
 
+def test_accepts_a_probability_map_of_very_negative_logits():
+    """Logits -14 to -40 (a detector's background): onnxruntime's float32 Sigmoid is 7 % to 100 %
+    off there (0 below -18), so the reference computes ``1 / (1 + exp(-x))`` instead."""
+    w = numpy_helper.from_array(np.full((16, 16), 0.5, np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["X", "w"], ["L"]),
+        helper.make_node("Sigmoid", ["L"], ["P"]),
+    ]
+    model = _model(nodes, [("X", [4, 16])], [("P", [4, 16])], [w])
+    feeds = {"X": np.linspace(-1.75, -5.0, 64, dtype=np.float32).reshape(4, 16)}
+    (verdict,) = _verdicts(model, feeds=feeds).values()
+    assert verdict.ok and verdict.probes == PROBES, verdict.describe()
+    assert 1e-18 < verdict.max_magnitude < 1e-5
+
+
+def test_reference_sigmoid_is_exact_to_float32():
+    """The reference's Sigmoid (rewritten to Exp and Reciprocal) against float64 numpy over the
+    whole float32 range, in float32 compute (no rounding points)."""
+    model = _model([helper.make_node("Sigmoid", ["X"], ["Y"])], [("X", [4001])], [("Y", [4001])])
+    x = np.linspace(-85.0, 85.0, 4001, dtype=np.float32)
+    (y,) = RoundingReference(model, bf16=False).run({"X": x}).values()
+    exact = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_allclose(y, exact, rtol=4 * 2.0**-24, atol=0)
+
+
 def test_accepts_a_difference_of_rounded_terms():
     """``X*Y/Y - X``: zero in exact arithmetic, a few bf16 ulps of X on the NPU and the reference."""
     nodes = [
@@ -136,6 +168,8 @@ def test_rejects_a_one_percent_weight_perturbation_in_one_op(monkeypatch):
     monkeypatch.setattr(MatMul, "format_consts", perturbed)
     verdicts = _verdicts(model)
     assert not any(v.ok for v in verdicts.values()), [v.describe() for v in verdicts.values()]
+    # rejected by the refined sensitivity estimate, not by the first few probes alone
+    assert all(v.probes == MAX_PROBES for v in verdicts.values())
 
 
 def test_rejects_a_padding_lane_leaking_into_a_reduction(monkeypatch):

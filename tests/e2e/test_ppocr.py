@@ -134,6 +134,34 @@ def test_ppocr_det_passes_the_rounding_aware_check(det_run):
     assert ((y > 0.3) == (want > 0.3)).mean() >= 0.99  # text mask vs float32 onnxruntime
 
 
+def test_ppocr_det_cli_check_passes_on_random_input(capsys):
+    """``npudispatch run ppocr_det.onnx --shape x=1x3x160x160 --check`` with the CLI's default
+    random input: the map is ~1e-5 everywhere (logits -9 to -40), where onnxruntime's own Sigmoid
+    is 100 % off (the reference computes it exactly instead) and a bf16 flip of a logit is ~10 %
+    of the output (the sensitivity carries it there). It used to fail with 700 ulp."""
+    from npudispatch.cli import main
+
+    path = model_path("ppocr_det")
+    assert main(["run", str(path), "--shape", "x=1x3x160x160", "--check"]) == 0
+    text = capsys.readouterr().out
+    assert "ok: max |Δ|" in text and "rounding-aware onnxruntime reference" in text
+    assert "perturbed reference runs" in text
+
+
+def test_ppocr_det_float32_compute_matches_the_exact_reference():
+    """On the same random input in float32 compute the emulator is within float32 rounding of
+    the reference (whose Sigmoid is exact), 70x closer than to onnxruntime's own Sigmoid: the
+    kernels are right and the bf16 differences above are rounding."""
+    path = model_path("ppocr_det")
+    x = np.random.default_rng(0).standard_normal((1, 3, 160, 160)).astype(np.float32)
+    sess = Session(path, input_shapes={"x": x.shape}, bf16=False, cache=False)
+    (y,) = sess.run(None, {"x": x})
+    reference = RoundingReference(path, input_shapes={"x": x.shape}, bf16=False)
+    (want,) = reference.run({"x": x}).values()
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=0)
+    assert np.abs(y - ort_run(path, x)).max() > 10 * np.abs(y - want).max()
+
+
 def test_ppocr_det_is_exact_without_bf16_rounding():
     """In float32 compute (``bf16=False``: float32 storage, operands and weight images), the whole
     detector - rewrites, padding, plan, every kernel, the CPU segments - matches onnxruntime to
