@@ -12,12 +12,14 @@ where the NPU rounds:
 * on the float inputs of those ops that are not already rounded (graph inputs, CPU results,
   float32 constants), because kernels round operands to bf16 on entry;
 * weights as formatted: bf16 initializers are widened exactly; 4-bit ``MatMulNBits`` weights are
-  dequantized with bf16 scales and rounded to bf16, as the NPU's weight image holds them.
+  dequantized with bf16 scales and rounded to bf16, as the NPU's weight image holds them; a
+  ``MatMulNBits`` with ``accuracy_level=4`` stays onnxruntime's own node (its int8 activation
+  blocks are what the NPU computes too, numerics.md §1.3) with its scales rounded to bf16.
 
 With ``bf16=False`` (``--fp32``) the NPU computes in float32, so the reference has no rounding
 points (and no probes change it): it is the rewritten graph in float32, with ``MatMulNBits``
-dequantized exactly (float32 scales, as the float32 weight image holds them) so that onnxruntime's
-``accuracy_level`` int8 approximation of the activations is not what the NPU is compared with.
+dequantized exactly (float32 scales, as the float32 weight image holds them) unless its
+``accuracy_level`` is 4, where onnxruntime's int8-activation kernel is the reference as it is.
 The bf16-ulp unit below is kept as the budget in that mode (a float32-ulp budget is not defined).
 
 It runs on onnxruntime (CPU, float32), so its only differences from the NPU are accumulation order
@@ -57,7 +59,7 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch import graph, opset
-from npudispatch.operators.matmul_nbits import dequantize_nbits
+from npudispatch.operators.matmul_nbits import ACCURACY_INT8, dequantize_nbits
 from npudispatch.rewrites import default_pipeline
 from npudispatch.rewrites.precision import BUDGETS
 from npudispatch.rewrites.support import npu_support
@@ -295,6 +297,14 @@ def _rounds(node: ir.Node) -> bool:
     return BUDGETS.get(node.op_type, 0.0) > 0 and npu_support(node) is None
 
 
+def _exact_nbits(node: ir.Node) -> bool:
+    """A ``MatMulNBits`` whose kernel dequantizes the weights (``accuracy_level`` below 4); at 4
+    the NPU quantizes the activations to int8 blocks exactly as onnxruntime does."""
+    if node.op_type != "MatMulNBits":
+        return False
+    return node.attributes.get_int("accuracy_level", 0) != ACCURACY_INT8
+
+
 def _insert_rounding(
     model: ir.Model, weights: dict[str, np.ndarray], *, fp32: bool = False
 ) -> dict[str, tuple[int, ...]]:
@@ -306,7 +316,7 @@ def _insert_rounding(
     g = model.graph
     if fp32:
         for node in list(g):
-            if node.op_type == "MatMulNBits" and npu_support(node) is None:
+            if _exact_nbits(node) and npu_support(node) is None:
                 _dequantize_as_formatted(g, node, weights, set(), fp32=True)
         return {}
     _widen_bf16(model)
@@ -315,7 +325,12 @@ def _insert_rounding(
     replaced: set[ir.Node] = set()  # ends of dequantized MatMulNBits: round there only
     inner: set[ir.Node] = set()  # their MatMul when a bias Add follows: no rounding between
     for node in list(g):
-        if node.op_type == "MatMulNBits" and _rounds(node):
+        if node.op_type == "MatMulNBits" and not _exact_nbits(node) and _rounds(node):
+            scales = node.inputs[2]
+            assert scales is not None and scales.const_value is not None
+            arr = np.asarray(scales.const_value.numpy(), np.float32)
+            node.replace_input_with(2, _const(g, f"{scales.name}__bf16r", _round(arr)))
+        elif _exact_nbits(node) and _rounds(node):
             new = _dequantize_as_formatted(g, node, weights, rounded)
             replaced.add(new[-1])
             inner.update(new[:-1])
