@@ -168,7 +168,7 @@ _BODIES: dict[tuple[str, str], str] = {
         QMatMul (a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point)
             => (y) {
             af = DequantizeLinear (a, a_scale, a_zero_point)
-            bf = DequantizeLinear <axis = 1> (b, b_scale, b_zero_point)
+            bf = DequantizeLinear <axis = -1> (b, b_scale, b_zero_point)
             p = MatMul (af, bf)
             y = QuantizeLinear (p, y_scale, y_zero_point)
         }""",
@@ -250,8 +250,8 @@ def function_for(op_type: str, overload: str = "", opset: int = 18) -> ir.Functi
             f"no function body for {DOMAIN}.{op_type} overload {overload!r}; "
             f"known: {sorted(_BODIES)}"
         )
-    if opset < PER_AXIS_OPSET:  # DequantizeLinear-10 has no axis: every operand is per tensor
-        text = text.replace("DequantizeLinear <axis = 0>", "DequantizeLinear")
+    if opset < PER_AXIS_OPSET:  # DequantizeLinear-10 has no axis: per channel in arithmetic
+        text = lower_per_axis_dq(text)
     header = f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]'
     if overload:
         header += f', overload: "{overload}"'
@@ -453,6 +453,7 @@ from npudispatch.opset_quant import (  # noqa: E402
     CHAIN,
     PER_AXIS_OPSET,
     chain_body,
+    lower_per_axis_dq,
     quantized_bodies,
     quantized_specs,
 )

@@ -11,6 +11,7 @@ bodies and the operator library and rewrites share one table.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "chain_arity",
     "chain_body",
     "chain_stages",
+    "lower_per_axis_dq",
     "quantized_bodies",
     "quantized_specs",
 ]
@@ -40,6 +42,7 @@ class QuantizedOp:
     attributes: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     min_opset: int = 10  # QuantizeLinear/DequantizeLinear exist since 10
     per_axis: tuple[int, ...] = ()  # operands that may be quantized per channel along axis 0
+    optional: tuple[int, ...] = ()  # trailing operands the float op may omit (a zero bias)
 
     @property
     def name(self) -> str:
@@ -99,8 +102,36 @@ def _function_text(
 
 
 PER_AXIS_OPSET = 13
-"""First opset whose DequantizeLinear takes ``axis`` (per-channel operands); below it the bodies
-drop the axis and the rewrite fuses per-tensor operands only."""
+"""First opset whose DequantizeLinear takes ``axis`` (per-channel operands); below it
+:func:`lower_per_axis_dq` spells a per-channel dequantization with plain arithmetic."""
+
+_PER_AXIS_DQ = re.compile(r"(\w+) = DequantizeLinear <axis = (0|-1)> \((\w+), (\w+), (\w+)\)")
+
+
+def lower_per_axis_dq(text: str) -> str:
+    """A function body without ``DequantizeLinear <axis = 0 | -1>`` (for opsets < 13, whose
+    DequantizeLinear has no axis): ``float32(int32(x) - int32(zp)) * scale``, where a ``[C]``
+    scale broadcasts along the last axis; for axis 0 it is computed on the reversed-axes tensor
+    (axis 0 last) and reversed back. This is DequantizeLinear's definition (onnxruntime's int32
+    subtraction and one float32 multiply), so it also holds for per-tensor operands there."""
+
+    def lowered(m: re.Match) -> str:
+        f, axis, x, scale, zp = m.groups()
+        flip = axis == "0"
+        lines = [f"{f}_xi = Cast <to = 6> ({x})", f"{f}_zi = Cast <to = 6> ({zp})"]
+        if flip:
+            lines.append(f"{f}_xt = Transpose ({f}_xi)")
+        lines += [
+            f"{f}_d = Sub ({f}_xt, {f}_zi)" if flip else f"{f}_d = Sub ({f}_xi, {f}_zi)",
+            f"{f}_df = Cast <to = 1> ({f}_d)",
+            f"{f}_t = Mul ({f}_df, {scale})" if flip else f"{f} = Mul ({f}_df, {scale})",
+        ]
+        if flip:
+            lines.append(f"{f} = Transpose ({f}_t)")
+        return "\n            ".join(lines)
+
+    return _PER_AXIS_DQ.sub(lowered, text)
+
 
 CHAIN = "QDQChain"
 """Op type of a chain of quantized-form ops between one set of DQs and one Q; the stages are its
@@ -166,15 +197,17 @@ def _ops() -> dict[str, QuantizedOp]:
         )
     ]
     ops += [
-        QuantizedOp("Softmax", 1, {"axis": ("int", "-1")}, 13),  # one-axis semantics
+        # One-axis semantics; below opset 13 only along the last axis (rewrites/qdq.py).
+        QuantizedOp("Softmax", 1, {"axis": ("int", "-1")}),
         QuantizedOp("Transpose", 1, {"perm": ("ints", None)}),
         QuantizedOp("ReduceMean", 1, {"axes": ("ints", None), "keepdims": ("int", "1")}, 18),
         QuantizedOp(
             "LayerNormalization", 3, {"axis": ("int", "-1"), "epsilon": ("float", "1e-05")}, 17
         ),
     ]
-    # Appended last: kernel ids follow this order. Weight W per output channel (axis 0); no bias
-    # (a biased Conv keeps its float form: the int32 bias DQ has no per-tensor grid).
+    # Appended last: kernel ids follow this order. Weight W per output channel (axis 0); bias B
+    # the int32 DQ quantizers emit (scale x_scale * w_scale[m]); a Conv without one reads an
+    # exact zero bias.
     conv_attrs = {
         "auto_pad": ("string", '"NOTSET"'),
         "dilations": ("ints", None),
@@ -183,15 +216,16 @@ def _ops() -> dict[str, QuantizedOp]:
         "pads": ("ints", None),
         "strides": ("ints", None),
     }
-    ops.append(QuantizedOp("Conv", 2, conv_attrs, per_axis=(1,)))
+    ops.append(QuantizedOp("Conv", 3, conv_attrs, per_axis=(1, 2), optional=(2,)))
     gemm_attrs = {
         "alpha": ("float", "1.0"),
         "beta": ("float", "1.0"),
         "transA": ("int", "0"),
         "transB": ("int", "0"),
     }
-    # B per output channel needs transB=1 (B [N, K], axis 0); C is the int32 bias per channel.
-    ops.append(QuantizedOp("Gemm", 3, gemm_attrs, per_axis=(1, 2)))
+    # B per output channel needs transB=1 (B [N, K], axis 0; the rewrite transposes a transB=0
+    # weight quantized along axis 1); C is the int32 bias per channel, or an exact zero.
+    ops.append(QuantizedOp("Gemm", 3, gemm_attrs, per_axis=(1, 2), optional=(2,)))
     ops.append(QuantizedOp("GlobalAveragePool", 1))
     # Inference BatchNormalization: scale, B, mean, var per channel (exact DQs of the floats).
     bn_attrs = {"epsilon": ("float", "1e-05"), "momentum": ("float", "0.9")}
@@ -206,7 +240,7 @@ def _ops() -> dict[str, QuantizedOp]:
         "pads": ("ints", None),
         "strides": ("ints", None),
     }
-    ops.append(QuantizedOp("MaxPool", 1, {**window_attrs, "storage_order": ("int", "0")}, 12))
+    ops.append(QuantizedOp("MaxPool", 1, {**window_attrs, "storage_order": ("int", "0")}))
     ops.append(
         QuantizedOp("AveragePool", 1, {**window_attrs, "count_include_pad": ("int", "0")}, 19)
     )

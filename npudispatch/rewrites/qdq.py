@@ -17,7 +17,8 @@
 5. **qmatmul** - DQ(a) -> MatMul with DQ(constant int8/uint8 weight) -> Q becomes
    ``npudispatch.QMatMul`` (the weight formatted at compile time into 8-bit tiles;
    ``rewrites/matmul.py`` rule).
-6. **fused** - every other DQ -> op -> Q group whose op has a quantized form
+6. **fused** - (a ``Gemm(transB=0)`` weight quantized along axis 1 is first transposed at
+   compile time to ``transB=1``, axis 0) every other DQ -> op -> Q group whose op has a quantized form
    (:data:`npudispatch.opset_quant.QDQ_OPS`: Add, Sub, Mul, Div, Pow, MatMul of two activations,
    Gemm and Conv with per-channel weights, BatchNormalization, Softmax, LayerNormalization,
    ReduceMean, GlobalAveragePool, Transpose, Sigmoid, Tanh, Erf, HardSigmoid, ...) becomes
@@ -53,7 +54,7 @@ from npudispatch.operators.base import Decline
 from npudispatch.operators.quantize import dequantize, expand_param, quantize
 from npudispatch.operators.weights import pack_nibbles
 from npudispatch.opset import DOMAIN, VERSION
-from npudispatch.opset_quant import CHAIN, PER_AXIS_OPSET, QDQ_OPS
+from npudispatch.opset_quant import CHAIN, QDQ_OPS
 from npudispatch.rewrites._checks import const_array
 from npudispatch.rewrites.matmul import qmatmul_rule
 from npudispatch.rewrites.qdq_common import (
@@ -306,11 +307,42 @@ def _exact_dq(
     return node
 
 
+def _zero_bias_dq(graph: ir.Graph, namer: Namer, node: ir.Node) -> ir.Node | None:
+    """An exact zero int32 bias ``[C]`` (C = dim 1 of the output, Conv's M or Gemm's N) for a
+    Conv/Gemm without one: ``x + 0`` is ``x``, so one fused form serves both."""
+    shape = node.outputs[0].shape
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
+        return None
+    base = node.name or node.op_type
+    dq = ir.node(
+        "DequantizeLinear",
+        [
+            new_initializer(graph, namer, f"{base}__zero_bias", np.zeros(shape[1], np.int32)),
+            new_initializer(graph, namer, f"{base}__zero_bias_scale", np.ones((), np.float32)),
+            new_initializer(graph, namer, f"{base}__zero_bias_zp", np.zeros((), np.int32)),
+        ],
+        name=namer(f"{base}__zero_bias_dq"),
+    )
+    out = dq.outputs[0]
+    out.name, out.type, out.shape = (
+        namer(f"{base}__zero_bias_dq"),
+        ir.TensorType(ir.DataType.FLOAT),
+        ir.Shape([shape[1]]),
+    )
+    graph.insert_before(node, dq)
+    return dq
+
+
 def _fused_attrs(node: ir.Node, opset: int) -> dict | None:
     """Attributes of the fused op from the float node, or None when it cannot be expressed."""
     op = node.op_type
     if op == "Softmax":
-        return {"axis": node.attributes.get_int("axis", -1)} if opset >= 13 else None
+        axis = node.attributes.get_int("axis", 1 if opset < 13 else -1)
+        if opset < 13:  # coerced to 2-D at the axis: one-axis semantics on the last axis only
+            rank = len(node.inputs[0].shape or ()) if node.inputs[0] is not None else 0
+            if rank == 0 or axis % rank != rank - 1:
+                return None
+        return {"axis": axis}
     if op == "LayerNormalization":
         if len(node.outputs) > 1 and any(v.uses() for v in node.outputs[1:]):
             return None
@@ -335,13 +367,34 @@ def _fused_attrs(node: ir.Node, opset: int) -> dict | None:
         return {"axes": list(axes), "keepdims": node.attributes.get_int("keepdims", 1)}
     if op == "Conv":
         names = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
-        if any(k not in names for k in node.attributes) or len(node.inputs) != 2:
-            return None  # a biased Conv keeps its float form (see opset_quant)
-        return {k: a.value for k, a in node.attributes.items()}
+        if any(k not in names for k in node.attributes) or len(node.inputs) > 3:
+            return None
+        w = node.inputs[1].shape if node.inputs[1] is not None else None
+        if w is None or not w.is_static() or len(w) < 3:
+            return None
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        attrs.setdefault("kernel_shape", [int(d) for d in w[2:]])
+        return _window_defaults(attrs, len(w) - 2)
     spec = QDQ_OPS.get(op)
     if spec is None or any(k not in spec.attributes for k in node.attributes):
         return None  # an attribute the fused op would drop
-    return {k: a.value for k, a in node.attributes.items()}
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    if op in ("MaxPool", "AveragePool"):
+        return _window_defaults(attrs, len(attrs.get("kernel_shape") or ()))
+    return attrs
+
+
+def _window_defaults(attrs: dict, rank: int) -> dict | None:
+    """``attrs`` of a windowed op with dilations, strides (and pads without auto_pad) spelled
+    out: a function body's ``@dilations`` of an absent attribute reaches onnxruntime as an
+    empty list, which its shape inference rejects."""
+    if rank < 1:
+        return None
+    attrs.setdefault("dilations", [1] * rank)
+    attrs.setdefault("strides", [1] * rank)
+    if attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
+        attrs.setdefault("pads", [0] * (2 * rank))
+    return attrs
 
 
 MAX_CHAIN = 4
@@ -358,7 +411,8 @@ def _stage(node: ir.Node | None, reader: ir.Node, opset: int) -> tuple[str, dict
         return None
     if single_reader(node.outputs[0]) is not reader or any(v.uses() for v in node.outputs[1:]):
         return None
-    if len(node.inputs) < spec.arity or any(v is None for v in node.inputs[: spec.arity]):
+    required = spec.arity - len(spec.optional)
+    if len(node.inputs) < required or any(v is None for v in node.inputs[:required]):
         return None
     attrs = _fused_attrs(node, opset)
     return None if attrs is None else (spec.inner, attrs)
@@ -417,9 +471,19 @@ def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> N
             for k, (node, (inner, _)) in enumerate(chain):
                 first = 0 if k == 0 else 1
                 spec = QDQ_OPS[inner]
-                for j, v in enumerate(node.inputs[first : spec.arity], first):
-                    per_axis = k == 0 and j in spec.per_axis and opset >= PER_AXIS_OPSET
-                    dq = _operand_dq(graph, namer, v, node, made, per_axis)
+                for j in range(first, spec.arity):
+                    v = input_at(node, j)
+                    per_axis = k == 0 and j in spec.per_axis
+                    if v is None and j in spec.optional:
+                        dq = _zero_bias_dq(graph, namer, node)
+                        if dq is not None:
+                            made.append(dq)
+                    else:
+                        dq = (
+                            None
+                            if v is None
+                            else _operand_dq(graph, namer, v, node, made, per_axis)
+                        )
                     if dq is None:
                         ok = False
                         break
@@ -433,6 +497,32 @@ def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> N
                 if not extra.outputs[0].uses():
                     graph.remove(extra, safe=True)
             chain = chain[1:]  # retry without the first op (its inputs were not all DQs)
+
+
+def _gemm_weights_along_axis_0(graph: ir.Graph, namer: Namer, report: QdqReport) -> None:
+    """A ``Gemm(transB=0)`` whose constant ``B [K, N]`` is quantized per output channel (axis 1,
+    as quantize_static emits) reads ``DQ(B^T, axis 0)`` with ``transB=1`` instead: the same
+    product (a transposed constant, folded at compile time), in the form the fused Gemm takes."""
+    for gemm in list(graph):
+        if not is_op(gemm, "Gemm") or gemm.attributes.get_int("transB", 0) or len(gemm.inputs) < 2:
+            continue
+        dq = gemm.inputs[1].producer() if gemm.inputs[1] is not None else None
+        if not is_op(dq, "DequantizeLinear") or single_reader(dq.outputs[0]) is not gemm:
+            continue
+        assert dq is not None
+        w = const_array(dq.inputs[0])
+        p = qparams_of(dq, dq.inputs[0].dtype)
+        if w is None or w.ndim != 2 or p is None or p.block or p.scale.shape != (w.shape[1],):
+            continue
+        if p.axis % 2 != 1:
+            continue
+        base = dq.inputs[0].name or "B"
+        wt = new_initializer(graph, namer, f"{base}__t", np.ascontiguousarray(w.T))
+        dq.replace_input_with(0, wt)
+        dq.attributes["axis"] = ir.AttrInt64("axis", 0)
+        dq.outputs[0].shape = ir.Shape(wt.shape)
+        gemm.attributes["transB"] = ir.AttrInt64("transB", 1)
+        report.counts["gemm_weight_transposed"] += 1
 
 
 # ---- 8. block-quantized 4-bit weights -> MatMulNBits ------------------------------------------
@@ -557,6 +647,8 @@ def run_qdq_rewrites(model: ir.Model) -> QdqReport:
         report.fused_ops["QMatMul"] += count
         report.counts["qmatmul"] += count
         namer = Namer(graph)
+    if opset >= 13:  # per-channel DQs exist from opset 13
+        _gemm_weights_along_axis_0(graph, namer, report)
     _fuse_ops(graph, namer, opset, report)
     report.counts["fused"] += sum(v for k, v in report.fused_ops.items() if k != "QMatMul")
     _merge_dq(graph, report)

@@ -564,14 +564,93 @@ def test_batch_norm_with_float_statistics_becomes_qdq_batch_norm():
     assert np.abs(got - want).max() <= 0.1 * (1 + 1e-3) and calls == 1
 
 
-def test_per_channel_bodies_drop_the_axis_below_opset_13():
+@pytest.mark.parametrize("opset_version", [11, 21])
+def test_batch_norm_per_channel_statistics_fuse_at_every_opset(opset_version):
+    """Below opset 13 DequantizeLinear has no axis, so the fused op's body dequantizes its
+    per-channel operands in arithmetic (Cast, Sub, Mul on the reversed axes): the model still
+    fuses (the PP-OCR classifier is opset 11) and matches onnxruntime's unfused run exactly."""
+    m = qdq_model(
+        """
+        q = QuantizeLinear (x, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        s = BatchNormalization <epsilon = 0.001> (d, g, b, mu, var)
+        qs = QuantizeLinear (s, ys, yz)
+        out = DequantizeLinear (qs, ys, yz)""",
+        extra="float[4] g = {1.5, -0.5, 0.0, 2.0}, float[4] b = {0.1, 0.2, -0.3, 0.0}, "
+        "float[4] mu = {0.5, -1.0, 0.0, 2.0}, float[4] var = {1.0, 4.0, 0.25, 2.0}",
+        opset_version=opset_version,
+    )
+    m2, _ = rewritten(m)
+    assert ops(m2) == ["QuantizeLinear", P + "QDQBatchNormalization", "DequantizeLinear"]
+    got, want, calls = run_both(m, x_feed(seed=3))
+    assert np.array_equal(got, want) and calls == 1
+
+
+def test_per_channel_bodies_below_opset_13_dequantize_in_arithmetic():
+    """The opset-11 body has no DequantizeLinear axis and computes exactly what the opset-13
+    per-channel DequantizeLinear computes (onnxruntime runs both bodies)."""
     from npudispatch import opset
 
     body13 = ir.to_proto(opset.function_for("QDQConv", "", 13))
     body11 = ir.to_proto(opset.function_for("QDQConv", "", 11))
     axes = [[a.name for a in n.attribute] for n in body13.node if n.op_type == "DequantizeLinear"]
-    assert axes == [[], ["axis"]]
+    assert axes == [[], ["axis"], ["axis"]]
     assert all(not n.attribute for n in body11.node if n.op_type == "DequantizeLinear")
+    assert (
+        sum(n.op_type == "Transpose" for n in body11.node) == 4
+    )  # weight and bias, there and back
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    ws = (rng.random(6) * 0.1 + 0.01).astype(np.float32)
+    inits = {
+        "xs": np.float32(0.05), "xz": np.uint8(128),
+        "w": rng.integers(-128, 127, (6, 2, 3, 3), endpoint=True).astype(np.int8), "ws": ws,
+        "wz": rng.integers(-5, 5, 6).astype(np.int8), "b": np.arange(6, dtype=np.int32) * 40,
+        "bs": ws * np.float32(0.05), "bz": np.zeros(6, np.int32), "ys": np.float32(0.04),
+        "yz": np.uint8(100),
+    }  # fmt: skip
+    conv = helper.make_node(
+        "QDQConv", ["q", "xs", "xz", "w", "ws", "wz", "b", "bs", "bz", "ys", "yz"], ["out"],
+        domain="npudispatch", kernel_shape=[3, 3], pads=[0, 0, 0, 0], strides=[1, 1],
+        dilations=[1, 1], group=1,
+    )  # fmt: skip
+    graph_proto = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["q"]), conv], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+        [helper.make_tensor_value_info("out", TensorProto.UINT8, [1, 6, 3, 3])],
+        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )  # fmt: skip
+    feeds = {"x": rng.uniform(-4, 4, (1, 2, 5, 5)).astype(np.float32)}
+    outs = []
+    for version in (11, 13):
+        proto = helper.make_model(
+            graph_proto,
+            opset_imports=[helper.make_opsetid("", version), helper.make_opsetid("npudispatch", 1)],
+        )
+        proto.ir_version = 10
+        m = ir.from_proto(proto)
+        opset.attach_functions(m)
+        outs.append(ort_plain(m, feeds)[0])
+    assert np.array_equal(outs[0], outs[1]) and np.ptp(outs[0].astype(int)) > 20
+
+
+def test_softmax_below_opset_13_on_the_last_axis_fuses():
+    """Softmax-11 coerces its input to 2-D at the axis: the one-axis fused form equals it on the
+    last axis only."""
+    body = """
+        q = QuantizeLinear (x, xs, xz)
+        d = DequantizeLinear (q, xs, xz)
+        s = Softmax <axis = {axis}> (d)
+        qs = QuantizeLinear (s, ys, yz)
+        out = DequantizeLinear (qs, ys, yz)"""
+    m = qdq_model(body.format(axis=2), opset_version=11)
+    assert P + "QDQSoftmax" in ops(rewritten(m)[0])
+    got, want, calls = run_both(m, x_feed())
+    assert np.array_equal(got, want) and calls == 1
+    assert P + "QDQSoftmax" not in ops(
+        rewritten(qdq_model(body.format(axis=1), opset_version=11))[0]
+    )
 
 
 POOLS = {
