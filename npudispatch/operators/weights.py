@@ -431,31 +431,153 @@ def dequantize_q4(
     are unpacked, offset, scaled and rounded while they are in cache, and the whole code matrix
     is never materialised: the kernel's per-run cost on a llama2 projection is about halved.
     """
-    layout = q4_layout(k, n, block_size, fp32_scales=fp32_scales)
-    codes_b, scale_b, zp_b, subv = q4_parts(block_size, fp32_scales=fp32_scales)
-    if stream.size != layout.nbytes:
-        raise ValueError(f"weight stream has {stream.size} bytes, layout needs {layout.nbytes}")
-    g = KSUBV // block_size
-    nb, kb, kp = layout.n_blocks, layout.k_blocks, layout.kp
-    groups = kp // block_size
-    cols = np.frombuffer(stream, dtype=np.uint8).reshape(nb, kb, subv)  # in stream order
-    scale_dtype = np.float32 if fp32_scales else BF16
-    sc = cols[:, :, codes_b : codes_b + scale_b].copy().view(scale_dtype)
-    scales = sc.reshape(nb, kb, NSUBV, g).transpose(0, 2, 1, 3).reshape(nb, NSUBV, groups)
-    scales = scales.astype(np.float32)[..., None]  # [column, NSUBV, groups, 1]
-    zpb = cols[:, :, codes_b + scale_b : codes_b + scale_b + zp_b].reshape(nb, kb, g, NSUBV // 2)
-    zero_points = unpack_nibbles(zpb, NSUBV).transpose(0, 3, 1, 2).reshape(nb, NSUBV, groups)
-    zero_points = np.ascontiguousarray(zero_points).view(np.int8)[..., None]
-    wt = np.empty((nb * NSUBV, kp), dtype=np.float32)  # [Np, Kp]
-    diff = np.empty((NSUBV, groups, block_size), dtype=np.int8)
-    for column, block in enumerate(stripe_order(nb, stripes).tolist()):
-        code_bytes = cols[column, :, :codes_b].reshape(kb, NSUBV, KSUBV // 2).transpose(1, 0, 2)
-        codes = unpack_nibbles(code_bytes, KSUBV).reshape(NSUBV, groups, block_size)
-        band = wt[block * NSUBV : (block + 1) * NSUBV].reshape(NSUBV, groups, block_size)
-        # code - zero point in int8 (both 0..15), then one plain int8 -> float32 cast
-        np.subtract(codes.view(np.int8), zero_points[column], out=diff)
-        band[...] = diff
-        band *= scales[column]
-        if not fp32_scales:
-            round_bf16_inplace(band)
+    q4 = _Q4Columns(stream, k, n, block_size, fp32_scales=fp32_scales)
+    wt = np.empty((q4.layout.np_, q4.layout.kp), dtype=np.float32)  # [Np, Kp]
+    for column, block in enumerate(stripe_order(q4.layout.n_blocks, stripes).tolist()):
+        q4.dequantize_rows(column, 0, NSUBV, wt[block * NSUBV : (block + 1) * NSUBV])
     return wt.T
+
+
+def q4_matmul(
+    a: np.ndarray,
+    stream: np.ndarray,
+    k: int,
+    n: int,
+    block_size: int,
+    stripes: int = 1,
+    *,
+    fp32_scales: bool = False,
+) -> np.ndarray:
+    """``a @ dequantize_q4(stream, ...)[:k, :n]`` for float32 ``a [..., k]``, bit for bit.
+
+    A single activation row (decode, M = 1) never builds the dequantized matrix: the weights
+    are dequantized a few rows of ``W^T`` at a time into one cache-sized buffer and each
+    slice of outputs is one BLAS matrix-vector product over it. A matrix-vector product
+    computes every output as its own dot product over the same K lanes with the same
+    leading dimension, whatever the number of columns, so the slices equal the columns of
+    the whole product (``tests/operators/test_q4_matmul.py`` compares them bit for bit).
+    Several rows (prefill) take the whole-matrix product, where BLAS may block differently.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    if a.size != a.shape[-1] or a.shape[-1] != k:
+        return a @ dequantize_q4(stream, k, n, block_size, stripes, fp32_scales=fp32_scales)[:k, :n]
+    kp = q4_layout(k, n, block_size).kp
+    # rows per slice: a power of two dividing NSUBV with at most _DEQUANT_BAND weights (unless
+    # that is under 4 rows); slices start on the 4-column boundaries of the whole product, where
+    # BLAS matrix-vector kernels start their groups of 4 columns
+    rows = NSUBV
+    while rows > 4 and rows * kp > _DEQUANT_BAND:
+        rows //= 2
+    q4 = _Q4Columns(stream, k, n, block_size, fp32_scales=fp32_scales, rows=rows)
+    buffer = np.empty((rows, kp), dtype=np.float32)
+    y = np.empty((*a.shape[:-1], n), dtype=np.float32)
+    y_flat = y.reshape(n)
+    for column, block in enumerate(stripe_order(q4.layout.n_blocks, stripes).tolist()):
+        for r0 in range(0, NSUBV, rows):
+            n0 = block * NSUBV + r0
+            if n0 >= n:
+                break
+            q4.dequantize_rows(column, r0, r0 + rows, buffer)
+            n1 = min(n0 + rows, n)
+            y_flat[n0:n1] = (a @ buffer[: n1 - n0].T[:k]).reshape(-1)
+    return y
+
+
+# bf16 rounding of v = (code - zero point) · scale by Veltkamp splitting, hi = c - (c - v) with
+# c = v · (2^16 + 1): three float passes instead of five integer ones. For such v (at most 12
+# significant bits) it equals round_bf16_inplace, ties to even included, as long as v · 65537
+# cannot overflow and v is far from the subnormals: checked exhaustively in the tests for the
+# scales in _SPLIT_SCALE_RANGE; other scales take the integer rounding.
+_SPLIT = np.float32(65537)
+_SPLIT_SCALE_RANGE = (2.0**-100, 2.0**100)
+
+
+class _Q4Columns:
+    """A q4 weight stream's N-block columns (stream order) with scales and zero points decoded
+    once; :meth:`dequantize_rows` turns rows of one column into float32 ``W^T`` rows."""
+
+    def __init__(
+        self,
+        stream: np.ndarray,
+        k: int,
+        n: int,
+        block_size: int,
+        *,
+        fp32_scales: bool,
+        rows: int = NSUBV,
+    ) -> None:
+        layout = q4_layout(k, n, block_size, fp32_scales=fp32_scales)
+        codes_b, scale_b, zp_b, subv = q4_parts(block_size, fp32_scales=fp32_scales)
+        if stream.size != layout.nbytes:
+            raise ValueError(f"weight stream has {stream.size} bytes, layout needs {layout.nbytes}")
+        g = KSUBV // block_size
+        nb, kb = layout.n_blocks, layout.k_blocks
+        groups = layout.kp // block_size
+        cols = np.frombuffer(stream, dtype=np.uint8).reshape(nb, kb, subv)  # in stream order
+        sc = cols[:, :, codes_b : codes_b + scale_b].copy()
+        sc = sc.view(np.float32 if fp32_scales else BF16).reshape(nb, kb, NSUBV, g)
+        scales = sc.transpose(0, 2, 1, 3).reshape(nb, NSUBV, groups).astype(np.float32)
+        zpb = cols[:, :, codes_b + scale_b : codes_b + scale_b + zp_b]
+        zp = unpack_nibbles(zpb.reshape(nb, kb, g, NSUBV // 2), NSUBV)
+        zp = zp.transpose(0, 3, 1, 2).reshape(nb, NSUBV, groups)
+        magnitude = np.abs(scales[scales != 0])
+        self.layout = layout
+        self.block_size = block_size
+        self.fp32 = fp32_scales
+        self.split_rounding = not fp32_scales and bool(
+            magnitude.size == 0
+            or (
+                magnitude.min() >= _SPLIT_SCALE_RANGE[0]
+                and magnitude.max() <= _SPLIT_SCALE_RANGE[1]
+            )
+        )
+        self._columns = cols
+        self._codes_bytes = codes_b
+        # the column being dequantized, copied contiguously first: the transposing reads that
+        # gather its rows then hit the cache instead of striding through the stream
+        self._column = np.empty((kb, subv), dtype=np.uint8)
+        self._loaded = -1
+        self.scales = scales[..., None]  # float32 [column, NSUBV, groups, 1]
+        self.zero_points = np.ascontiguousarray(zp).view(np.int8)[..., None]
+        # temporaries for up to ``rows`` rows, reused by every dequantize_rows call
+        self._diff = np.empty((rows, layout.kp), dtype=np.int8)
+        self._shifted = np.empty((rows, layout.kp // 2), dtype=np.uint16)
+        self._split = np.empty((rows, layout.kp) if self.split_rounding else 0, np.float32)
+
+    def _codes(self, column: int) -> np.ndarray:
+        """Code bytes of stream column ``column`` as ``[NSUBV, kb, KSUBV/2]`` (rows of ``W^T``)."""
+        if self._loaded != column:
+            np.copyto(self._column, self._columns[column])
+            self._loaded = column
+        codes = self._column[:, : self._codes_bytes]
+        return codes.reshape(-1, NSUBV, KSUBV // 2).transpose(1, 0, 2)
+
+    def dequantize_rows(self, column: int, r0: int, r1: int, out: np.ndarray) -> None:
+        """Rows ``r0:r1`` (at most ``rows``) of stream column ``column`` as float32
+        ``(code - zp) · scale`` (bf16-rounded unless the scales are float32) into
+        ``out[: r1 - r0]`` (rows of ``W^T``)."""
+        rows, size = r1 - r0, self.block_size
+        shape = (rows, self.layout.kp // size, size)
+        diff = self._diff[:rows]
+        # each code byte widened to a little-endian u16 whose bytes are its low and high nibble:
+        # diff's bytes become the unpacked codes in K order, then code - zero point in int8
+        pairs = diff.view("<u2").reshape(rows, self.layout.k_blocks, KSUBV // 2)
+        np.copyto(pairs, self._codes(column)[r0:r1], casting="unsafe")
+        shifted = self._shifted[:rows].reshape(pairs.shape)
+        np.left_shift(pairs, 4, out=shifted)
+        pairs |= shifted
+        pairs &= 0x0F0F
+        codes = diff.reshape(shape)
+        np.subtract(codes, self.zero_points[column, r0:r1], out=codes)
+        band = out[:rows].reshape(shape)
+        band[...] = codes  # exact small integers
+        band *= self.scales[column, r0:r1]  # with bf16 scales exact (at most 12 significant bits)
+        if self.fp32:
+            return
+        if not self.split_rounding:
+            round_bf16_inplace(band)
+            return
+        c = self._split[:rows].reshape(shape)
+        np.multiply(band, _SPLIT, out=c)
+        np.subtract(c, band, out=band)
+        np.subtract(c, band, out=band)

@@ -1,0 +1,114 @@
+"""The MatMulNBits kernel's product (weights.q4_matmul) equals, bit for bit, the straightforward
+computation it replaces: dequantize the whole q4 image, then one ``a @ W`` product.
+
+The reference decodes with :func:`weights.decode_q4` and dequantizes with plain numpy and
+ml_dtypes' bf16 rounding (round to nearest even), and multiplies with the weights in the same
+memory order as the kernel (``W^T`` rows contiguous along K), so BLAS computes every output as one
+dot product over K in both. Kernels run on the virtual NPU with one BLAS thread
+(``emulator.blas``); so do these comparisons.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from npudispatch.emulator.blas import limited_blas_threads
+from npudispatch.operators import weights
+
+
+def _stream(rng, k, n, block, stripes, fp32, scale=0.05):
+    """A q4 image of random constants, striped the way the DMA delivers it to the kernel."""
+    k_blocks = -(-k // block)
+    b = rng.integers(0, 256, (n, k_blocks, block // 2), dtype=np.uint8)
+    scales = (rng.standard_normal(n * k_blocks) * scale).astype(np.float32)
+    zp = rng.integers(0, 256, n * (-(-k_blocks // 2)), dtype=np.uint8)
+    image = weights.format_q4(b, scales, zp, k, n, block, fp32_scales=fp32)
+    layout = weights.q4_layout(k, n, block, fp32_scales=fp32)
+    order = weights.stripe_order(layout.n_blocks, stripes)
+    return image.reshape(layout.n_blocks, -1)[order].reshape(-1)
+
+
+def _reference(a, stream, k, n, block, stripes, fp32):
+    q4 = weights.decode_q4(stream, k, n, block, stripes, fp32_scales=fp32)
+    group = np.arange(q4.codes.shape[0]) // block
+    w = (q4.codes.astype(np.float32) - q4.zero_points[group]) * q4.scales[group]
+    if not fp32:
+        w = w.astype(ml_dtypes.bfloat16).astype(np.float32)
+    w_t = np.ascontiguousarray(w.T)  # [Np, Kp]: the kernel's memory order
+    return a @ w_t.T[:k, :n]
+
+
+def _activations(rng, shape, fp32):
+    a = rng.standard_normal(shape).astype(np.float32)
+    return a if fp32 else a.astype(ml_dtypes.bfloat16).astype(np.float32)  # kernel entry
+
+
+@pytest.mark.parametrize("fp32", [False, True], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    ("k", "n", "block", "stripes", "lead"),
+    [
+        (256, 200, 128, 1, (1,)),
+        (300, 130, 32, 2, (1, 1)),
+        (128, 64, 16, 1, ()),
+        (97, 333, 64, 3, (1,)),
+        (1000, 1001, 128, 2, (1,)),  # N not a multiple of 4: a ragged last slice
+        (8200, 70, 32, 1, (1,)),  # Kp > 4096: slices of fewer than 64 rows
+        (300, 130, 32, 2, (3,)),  # several rows: the whole-matrix product
+        (256, 200, 64, 1, (2, 5)),
+    ],
+)
+def test_q4_matmul_bit_identical_to_dequantize_then_matmul(k, n, block, stripes, lead, fp32):
+    rng = np.random.default_rng(k * 7 + n)
+    stream = _stream(rng, k, n, block, stripes, fp32)
+    a = _activations(rng, (*lead, k), fp32)
+    with limited_blas_threads(1):
+        got = weights.q4_matmul(a, stream, k, n, block, stripes, fp32_scales=fp32)
+        want = _reference(a, stream, k, n, block, stripes, fp32)
+    assert got.shape == want.shape == (*lead, n)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("scale", [1e-34, 3e31], ids=["tiny", "huge"])
+def test_scales_outside_the_split_range_round_like_ml_dtypes(scale):
+    """Scales whose products could be subnormal or overflow take the integer rounding."""
+    rng = np.random.default_rng(5)
+    k, n, block = 256, 128, 32
+    stream = _stream(rng, k, n, block, 1, False, scale=scale)
+    a = _activations(rng, (1, k), False)
+    with limited_blas_threads(1):
+        got = weights.q4_matmul(a, stream, k, n, block)
+        want = _reference(a, stream, k, n, block, 1, False)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    streamed = weights.dequantize_q4(stream, k, n, block)
+    np.testing.assert_array_equal(streamed, weights.decode_q4(stream, k, n, block).dequantize())
+
+
+def test_split_rounding_equals_bit_rounding_exhaustively():
+    """hi = c - (c - v), c = v * 65537, is round-to-nearest-even to bf16 for every product of a
+    4-bit difference d and a bf16 scale s = m · 2^(E-7) in the kernel's scale range: v is the
+    integer d·m (|d·m| < 2^12; all integers |p| <= 2^13 are tried) times 2^(E-7), signed zeros
+    included."""
+    p = np.append(np.arange(-(1 << 13), (1 << 13) + 1, dtype=np.float64), -0.0)
+    low, high = (int(np.log2(x)) for x in weights._SPLIT_SCALE_RANGE)
+    for e in range(low - 7, high + 1 - 7):
+        v = (p * 2.0**e).astype(np.float32)
+        c = v * weights._SPLIT
+        hi = c - (c - v)
+        want = v.astype(ml_dtypes.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(hi.view(np.uint32), want.view(np.uint32), err_msg=f"2^{e}")
+
+
+def test_a_changed_weight_byte_changes_the_product():
+    """The product is computed from the bytes received: flip one code byte, one output moves."""
+    rng = np.random.default_rng(9)
+    k, n, block = 256, 128, 32
+    stream = _stream(rng, k, n, block, 1, False)
+    a = _activations(rng, (1, k), False)
+    before = weights.q4_matmul(a, stream, k, n, block)
+    changed = stream.copy()
+    changed[100] ^= 0x0F  # a low-nibble code of N-block 0
+    after = weights.q4_matmul(a, changed, k, n, block)
+    moved = np.nonzero(before != after)[-1]
+    assert moved.size == 1 and moved[0] < weights.NSUBV
