@@ -18,6 +18,12 @@ one NPU program         8 GiB       ``NPUDISPATCH_MAX_PROGRAM_BYTES``
 
 (the five buffers of a program together; an AIE2P NPU addresses its buffers with 32-bit offsets
 per buffer, and the emulator holds every buffer in host memory).
+
+Shape inference runs before these checks, so it must not allocate what they would refuse: onnx's
+data propagation materializes constant-computed tensors (``Range``, ``ConstantOfShape``,
+``Expand``, ``Tile`` of constants) at ~140 bytes per element, and is skipped for any node that
+could yield more than :data:`~npudispatch.graph.propagation_guard.DATA_PROP_MAX_ELEMENTS`
+elements; the tensor is then refused here by name (:mod:`npudispatch.graph.propagation_guard`).
 """
 
 from __future__ import annotations

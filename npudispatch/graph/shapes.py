@@ -37,6 +37,7 @@ from onnxscript.optimizer import fold_constants_ir
 
 from npudispatch.domains import is_onnx_domain, normalize_domain
 from npudispatch.errors import ModelError
+from npudispatch.graph.propagation_guard import oversized_propagations
 
 __all__ = [
     "SHAPE_OPS",
@@ -179,11 +180,22 @@ def data_dependent_values(graph: ir.Graph) -> list[tuple[ir.Value, ir.Node]]:
 
 
 def infer_whole_graph(model: ir.Model) -> None:
-    """Run onnx shape inference (strict, data propagation) and merge inferred types by name."""
+    """Run onnx shape inference (strict, data propagation) and merge inferred types by name.
+
+    Data propagation is left out of the round when it could materialize a large constant
+    (:func:`~npudispatch.graph.propagation_guard.oversized_propagations`): onnx would allocate
+    ~140 bytes per element before anything could refuse the tensor.
+    """
+    risky = oversized_propagations(model.graph)
+    if risky:
+        log.debug(
+            "shape inference without data propagation this round: %s",
+            ", ".join(p.describe() for p in risky[:5]),
+        )
     proto = _inference_proto(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(
-            proto, check_type=True, strict_mode=True, data_prop=True
+            proto, check_type=True, strict_mode=True, data_prop=not risky
         )
     except Exception as exc:  # onnx raises InferenceError / ValidationError / RuntimeError
         raise ModelError(

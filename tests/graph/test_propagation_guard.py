@@ -1,0 +1,118 @@
+"""A few hundred bytes of ONNX must not make onnx's data propagation allocate gigabytes.
+
+``Range(0, N, 1) -> Cast`` (or ``ConstantOfShape`` / ``Expand`` sized by a constant) made onnx
+shape inference with ``data_prop=True`` store every element as a dimension record (~140 B each):
+5e6 elements cost ~690 MB, 1e8 would cost ~14 GB. The guard skips data propagation for such
+nodes; shapes are still inferred, and a tensor above the per-tensor limit is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from npudispatch.dispatch.compile import compile_model
+from npudispatch.errors import ModelError, NpuDispatchError
+from npudispatch.graph import load
+from npudispatch.graph.propagation_guard import DATA_PROP_MAX_ELEMENTS, oversized_propagations
+
+
+def _const(name: str, values: list[int], dims: list[int]) -> onnx.NodeProto:
+    tensor = helper.make_tensor(f"{name}_t", TensorProto.INT64, dims, values)
+    return helper.make_node("Constant", [], [name], value=tensor)
+
+
+def generator_model(op: str, count: int) -> onnx.ModelProto:
+    """``op`` producing ``count`` int64 elements from constants, read by a Cast."""
+    if op == "Range":
+        nodes = [_const("a", [0], []), _const("b", [count], []), _const("d", [1], [])]
+        nodes.append(helper.make_node("Range", ["a", "b", "d"], ["r"], name="huge_range"))
+    elif op == "ConstantOfShape":
+        one = helper.make_tensor("v", TensorProto.INT64, [1], [1])
+        nodes = [_const("s", [count], [1])]
+        nodes.append(helper.make_node("ConstantOfShape", ["s"], ["r"], name="huge_fill", value=one))
+    else:
+        nodes = [_const("one", [1], [1]), _const("s", [count], [1])]
+        nodes.append(helper.make_node("Expand", ["one", "s"], ["r"], name="huge_expand"))
+    nodes.append(helper.make_node("Cast", ["r"], ["y"], name="to_float", to=TensorProto.FLOAT))
+    graph = helper.make_graph(
+        nodes, "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+_CHILD = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from test_propagation_guard import generator_model
+from npudispatch.graph import load
+from npudispatch.errors import NpuDispatchError
+model = generator_model(sys.argv[2], int(sys.argv[3]))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+error, shape = None, None
+try:
+    if sys.argv[4] == "compile":
+        from npudispatch.dispatch.compile import compile_model
+        compile_model(model)
+    else:
+        shape = list(load(model).graph.outputs[0].shape)
+except NpuDispatchError as exc:
+    error = f"{type(exc).__name__}: {exc}"
+growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+print(json.dumps({"growth": growth, "error": error, "shape": shape, "size": len(model.SerializeToString())}))
+"""
+
+
+def _in_subprocess(op: str, count: int, what: str) -> dict:
+    here = str(__import__("pathlib").Path(__file__).parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, here, op, str(count), what],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("op", ["Range", "ConstantOfShape", "Expand"])
+def test_large_constant_generator_is_inferred_without_materializing(op):
+    """1e8 int64 elements (800 MB, under the tensor limit): shape [1e8], memory stays small."""
+    result = _in_subprocess(op, 10**8, "load")
+    assert result["size"] < 300, result
+    assert result["error"] is None
+    assert result["shape"] == [10**8]
+    assert result["growth"] < 500 << 20, f"peak RSS grew {result['growth'] / 1e6:.0f} MB"
+
+
+def test_tiny_model_with_a_huge_range_is_refused_by_name():
+    """The attack: a ~190-byte model declaring a 2**40-element Range."""
+    result = _in_subprocess("Range", 2**40, "compile")
+    assert result["growth"] < 500 << 20, f"peak RSS grew {result['growth'] / 1e6:.0f} MB"
+    assert result["error"] is not None
+    assert result["error"].startswith("ModelError: ")
+    assert "Range node 'huge_range'" in result["error"]
+    assert "8,796,093,022,208 B" in result["error"]
+    assert "NPUDISPATCH_MAX_TENSOR_BYTES" in result["error"]
+
+
+def test_refusal_is_our_error_in_process():
+    with pytest.raises(ModelError, match=r"above the .* limit per tensor") as info:
+        compile_model(generator_model("ConstantOfShape", 2**40))
+    assert isinstance(info.value, NpuDispatchError)
+    assert "huge_fill" in str(info.value)
+
+
+def test_guard_flags_only_large_or_unknown_generators():
+    small = load(generator_model("Range", 16))
+    assert oversized_propagations(small.graph) == []
+    assert small.graph.outputs[0].shape == [16]
+    graph = load(generator_model("Expand", DATA_PROP_MAX_ELEMENTS + 1)).graph
+    flagged = oversized_propagations(graph)
+    n = DATA_PROP_MAX_ELEMENTS + 1
+    assert [(p.node.name, p.elements) for p in flagged] == [("huge_expand", n), ("to_float", n)]
