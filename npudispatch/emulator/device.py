@@ -32,67 +32,45 @@ from npudispatch.emulator.memory import (
     describe_arg,
 )
 from npudispatch.emulator.overlay import KernelRegistry, Overlay
+from npudispatch.emulator.prepared import PreparedProgram, prepare_program
+from npudispatch.emulator.regmap import (
+    CORE_QUEUES,
+    MEMTILE_QUEUES,
+    NUM_ROWS,
+    TOKEN_BIT,
+    is_idle_status,
+    is_lock_request,
+    is_queue_register,
+    queue_offsets,
+)
 from npudispatch.emulator.stats import RunStats
 from npudispatch.errors import DeviceError
 from npudispatch.txn import ops as txops
 from npudispatch.txn.registers import (
     MEMTILE_ROW,
-    SHIM_MM2S_TASK_QUEUE,
+    SHIM_NUM_BDS,
     SHIM_ROW,
-    SHIM_S2MM_TASK_QUEUE,
     Direction,
     ShimChannel,
     decode_shim_queue,
     decode_shim_status,
+    shim_bd_addr,
     split_addr,
     tile_addr,
 )
 from npudispatch.txn.shim import TaskQueueEntry
 
-NUM_ROWS = 6  # AIE2P partition: shim, memtile, 4 core rows
 MAX_COLS = 32  # widest array the emulator models (AIE2P partitions use 1-8 columns)
 MAX_TRANSFERS = 1_000_000
 """Default cap on BD executions one run records (``VirtualNpu(max_transfers=...)``): every
 execution is kept in :attr:`VirtualNpu.transfers`, so a corrupt task repeating long BD chains
 thousands of times would otherwise take minutes and gigabytes before anything is reported."""
 DEV_GEN = 4
+_EXECUTIONS_LIMIT = 1 << 14  # checked BD executions remembered per virtual NPU
 SUPPORTED_DEV_GENS = (
     3,
     4,
 )  # AIE2 (phx) and AIE2P (stx): identical shim register map (docs/txn_format.md §4)
-
-# Start-queue registers of the DMAs the emulator does not model (memtile, core tiles): a write with
-# bit 31 set stands for a task that completes at once and issues a token. Values: (dir, channel).
-_MEMTILE_QUEUES = {0xA0604 + 8 * n: (Direction.S2MM, n) for n in range(6)} | {
-    0xA0634 + 8 * n: (Direction.MM2S, n) for n in range(6)
-}
-_CORE_QUEUES = {
-    0x1DE04: (Direction.S2MM, 0),
-    0x1DE0C: (Direction.S2MM, 1),
-    0x1DE14: (Direction.MM2S, 0),
-    0x1DE1C: (Direction.MM2S, 1),
-}
-_SHIM_QUEUES = (*SHIM_S2MM_TASK_QUEUE, *SHIM_MM2S_TASK_QUEUE)
-_MEMTILE_STATUS = range(0xA0660, 0xA06A0, 4)
-_CORE_STATUS = (0x1DF00, 0x1DF04, 0x1DF10, 0x1DF14)
-_TOKEN_BIT = 1 << 31
-
-
-def _is_lock_request(row: int, off: int) -> bool:
-    if row == MEMTILE_ROW:
-        return 0xD0000 <= off < 0x100000
-    return 0x40000 <= off < 0x44000
-
-
-_QUEUE_OFFSETS = {SHIM_ROW: _SHIM_QUEUES, MEMTILE_ROW: tuple(_MEMTILE_QUEUES)}
-_CORE_QUEUE_OFFSETS = tuple(_CORE_QUEUES)
-_QUEUE_SETS = {SHIM_ROW: frozenset(_SHIM_QUEUES), MEMTILE_ROW: frozenset(_MEMTILE_QUEUES)}
-_CORE_QUEUE_SET = frozenset(_CORE_QUEUES)
-
-
-def _queue_offsets(row: int) -> Sequence[int]:
-    """Task-queue register offsets of a tile in ``row``, in the order a BLOCKWRITE serves them."""
-    return _QUEUE_OFFSETS.get(row, _CORE_QUEUE_OFFSETS)
 
 
 @functools.cache
@@ -155,14 +133,31 @@ class VirtualNpu:
             self.memory = HostMemory(buffers if buffers is not None else [None] * NUM_ARGS, argv)
         self.kernels = kernels if kernels is not None else KernelRegistry()
         self.regs: dict[int, int] = {}
-        self.overlay = Overlay(num_cols, self.kernels)
+        # One ShimChannel object per channel: dict lookups then hit by identity.
+        self._channels = {
+            (c, d, ch): ShimChannel(c, d, ch)
+            for c in range(num_cols)
+            for d in (Direction.MM2S, Direction.S2MM)
+            for ch in (0, 1)
+        }
+        # Word addresses of every shim BD, for snapshotting chains straight from the register file.
+        self._bd_words = {
+            (c, bd): tuple(shim_bd_addr(c, bd) + 4 * k for k in range(8))
+            for c in range(num_cols)
+            for bd in range(SHIM_NUM_BDS)
+        }
+        # Bounds-checked (location, word pattern) of each BD execution, by BD object and repeat.
+        self._executions: dict[tuple[int, int], tuple[Any, Location, Any]] = {}
+        self.overlay = Overlay(num_cols, self.kernels, self._channels)
         self.queues: dict[ShimChannel, deque[Task]] = {}
+        self._queue_of: dict[int, deque[Task]] = {}  # by id() of the canonical channel object
         self.tokens: list[tuple[int, int, Direction, int]] = []
         self.reset()
         self.stats = RunStats()
         self.transfers: list[Transfer] = []
         self._op_index: int | None = None
         self._opname: str | None = None
+        self._names: Sequence[str] = ()
         self._handlers: dict[type, Callable[[Any], None]] = {
             txops.Write: self._op_write,
             txops.BlockWrite: self._op_blockwrite,
@@ -184,14 +179,14 @@ class VirtualNpu:
         run never leak into the next one.
         """
         self.regs = {}
-        self.overlay = Overlay(self.num_cols, self.kernels)
-        self.queues = {
-            ShimChannel(c, d, ch): deque()
-            for c in range(self.num_cols)
-            for d in (Direction.MM2S, Direction.S2MM)
-            for ch in (0, 1)
-        }
+        self.overlay = Overlay(self.num_cols, self.kernels, self._channels)
+        self.queues = {ch: deque() for ch in self._channels.values()}
+        self._queue_of = {id(ch): q for ch, q in self.queues.items()}
         self.tokens = []
+
+    def channel(self, col: int, direction: Direction, channel: int) -> ShimChannel:
+        """The canonical :class:`ShimChannel` object of (col, direction, channel)."""
+        return self._channels[col, direction, channel]
 
     @property
     def argv(self) -> list[int]:
@@ -203,14 +198,16 @@ class VirtualNpu:
         """The five argument buffers (``uint8``, real size); empty list in trace mode."""
         return self.memory.buffers if isinstance(self.memory, HostMemory) else []
 
-    def run(self, program: Any) -> RunStats:
-        """Execute a ``Transaction`` (uses ``.ops``) or a sequence of typed ops; returns stats.
+    def prepare(self, program: Any) -> PreparedProgram:
+        """Decode a ``Transaction`` (or a sequence of typed ops) once for many :meth:`run` calls.
 
-        Raises :class:`~npudispatch.errors.DeviceHang` / :class:`~npudispatch.errors.DeviceFault`
-        (as located :class:`EmulatorHang` / :class:`EmulatorFault`) when the program cannot
-        complete or touches memory outside the buffers. Any failure resets the control state
-        (:meth:`reset`), so the next run starts clean.
+        Checks the header against this virtual NPU and works out each op's static half
+        (:mod:`npudispatch.emulator.prepared`); the ops are snapshotted, so prepare again after
+        editing them. Raises :class:`~npudispatch.errors.DeviceError` for a header this NPU cannot
+        run.
         """
+        if isinstance(program, PreparedProgram):
+            return program
         header = getattr(program, "header", None)
         cols = getattr(header, "num_cols", None)
         if cols is not None and cols > self.num_cols:
@@ -224,25 +221,43 @@ class VirtualNpu:
                 f"transaction header is for DevGen {gen} with {rows} rows; this virtual NPU models "
                 f"DevGen {DEV_GEN} (AIE2P; AIE2 DevGen 3 shares its register map) with {NUM_ROWS} rows"
             )
-        ops = program.ops if hasattr(program, "ops") else program
+        ops = list(program.ops if hasattr(program, "ops") else program)
+        return prepare_program(self, ops, [opname(op) for op in ops])
+
+    def run(self, program: Any) -> RunStats:
+        """Execute a :class:`PreparedProgram` from :meth:`prepare`, a ``Transaction`` (uses
+        ``.ops``) or a sequence of typed ops; returns stats.
+
+        Raises :class:`~npudispatch.errors.DeviceHang` / :class:`~npudispatch.errors.DeviceFault`
+        (as located :class:`EmulatorHang` / :class:`EmulatorFault`) when the program cannot
+        complete or touches memory outside the buffers. Any failure resets the control state
+        (:meth:`reset`), so the next run starts clean.
+        """
+        with limited_blas_threads(self.kernel_blas_threads):
+            return self._run(self.prepare(program))
+
+    def _run(self, prepared: PreparedProgram) -> RunStats:
+        if prepared.npu_id != id(self):
+            raise DeviceError("the program was prepared by another VirtualNpu: prepare it here")
         self.stats = RunStats()
         self.transfers = []
+        self._names = prepared.names
         launches0 = self.overlay.launches
+        index = 0
         try:
-            with limited_blas_threads(self.kernel_blas_threads):
-                for index, op in enumerate(ops):
-                    self._op_index, self._opname = index, opname(op)
-                    handler = self._handlers.get(type(op))
-                    if handler is not None:
-                        handler(op)
-                    self.stats.ops[self._opname] += 1
-                self._op_index, self._opname = None, "end of program"
-                self._finish()
+            for index, (handler, arg) in enumerate(prepared.steps):
+                self._op_index = index
+                handler(arg)
+            index = len(prepared.steps)
+            self._op_index, self._opname = None, "end of program"
+            self._finish()
         except BaseException:
+            self.stats.ops.update(prepared.names[:index])  # the ops that completed
             self.stats.kernel_launches = self.overlay.launches - launches0
             self.reset()  # a failed run must not leave streams behind for the next one
             raise
         else:
+            self.stats.ops.update(prepared.counts)
             self.stats.kernel_launches = self.overlay.launches - launches0
         finally:
             self._op_index, self._opname = None, None
@@ -250,7 +265,10 @@ class VirtualNpu:
 
     # ------------------------------------------------------------------ helpers
     def _loc(self, **extra: Any) -> dict[str, Any]:
-        return {"op_index": self._op_index, "opname": self._opname, **extra}
+        name = self._opname
+        if name is None and self._op_index is not None:
+            name = self._names[self._op_index]
+        return {"op_index": self._op_index, "opname": name, **extra}
 
     def _check_reg(self, addr: int) -> tuple[int, int, int]:
         col, row, off = split_addr(addr)
@@ -265,12 +283,50 @@ class VirtualNpu:
     def _reg(self, addr: int) -> int:
         return self.regs.get(addr, 0)
 
+    def _bd_reader(self, col: int, bd_id: int) -> tuple[int, ...]:
+        """The 8 register words of shim BD ``bd_id`` in column ``col``."""
+        get = self.regs.get
+        return tuple([get(a, 0) for a in self._bd_words[col, bd_id]])
+
     def _store(self, addr: int, value: int) -> None:
         col, row, off = self._check_reg(addr)
         value &= 0xFFFFFFFF
         self.regs[addr] = value
-        if off in _QUEUE_SETS.get(row, _CORE_QUEUE_SET):
+        if is_queue_register(row, off):
             self._on_queue_write(col, row, off, value)
+
+    # ------------------------------------------------------------------ prepared steps
+    # The run-time half of ops whose static checks passed in prepare (see emulator.prepared).
+
+    def _step_store(self, arg: tuple[int, int]) -> None:
+        self.regs[arg[0]] = arg[1]
+
+    def _step_store_enqueue(self, arg: tuple[int, int, ShimChannel, TaskQueueEntry]) -> None:
+        addr, value, channel, entry = arg
+        self.regs[addr] = value
+        self._enqueue(channel, entry)
+
+    def _step_blockwrite(self, arg: tuple[dict[int, int], tuple[tuple, ...]]) -> None:
+        items, actions = arg
+        self.regs.update(items)
+        for channel, entry in actions:
+            self._enqueue(channel, entry)
+
+    def _step_ddr_patch(self, op: txops.DdrPatch) -> None:
+        # argidx/argplus are read from the op now: runtime patch sites rewrite argplus per run.
+        if not 0 <= op.argidx < NUM_ARGS:
+            self._op_ddr_patch(op)  # raises the located fault
+            return
+        addr = self.memory.argv[op.argidx] + op.argplus
+        if addr == 0:  # firmware skips a zero address (docs/txn_format.md §5)
+            return
+        if not 0 < addr < ADDRESS_LIMIT or addr & 3:
+            self._op_ddr_patch(op)  # raises the located fault
+            return
+        regs = self.regs
+        regs[op.regaddr] = addr & 0xFFFFFFFF
+        hi = op.regaddr + 4
+        regs[hi] = (regs.get(hi, 0) & 0xFFFF0000) | (addr >> 32)
 
     # ------------------------------------------------------------------ op handlers
     def _op_write(self, op: txops.Write) -> None:
@@ -287,7 +343,7 @@ class VirtualNpu:
         col, row, off = self._check_reg(op.reg_off)
         self._check_reg(op.reg_off + 4 * (n - 1))
         self.regs.update(zip(range(op.reg_off, op.reg_off + 4 * n, 4), op.values.tolist()))
-        for q in _queue_offsets(row):
+        for q in queue_offsets(row):
             if off <= q < off + 4 * n:
                 self._on_queue_write(col, row, q, self.regs[tile_addr(col, row, q)])
 
@@ -322,12 +378,11 @@ class VirtualNpu:
         col, row, off = self._check_reg(op.reg_off)
         status: int
         if row == SHIM_ROW and (dc := decode_shim_status(off)) is not None:
-            channel = ShimChannel(col, *dc)
-            self._drain(channel)
+            self._drain(self.channel(col, *dc))
             status = 0  # idle, no error bits: every failure raised while draining
-        elif _is_lock_request(row, off):
+        elif is_lock_request(row, off):
             return  # no core model: lock acquire/release requests always succeed
-        elif (row == MEMTILE_ROW and off in _MEMTILE_STATUS) or (row > 1 and off in _CORE_STATUS):
+        elif is_idle_status(row, off):
             status = 0  # memtile/core DMAs are not modelled: they are idle
         else:
             status = self._reg(op.reg_off)
@@ -344,7 +399,7 @@ class VirtualNpu:
             for r in range(op.row, op.row + max(op.row_count, 1)):
                 key = (c, r, direction, op.channel)
                 if key not in self.tokens and r == SHIM_ROW and c < self.num_cols:
-                    self._drain(ShimChannel(c, direction, op.channel))
+                    self._drain(self.channel(c, direction, op.channel))
                 if key not in self.tokens:
                     raise EmulatorHang(
                         f"TCT waits for a task-complete token from col {c} row {r} "
@@ -382,17 +437,19 @@ class VirtualNpu:
         if row == SHIM_ROW:
             dc = decode_shim_queue(off)
             assert dc is not None
-            self._enqueue(ShimChannel(col, *dc), TaskQueueEntry.decode(value))
+            self._enqueue(self.channel(col, *dc), TaskQueueEntry.decode(value))
             return
-        table = _MEMTILE_QUEUES if row == MEMTILE_ROW else _CORE_QUEUES
+        table = MEMTILE_QUEUES if row == MEMTILE_ROW else CORE_QUEUES
         direction, ch = table[off]
-        if value & _TOKEN_BIT:  # unmodelled DMA: completes at once, issues its token
+        if value & TOKEN_BIT:  # unmodelled DMA: completes at once, issues its token
             self.tokens.append((col, row, direction, ch))
             self.stats.tokens += 1
 
     def _enqueue(self, channel: ShimChannel, entry: TaskQueueEntry) -> None:
         try:
-            chain = snapshot_chain(self._reg, channel.col, entry.start_bd, allow_invalid=self.trace)
+            chain = snapshot_chain(
+                self._bd_reader, channel.col, entry.start_bd, allow_invalid=self.trace
+            )
         except ChainError as exc:
             raise EmulatorHang(str(exc), **self._loc(channel=channel, bd=exc.bd)) from exc
         task = Task(channel, entry, chain, self._op_index if self._op_index is not None else -1)
@@ -400,13 +457,13 @@ class VirtualNpu:
         if self.trace:
             self._trace_task(task)
             return
-        queue = self.queues[channel]
+        queue = self._queue_of[id(channel)]
         if len(queue) >= self.queue_depth:
             self._make_room(channel)
         queue.append(task)
 
     def _make_room(self, channel: ShimChannel) -> None:
-        queue = self.queues[channel]
+        queue = self._queue_of[id(channel)]
         cause: Exception | None = None
         if channel.direction == Direction.MM2S:
             self._run_mm2s(queue.popleft())
@@ -435,7 +492,6 @@ class VirtualNpu:
         self.transfers.append(
             Transfer(c.col, c.direction, c.channel, argidx, offset, nbytes, bd_id, task.op_index)
         )
-        self.stats.bytes_by_channel[c] += nbytes
         if argidx is None:
             self.stats.unresolved += 1
 
@@ -453,8 +509,14 @@ class VirtualNpu:
 
         The extent is computed without expanding (a corrupt BD of 2^28 words must fault, not
         allocate gigabytes first); a BD moving more bytes than all device memory together is
-        refused as well (it can only be a corrupt length revisiting the same words).
+        refused as well (it can only be a corrupt length revisiting the same words). A checked
+        execution is remembered by BD object and repeat: programs re-queue the same BDs (shared
+        by :func:`~npudispatch.emulator.dma.decode_bd`) every run, and the buffers never move.
         """
+        key = (id(bd), rep)
+        known = self._executions.get(key)
+        if known is not None and known[0] is bd:
+            return known[1], known[2]
         address = base_byte_address(bd, rep)
         loc = self._locate(task, bd_id, address, 4 * extent_words(bd))
         total = self.memory.total_bytes
@@ -464,7 +526,11 @@ class VirtualNpu:
                 f"than all {total} B of device memory: the BD's length field is corrupt",
                 **self._loc(channel=task.channel, bd=bd_id, address=address),
             )
-        return loc, pattern(bd, rep)
+        pat = pattern(bd, rep)
+        if len(self._executions) >= _EXECUTIONS_LIMIT:
+            self._executions.clear()
+        self._executions[key] = (bd, loc, pat)
+        return loc, pat
 
     def _reserve(self, task: Task) -> None:
         """Refuse a task whose executions would push :attr:`transfers` past the limit."""
@@ -489,31 +555,45 @@ class VirtualNpu:
                 self._record(task, bd_id, None, address, bd.length_bytes)
             else:
                 self._record(task, bd_id, loc.argidx, loc.offset, bd.length_bytes)
+            self.stats.bytes_by_channel[task.channel] += bd.length_bytes
         self._finish_task(task)
 
     def _run_mm2s(self, task: Task) -> None:
-        assert isinstance(self.memory, HostMemory)
+        memory = self.memory
+        assert isinstance(memory, HostMemory)
         self._reserve(task)
-        for rep, bd_id, bd in task.executions():
-            loc, pat = self._bd_pattern(task, bd_id, bd, rep)
-            self.overlay.feed(task.channel, self.memory.read(loc, pat))
-            self._record(task, bd_id, loc.argidx, loc.offset, bd.length_bytes)
+        moved, done = 0, 0
+        try:
+            for rep, bd_id, bd in task.executions():
+                loc, pat = self._bd_pattern(task, bd_id, bd, rep)
+                self.overlay.feed(task.channel, memory.read(loc, pat))
+                self._record(task, bd_id, loc.argidx, loc.offset, bd.length_bytes)
+                moved, done = moved + bd.length_bytes, done + 1
+        finally:
+            if done:  # counted per task, not per BD execution (one Counter update)
+                self.stats.bytes_by_channel[task.channel] += moved
         self._finish_task(task)
 
     def _run_s2mm(self, task: Task, data: np.ndarray) -> None:
-        assert isinstance(self.memory, HostMemory)
+        memory = self.memory
+        assert isinstance(memory, HostMemory)
         self._reserve(task)
-        pos = 0
-        for rep, bd_id, bd in task.executions():
-            loc, pat = self._bd_pattern(task, bd_id, bd, rep)
-            self.memory.write(loc, pat, data[pos : pos + bd.length_bytes])
-            pos += bd.length_bytes
-            self._record(task, bd_id, loc.argidx, loc.offset, bd.length_bytes)
+        pos, done = 0, 0
+        try:
+            for rep, bd_id, bd in task.executions():
+                loc, pat = self._bd_pattern(task, bd_id, bd, rep)
+                nbytes = bd.length_bytes
+                memory.write(loc, pat, data[pos : pos + nbytes])
+                self._record(task, bd_id, loc.argidx, loc.offset, nbytes)
+                pos, done = pos + nbytes, done + 1
+        finally:
+            if done:
+                self.stats.bytes_by_channel[task.channel] += pos
         self._finish_task(task)
 
     def _drain(self, channel: ShimChannel) -> None:
         """Run what is needed until ``channel`` is idle (raises if it never can be)."""
-        queue = self.queues[channel]
+        queue = self._queue_of[id(channel)]
         if channel.direction == Direction.MM2S:
             while queue:
                 self._run_mm2s(queue.popleft())
@@ -523,12 +603,13 @@ class VirtualNpu:
     def _serve_outputs(self) -> None:
         """Fire the launch if its output is needed, then serve queued S2MM tasks in ABI order."""
         outputs = self.overlay.outputs
-        if self.overlay.remaining == 0 and any(self.queues[ch] for ch in outputs):
+        queue_of = self._queue_of
+        if self.overlay.remaining == 0 and any(queue_of[id(ch)] for ch in outputs):
             for ch in self.overlay.inputs:
                 self._drain(ch)
             self.overlay.fire(**self._loc())
         for ch in outputs:
-            queue = self.queues[ch]
+            queue = queue_of[id(ch)]
             while queue:
                 task = queue[0]
                 data = self.overlay.take(task.nbytes)

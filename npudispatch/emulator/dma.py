@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from npudispatch.txn.explain import Transfer  # noqa: F401  (re-exported: emulator.dma.Transfer)
-from npudispatch.txn.registers import SHIM_NUM_BDS, ShimChannel, shim_bd_addr
+from npudispatch.txn.registers import SHIM_NUM_BDS, ShimChannel
 from npudispatch.txn.shim import ShimBd, TaskQueueEntry
 
 QUEUE_DEPTH = 4
@@ -67,9 +67,14 @@ def decode_bd(words: tuple[int, ...]) -> ShimBd:
 
 
 def snapshot_chain(
-    read_reg: Callable[[int], int], col: int, start_bd: int, *, allow_invalid: bool = False
+    read_bd: Callable[[int, int], tuple[int, ...]],
+    col: int,
+    start_bd: int,
+    *,
+    allow_invalid: bool = False,
 ) -> list[tuple[int, ShimBd]]:
-    """Decode the BD chain starting at ``start_bd`` from the register file.
+    """Decode the BD chain starting at ``start_bd`` from the register file (``read_bd(col, bd)``
+    returns the BD's 8 register words).
 
     Raises :class:`ChainError` for a BD with ``Valid_BD = 0`` (the channel stops with
     Error_BD_Invalid) or a chain that revisits a BD (the task would never end). With
@@ -84,8 +89,7 @@ def snapshot_chain(
                 f"BD chain loops back to BD {bd_id}: the task would never finish", bd_id
             )
         seen.add(bd_id)
-        base = shim_bd_addr(col, bd_id)
-        bd = decode_bd(tuple(read_reg(base + 4 * k) for k in range(8)))
+        bd = decode_bd(read_bd(col, bd_id))
         if not bd.valid and allow_invalid:
             chain.append((bd_id, bd))
             return chain

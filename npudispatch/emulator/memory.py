@@ -106,6 +106,7 @@ class HostMemory:
                 raise ValueError(f"argument buffers {a} and {b} overlap at {lo_b:#x}")
         self._spans = spans
         self.total_bytes = sum(self.sizes)
+        self._word_views = [s.view("<u4") for s in self._store]  # the storage never moves
 
     @property
     def buffers(self) -> list[np.ndarray]:
@@ -128,7 +129,7 @@ class HostMemory:
         return Location(-1, address, f"is outside every argument buffer ({near})")
 
     def _words(self, argidx: int) -> np.ndarray:
-        return self._store[argidx].view("<u4")
+        return self._word_views[argidx]
 
     def read(self, loc: Location, pat: WordPattern) -> np.ndarray:
         """Gather the bytes of one BD execution (``loc`` from :meth:`locate` of its base)."""

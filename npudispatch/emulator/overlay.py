@@ -8,7 +8,7 @@ pending output stream that S2MM tasks drain in output-channel order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from itertools import pairwise
 from typing import Any
 
@@ -25,7 +25,7 @@ from npudispatch.overlay_abi import (
     output_channels,
     record_size,
 )
-from npudispatch.txn.registers import ShimChannel
+from npudispatch.txn.registers import Direction, ShimChannel
 
 
 class KernelRegistry:
@@ -88,10 +88,21 @@ class Overlay:
       surplus-output hang when the next launch fires or the program ends.
     """
 
-    def __init__(self, num_cols: int, kernels: KernelRegistry) -> None:
+    def __init__(
+        self,
+        num_cols: int,
+        kernels: KernelRegistry,
+        channels: Mapping[tuple[int, Direction, int], ShimChannel] | None = None,
+    ) -> None:
+        """``channels``: the caller's canonical channel objects by (col, direction, channel), so
+        the two sides' lookups hit by identity (equal objects are created otherwise)."""
         self.kernels = kernels
-        self.inputs = [PARAMS_CHANNEL, *operand_channels(num_cols)]
-        self.outputs = output_channels(num_cols)
+
+        def own(ch: ShimChannel) -> ShimChannel:
+            return ch if channels is None else channels[ch.col, ch.direction, ch.channel]
+
+        self.inputs = [own(ch) for ch in (PARAMS_CHANNEL, *operand_channels(num_cols))]
+        self.outputs = [own(ch) for ch in output_channels(num_cols)]
         self.fifos: dict[ShimChannel, list[np.ndarray]] = {ch: [] for ch in self.inputs}
         self.pending: np.ndarray | None = None
         self.pos = 0
@@ -141,7 +152,7 @@ class Overlay:
     def fire(self, **loc: Any) -> None:
         """Decode the record, cut operands, run the kernel and make its outputs pending."""
         self.check_drained(**loc)
-        params = self._stream(PARAMS_CHANNEL)
+        params = self._stream(self.inputs[0])
         if params.size == 0:
             raise EmulatorHang(
                 f"S2MM tasks wait for kernel output but no params record arrived on {PARAMS_CHANNEL}"
