@@ -3,7 +3,9 @@
 Generates with an onnxruntime-genai model folder: prefill and decode programs resident on the
 emulator (or one XRT hardware context with ``--backend xrt --xclbin``), KV cache on the device.
 ``--prompt "text"`` tokenizes through onnxruntime-genai's tokenizer when that package is
-installed (``pip install onnxruntime-genai``).
+installed (``pip install onnxruntime-genai``); a tokenizer that cannot encode the text for this
+model (unknown pieces, ids past the vocabulary) is refused with the reason
+(:mod:`npudispatch.generate.tokenizer`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from pathlib import Path
 from npudispatch.cli.common import print_json
 from npudispatch.dispatch.backends import backend_spec
 from npudispatch.dispatch.backends.registry import cli_flag
-from npudispatch.errors import ModelError
 
 
 def _ids(text: str) -> list[int]:
@@ -73,27 +74,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _tokenizer(model_dir: Path):
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        raise ModelError(
-            "--prompt needs onnxruntime-genai's tokenizer (pip install onnxruntime-genai); "
-            "pass --prompt-ids instead"
-        ) from None
-    if not (model_dir / "tokenizer.json").is_file():
-        raise ModelError(f"{model_dir} has no tokenizer.json: pass --prompt-ids instead")
-    return og.Tokenizer(og.Model(str(model_dir)))
-
-
 def run(args: argparse.Namespace) -> int:
     """Generate and print the tokens (and text when a tokenizer is used)."""
     from npudispatch.generate import Generator, SearchOptions
+    from npudispatch.generate.tokenizer import PromptTokenizer
 
     tokenizer = None
     if args.prompt is not None:
-        tokenizer = _tokenizer(args.model_dir)
-        prompt = [int(t) for t in tokenizer.encode(args.prompt)]
+        tokenizer = PromptTokenizer.load(args.model_dir)
+        prompt = tokenizer.encode(args.prompt)
     else:
         prompt = args.prompt_ids
     options = {} if args.xclbin is None else {"xclbin": args.xclbin}
