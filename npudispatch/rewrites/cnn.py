@@ -13,7 +13,9 @@ the activations go first because folding would take HardSigmoid's ``+ 3`` into a
   constant statistics) -> ``Conv(x, W·s, (B - mean)·s + beta)`` with ``s = scale / sqrt(var + eps)``
   per output channel; ``Mul(Conv, c)`` / ``Add(Conv, c)`` with a constant ``c`` that is a scalar or
   per-output-channel (``[M, 1, 1]``, ``[1, M, 1, 1]``..., also as ``Reshape(constant, constant
-  shape)``) -> scaled weights / shifted bias. The Conv result must have no other reader.
+  shape)``) -> scaled weights / shifted bias. The Conv result must have no other reader. The same
+  for ConvTranspose, whose output channel ``g·M/G + j`` is the weight slice
+  ``W[g·C/G : (g+1)·C/G, j]`` (weight ``[C, M/G, *k]``).
 * :func:`conv_activation_rules`: ``act(Conv(x, W, B))`` for Relu, Clip (constant bounds),
   HardSigmoid, HardSwish (also as ``x · HardSigmoid(x; 1/6, 1/2)``), Sigmoid, ``npudispatch.Silu``
   and LeakyRelu -> ``npudispatch.FusedConv(x, W, B; activation, alpha, beta)`` with the Conv's
@@ -60,26 +62,48 @@ def _conv_bias(node: ir.Node) -> ir.Value | None:
 
 
 def _fail_unless_foldable_conv(r: pattern.MatchResult, conv: ir.Value, uses: int = 1) -> bool:
-    """The Conv producing ``conv``: default domain, constant float weight (and bias), read only by
-    the matched pattern (``uses`` consumers) and not a graph output."""
+    """The Conv (or ConvTranspose) producing ``conv``: default domain, constant float weight (and
+    bias), read only by the matched pattern (``uses`` consumers) and not a graph output."""
     node = _conv_node(conv)
+    kind = node.op_type
     if not is_onnx_domain(node.domain):
-        r.fail(f"{node.name!r} is not an ONNX Conv", node)
+        r.fail(f"{node.name!r} is not an ONNX {kind}", node)
         return False
     w = node.inputs[1]
     if w is None or const_array(w) is None:
-        r.fail(f"Conv {node.name!r} weight is not a constant", node)
+        r.fail(f"{kind} {node.name!r} weight is not a constant", node)
         return False
     if not fail_unless_float(r, conv, w):
         return False
     bias = _conv_bias(node)
     if bias is not None and const_array(bias) is None:
-        r.fail(f"Conv {node.name!r} bias is not a constant", node)
+        r.fail(f"{kind} {node.name!r} bias is not a constant", node)
         return False
     if len(conv.uses()) != uses or conv.is_graph_output():
-        r.fail(f"Conv output {conv.name!r} has other readers", conv)
+        r.fail(f"{kind} output {conv.name!r} has other readers", conv)
         return False
     return True
+
+
+def _out_channels(node: ir.Node) -> int:
+    """Output channels ``M`` of a Conv (weight ``[M, C/G, *k]``) or a ConvTranspose (weight
+    ``[C, M/G, *k]``)."""
+    w = const_array(node.inputs[1])
+    assert w is not None
+    if node.op_type == "ConvTranspose":
+        return int(w.shape[1]) * node.attributes.get_int("group", 1)
+    return int(w.shape[0])
+
+
+def _scale_out(node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The weight ``w`` of ``node`` with output channel ``m`` multiplied by ``s[m]``; a
+    ConvTranspose's output channel ``g·Mg + j`` is ``W[g·Cg : (g+1)·Cg, j]``."""
+    if node.op_type != "ConvTranspose":
+        return w * s.reshape(-1, *(1,) * (w.ndim - 1))
+    group = node.attributes.get_int("group", 1)
+    c, mg, k = w.shape[0], w.shape[1], w.shape[2:]
+    per_group = s.reshape(group, 1, mg, *(1,) * len(k))
+    return (w.reshape(group, c // group, mg, *k) * per_group).reshape(w.shape)
 
 
 def _const(op, arr: np.ndarray, like: ir.Value):
@@ -88,16 +112,19 @@ def _const(op, arr: np.ndarray, like: ir.Value):
 
 
 def _rebuild_conv(op, x, node: ir.Node, w: np.ndarray, b: np.ndarray):
+    """The same Conv / ConvTranspose with new weight and bias constants."""
     wv = node.inputs[1]
     assert wv is not None
-    return op.Conv(x, _const(op, w, wv), _const(op, b, wv), **_conv_attrs(node))
+    make = getattr(op, node.op_type)
+    return make(x, _const(op, w, wv), _const(op, b, wv), **_conv_attrs(node))
 
 
 def _weights(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 weight and bias (zeros when absent) of a Conv node."""
+    """Float64 weight and bias (zeros when absent) of a Conv or ConvTranspose node."""
     w = np.asarray(const_array(node.inputs[1]), np.float64)
     bias = _conv_bias(node)
-    b = np.zeros(w.shape[0]) if bias is None else np.asarray(const_array(bias), np.float64)
+    m = _out_channels(node)
+    b = np.zeros(m) if bias is None else np.asarray(const_array(bias), np.float64)
     return w, b.reshape(-1)
 
 
@@ -115,9 +142,14 @@ def _channel_vector(c: np.ndarray, out_rank: int, m: int) -> np.ndarray | None:
 # ---- folding -------------------------------------------------------------------------------
 
 
-def _bn_pattern(op, x, scale, beta, mean, var):
-    conv = op.Conv(x, _allow_other_inputs=True, _outputs=["conv"])
-    return op.BatchNormalization(conv, scale, beta, mean, var, _outputs=["bn"])
+def _bn_rule(conv_type: str) -> pattern.RewriteRule:
+    """``BatchNormalization(conv_type(x, W, B))`` folded into the convolution."""
+
+    def pat(op, x, scale, beta, mean, var):
+        conv = getattr(op, conv_type)(x, _allow_other_inputs=True, _outputs=["conv"])
+        return op.BatchNormalization(conv, scale, beta, mean, var, _outputs=["bn"])
+
+    return pattern.RewriteRule(pat, _bn_rewrite, _bn_check, name=f"Fold{conv_type}BatchNorm")
 
 
 def _bn_check(context, x, scale, beta, mean, var, conv, bn, **_):
@@ -127,7 +159,7 @@ def _bn_check(context, x, scale, beta, mean, var, conv, bn, **_):
     node = bn.producer()
     if len(node.outputs) != 1 or node.attributes.get_int("training_mode", 0):
         return r.fail(f"BatchNormalization {node.name!r} is in training mode", node)
-    m = _conv_node(conv).inputs[1].shape[0]  # type: ignore[union-attr]
+    m = _out_channels(_conv_node(conv))
     for v in (scale, beta, mean, var):
         arr = const_array(v)
         if arr is None or arr.size != m:
@@ -144,8 +176,7 @@ def _bn_rewrite(op, x, scale, beta, mean, var, conv, bn, **_):
     )
     mean_v = np.asarray(const_array(mean), np.float64).reshape(-1)
     beta_v = np.asarray(const_array(beta), np.float64).reshape(-1)
-    w2 = w * s.reshape(-1, *(1,) * (w.ndim - 1))
-    return _rebuild_conv(op, x, node, w2, (b - mean_v) * s + beta_v)
+    return _rebuild_conv(op, x, node, _scale_out(node, w, s), (b - mean_v) * s + beta_v)
 
 
 def _reshaped_const(c: ir.Value, shape: ir.Value | None) -> np.ndarray | None:
@@ -163,13 +194,13 @@ def _reshaped_const(c: ir.Value, shape: ir.Value | None) -> np.ndarray | None:
         return None
 
 
-def _affine_rule(kind: str, reshaped: bool) -> pattern.RewriteRule:
-    """``Mul``/``Add`` of a Conv by a constant; ``reshaped``: the constant arrives through
-    ``Reshape(constant, constant shape)`` (paddle2onnx writes biases as ``[C]`` reshaped to
-    ``[1, C, 1, 1]``)."""
+def _affine_rule(kind: str, reshaped: bool, conv_type: str = "Conv") -> pattern.RewriteRule:
+    """``Mul``/``Add`` of a ``conv_type`` (Conv or ConvTranspose) by a constant; ``reshaped``:
+    the constant arrives through ``Reshape(constant, constant shape)`` (paddle2onnx writes biases
+    as ``[C]`` reshaped to ``[1, C, 1, 1]``)."""
 
     def pat(op, x, c, shape):
-        conv = op.Conv(x, _allow_other_inputs=True, _outputs=["conv"])
+        conv = getattr(op, conv_type)(x, _allow_other_inputs=True, _outputs=["conv"])
         other = op.Reshape(c, shape) if reshaped else c
         return op.Mul(conv, other) if kind == "Mul" else op.Add(conv, other)
 
@@ -184,32 +215,38 @@ def _affine_rule(kind: str, reshaped: bool) -> pattern.RewriteRule:
         if arr is None:
             return r.fail(f"{c.name!r} is not a constant (or a constant reshaped)", c)
         out_rank = conv.shape.rank() if conv.shape is not None else None
-        w = const_array(_conv_node(conv).inputs[1])
+        node = _conv_node(conv)
+        w = const_array(node.inputs[1])
         rank = out_rank or w.ndim  # type: ignore[union-attr]
-        if _channel_vector(arr, rank, w.shape[0]) is None:  # type: ignore[union-attr]
+        if _channel_vector(arr, rank, _out_channels(node)) is None:
             return r.fail(f"{c.name!r} of shape {arr.shape} is not per output channel", c)
         return r
 
     def rewrite(op, x, c, conv, shape=None, **_):
         node = _conv_node(conv)
         w, b = _weights(node)
-        v = _channel_vector(np.asarray(_reshaped_const(c, shape)), w.ndim, w.shape[0])
+        v = _channel_vector(np.asarray(_reshaped_const(c, shape)), w.ndim, b.size)
         assert v is not None
         if kind == "Mul":
-            return _rebuild_conv(op, x, node, w * v.reshape(-1, *(1,) * (w.ndim - 1)), b * v)
+            return _rebuild_conv(op, x, node, _scale_out(node, w, v), b * v)
         return _rebuild_conv(op, x, node, w, b + v)
 
-    name = f"FoldConv{kind}{'_reshaped' if reshaped else ''}"
+    name = f"Fold{conv_type}{kind}{'_reshaped' if reshaped else ''}"
     return pattern.RewriteRule(pat if reshaped else plain, rewrite, check, name=name)
 
 
-bn_fold_rule = pattern.RewriteRule(_bn_pattern, _bn_rewrite, _bn_check, name="FoldConvBatchNorm")
-
-
 def conv_fold_rules() -> pattern.RewriteRuleSet:
-    """BatchNormalization, then constant Mul and Add, folded into the preceding Conv."""
+    """BatchNormalization, then constant Mul and Add, folded into the preceding Conv or
+    ConvTranspose."""
     return pattern.RewriteRuleSet(
-        [bn_fold_rule, *(_affine_rule(k, rs) for k in ("Mul", "Add") for rs in (False, True))],
+        [
+            rule
+            for conv_type in ("Conv", "ConvTranspose")
+            for rule in (
+                _bn_rule(conv_type),
+                *(_affine_rule(k, rs, conv_type) for k in ("Mul", "Add") for rs in (False, True)),
+            )
+        ],
         commute=True,  # a reshaped constant is not moved last by constants_last
     )
 

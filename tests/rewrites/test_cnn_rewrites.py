@@ -178,6 +178,96 @@ def test_fold_negative_cases():
     assert rewrite(proto_w, conv_fold_rules()) == 0
 
 
+# ---- the same folding into ConvTranspose ------------------------------------------------------
+
+CT_IN = [1, 4, 5, 7]  # ConvTranspose input: 4 channels, odd spatial size
+
+
+def convt_case(group: int, bias: bool, seed: int = 3):
+    """ConvTranspose of ``[1, 2·group, 5, 7]`` (``CT_IN`` for one or two groups) to M channels:
+    kernel 3x2, strides 2, asymmetric pads, output_padding; output ``[1, M, 11, 13]``."""
+    rng = _rng(seed)
+    c = 4 if group < 3 else 2 * group
+    inits = {"wt": (rng.standard_normal((c, M // group, 3, 2)) * 0.3).astype(np.float32)}
+    if bias:
+        inits["bt"] = rng.standard_normal(M).astype(np.float32)
+    node = helper.make_node(
+        "ConvTranspose", ["x", "wt", "bt"] if bias else ["x", "wt"], ["c"], group=group,
+        strides=[2, 2], pads=[1, 0, 0, 1], output_padding=[1, 0],
+    )  # fmt: skip
+    return node, inits, [1, M, 11, 13], [1, c, 5, 7]
+
+
+def same_on_ort_ct(before: ir.Model, after: ir.Model, x_shape) -> None:
+    x = _rng(9).standard_normal(x_shape).astype(np.float32)
+    for g, w in zip(run_ort(after, {"x": x}), run_ort(before, {"x": x})):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(w).max())))
+
+
+@pytest.mark.parametrize(("group", "bias"), [(1, True), (1, False), (2, True), (3, False)])
+def test_fold_batchnorm_into_conv_transpose(group, bias):
+    node, inits, out, x_shape = convt_case(group, bias)
+    bn = helper.make_node("BatchNormalization", ["c", "s", "bb", "mu", "var"], ["y"], epsilon=1e-3)
+    before, after = both([node, bn], {**inits, **bn_inits()}, out, x_shape=x_shape)
+    assert rewrite(after, conv_fold_rules()) == 1
+    assert [o for o in ops(after) if o != "Constant"] == ["ConvTranspose"]
+    same_on_ort_ct(before, after, x_shape)
+
+
+@pytest.mark.parametrize(
+    ("kind", "const", "reshape", "group"),
+    [
+        ("Mul", np.linspace(0.5, 2, M).reshape(M, 1, 1), None, 2),
+        ("Mul", np.float32(1.7), None, 1),
+        ("Add", np.linspace(-1, 1, M), [1, M, 1, 1], 1),  # PP-OCRv4's ConvTranspose bias
+        ("Add", np.linspace(-1, 1, M).reshape(1, M, 1, 1), None, 3),
+    ],
+    ids=["mul-channel-g2", "mul-scalar", "add-reshaped", "add-channel-g3"],
+)
+def test_fold_constant_mul_add_into_conv_transpose(kind, const, reshape, group):
+    node, inits, out, x_shape = convt_case(group, bias=group == 1)
+    inits = {**inits, "k": np.asarray(const, np.float32)}
+    nodes, k = [node], "k"
+    if reshape is not None:
+        inits["shape"] = np.asarray(reshape, np.int64)
+        nodes.append(helper.make_node("Reshape", ["k", "shape"], ["kr"]))
+        k = "kr"
+    nodes.append(helper.make_node(kind, ["c", k], ["y"]))
+    before, after = both(nodes, inits, out, x_shape=x_shape)
+    assert rewrite(after, conv_fold_rules()) == 1
+    assert [o for o in ops(after) if o != "Constant"] == ["ConvTranspose"]
+    same_on_ort_ct(before, after, x_shape)
+
+
+def test_fold_into_conv_transpose_negative_cases():
+    node, inits, out, _ = convt_case(1, bias=True)
+    # a constant that varies over a spatial axis is not per output channel
+    spatial = np.ones((1, 1, 11, 1), np.float32)
+    m = build([node, helper.make_node("Add", ["c", "k"], ["y"])], {**inits, "k": spatial}, out,
+              x_shape=CT_IN)  # fmt: skip
+    assert rewrite(m, conv_fold_rules()) == 0
+    # the ConvTranspose result is read twice
+    nodes = [
+        node,
+        helper.make_node("Mul", ["c", "k"], ["y"]),
+        helper.make_node("Relu", ["c"], ["r"]),
+    ]
+    m = build(nodes, {**inits, **scalars(k=2.0)}, out, x_shape=CT_IN, outs=["r"])
+    assert rewrite(m, conv_fold_rules()) == 0
+    # a BatchNormalization whose statistics do not have one value per output channel
+    bad = {k: v[:1] for k, v in bn_inits().items()}
+    bn = helper.make_node("BatchNormalization", ["c", "s", "bb", "mu", "var"], ["y"])
+    m = build([node, bn], {**inits, **bad}, out, x_shape=CT_IN)
+    assert rewrite(m, conv_fold_rules()) == 0
+    # a runtime (non-constant) weight
+    m = build([node, helper.make_node("Mul", ["c", "k"], ["y"])], {**inits, **scalars(k=2.0)},
+              out, x_shape=CT_IN)  # fmt: skip
+    wt = m.graph.initializers.pop("wt")
+    wt.const_value = None
+    m.graph.inputs.append(wt)
+    assert rewrite(m, conv_fold_rules()) == 0
+
+
 # ---- decomposed HardSigmoid / HardSwish -----------------------------------------------------
 
 
