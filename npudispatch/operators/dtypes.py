@@ -93,15 +93,55 @@ def weight_dtype(fp32: bool) -> np.dtype:
     return F32 if fp32 else BF16
 
 
+_SIGN, _QUIET_NAN = np.uint32(0x80000000), np.uint32(0x7FC00000)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` rounded to bf16 (nearest, ties to even) and widened back: a new float32 array
+    with exactly the bits of ``x.astype(BF16).astype(F32)`` for every float32 input (NaNs become
+    the quiet NaN of their sign, overflow becomes infinity, subnormals are kept; checked over all
+    2**32 bit patterns). Integer arithmetic on the bits: about 9x faster than ml_dtypes' casts."""
+    x = np.asarray(x, dtype=F32)
+    u = x.view(np.uint32)
+    r = u >> 16
+    r &= 1  # the kept half's lowest bit: ties round to even
+    r += 0x7FFF
+    r += u  # never wraps: the largest non-NaN pattern is -inf, 0xFF800000
+    r &= 0xFFFF0000
+    nan = np.isnan(x)  # a NaN's payload can carry into the exponent: give it the quiet NaN
+    if nan.any():
+        r[nan] = (u[nan] & _SIGN) | _QUIET_NAN
+    return r.view(F32)
+
+
+def widen(x: np.ndarray) -> np.ndarray:
+    """A bf16 array as float32 (exact: the bf16 bits are the float32's high half), float32 as it
+    is; faster than ml_dtypes' cast. Other dtypes are cast with ``astype``."""
+    x = np.asarray(x)
+    if x.dtype == BF16:
+        return (x.view(np.uint16).astype(np.uint32) << 16).view(F32)
+    return x if x.dtype == F32 else x.astype(F32)
+
+
 def to_compute(x: np.ndarray) -> np.ndarray:
     """Kernel entry: a float operand as float32; rounded to bf16 first unless in float32 compute."""
     if _FP32_COMPUTE.get():
         return np.asarray(x, dtype=F32)
-    return np.asarray(x).astype(BF16).astype(F32)
+    x = np.asarray(x)
+    if x.dtype == F32:
+        return round_bf16(x)
+    if x.dtype == BF16:
+        return widen(x)
+    return x.astype(BF16).astype(F32)
 
 
 def store(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Kernel exit: a float32 result stored in ``dtype`` (rounded to bf16 first in bf16 compute)."""
     if _FP32_COMPUTE.get():
         return np.asarray(x, dtype=F32).astype(dtype)
-    return np.asarray(x, dtype=F32).astype(BF16).astype(dtype)
+    rounded = round_bf16(np.asarray(x, dtype=F32))
+    if dtype == F32:
+        return rounded
+    if dtype == BF16:  # the bf16 value is the high half of its float32 widening
+        return (rounded.view(np.uint32) >> 16).astype(np.uint16).view(BF16)
+    return rounded.astype(BF16).astype(dtype)

@@ -14,6 +14,7 @@ arrive in stream order: the ``src == 0`` inputs in index order, then one const r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -58,7 +59,15 @@ def encode_table(
 
 
 def decode_table(payload: bytes) -> Table:
-    """Inverse of :func:`encode_table` (DeviceError when the payload is not a table)."""
+    """Inverse of :func:`encode_table` (DeviceError when the payload is not a table).
+
+    Remembered per payload: a program sends the same records every run. The returned table is
+    shared, so callers must not modify it."""
+    return _decode_table(bytes(payload))
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_table(payload: bytes) -> Table:
     from npudispatch.operators.base import TensorSpec
 
     if len(payload) < 8:
@@ -165,8 +174,11 @@ def pack_outputs(
         x = np.asarray(x)
         if x.shape != spec.shape:
             raise DeviceError(f"kernel output {j} has shape {x.shape}, record says {spec.shape}")
-        raw = zero_padding(x.astype(spec.dtype, copy=False), spec.real_shape).tobytes()
-        if len(raw) > nbytes:
-            raise DeviceError(f"kernel output {j} is {len(raw)} bytes, its stream holds {nbytes}")
-        packed.append(np.frombuffer(raw + b"\0" * (nbytes - len(raw)), dtype=np.uint8))
+        data = np.ascontiguousarray(zero_padding(x.astype(spec.dtype, copy=False), spec.real_shape))
+        raw = data.reshape(-1).view(np.uint8)
+        if raw.size > nbytes:
+            raise DeviceError(f"kernel output {j} is {raw.size} bytes, its stream holds {nbytes}")
+        if raw.size < nbytes:  # stream padding: zeros after the tensor
+            raw = np.concatenate([raw, np.zeros(nbytes - raw.size, dtype=np.uint8)])
+        packed.append(raw)
     return packed

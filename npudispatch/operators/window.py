@@ -128,21 +128,36 @@ def pad_spatial(
         for n, b, e in zip(x.shape[2:], begin, end)
     )
     x = x[(slice(None), slice(None), *crop)]
-    widths = [(0, 0), (0, 0), *((max(0, b), max(0, e)) for b, e in zip(begin, end))]
-    if not any(w for pair in widths for w in pair):
+    widths = [(max(0, b), max(0, e)) for b, e in zip(begin, end)]
+    if not any(b or e for b, e in widths):
         return x
-    return np.pad(x, widths, constant_values=value)
+    # What np.pad(constant) produces, without its per-call Python overhead (kernels call this on
+    # every launch).
+    shape = (*x.shape[:2], *(n + b + e for n, (b, e) in zip(x.shape[2:], widths)))
+    out = np.full(shape, value, dtype=x.dtype) if value else np.zeros(shape, dtype=x.dtype)
+    out[
+        (slice(None), slice(None), *(slice(b, b + n) for n, (b, _) in zip(x.shape[2:], widths)))
+    ] = x
+    return out
 
 
 def windows(xp: np.ndarray, window: Window, out: Sequence[int]) -> np.ndarray:
     """Every window of the padded ``xp`` ``[N, C, *spatial]`` as a read-only strided view
     ``[N, C, *out, *kernel]`` (stride and dilation applied; no copy)."""
-    r = window.rank
-    eff = window.effective
-    view = np.lib.stride_tricks.sliding_window_view(xp, eff, axis=tuple(range(2, 2 + r)))
-    pick = tuple(slice(0, (o - 1) * s + 1, s) for o, s in zip(out, window.strides))
-    taps = tuple(slice(None, None, d) for d in window.dilations)
-    return view[(slice(None), slice(None), *pick, *taps)]
+    spatial, steps = xp.shape[2:], xp.strides[2:]
+    if len(out) != window.rank or any(
+        o < 0 or (o > 0 and (o - 1) * s + e > n)
+        for o, s, e, n in zip(out, window.strides, window.effective, spatial)
+    ):
+        raise ValueError(f"{list(out)} windows of {window} do not fit spatial size {spatial}")
+    # Window (o, t) of axis i starts at element o * stride + t * dilation: one strided view.
+    shape = (*xp.shape[:2], *out, *window.kernel)
+    strides = (
+        *xp.strides[:2],
+        *(st * s for st, s in zip(steps, window.strides)),
+        *(st * d for st, d in zip(steps, window.dilations)),
+    )
+    return np.lib.stride_tricks.as_strided(xp, shape, strides, writeable=False)
 
 
 def zero_insert(x: np.ndarray, factors: Sequence[int]) -> np.ndarray:
