@@ -91,11 +91,16 @@ def test_fp32_greedy_follows_accuracy_level_0_too(tmp_path):
 
 
 @functools.cache
-def _agreement(folder: str) -> tuple[float, float]:
+def _teacher_forced(folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """(genai's, our bf16) next-token logits over 64 positions of genai's greedy text."""
     seq = genai_greedy(folder, 65)[:64]
     want = genai_teacher_forced(folder, seq)
     gen = Generator(MODELS_DIR / folder, max_length=72, prefill_length=16)
-    got = gen.teacher_forced_logits(seq)
+    return want, gen.teacher_forced_logits(seq)
+
+
+def _agreement(folder: str) -> tuple[float, float]:
+    want, got = _teacher_forced(folder)
     agree = float(np.mean(want.argmax(-1) == got.argmax(-1)))
     rel_rms = float(np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want**2)))
     return agree, rel_rms
@@ -109,9 +114,21 @@ def test_bf16_teacher_forced_agreement_measured(folder):
     assert rel_rms < 0.1, rel_rms
 
 
+def test_bf16_disagreements_are_near_ties(folder):
+    """Every top-1 disagreement is a near tie in genai's own logits: genai's preference for its
+    token over ours is below 20 % of the logit RMS (measured at most 0.50 of 3.5; the median
+    top-1/top-2 margin is 0.92): bf16 noise, not a wrong computation (docs/numerics.md 1.4)."""
+    want, got = _teacher_forced(folder)
+    rows = np.nonzero(want.argmax(-1) != got.argmax(-1))[0]
+    ours, theirs = got.argmax(-1)[rows], want.argmax(-1)[rows]
+    preference = want[rows, theirs] - want[rows, ours]
+    assert np.all(preference < 0.2 * np.sqrt(np.mean(want**2))), dict(zip(rows, preference))
+
+
 @pytest.mark.xfail(
     strict=False,
-    reason="target of issue 14 not met with bf16 kernels on these random-weight models: "
+    reason="not reachable under the bf16 policy on these random-weight models (docs/numerics.md "
+    "1.4: a single bf16 store of the final norm output already costs > 5 points on int4): "
     "measured 92.2 % (int4) and 93.8 % (fp32) top-1 agreement over 64 positions",
 )
 def test_bf16_teacher_forced_top1_target(folder):
