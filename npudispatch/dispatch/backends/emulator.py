@@ -25,6 +25,7 @@ from npudispatch.dispatch.backends.base import (
 )
 from npudispatch.dispatch.backends.registry import BackendSpec
 from npudispatch.emulator import KernelRegistry, VirtualNpu
+from npudispatch.emulator.prepared import PreparedProgram
 from npudispatch.errors import BackendUnavailableError
 from npudispatch.txn import Transaction
 
@@ -58,10 +59,12 @@ def run_on_emulator(
 
 @dataclass(eq=False)
 class EmulatorPrepared(Prepared):
-    """A program loaded on its own virtual NPU (parsed transaction, resident buffers)."""
+    """A program loaded on its own virtual NPU (parsed transaction, resident buffers, the
+    transaction's ops decoded once for that NPU)."""
 
     transaction: Transaction | None = None
     npu: VirtualNpu | None = None
+    steps: PreparedProgram | None = None
 
 
 class EmulatorBackend:
@@ -73,7 +76,7 @@ class EmulatorBackend:
         self.num_cols = num_cols
 
     def prepare(self, program: ProgramImage) -> EmulatorPrepared:
-        """Parse the transaction once and load const/params into a new virtual NPU."""
+        """Parse and decode the transaction once and load const/params into a new virtual NPU."""
         txn = Transaction.from_bytes(program.txn)
         txn.ops  # noqa: B018 - materialize the typed ops once, not on every run
         npu = VirtualNpu(
@@ -81,7 +84,13 @@ class EmulatorBackend:
             num_cols=self.num_cols or txn.header.num_cols,
             kernels=kernel_registry(program.kernels),
         )
-        return EmulatorPrepared(program=program, backend_name=self.name, transaction=txn, npu=npu)
+        return EmulatorPrepared(
+            program=program,
+            backend_name=self.name,
+            transaction=txn,
+            npu=npu,
+            steps=npu.prepare(txn),
+        )
 
     def execute(
         self, prepared: EmulatorPrepared, input_image: bytes | np.ndarray, output: np.ndarray
@@ -94,7 +103,7 @@ class EmulatorBackend:
             with stats.stage("write_input"):
                 buffers[INPUT][:] = data
             with stats.stage("run"):
-                device_stats = prepared.npu.run(prepared.transaction)
+                device_stats = prepared.npu.run(prepared.steps)
             with stats.stage("read_output"):
                 output[:] = buffers[OUTPUT]
         stats.bytes_to_device, stats.bytes_from_device = data.size, output.size
