@@ -113,12 +113,15 @@ def decode_floats(payload: bytes, table: Table) -> list[float]:
 
 
 def pack_consts(arrays: Sequence[np.ndarray]) -> bytes:
-    """Concatenate arrays' bytes, each padded to a multiple of 4 bytes."""
-    out = bytearray()
+    """Concatenate arrays' bytes, each padded to a multiple of 4 bytes.
+
+    One copy: the parts go into the result as buffer views (weight images are tens of MB).
+    """
+    pieces: list[memoryview | bytes] = []
     for a in arrays:
-        raw = np.ascontiguousarray(a).tobytes()
-        out += raw + b"\0" * (-len(raw) % 4)
-    return bytes(out)
+        raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)  # any dtype, bf16 included
+        pieces += [memoryview(raw), b"\0" * (-raw.size % 4)]
+    return b"".join(pieces)
 
 
 def _as_array(data: Any, spec: TensorSpec, offset: int, what: str) -> np.ndarray:
