@@ -48,9 +48,9 @@ from npudispatch.operators.weights import (
     Q4Weights,
     TileLayout,
     decode_q4,
-    dequantize_q4,
     format_q4,
     q4_layout,
+    q4_matmul,
     unpack_nibbles,
 )
 
@@ -209,8 +209,8 @@ class MatMulNBits(TiledMatMul):
             q4 = decode_q4(t.parts[0], k, n, block, t.stripes, fp32_scales=fp32)
             acc = int8_block_matmul(a, q4, k, n)
         else:
-            w = dequantize_q4(t.parts[0], k, n, block, t.stripes, fp32_scales=fp32)[:k, :n]
-            acc = a @ w
+            # a @ the dequantized weights, without building them for one row (decode)
+            acc = q4_matmul(a, t.parts[0], k, n, block, t.stripes, fp32_scales=fp32)
         if t.bias_rows:
             acc = acc + t.parts[1][: 4 * n].view("<f4")
         return t.store_output(acc)
