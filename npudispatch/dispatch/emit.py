@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch.dispatch.backends.base import ProgramImage
+from npudispatch.dispatch.patch_sites import PatchSite, PatchTable, gather_paths, patch_sites_of
 from npudispatch.dispatch.plan import BufferPlan
 from npudispatch.display import rich_html
 from npudispatch.errors import ModelError, PlanError, ProgramFormatError, TxnFormatError
@@ -199,6 +200,27 @@ def _const_tensor_bytes(value: ir.Value, size: int) -> bytes:
     return data
 
 
+def _image(size: int, writes: list[tuple[int, bytes]]) -> bytes:
+    """``size`` zero bytes with every ``(offset, data)`` written in. Disjoint writes inside the
+    image (the planner's regions) are joined with their zero gaps in one copy: a weight image is
+    tens of MB, and a zeroed buffer filled then copied to ``bytes`` cost two more passes."""
+    pieces: list[bytes] = []
+    end = 0
+    for off, data in sorted(writes, key=lambda w: w[0]):
+        if off < end:
+            break
+        pieces += [bytes(off - end), data]
+        end = off + len(data)
+    else:
+        if end <= size:
+            pieces.append(bytes(size - end))
+            return b"".join(pieces)
+    image = bytearray(size)
+    for off, data in writes:
+        image[off : off + len(data)] = data
+    return bytes(image)
+
+
 def _binding(value: ir.Value, plan: BufferPlan) -> TensorBinding:
     pl = plan.placements[value.name]
     return TensorBinding(
@@ -236,8 +258,8 @@ def emit(name: str, planned: PartitionPlan, *, num_cols: int = 4) -> FusedProgra
     launches, plan, io = planned.launches, planned.plan, planned.io
     txns: list[tuple[Transaction, list[ArgRange]]] = []
     ops: list[OpEntry] = []
-    const_image = bytearray(plan.const_bytes)
-    params_image = bytearray(plan.params_bytes)
+    const_writes: list[tuple[int, bytes]] = []
+    params_writes: list[tuple[int, bytes]] = []
     const_tensors: dict[str, dict[str, Any]] = {}
     for launch, ranges in zip(launches, planned.ranges, strict=True):
         node = launch.node
@@ -246,11 +268,9 @@ def emit(name: str, planned: PartitionPlan, *, num_cols: int = 4) -> FusedProgra
         txns.append((txn, ranges))
         ops.append(_op_entry(launch, txn.num_ops))
         if launch.consts:
-            off = plan.const_regions[node.name][0]
-            const_image[off : off + len(launch.consts)] = launch.consts
+            const_writes.append((plan.const_regions[node.name][0], launch.consts))
         if launch.params:
-            off = plan.params_regions[node.name][0]
-            params_image[off : off + len(launch.params)] = launch.params
+            params_writes.append((plan.params_regions[node.name][0], launch.params))
         for v in node.inputs:
             if v is None or not v.is_initializer() or v.name in const_tensors:
                 continue
@@ -258,8 +278,7 @@ def emit(name: str, planned: PartitionPlan, *, num_cols: int = 4) -> FusedProgra
             owner = CONST_TENSOR_PREFIX + v.name if region else node.name
             off = (region or plan.const_regions.get(node.name, (0, 0)))[0]
             if region:
-                data = _const_tensor_bytes(v, region[1])
-                const_image[off : off + len(data)] = data
+                const_writes.append((off, _const_tensor_bytes(v, region[1])))
             const_tensors[v.name] = {
                 "dtype": np.dtype(v.dtype.numpy()).name if v.dtype else "unknown",
                 "shape": [int(d) for d in v.shape] if v.shape is not None else [],
@@ -267,17 +286,19 @@ def emit(name: str, planned: PartitionPlan, *, num_cols: int = 4) -> FusedProgra
                 "region": owner,
                 "offset": off,
             }
+    fused = _fuse_rebased(name, launches, txns)
     return FusedProgram(
         name=name,
-        txn=_fuse_rebased(name, launches, txns),
+        txn=fused,
         plan=plan,
-        const_image=bytes(const_image),
-        params_image=bytes(params_image),
+        const_image=_image(plan.const_bytes, const_writes),
+        params_image=_image(plan.params_bytes, params_writes),
         ops=ops,
         inputs=[_binding(v, plan) for v in io.inputs],
         outputs=[_binding(v, plan) for v in io.outputs],
         const_tensors=const_tensors,
         num_cols=num_cols,
+        patch_sites=patch_sites_of(planned, [t for t, _ in txns], fused, num_cols),
     )
 
 
@@ -300,6 +321,8 @@ class FusedProgram:
     outputs: list[TensorBinding]
     const_tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_cols: int = 4
+    # DDR_PATCH offsets the host rewrites from input values before every run (DMA gathers)
+    patch_sites: list[PatchSite] = field(default_factory=list)
 
     @property
     def instructions(self) -> bytes:
@@ -333,7 +356,17 @@ class FusedProgram:
             params_image=self.params_image,
             kernels=self.kernels(),
             name=self.name,
+            patches=self.patch_table(),
         )
+
+    def patch_table(self) -> PatchTable | None:
+        """The runtime patch sites ready to apply (None when the program has none)."""
+        return PatchTable(self.name, self.patch_sites, self.inputs) if self.patch_sites else None
+
+    def gathers(self) -> dict[str, str]:
+        """Which path each constant-table Gather took (``"dma: ..."`` or ``"row copy: ..."``,
+        see :func:`~npudispatch.dispatch.patch_sites.gather_paths`)."""
+        return gather_paths(self.patch_sites, self.ops)
 
     def summary(self) -> dict[str, Any]:
         """``plan`` and ``txn`` figures of ``report.json``."""
@@ -348,6 +381,7 @@ class FusedProgram:
                 "params_bytes": p.params_bytes,
             },
             "txn": {"num_ops": self.txn.num_ops, "bytes": self.txn.nbytes},
+            **({"gathers": gathers} if (gathers := self.gathers()) else {}),
         }
 
     def estimate(self, device: str | Device = "strix") -> ProgramEstimate:
@@ -370,6 +404,7 @@ class FusedProgram:
             "inputs": [b.to_dict() for b in self.inputs],
             "outputs": [b.to_dict() for b in self.outputs],
             "const_tensors": self.const_tensors,
+            "patch_sites": [site.to_dict() for site in self.patch_sites],
             "plan": self.plan.to_dict(),
             "sha256": {
                 "txn.bin": hashlib.sha256(self.txn.to_bytes()).hexdigest(),
@@ -484,6 +519,7 @@ class FusedProgram:
             outputs=[TensorBinding.from_dict(b) for b in doc["outputs"]],
             const_tensors=doc.get("const_tensors", {}),
             num_cols=int(doc["num_cols"]),
+            patch_sites=[PatchSite.from_dict(s) for s in doc.get("patch_sites", [])],
         )
         try:
             program.kernels()  # fail now, not at the first run, when a kernel id is unknown

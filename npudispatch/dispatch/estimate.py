@@ -28,8 +28,9 @@ happen before and after its DMAs. The program's bound is the largest of its thre
 (the call latency), memory (the summed time of memory-bound ops) or compute (of compute-bound
 ops). Per program the estimate also reports DDR traffic / minimum traffic, where the minimum is
 the const image read once plus the inputs plus the outputs: what keeping every intermediate on
-the array would cost, versus sending it through DDR (DynamicDispatch's way, and ours). It can be
-below 1 when an op reads only part of an input (a Slice of a graph input).
+the array would cost, versus sending it through DDR (DynamicDispatch's way, and ours). A table
+read by a DMA gather counts only its selected rows (one per index), as only those leave DDR. The
+ratio can be below 1 when an op reads only part of an input (a Slice of a graph input).
 """
 
 from __future__ import annotations
@@ -452,11 +453,21 @@ def estimate_program(program: FusedProgram, device_name: str | Device = "strix")
         device=dev,
         ops=ops,
         min_bytes={
-            "const": plan.const_bytes,
+            "const": plan.const_bytes - _unread_table_bytes(program),
             "inputs": plan.input_bytes,
             "outputs": plan.output_bytes,
         },
     )
+
+
+def _unread_table_bytes(program: FusedProgram) -> int:
+    """Const bytes no run reads: the rows of DMA-gathered tables that are not selected (a
+    DMA gather reads one row per index, its runtime patch sites)."""
+    tables: dict[str, tuple[int, int]] = {}
+    for s in program.patch_sites:
+        rows, picked = tables.get(s.node, (s.rows * s.row_bytes, 0))
+        tables[s.node] = (rows, picked + s.row_bytes)
+    return sum(max(0, table - picked) for table, picked in tables.values())
 
 
 def estimate_programs(

@@ -191,6 +191,9 @@ def plan_partition(
         raise ValueError(f"plan_partition needs an NPU partition, got a {part.kind} one")
     io = partition_io(part)
     launches: list[Launch] = []
+    groups = _view_groups(part)
+    # the tensors the host writes before every run, through any zero-copy views of them
+    host_written = {groups.find(v) for v in part.inputs}
     # Matching formats each op's weights once (the long step for big models).
     for node in progress(part.nodes, desc="match ops + format weights"):
         if is_view(node):
@@ -198,13 +201,20 @@ def plan_partition(
         cfg = _match(node)
         cfg.fp32_compute = fp32_compute
         op = cfg.operator
+        op.bind_host_inputs(
+            cfg,
+            frozenset(
+                i
+                for i, v in enumerate(node.inputs)
+                if v is not None and not v.is_initializer() and groups.find(v) in host_written
+            ),
+        )
         launches.append(Launch(node, cfg, op.buffers(cfg), op.format_consts(cfg), op.params(cfg)))
     if not launches:
         raise ModelError(
             f"NPU partition {[n.name for n in part.nodes]} has no operator to run (views only)"
         )
 
-    groups = _view_groups(part)
     host_in, host_out = set(part.inputs), set(part.outputs)
     members = groups.members()
     root_of: dict[ir.Value, ir.Value] = {}

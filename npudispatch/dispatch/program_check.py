@@ -20,7 +20,10 @@ running into kernels with garbage. What is checked, and against what:
   memory; each output binding matches the dtype and shape its producing op's record declares;
 * the transaction: every shim BD it programs lies inside its buffer, and every output binding
   is written by some S2MM transfer (a transaction with no ops, or one that never writes an output,
-  would otherwise return zeros).
+  would otherwise return zeros);
+* runtime patch sites (DMA gathers): each points at the argplus field of a DDR_PATCH of the
+  const buffer (no field twice), reads an element of an int32/int64 program input, and every
+  row it can select (``base + rows * row_bytes``) lies inside the const buffer.
 
 It costs one static walk of the transaction (``txn.explain``) and one decode per params record.
 """
@@ -36,11 +39,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from npudispatch.dispatch import limits
+from npudispatch.dispatch.patch_sites import SITE_KEYS, argplus_fields
 from npudispatch.emulator.addrgen import extent_words
 from npudispatch.errors import DeviceError, NpuDispatchError, PlanError, ProgramFormatError
 from npudispatch.operators import records
 from npudispatch.operators.dtypes import dtype_code
-from npudispatch.overlay_abi import ParamsRecord
+from npudispatch.overlay_abi import BufferKind, ParamsRecord
 from npudispatch.txn.explain import explain
 from npudispatch.txn.registers import Direction
 
@@ -171,6 +175,20 @@ def check_document(where: Path, doc: Mapping[str, Any]) -> None:
                     f"is {nbytes} but padded_shape {padded} of {dt.name} needs {need} B",
                 )
     j.get(doc, "const_tensors", dict, "const_tensors")
+    sites = doc.get("patch_sites", [])  # absent: a program without any
+    if not isinstance(sites, list):
+        raise j.fail("patch_sites", f"is {type(sites).__name__}, expected a list")
+    for i, site in enumerate(sites):
+        f = f"patch_sites[{i}]"
+        if not isinstance(site, dict):
+            raise j.fail(f, f"is {type(site).__name__}, expected an object")
+        for key in ("node", "input"):
+            j.get(site, key, str, f"{f}.{key}")
+        for key in ("field", "element", "base", "row_bytes", "rows"):
+            j.count(site, key, f"{f}.{key}")
+        unknown = set(site) - set(SITE_KEYS)
+        if unknown:
+            raise j.fail(f, f"has unknown keys {sorted(unknown)}")
     j.get(doc, "plan", dict, "plan")
     digests = j.get(doc, "sha256", dict, "sha256")
     for f in ("txn.bin", "const.bin", "params.bin"):
@@ -215,6 +233,49 @@ def check_program(where: Path, program: FusedProgram) -> None:
                 f"{b.name!r} produces {np.dtype(spec.dtype).name} {list(spec.shape)}",
             )
     _check_transaction(where, program, sizes)
+    _check_patch_sites(j, program, sizes)
+
+
+def _check_patch_sites(j: _Doc, program: FusedProgram, sizes: Sequence[int]) -> None:
+    """Every runtime patch site is the argplus field of a DDR_PATCH of the const buffer, reads an
+    existing integer element of a program input, and keeps every row inside the const buffer."""
+    if not program.patch_sites:
+        return
+    fields = argplus_fields(program.txn)
+    inputs = {b.name: b for b in program.inputs}
+    seen: set[int] = set()
+    for i, site in enumerate(program.patch_sites):
+        f = f"patch_sites[{i}]"
+        hit = fields.get(site.field)
+        if hit is None:
+            raise j.fail(f"{f}.field", f"{site.field} is not the argplus field of a DDR_PATCH")
+        if hit[1] != BufferKind.CONST:
+            raise j.fail(
+                f"{f}.field", f"{site.field} patches buffer {hit[1]}, not the const buffer"
+            )
+        if site.field in seen:
+            raise j.fail(f"{f}.field", f"{site.field} is patched by two sites")
+        seen.add(site.field)
+        b = inputs.get(site.input)
+        if b is None:
+            raise j.fail(f"{f}.input", f"{site.input!r} is not an input of the program")
+        if b.np_dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+            raise j.fail(f"{f}.input", f"{site.input!r} is {b.dtype}, not int32/int64 indices")
+        if site.element >= math.prod(b.shape):
+            raise j.fail(
+                f"{f}.element", f"{site.element} is past the {math.prod(b.shape)} of {site.input!r}"
+            )
+        if site.rows < 1 or site.row_bytes < 4 or site.row_bytes % 4 or site.base % 4:
+            raise j.fail(
+                f, f"rows {site.rows} of {site.row_bytes} B at {site.base}: not whole words"
+            )
+        end = site.base + site.rows * site.row_bytes
+        if end > sizes[BufferKind.CONST]:
+            raise j.fail(
+                f"{f}.rows",
+                f"{site.rows} rows of {site.row_bytes} B from {site.base} end at {end}, past the "
+                f"const buffer ({sizes[BufferKind.CONST]} B)",
+            )
 
 
 def _check_binding(

@@ -16,7 +16,7 @@ CPU segments (if a node had to stay on the CPU) run on onnxruntime between the k
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +27,12 @@ from npudispatch import graph, opset
 from npudispatch.dispatch.artifact import CpuSegmentModel
 from npudispatch.dispatch.backends.emulator import kernel_registry
 from npudispatch.dispatch.emit import FusedProgram
+from npudispatch.dispatch.patch_sites import PatchTable, patch_ops
 from npudispatch.dispatch.segments import CpuSegment
 from npudispatch.emulator import VirtualNpu
 from npudispatch.errors import DeviceError, ModelError
 from npudispatch.generate.programs import CompiledPhase
+from npudispatch.txn import Transaction
 from npudispatch.txn.rebase import rebase_tiling
 
 __all__ = ["PhaseStats", "ResidentDevice"]
@@ -75,6 +77,11 @@ class _EmulatorMemory:
     def launch(self, txn: Any) -> None:
         self.npu.run(txn)
 
+    def patcher(self, txn: Any, table: PatchTable) -> Callable[[np.ndarray], None]:
+        """Applies new argplus values to the phase's decoded DDR_PATCH ops (what the emulator runs)."""
+        ops = [txn.ops[i] for i in table.op_indices(txn)]
+        return lambda values: patch_ops(ops, values)
+
 
 class _XrtMemory:
     """The slot's buffers as five XRT buffer objects in the backend's hardware context, with one
@@ -88,11 +95,13 @@ class _XrtMemory:
         self.to_dev = x.xclBOSyncDirection.XCL_BO_SYNC_BO_TO_DEVICE
         self.from_dev = x.xclBOSyncDirection.XCL_BO_SYNC_BO_FROM_DEVICE
         self.instr: dict[Any, tuple[Any, int]] = {}
-        for key, image in instructions.items():
+        self.shift: dict[Any, int] = {}
+        for key, (image, shift) in instructions.items():
             ib = x.bo(dev, len(image), x.bo.flags.cacheable, kern.group_id(1))
             ib.write(np.frombuffer(image, np.uint8), 0)
             ib.sync(self.to_dev)
             self.instr[key] = (ib, len(image) // 4)
+            self.shift[key] = shift
         self.bos = []
         self.views = []
         for i, data in enumerate(buffers):
@@ -113,6 +122,18 @@ class _XrtMemory:
     def from_device(self, idx: int, offset: int, nbytes: int) -> None:
         if nbytes:
             self.bos[idx].sync(self.from_dev, nbytes, offset)
+
+    def patcher(self, key: Any, table: PatchTable) -> Callable[[np.ndarray], None]:
+        """Writes new argplus values into the phase's instruction BO and syncs what changed."""
+        ib, words = self.instr[key]
+        view = np.frombuffer(ib.map(), np.uint8)[: 4 * words]
+        shift = self.shift[key]
+
+        def apply(values: np.ndarray) -> None:
+            lo, hi = table.write(view, values, shift)
+            ib.sync(self.to_dev, hi - lo, lo)
+
+        return apply
 
     def launch(self, key: Any) -> None:
         backend = self.backend
@@ -149,6 +170,8 @@ class _Slot:
         self.txns = {
             phase: rebase_tiling(prog.txn, {PARAMS: self.params_offset[phase]})
             if self.params_offset[phase]
+            else Transaction.from_bytes(prog.txn.to_bytes())  # its own ops: patched per step
+            if prog.patch_sites
             else prog.txn
             for phase, prog in self.programs.items()
         }
@@ -168,6 +191,16 @@ class _Slot:
             images = {phase: _instruction_image(xrt, t) for phase, t in self.txns.items()}
             self.memory = _XrtMemory(xrt, buffers, images)
             self.launch_keys = {phase: phase for phase in self.txns}
+        # DMA gathers: per phase, the sites and how to apply them (re-basing the params buffer
+        # moves no transaction byte and no const offset, so the sites hold as compiled)
+        self.patches: dict[str, tuple[PatchTable, Callable[[np.ndarray], None]]] = {}
+        for phase, prog in self.programs.items():
+            table = prog.patch_table()
+            if table is not None:
+                self.patches[phase] = (
+                    table,
+                    self.memory.patcher(self.launch_keys[phase], table),
+                )
 
     def run(self, phase: str, env: Mapping[str, np.ndarray], stats: PhaseStats) -> dict:
         prog = self.programs[phase]
@@ -181,6 +214,9 @@ class _Slot:
             b.view(host)[...] = env[b.name]
             mem.to_device(b.buffer, b.offset, b.nbytes)
             stats.bytes_to_device += b.nbytes
+        if phase in self.patches:  # row addresses of the DMA gathers from this step's ids
+            table, apply = self.patches[phase]
+            apply(table.argplus(mem.host(INPUT)))
         t1 = time.perf_counter()
         mem.launch(self.launch_keys[phase])
         t2 = time.perf_counter()
@@ -196,13 +232,15 @@ class _Slot:
         return out
 
 
-def _instruction_image(backend: Any, txn: Any) -> bytes:
-    """The instruction BO contents for the xrt backend's call convention."""
+def _instruction_image(backend: Any, txn: Any) -> tuple[bytes, int]:
+    """The instruction BO contents for the xrt backend's call convention, and how many bytes
+    precede the transaction in it."""
     if backend.convention == "dynamic-dispatch":
         from npudispatch.txn import wrap
 
-        return wrap(txn)
-    return txn.to_bytes()
+        image = wrap(txn)
+        return image, len(image) - txn.nbytes
+    return txn.to_bytes(), 0
 
 
 def _cpu_segment(model: ir.Model, part: graph.Partition, label: str) -> CpuSegment:

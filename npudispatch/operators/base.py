@@ -105,6 +105,21 @@ class OpConfig:
     fp32_compute: bool = False
 
 
+@dataclass(frozen=True)
+class RuntimePatch:
+    """A DDR_PATCH of an op's transaction that the host rewrites before every run (docs/txn_format.md
+    §6.1): the ``patch``-th DDR_PATCH of the op's own transaction addresses row 0 of a const
+    table; before the kernel call its ``argplus`` becomes ``table + index * row_bytes``, where
+    ``index`` is element ``element`` (flat, C order) of node input ``input_index`` (negative
+    indices wrap, indices outside ``[-rows, rows)`` are an error)."""
+
+    patch: int
+    input_index: int
+    element: int
+    row_bytes: int
+    rows: int
+
+
 @dataclass(eq=True)
 class Decline(Exception):
     """Why an operator does not take a node (shown in the partition report).
@@ -174,6 +189,10 @@ class Operator(ABC):
     domain: ClassVar[str] = ""
     op_type: ClassVar[str]
     kernel_id: ClassVar[int]  # unique per operator class (framework 1..99, matmul family 100..199)
+    float32_constants: ClassVar[frozenset[int]] = frozenset()
+    """Input slots whose float32 constants stay float32 under bf16 storage: small tables the
+    kernel applies on its float32 accumulators (rotary cos/sin, per-block scales), where a bf16
+    copy would only add a rounding (docs/numerics.md 1.2; the precision pass reads this)."""
 
     # ---- matching -------------------------------------------------------------------------
     @abstractmethod
@@ -273,6 +292,17 @@ class Operator(ABC):
     def operand_args(self, cfg: OpConfig) -> list[ArgSpec]:
         """Buffers streamed as operands, in stream order: activation inputs, then the const region."""
         return _operands(self.io_buffers(cfg))
+
+    def bind_host_inputs(self, cfg: OpConfig, host_inputs: frozenset[int]) -> None:  # noqa: B027
+        """Told (by the planner, before buffers and records are derived) which node inputs the
+        host writes before every run (inputs of the NPU partition, through zero-copy views). An
+        operator may then read such an input through :meth:`runtime_patches` instead of as an
+        operand; the default streams every input."""
+
+    def runtime_patches(self, cfg: OpConfig, num_cols: int = 4) -> list[RuntimePatch]:
+        """DDR_PATCHes of :meth:`transaction` the host rewrites from input values before every
+        run (a DMA gather's row addresses); none by default."""
+        return []
 
     # ---- transaction ----------------------------------------------------------------------
     def transaction(self, cfg: OpConfig, num_cols: int = 4) -> Transaction:

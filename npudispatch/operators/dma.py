@@ -155,7 +155,16 @@ def program(builder, runs: dict[ShimChannel, list[Piece]], *, what: str, hint: s
     """Program ``runs`` into ``builder``: per channel one BD chain (BD ids allocated per column)
     and one task, in dict order; then a wait for every channel. ``what``/``hint`` word the error
     raised when a column runs out of BDs."""
-    next_bd: dict[int, int] = {}
+    queue(builder, runs, {}, what=what, hint=hint)
+    for chan in runs:
+        builder.wait_channel_idle(chan.col, chan.direction, chan.channel)
+
+
+def queue(
+    builder, runs: dict[ShimChannel, list[Piece]], next_bd: dict[int, int], *, what: str, hint: str
+) -> None:
+    """The BD chains and tasks of :func:`program` without the waits; ``next_bd`` (column -> first
+    free BD id) is updated, so a caller can queue more work on the BDs left over."""
     for chan, pieces in runs.items():
         first = next_bd.get(chan.col, 0)
         if first + len(pieces) > SHIM_NUM_BDS:
@@ -177,5 +186,3 @@ def program(builder, runs: dict[ShimChannel, list[Piece]], *, what: str, hint: s
                 argplus=piece.stream.offset + piece.start,
             )
         builder.push_task(chan.col, chan.direction, chan.channel, first)
-    for chan in runs:
-        builder.wait_channel_idle(chan.col, chan.direction, chan.channel)

@@ -1,9 +1,10 @@
 """Embedding lookup and the small integer arithmetic of decoder attention masks.
 
-* ``Gather`` of a constant table along axis 0 by runtime indices (token embedding): the table
-  sits in the op's const region, the indices are the operand, the kernel copies the selected
-  rows. (On silicon this is a DMA gather whose buffer descriptors are patched with the indices;
-  the overlay kernel models the row copy.)
+* ``Gather`` of a constant table along axis 0 by runtime indices (token embedding), two paths
+  (:class:`GatherTable`): a **DMA gather** when the indices are an input of the NPU partition
+  (``input_ids``): only the selected rows leave DDR, read by one buffer descriptor per index whose
+  address the host patches from the index values before each run; a **row copy** when the indices
+  are computed on the device: the kernel receives the whole table and copies the rows.
 * ``ReduceSum``, ``Add``, ``Sub`` and ``Cast`` on int32/int64 tensors: what the onnxruntime-genai
   builder emits to turn ``attention_mask`` into ``seqlens_k`` (``ReduceSum(mask) - 1`` cast to
   int32). Running them on the NPU keeps the decoder in one partition, one kernel call.
@@ -13,24 +14,32 @@ Integer ops are exact; they are registered after the float operators of the same
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
+from npudispatch.operators import dma, records
 from npudispatch.operators.base import (
+    ArgKind,
+    ArgSpec,
     Decline,
     OpConfig,
     Operator,
+    RuntimePatch,
     ShapeConstraints,
+    TensorSpec,
     check_node_kind,
     const_array,
     node_config,
     op_label,
     tensor_spec,
 )
+from npudispatch.operators.dma_gather import MAX_ROWS, gather_launch
 from npudispatch.operators.dtypes import FLOAT_DTYPES, np_dtype
 from npudispatch.operators.matmul import attr_value
+from npudispatch.overlay_abi import ParamsRecord, round_up
 
 INT_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
@@ -67,7 +76,23 @@ def _exact(cfg: OpConfig) -> ShapeConstraints:
 
 
 class GatherTable(Operator):
-    """ONNX Gather, axis 0, constant table, int32/int64 indices (negative ones wrap)."""
+    """ONNX Gather, axis 0, constant table, int32/int64 indices (negative ones wrap).
+
+    Which path a node takes is decided when its partition is planned (:meth:`bind_host_inputs`)
+    and shown in the compile report (``gathers``):
+
+    * ``"dma"``: the indices are an input of the NPU partition, written by the host (``input_ids``
+      of a decoder). The table stays in the const buffer; the launch's operand is the selected
+      rows only, one MM2S buffer descriptor of ``row_bytes`` per index, whose DDR_PATCH is a
+      runtime patch site (:meth:`runtime_patches`): the host sets its offset to
+      ``table + index * row_bytes`` before every run and rejects indices outside
+      ``[-rows, rows)``. Needs word-multiple rows and at most ``dma_gather.MAX_ROWS`` indices.
+    * ``"row copy"``: the indices are produced on the device. The table (whole) and the indices are
+      the operands and the kernel copies the rows; every run streams the entire table.
+
+    The record's dims say which (``[1]`` for the DMA gather, where the tensor table's input 0 is
+    the gathered rows and the indices are absent; ``[]`` for the row copy).
+    """
 
     op_type = "Gather"
     kernel_id = 910
@@ -101,6 +126,92 @@ class GatherTable(Operator):
         """Indices and table exact; the output may be padded (rows are zero-extended)."""
         return ShapeConstraints((None, None), ((1,) * len(cfg.outputs[0].shape),))
 
+    # ---- the DMA gather path ----------------------------------------------------------------
+    @staticmethod
+    def path(cfg: OpConfig) -> str:
+        """``"dma"`` or ``"row copy"`` (see the class docstring)."""
+        return "dma" if cfg.extra.get("dma_gather") else "row copy"
+
+    def bind_host_inputs(self, cfg: OpConfig, host_inputs: frozenset[int]) -> None:
+        table, idx = cfg.inputs
+        assert table is not None and idx is not None
+        row_bytes = self._row_bytes(cfg)
+        count = math.prod(idx.shape)
+        cfg.extra["dma_gather"] = (
+            1 in host_inputs and row_bytes > 0 and row_bytes % 4 == 0 and 1 <= count <= MAX_ROWS
+        )
+
+    @staticmethod
+    def _row_bytes(cfg: OpConfig) -> int:
+        table = cfg.inputs[0]
+        assert table is not None
+        return math.prod(table.shape[1:]) * np.dtype(table.dtype).itemsize
+
+    def _rows_spec(self, cfg: OpConfig) -> TensorSpec:
+        table, idx = cfg.inputs
+        assert table is not None and idx is not None
+        return TensorSpec(tuple(idx.shape) + tuple(table.shape[1:]), table.dtype)
+
+    def io_buffers(self, cfg: OpConfig) -> list[ArgSpec]:
+        """DMA gather: the const region (table) and the output; the indices are no operand."""
+        if not cfg.extra.get("dma_gather"):
+            return super().io_buffers(cfg)
+        out = cfg.outputs[0]
+        return [
+            ArgSpec(ArgKind.CONST, 0, 0, self.const_region_bytes(cfg)),
+            ArgSpec(ArgKind.OUTPUT, 1, 0, round_up(out.nbytes), 0, out.shape, out.dtype),
+        ]
+
+    def op_dims(self, cfg: OpConfig) -> list[int]:
+        return [1] if cfg.extra.get("dma_gather") else []
+
+    def params_record(self, cfg: OpConfig) -> ParamsRecord:
+        if not cfg.extra.get("dma_gather"):
+            return super().params_record(cfg)
+        rows = self._rows_spec(cfg)
+        record = self.build_record(
+            cfg,
+            operand_bytes=[round_up(rows.nbytes)],
+            output_bytes=[round_up(cfg.outputs[0].nbytes)],
+        )
+        record.payload = records.encode_table(
+            [(rows, records.SRC_OPERAND), None], cfg.outputs
+        ) + records.encode_floats(self.op_floats(cfg))
+        return record
+
+    def _launch(self, cfg: OpConfig, num_cols: int):
+        params = self.buffers_of(cfg, ArgKind.PARAMS)[0]
+        out = self.buffers_of(cfg, ArgKind.OUTPUT)[0]
+        idx = cfg.inputs[1]
+        assert idx is not None
+        return gather_launch(
+            params=dma.Stream(params.local_argidx, params.offset, params.nbytes),
+            outputs=[dma.Stream(out.local_argidx, out.offset, out.nbytes)],
+            table_arg=0,
+            table_offset=0,
+            row_bytes=self._row_bytes(cfg),
+            count=math.prod(idx.shape),
+            num_cols=num_cols,
+        )
+
+    def transaction(self, cfg: OpConfig, num_cols: int = 4):
+        if not cfg.extra.get("dma_gather"):
+            return super().transaction(cfg, num_cols)
+        return self._launch(cfg, num_cols).txn
+
+    def runtime_patches(self, cfg: OpConfig, num_cols: int = 4) -> list[RuntimePatch]:
+        if not cfg.extra.get("dma_gather"):
+            return []
+        table = cfg.inputs[0]
+        assert table is not None
+        row_bytes, rows = self._row_bytes(cfg), table.shape[0]
+        return [
+            RuntimePatch(k, 1, element, row_bytes, rows)
+            for k, element in enumerate(self._launch(cfg, num_cols).patch_elements)
+            if element is not None
+        ]
+
+    # ---- both paths -------------------------------------------------------------------------
     def _lookup(self, table: np.ndarray, idx: np.ndarray) -> np.ndarray:
         ids = np.asarray(idx, np.int64)
         n = table.shape[0]
@@ -109,7 +220,8 @@ class GatherTable(Operator):
         return table[np.where(ids < 0, ids + n, ids)]
 
     def compute(self, inputs, outputs, dims, floats):
-        rows = self._lookup(inputs[0], inputs[1])
+        # DMA gather: the operand already is the selected rows
+        rows = inputs[0] if dims and dims[0] == 1 else self._lookup(inputs[0], inputs[1])
         spec = outputs[0]
         pad = [(0, p - r) for p, r in zip(spec.shape, rows.shape)]
         rows = np.pad(rows, pad) if any(w for _, w in pad) else rows

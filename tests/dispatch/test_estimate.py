@@ -216,6 +216,10 @@ def test_qwen2_decode_step_profile(capsys):
     (prog,) = doc["programs"]
     # The whole 2-layer decode step's weights are read once per token: ~770 KB.
     assert prog["min_bytes"]["const"] <= prog["read_bytes"] <= 1.2 * prog["min_ddr_bytes"]
+    # The token embedding is a DMA gather: one bf16 row of the 384 x 192 table per step, not the
+    # whole table (147,456 B) as the row-copy kernel read it.
+    (embed,) = [op for op in prog["ops"] if op["op_type"] == "Gather"]
+    assert embed["bytes_by_buffer"]["const"]["read"] == 192 * 2
     attention = [op for op in prog["ops"] if op["op_type"] == "GroupQueryAttention"]
     # 6 query heads x head 32 = 192; one new token attends to 9 positions: 2 x 9 x 192 MACs.
     assert [op["macs"] for op in attention] == [2 * 1 * 9 * 192] * 2

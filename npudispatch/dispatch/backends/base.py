@@ -13,12 +13,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from npudispatch.errors import DeviceError
 from npudispatch.overlay_abi import BUFFER_NAMES, BufferKind
+
+if TYPE_CHECKING:
+    from npudispatch.dispatch.patch_sites import PatchTable
 
 INPUT, OUTPUT, SCRATCH, CONST, PARAMS = BufferKind
 
@@ -30,7 +33,8 @@ class ProgramImage:
     ``buffer_sizes`` are the byte sizes of the five kernel buffers in DDR_PATCH argidx order
     (input, output, scratch, const, params); ``const_image``/``params_image`` fill the start of
     buffers 3 and 4; ``kernels`` maps overlay kernel ids to the callables the emulator's overlay
-    invokes (ignored by real hardware, whose cores run the xclbin's kernels).
+    invokes (ignored by real hardware, whose cores run the xclbin's kernels); ``patches``: the
+    DDR_PATCH fields of ``txn`` every ``execute`` rewrites from the input image first.
     """
 
     txn: bytes
@@ -39,6 +43,9 @@ class ProgramImage:
     params_image: bytes = b""
     kernels: Mapping[int, Callable[..., Any]] = field(default_factory=dict)
     name: str = "program"
+    # Runtime patch sites (DMA gathers): DDR_PATCH offsets in ``txn`` a backend rewrites from the
+    # input image before every run (npudispatch.dispatch.patch_sites); None = nothing to patch.
+    patches: PatchTable | None = None
 
     def __post_init__(self) -> None:
         sizes = tuple(int(s) for s in self.buffer_sizes)

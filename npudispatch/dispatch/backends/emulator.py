@@ -16,18 +16,31 @@ from typing import Any
 import numpy as np
 
 from npudispatch.dispatch.backends.base import (
+    CONST,
     INPUT,
     OUTPUT,
+    PARAMS,
     Prepared,
     ProgramImage,
     RunStats,
     check_io,
 )
 from npudispatch.dispatch.backends.registry import BackendSpec
+from npudispatch.dispatch.patch_sites import patch_ops
 from npudispatch.emulator import KernelRegistry, VirtualNpu
 from npudispatch.emulator.prepared import PreparedProgram
 from npudispatch.errors import BackendUnavailableError
 from npudispatch.txn import Transaction
+
+
+def _initial_buffer(program: ProgramImage, idx: int) -> bytes | np.ndarray:
+    """Buffer ``idx`` for the virtual NPU: a const/params image that fills its whole buffer is
+    handed over as the program's own ``bytes``, which the emulator uses in place (copied only if
+    a DMA writes to it), so a weights image is held once rather than twice."""
+    image = {CONST: program.const_image, PARAMS: program.params_image}.get(idx)
+    if isinstance(image, bytes) and image and len(image) == program.buffer_sizes[idx]:
+        return image
+    return program.initial_buffer(idx)
 
 
 def kernel_registry(kernels: Mapping[int, Callable[..., Any]]) -> KernelRegistry:
@@ -64,6 +77,7 @@ class EmulatorPrepared(Prepared):
 
     transaction: Transaction | None = None
     npu: VirtualNpu | None = None
+    patch_ops: list[Any] | None = None  # the decoded DDR_PATCH ops of the runtime patch sites
     steps: PreparedProgram | None = None
 
 
@@ -80,15 +94,18 @@ class EmulatorBackend:
         txn = Transaction.from_bytes(program.txn)
         txn.ops  # noqa: B018 - materialize the typed ops once, not on every run
         npu = VirtualNpu(
-            [program.initial_buffer(i) for i in range(5)],
+            [_initial_buffer(program, i) for i in range(5)],
             num_cols=self.num_cols or txn.header.num_cols,
             kernels=kernel_registry(program.kernels),
         )
+        patches = program.patches
+        patch_ops = [txn.ops[i] for i in patches.op_indices(txn)] if patches else None
         return EmulatorPrepared(
             program=program,
             backend_name=self.name,
             transaction=txn,
             npu=npu,
+            patch_ops=patch_ops,
             steps=npu.prepare(txn),
         )
 
@@ -98,8 +115,12 @@ class EmulatorBackend:
         """Run once; ``stats.device`` holds the emulator's per-run statistics."""
         data = check_io(prepared, input_image, output)
         stats = RunStats(kernel_calls=1)
+        patches = prepared.program.patches
         with prepared.lock:
             buffers = prepared.npu.buffers
+            if patches:  # the row addresses of DMA gathers, from this run's indices
+                with stats.stage("patch"):
+                    patch_ops(prepared.patch_ops, patches.argplus(data))
             with stats.stage("write_input"):
                 buffers[INPUT][:] = data
             with stats.stage("run"):

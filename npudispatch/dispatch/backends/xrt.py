@@ -156,6 +156,8 @@ class XrtPrepared(Prepared):
     data_bos: list[Any] = field(default_factory=list)
     output_view: np.ndarray | None = None  # host mapping of the output BO
     run: Any = None  # the program's pyxrt.run, arguments set in prepare
+    instr_view: np.ndarray | None = None  # host mapping of the instruction BO (patched programs)
+    instr_shift: int = 0  # bytes before the transaction in the instruction BO (DD wrapper)
 
 
 class XrtBackend:
@@ -235,7 +237,12 @@ class XrtBackend:
             ) from exc
         out_view = np.frombuffer(bos[OUTPUT].map(), dtype=np.uint8)[: program.buffer_sizes[OUTPUT]]
         run = self._make_run(program, ib, len(instr) // 4, bos)
+        instr_view = None
+        if program.patches:
+            instr_view = np.frombuffer(ib.map(), dtype=np.uint8)[: len(instr)]
         return XrtPrepared(
+            instr_view=instr_view,
+            instr_shift=len(instr) - len(program.txn),
             run=run,
             program=program,
             backend_name=self.name,
@@ -278,9 +285,19 @@ class XrtBackend:
         data = check_io(prepared, input_image, output)
         clock = time.perf_counter
         seconds: dict[str, float] = {}
+        patches = prepared.program.patches
         with prepared.lock:
             in_bo = prepared.data_bos[INPUT]
             t0 = clock()
+            if patches:
+                # DMA gathers: row addresses from this run's indices, written into the
+                # instruction BO and synced before the call (what the firmware will read)
+                lo, hi = patches.write(
+                    prepared.instr_view, patches.argplus(data), prepared.instr_shift
+                )
+                prepared.instr_bo.sync(self._to_device, hi - lo, lo)
+                t1 = clock()
+                seconds["patch"], t0 = t1 - t0, t1
             if data.size:
                 in_bo.write(data, 0)
                 t1 = clock()
