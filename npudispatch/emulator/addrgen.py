@@ -8,6 +8,7 @@ operations instead of a Python loop per word.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -91,53 +92,83 @@ def extent_words(bd: ShimBd) -> int:
     return best + 1
 
 
+#: One strided block of a pattern: first word offset, shape and word strides (outer first).
+Block = tuple[int, tuple[int, ...], tuple[int, ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class WordPattern:
-    """The words one BD execution touches: ``base_word + offsets`` (``offsets`` None = linear)."""
+    """The words one BD execution touches: ``base_word`` plus, in order, the words of each
+    strided block (``blocks`` None = linear). At most three blocks: the whole d2 x d1 x d0 grid,
+    then the whole rows and the part row the length leaves in the last plane. Blocks are read
+    and written through strided views, so no index array proportional to the bytes moved is built.
+    """
 
     base_word: int
     length: int
-    offsets: np.ndarray | None
+    blocks: tuple[Block, ...] | None
+
+    @property
+    def offsets(self) -> np.ndarray | None:
+        """Word offsets of every element (None when linear); for tools and tests, not the DMA path."""
+        if self.blocks is None:
+            return None
+        parts = [
+            (start + sum(np.ix_(*(np.arange(n) * st for n, st in zip(shape, strides))))).reshape(-1)
+            for start, shape, strides in self.blocks
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     @property
     def span_words(self) -> int:
         """Number of words from the lowest to one past the highest word touched."""
         if self.length == 0:
             return 0
-        if self.offsets is None:
+        if self.blocks is None:
             return self.length
-        return int(self.offsets.max()) + 1
+        return (
+            max(s + sum((n - 1) * st for n, st in zip(sh, sts)) for s, sh, sts in self.blocks) + 1
+        )
+
+    @property
+    def overlaps(self) -> bool:
+        """True when some word is touched twice (a write must then keep the element order)."""
+        for _, shape, strides in self.blocks or ():
+            inner = 0
+            for n, st in reversed(list(zip(shape, strides))):
+                if n > 1 and st <= inner:
+                    return True
+                inner += (n - 1) * st
+        return len(self.blocks or ()) > 1 and self._blocks_interleave()
+
+    def _blocks_interleave(self) -> bool:
+        spans = [
+            (s, s + sum((n - 1) * st for n, st in zip(sh, sts))) for s, sh, sts in self.blocks or ()
+        ]
+        return any(lo_b <= hi_a for (_, hi_a), (lo_b, _) in pairwise(spans))
 
 
-_OFFSETS: dict[tuple[int, ...], np.ndarray | None] = {}
-_OFFSETS_WORDS = 0
-OFFSETS_CACHE_WORDS = 1 << 23
-"""Offsets kept for reuse across runs (8 Mi indices, 32-64 MiB): a program queues the same BDs
-every run, so the index arrays are built once instead of per launch."""
-
-
-def _offsets(bd: ShimBd) -> np.ndarray | None:
-    """Read-only offsets of ``bd`` (None when linear), remembered by the fields that shape them."""
-    global _OFFSETS_WORDS
-    key = (bd.length_words, bd.d0_wrap, bd.d0_step, bd.d1_wrap, bd.d1_step, bd.d2_step)
-    try:
-        return _OFFSETS[key]
-    except KeyError:
-        pass
-    offsets = None if is_linear(bd) else word_offsets(bd)
-    if offsets is not None:
-        if offsets.size and int(offsets[-1]) < 1 << 31 and extent_words(bd) < 1 << 31:
-            offsets = offsets.astype(np.int32)  # half the index bandwidth of int64 gathers
-        offsets.flags.writeable = False
-        if _OFFSETS_WORDS + offsets.size > OFFSETS_CACHE_WORDS:
-            _OFFSETS.clear()
-            _OFFSETS_WORDS = 0
-        _OFFSETS_WORDS += offsets.size
-    _OFFSETS[key] = offsets
-    return offsets
+def blocks(bd: ShimBd) -> tuple[Block, ...] | None:
+    """The strided blocks of ``bd``'s pattern (None when linear); see :class:`WordPattern`."""
+    if is_linear(bd):
+        return None
+    length, n0, n1 = bd.length_words, bd.d0_wrap, bd.d1_wrap
+    s0, s1, s2 = bd.d0_step, bd.d1_step, bd.d2_step
+    out: list[Block] = []
+    if n1 == 0:
+        rows, tail = divmod(length, n0)
+        out.append((0, (rows, n0), (s1, s0)))
+        out.append((rows * s1, (tail,), (s0,)))
+    else:
+        planes, rest = divmod(length, n0 * n1)
+        rows, tail = divmod(rest, n0)
+        out.append((0, (planes, n1, n0), (s2, s1, s0)))
+        out.append((planes * s2, (rows, n0), (s1, s0)))
+        out.append((planes * s2 + rows * s1, (tail,), (s0,)))
+    return tuple(b for b in out if all(b[1]))
 
 
 def pattern(bd: ShimBd, rep: int) -> WordPattern:
-    """Word pattern of repeat ``rep`` of ``bd`` (offsets omitted when the BD is linear)."""
+    """Word pattern of repeat ``rep`` of ``bd`` (no blocks when the BD is linear)."""
     base = base_byte_address(bd, rep) // 4
-    return WordPattern(base, bd.length_words, _offsets(bd))
+    return WordPattern(base, bd.length_words, blocks(bd))

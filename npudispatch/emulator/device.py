@@ -243,6 +243,7 @@ class VirtualNpu:
         self.transfers = []
         self._names = prepared.names
         launches0 = self.overlay.launches
+        self.overlay.start_run()
         index = 0
         try:
             for index, (handler, arg) in enumerate(prepared.steps):
@@ -566,7 +567,8 @@ class VirtualNpu:
         try:
             for rep, bd_id, bd in task.executions():
                 loc, pat = self._bd_pattern(task, bd_id, bd, rep)
-                self.overlay.feed(task.channel, memory.read(loc, pat))
+                slot = self.overlay.slot(task.channel, 4 * pat.length)
+                self.overlay.feed(task.channel, memory.read(loc, pat, out=slot))
                 self._record(task, bd_id, loc.argidx, loc.offset, bd.length_bytes)
                 moved, done = moved + bd.length_bytes, done + 1
         finally:

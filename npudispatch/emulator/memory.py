@@ -7,6 +7,7 @@ buffers. Both map ``argv[i]`` (the u64 kernel argument of buffer ``i``) to buffe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -74,6 +75,10 @@ class HostMemory:
 
     Buffer storage is rounded up to whole 32-bit words internally (the DMA moves words) but every
     access is checked against the buffer's real size. :attr:`buffers` gives the real-size views.
+
+    A ``bytes`` buffer of whole words (a program's const or params image) is used in place, not
+    copied: it is immutable, so the view is read-only until a DMA writes to it, which first gives
+    that buffer a private copy (copy on write). A weights image is then held once per process.
     """
 
     def __init__(
@@ -96,8 +101,11 @@ class HostMemory:
                 data = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
             else:
                 data = np.frombuffer(bytes(buf), dtype=np.uint8)
-            store = np.zeros(-(-data.size // 4) * 4, dtype=np.uint8)
-            store[: data.size] = data
+            if isinstance(buf, bytes) and data.size % 4 == 0:
+                store = data  # read-only: copied on the first write (see writable)
+            else:
+                store = np.zeros(-(-data.size // 4) * 4, dtype=np.uint8)
+                store[: data.size] = data
             self.sizes.append(int(data.size))
             self._store.append(store)
         spans = sorted((self.argv[i], self.argv[i] + self.sizes[i], i) for i in range(NUM_ARGS))
@@ -106,12 +114,21 @@ class HostMemory:
                 raise ValueError(f"argument buffers {a} and {b} overlap at {lo_b:#x}")
         self._spans = spans
         self.total_bytes = sum(self.sizes)
-        self._word_views = [s.view("<u4") for s in self._store]  # the storage never moves
+        self._word_views = [s.view("<u4") for s in self._store]  # replaced only by writable()
 
     @property
     def buffers(self) -> list[np.ndarray]:
-        """Real-size ``uint8`` views of the five buffers (writes through)."""
+        """Real-size ``uint8`` views of the five buffers (writes through; a buffer given as
+        ``bytes`` is read-only until :meth:`writable` or a DMA write copies it)."""
         return [s[:n] for s, n in zip(self._store, self.sizes)]
+
+    def writable(self, argidx: int) -> np.ndarray:
+        """Buffer ``argidx`` as a writable real-size view (copying a ``bytes`` buffer once)."""
+        store = self._store[argidx]
+        if not store.flags.writeable:
+            store = self._store[argidx] = store.copy()
+            self._word_views[argidx] = store.view("<u4")
+        return store[: self.sizes[argidx]]
 
     def locate(self, address: int, span_bytes: int) -> Location:
         """Find the buffer holding ``[address, address + span_bytes)``; ``problem`` if none does."""
@@ -131,22 +148,48 @@ class HostMemory:
     def _words(self, argidx: int) -> np.ndarray:
         return self._word_views[argidx]
 
-    def read(self, loc: Location, pat: WordPattern) -> np.ndarray:
-        """Gather the bytes of one BD execution (``loc`` from :meth:`locate` of its base)."""
+    def read(self, loc: Location, pat: WordPattern, out: np.ndarray | None = None) -> np.ndarray:
+        """Gather the bytes of one BD execution (``loc`` from :meth:`locate` of its base), into
+        ``out`` (``4 * pat.length`` uint8) when given instead of a new array."""
         words = self._words(loc.argidx)
         first = loc.offset // 4
-        if pat.offsets is None:
-            out = words[first : first + pat.length].copy()
-        else:  # gather from the window at the base: the cached offsets are used as they are
-            out = np.take(words[first:], pat.offsets)
-        return out.view(np.uint8)
+        if pat.blocks is None:
+            if out is None:
+                return words[first : first + pat.length].copy().view(np.uint8)
+            out.view("<u4")[...] = words[first : first + pat.length]
+            return out
+        dest = out.view("<u4") if out is not None else np.empty(pat.length, dtype="<u4")
+        pos = 0
+        for start, shape, strides in pat.blocks:  # bounds-checked from the BD's extent
+            n = math.prod(shape)
+            dest[pos : pos + n].reshape(shape)[...] = _strided(words, first + start, shape, strides)
+            pos += n
+        return dest.view(np.uint8)
 
     def write(self, loc: Location, pat: WordPattern, data: np.ndarray) -> None:
         """Scatter ``data`` (``4 * pat.length`` bytes) to the words of one BD execution."""
+        self.writable(loc.argidx)
         words = self._words(loc.argidx)
         first = loc.offset // 4
         values = np.ascontiguousarray(data, dtype=np.uint8).view("<u4")
-        if pat.offsets is None:
+        if pat.blocks is None:
             words[first : first + pat.length] = values
-        else:
+        elif pat.overlaps:  # a word written twice: the later element wins, as the DMA does it
             np.put(words[first:], pat.offsets, values)
+        else:
+            pos = 0
+            for start, shape, strides in pat.blocks:
+                n = math.prod(shape)
+                view = _strided(words, first + start, shape, strides, writeable=True)
+                view[...] = values[pos : pos + n].reshape(shape)
+                pos += n
+
+
+def _strided(
+    words: np.ndarray, first: int, shape: tuple[int, ...], strides: tuple[int, ...], **kw: bool
+) -> np.ndarray:
+    """A view of ``words`` from word ``first`` with word ``strides`` (no index array)."""
+    item = words.itemsize
+    return np.lib.stride_tricks.as_strided(
+        words[first:], shape=shape, strides=tuple(st * item for st in strides), **kw
+    )

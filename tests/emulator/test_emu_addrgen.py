@@ -41,6 +41,8 @@ def test_linear_fast_path_is_sound(bd: ShimBd) -> None:
         assert linear
     pat = pattern(bd, 0)
     assert (pat.offsets is None) == is_linear(bd)
+    if pat.offsets is not None:  # the strided blocks expand to exactly the reference order
+        assert pat.offsets.tolist() == reference_offsets(bd)
     expected_span = (max(reference_offsets(bd)) + 1) if bd.length_words else 0
     assert pat.span_words == expected_span
 
