@@ -68,19 +68,6 @@ class PatchSite:
     def from_dict(cls, d: Mapping[str, Any]) -> PatchSite:
         return cls(**{k: d[k] for k in SITE_KEYS})
 
-    def shifted(self, txn_bytes: int = 0, const_bytes: int = 0) -> PatchSite:
-        """The site after its transaction moved by ``txn_bytes`` (fused after other ops, wrapped)
-        and its const buffer by ``const_bytes`` (re-based)."""
-        return PatchSite(
-            self.field + txn_bytes,
-            self.node,
-            self.input,
-            self.element,
-            self.base + const_bytes,
-            self.row_bytes,
-            self.rows,
-        )
-
 
 def argplus_fields(txn: Transaction) -> dict[int, tuple[int, int, int]]:
     """``argplus field position -> (op index, argidx, argplus)`` of every DDR_PATCH of ``txn``."""
