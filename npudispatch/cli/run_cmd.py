@@ -304,7 +304,12 @@ def run(args: argparse.Namespace) -> int:
             found = checks[name]
             entry.update(compare(value, reference[name], Tolerance(0.0, 0.0)))
             entry.update(max_abs=found.max_abs, ok=found.ok)
-            tolerances[name] = {"ulps": found.allowed_ulps, "reference": "rounding-aware"}
+            tolerances[name] = (
+                {"ulps": found.allowed_ulps, "reference": "rounding-aware"}
+                if found.allowed_ulps is not None  # else quantized: steps of its grid
+                else {"steps": found.allowed_steps, "step": found.grid.step,
+                      "propagated_steps": found.propagated_steps, "reference": "rounding-aware"}
+            )  # fmt: skip
             entry["tolerance"] = tolerances[name]
             entry["check"] = {**found.to_json(), "summary": found.describe()}
             all_ok &= found.ok
@@ -353,6 +358,12 @@ def run(args: argparse.Namespace) -> int:
                 f"{ULPS} bf16 ulps of the magnitudes involved (one ulp carried through the graph "
                 "to that element, measured by perturbed reference runs)"
             )
+            if any(t.get("steps") for t in tolerances.values()):
+                print(
+                    "quantized outputs (from QuantizeLinear or a per-tensor DequantizeLinear): "
+                    "within one quantization step per element, plus what a one-step difference "
+                    "inside the model carries to them (measured by perturbed reference runs)"
+                )
     if args.check and not all_ok:
         print("npudispatch run: outputs differ from onnxruntime", file=sys.stderr)
         return EXIT_MISMATCH

@@ -22,6 +22,11 @@ dequantized exactly (float32 scales, as the float32 weight image holds them) unl
 ``accuracy_level`` is 4, where onnxruntime's int8-activation kernel is the reference as it is.
 The bf16-ulp unit below is kept as the budget in that mode (a float32-ulp budget is not defined).
 
+Quantized outputs (from a ``QuantizeLinear``, a fused quantized op or a per-tensor
+``DequantizeLinear``) are judged in steps of their grid instead: one quantization step per
+element plus what a one-step difference inside the model is measured to carry to them
+(:mod:`npudispatch.dispatch.quant_check`).
+
 It runs on onnxruntime (CPU, float32), so its only differences from the NPU are accumulation order
 and the libm used by exp/erf/tanh: a result close to a bf16 rounding boundary may round the other
 way (one bf16 ulp) and such flips propagate (through a 100-convolution detector they cascade to
@@ -59,6 +64,7 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch import graph, opset
+from npudispatch.dispatch import quant_check
 from npudispatch.operators.matmul_nbits import ACCURACY_INT8, dequantize_nbits
 from npudispatch.rewrites import default_pipeline
 from npudispatch.rewrites.precision import BUDGETS
@@ -177,6 +183,7 @@ class RoundingReference:
 
         m = graph.load(model, dims=dims, input_shapes=input_shapes)
         default_pipeline(pad=False, bf16=bf16)(m)
+        self.grids = quant_check.output_grids(m)  # quantized outputs: checked in steps
         # Dequantized weights are fed as inputs: onnxruntime reads them in place instead of
         # copying them through the serialized model (three float32 copies of a 4-bit MLP).
         self.weights: dict[str, np.ndarray] = {}
@@ -186,6 +193,7 @@ class RoundingReference:
             opset.attach_functions(m)
         for body in (m.graph, *(f.graph for f in m.functions.values())):
             _accurate_sigmoid(body)
+        self.quant_jitters = quant_check.insert_quantization_jitter(m)
         m.ir_version = min(m.ir_version, graph.EXTRACT_IR_VERSION)
         self.session = onnxruntime_session(m, optimize=False)
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -200,6 +208,7 @@ class RoundingReference:
             else:
                 signs = rng.integers(0, 2, size=shape) * 2 - 1
                 full[name] = (1.0 + JITTER * signs).astype(np.float32)
+        full |= quant_check.quantization_jitter_feeds(self.quant_jitters, rng)
         return dict(zip(self.outputs, self.session.run(self.outputs, full)))
 
 
@@ -220,17 +229,19 @@ def check_outputs(
     """
     ref = reference.run(feeds)
     probes = [reference.run(feeds, jitter=seed) for seed in range(PROBES)]
-    jittered = bool(reference.jitter_shapes)
+    jittered = bool(reference.jitter_shapes or reference.quant_jitters)
     out = {
         name: _judge(name, value, ref, probes, fp32, ulps, jittered)
         for name, value in actual.items()
     }
+    out |= quant_check.step_checks(reference.grids, actual, ref, probes, fp32)
     if jittered and not all(v.ok for v in out.values()):
         probes += [reference.run(feeds, jitter=seed) for seed in range(PROBES, MAX_PROBES)]
         out = {
             name: _judge(name, value, ref, probes, fp32, ulps, jittered)
             for name, value in actual.items()
         }
+        out |= quant_check.step_checks(reference.grids, actual, ref, probes, fp32)
     return out
 
 

@@ -4,14 +4,11 @@ exporter-style Llama decoder and BERT encoder layers, calibrated on seeded rando
 hand-built corner cases (int16, zero points at the range ends, saturation).
 
 Targets (issue 13): no more kernel calls than the float model, >= 90 % of nodes on the NPU, and
-results as close to onnxruntime as quantization allows. Whole-model outputs are compared in units
-of the output's quantization step: every quantized op is within one step of onnxruntime (see
-tests/operators/test_quantize.py), but a one-step difference inside the layer propagates, so the
-bound here is onnxruntime's own disagreement between its unoptimized QDQ run and its optimized
-run (QLinear* fusions) plus one step, and >= 95 % of elements must be within one step. Measured:
-bit-exact for both Llama recipes and BERT A8W8, at most 3 steps on a few % of BERT A16W8
-(float32 LayerNormalization/Erf/Softmax summation differences propagated), while onnxruntime's
-own optimized run is 2-3 (A8W8) and 160-180 (A16W8) steps from its unoptimized one.
+results within one quantization step of onnxruntime's unfused QDQ run. Every quantized op is
+within one step (tests/operators/test_quantize.py); A8W8 models are bit-exact, while at A16W8 a
+one-step difference inside the model can carry further (a residual stream, a softmax of a
+requantized logit), measured 2 output steps at most: ``run --check``'s step rule allows one step
+plus what its perturbed reference runs show such a difference carries (1-3 steps at A16W8).
 """
 
 from __future__ import annotations
@@ -25,6 +22,8 @@ import pytest
 from onnx import numpy_helper
 
 import npudispatch
+from npudispatch.dispatch.check import RoundingReference, check_outputs
+from npudispatch.dispatch.quant_check import QuantizedOutputCheck
 from npudispatch.examples import build_example
 
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -111,25 +110,36 @@ def test_quantized_layer_partitions_like_its_float_version(qdq_fixtures, layer, 
     assert "QMatMul" in fused and any(op.startswith("QDQ") for op in fused)
 
 
+def step_verdict(path: Path, feeds: dict, got: np.ndarray):
+    """``run --check``'s verdict on the (quantized) first output."""
+    reference = RoundingReference(str(path))
+    name = reference.outputs[0]
+    verdict = check_outputs(reference, feeds, {name: got})[name]
+    assert isinstance(verdict, QuantizedOutputCheck), "the output must be checked in steps"
+    return verdict
+
+
 @pytest.mark.parametrize(("layer", "recipe"), CASES, ids=[f"{a}-{b}" for a, b in CASES])
 def test_quantized_layer_matches_onnxruntime(qdq_fixtures, layer, recipe):
     _, q_path = qdq_fixtures[(layer, recipe)]
     model = onnx.load(q_path)
-    feeds = feeds_for(model, np.random.default_rng(5))
-    plain = ort_run(q_path, feeds, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    optimized = ort_run(q_path, feeds, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    sess = npudispatch.Session(str(q_path))
-    (got,) = sess.run(None, feeds)
-    assert sess.last_run_stats.kernel_calls == 1
     step = output_step(model)
-    ours = np.abs(got - plain) / step
-    theirs = np.abs(optimized - plain) / step
-    # Every op is within one step of onnxruntime's QDQ execution; the layer output too, on
-    # >= 95 % of elements, and never further than onnxruntime's optimized run is from it.
-    assert (ours <= 1 + 1e-3).mean() >= 0.95, f"{(ours > 1 + 1e-3).mean():.3f} beyond 1 step"
-    assert ours.max() <= theirs.max() + 1 + 1e-3, (
-        f"{ours.max():.1f} steps from onnxruntime; onnxruntime optimized vs not: {theirs.max():.1f}"
-    )
+    for seed in (1, 5):
+        feeds = feeds_for(model, np.random.default_rng(seed))
+        plain = ort_run(q_path, feeds, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        sess = npudispatch.Session(str(q_path))
+        (got,) = sess.run(None, feeds)
+        assert sess.last_run_stats.kernel_calls == 1
+        ours = np.abs(got - plain) / step
+        # Every op is within one step of onnxruntime's QDQ execution; the layer output too, on
+        # >= 95 % of elements, and run --check's step rule holds: one step per element plus
+        # what a one-step difference inside the layer is measured to carry to the output.
+        assert (ours <= 1 + 1e-3).mean() >= 0.95, f"{(ours > 1 + 1e-3).mean():.3f} beyond 1 step"
+        verdict = step_verdict(q_path, feeds, got)
+        assert verdict.ok, verdict.describe()
+        assert ours.max() <= 1 + verdict.propagated_steps + 1e-3, verdict.describe()
+        if recipe == "a8w8":  # nothing flips at 8 bits: bit-exact, strict one-step rule
+            assert ours.max() == 0 and verdict.propagated_steps == 0, verdict.describe()
 
 
 # ---- hand-built corner cases --------------------------------------------------------------------
@@ -308,3 +318,7 @@ def test_quantized_cnn_partitions_like_its_float_version(ppocr_qdq):
         want = ort_run(ppocr_qdq[recipe], feeds, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         (got,) = npudispatch.Session(str(ppocr_qdq[recipe])).run(None, feeds)
         assert np.abs(got - want).max() <= bound * output_step(model) * (1 + 1e-3), recipe
+        verdict = step_verdict(ppocr_qdq[recipe], feeds, got)  # run --check
+        assert verdict.ok, f"{recipe}: {verdict.describe()}"
+        if recipe == "a8w8":
+            assert verdict.worst_steps == 0 and verdict.propagated_steps == 0, verdict.describe()
