@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -63,6 +64,14 @@ def rules_pass(
     return RulesPass(rules, name, canonicalize=canonicalize)
 
 
+@functools.cache
+def _built_once(factory: Callable[[], pattern.RewriteRuleSet]) -> pattern.RewriteRuleSet:
+    """The default pipeline's rule sets, built once per process: they are fixed, and building one
+    (commuting its patterns clones every pattern graph per operand order) cost several ms of every
+    compile. Matching keeps no state in a rule set between models."""
+    return factory()
+
+
 # Name of the pass before which the terminal-padding and precision (fp32 -> bf16) passes go:
 # `pipeline.add(PadTerminalsPass(), before=LATE_PASSES_ANCHOR)`.
 LATE_PASSES_ANCHOR = "MarkViewsPass"
@@ -102,14 +111,14 @@ def default_pipeline(
         # Scalars and folded shapes become initializers: one const image for the planner.
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         QdqPass(),  # before the float fusions: QDQ groups become quantized NPU ops
-        rules_pass(activation_rules(), "FuseActivations", canonicalize=True),
+        rules_pass(_built_once(activation_rules), "FuseActivations", canonicalize=True),
         # HardSigmoid/HardSwish first: folding would take their "+ 3" into the Conv's bias.
-        rules_pass(hard_activation_rules(), "FuseHardActivations", canonicalize=True),
-        rules_pass(conv_fold_rules(), "FoldConv", canonicalize=True),
-        rules_pass(conv_activation_rules(), "FuseConvActivation", canonicalize=True),
-        rules_pass(rms_norm_rules_set(), "FuseRMSNorm"),
-        rules_pass(skip_rms_norm_rules_set(), "FuseSkipRMSNorm"),
-        rules_pass(matmul_rules(), "FuseMatMul"),
+        rules_pass(_built_once(hard_activation_rules), "FuseHardActivations", canonicalize=True),
+        rules_pass(_built_once(conv_fold_rules), "FoldConv", canonicalize=True),
+        rules_pass(_built_once(conv_activation_rules), "FuseConvActivation", canonicalize=True),
+        rules_pass(_built_once(rms_norm_rules_set), "FuseRMSNorm"),
+        rules_pass(_built_once(skip_rms_norm_rules_set), "FuseSkipRMSNorm"),
+        rules_pass(_built_once(matmul_rules), "FuseMatMul"),
         *extra_passes,
         common_passes.RemoveUnusedNodesPass(),
         *([PadTerminalsPass(support)] if pad else []),
