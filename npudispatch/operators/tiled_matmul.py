@@ -241,9 +241,23 @@ class TiledMatMul(Operator):
             ]
         return cfg.extra["const_parts"]
 
-    def format_consts(self, cfg: OpConfig) -> bytes:
-        """Weight image then extra parts, each padded to 4 bytes."""
-        return records.pack_consts(self._parts(cfg))
+    def format_consts(self, cfg: OpConfig) -> bytes | memoryview:
+        """Weight image then extra parts, each padded to 4 bytes.
+
+        The weights are held once: a weight image that is the only part (no bias) and a whole
+        number of words is returned as a read-only view of itself; otherwise the parts are packed
+        once and the cached parts become views of the packed bytes.
+        """
+        parts = self._parts(cfg)
+        if len(parts) == 1 and parts[0].size % 4 == 0:
+            return memoryview(parts[0]).toreadonly()
+        packed = records.pack_consts(parts)
+        views, offset = [], 0
+        for part in parts:
+            views.append(np.frombuffer(packed, dtype=np.uint8, count=part.size, offset=offset))
+            offset += round_up(part.size)
+        cfg.extra["const_parts"] = views
+        return packed
 
     def part_offsets(self, cfg: OpConfig) -> list[tuple[int, int]]:
         """``(offset, padded nbytes)`` of each const part inside the region."""
