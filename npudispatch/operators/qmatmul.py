@@ -1,8 +1,9 @@
 """Quantized MatMul: npudispatch.QMatMul (from QDQ graphs) and standard QLinearMatMul.
 
 ``y = QuantizeLinear(DequantizeLinear(a) @ DequantizeLinear(b), y_scale, y_zp)`` with
-``a`` uint8/uint16 (per-tensor scale and zero point), constant ``b`` int8/uint8 ``[K, N]`` with a
-per-tensor or per-column (``[N]``) scale and zero point, and ``y`` uint8/uint16 (a8w8, a16w8).
+``a`` uint8/uint16 or int8/int16 (per-tensor scale and zero point), constant ``b`` int8/uint8
+``[K, N]`` with a per-tensor or per-column (``[N]``) scale and zero point, and ``y`` of those
+activation types (a8w8, a16w8, and the symmetric int8/int16-activation recipes).
 QLinearMatMul has the same inputs in the same order and the same math.
 
 Kernel: integer accumulate ``Σ_k (a - a_zp)(b - b_zp[n])`` (exact: done in float64, whose 53-bit
@@ -37,7 +38,7 @@ from npudispatch.operators.weights import (
     int8_layout,
 )
 
-ACT_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+ACT_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.int8, np.int16))
 WEIGHT_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8))
 
 
@@ -97,12 +98,12 @@ class QMatMul(TiledMatMul):
     kernel_id = 120
 
     def match(self, node: ir.Node) -> OpConfig | Decline:
-        """uint8/uint16 a, constant int8/uint8 b [K, N], constant scales/zero points."""
+        """(u)int8/(u)int16 a, constant int8/uint8 b [K, N], constant scales/zero points."""
         if len(node.inputs) < 8 or any(v is None for v in node.inputs[:8]):
             return Decline(f"{node.op_type} needs all 8 inputs (zero points included)")
         a = Decline.check(tensor_spec(node.inputs[0], "input a"))
         if a.dtype not in ACT_DTYPES:
-            return Decline(f"activation dtype {a.dtype}: supported are uint8 and uint16")
+            return Decline(f"activation dtype {a.dtype}: supported are (u)int8 and (u)int16")
         if const_array(node.inputs[0]) is not None:
             return Decline("input a is constant: fold on the CPU")
         b = const_array(node.inputs[3])
@@ -117,7 +118,9 @@ class QMatMul(TiledMatMul):
         col = _per_column_coefficients(node, n, b.dtype)
         out = Decline.check(tensor_spec(node.outputs[0], "output y"))
         if out.dtype not in ACT_DTYPES or out.dtype != scalars[7].dtype:
-            return Decline(f"output dtype {out.dtype} must be uint8/uint16 and match y_zero_point")
+            return Decline(
+                f"output dtype {out.dtype} must be (u)int8/(u)int16 and match y_zero_point"
+            )
         specs: list[TensorSpec | None] = [a]
         consts: dict[int, np.ndarray] = {}
         for i in range(1, 8):

@@ -39,7 +39,7 @@ matmul_bias_rule = pattern.RewriteRule(
 
 # ------------------------------------------------------------------------------------ QMatMul
 
-_A_TYPES = {ir.DataType.UINT8, ir.DataType.UINT16}
+_A_TYPES = {ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.INT8, ir.DataType.INT16}
 _B_TYPES = {ir.DataType.INT8, ir.DataType.UINT8}
 
 
@@ -63,7 +63,7 @@ def _is_scalar(v: ir.Value | None) -> bool:
 def _qmm_check(context, a, a_scale, b, b_scale, y_scale, af, bf, yq, **_):
     r = pattern.MatchResult()
     if a.dtype not in _A_TYPES:
-        return r.fail(f"activation {a.name!r} is {a.dtype}, uint8/uint16 required", a)
+        return r.fail(f"activation {a.name!r} is {a.dtype}, (u)int8/(u)int16 required", a)
     if b.dtype not in _B_TYPES:
         return r.fail(f"weight {b.name!r} is {b.dtype}, int8/uint8 required", b)
     if rank(b) != 2:

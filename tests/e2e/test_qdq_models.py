@@ -231,7 +231,11 @@ def small_cnn() -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+# Signed activations as symmetric recipes (AMD Quark's int8/int16) emit them.
+ALL_RECIPES = RECIPES | {"s8w8": "QInt8", "s16w8": "QInt16"}
+
+
+@pytest.mark.parametrize("recipe", list(ALL_RECIPES))
 def test_conv_bias_and_gemm_forms_fuse_and_match_onnxruntime(tmp_path, recipe):
     """quantize_static's Conv with an int32 bias DQ, Gemm with transB=0 (weight per channel
     along axis 1, transposed at compile time) and bias, Gemm transB=1 without bias (an exact
@@ -242,7 +246,7 @@ def test_conv_bias_and_gemm_forms_fuse_and_match_onnxruntime(tmp_path, recipe):
     quantization.quantize_static(
         str(float_path), str(q_path), _RandomReader(model),
         quant_format=quantization.QuantFormat.QDQ,
-        activation_type=getattr(quantization.QuantType, RECIPES[recipe]),
+        activation_type=getattr(quantization.QuantType, ALL_RECIPES[recipe]),
         weight_type=quantization.QuantType.QInt8, per_channel=True,
     )  # fmt: skip
     q_model = onnx.load(q_path)
@@ -259,6 +263,29 @@ def test_conv_bias_and_gemm_forms_fuse_and_match_onnxruntime(tmp_path, recipe):
     (got,) = npudispatch.Session(str(q_path)).run(None, feeds)
     assert np.abs(got - want).max() <= output_step(q_model) * (1 + 1e-3)
     assert np.ptp(want) > 50 * output_step(q_model), "the data must exercise the output range"
+
+
+@pytest.mark.parametrize("recipe", ["s8w8", "s16w8"])
+def test_signed_activation_layer_fuses_every_matmul(qdq_fixtures, tmp_path, recipe):
+    """int8/int16 activations: the weight MatMuls become QMatMul too (they stayed float,
+    83 steps off at int16), and the layer is bit-exact with onnxruntime's unfused run."""
+    float_path, _ = qdq_fixtures[("llama-decoder-layer", "a8w8")]
+    q_path = tmp_path / f"llama-{recipe}.onnx"
+    quantization.quantize_static(
+        str(float_path), str(q_path), _RandomReader(onnx.load(float_path)),
+        quant_format=quantization.QuantFormat.QDQ,
+        activation_type=getattr(quantization.QuantType, ALL_RECIPES[recipe]),
+        weight_type=quantization.QuantType.QInt8, per_channel=True,
+    )  # fmt: skip
+    quant = npudispatch.compile_model(q_path)
+    fused = [n.op_type for n in quant.model.graph if n.domain == "npudispatch"]
+    assert fused.count("QMatMul") == 7 and "MatMul" not in {n.op_type for n in quant.model.graph}
+    assert quant.kernel_calls_per_run == 1 and quant.npu_node_fraction >= 0.9
+    model = onnx.load(q_path)
+    feeds = feeds_for(model, np.random.default_rng(5))
+    want = ort_run(q_path, feeds, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    (got,) = npudispatch.Session(str(q_path)).run(None, feeds)
+    assert np.abs(got - want).max() <= output_step(model) * (1 + 1e-3)
 
 
 # ---- a quantized CNN: the shared PP-OCR text-direction classifier ---------------------------------

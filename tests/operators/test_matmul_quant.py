@@ -202,6 +202,8 @@ CASES = {
     "a8w8-channel": (np.uint8, np.int8, True),
     "a16w8-tensor": (np.uint16, np.uint8, False),
     "a16w8-channel": (np.uint16, np.int8, True),
+    "s8w8-channel": (np.int8, np.int8, True),  # symmetric recipes: signed activations
+    "s16w8-channel": (np.int16, np.int8, True),
 }
 
 
@@ -215,7 +217,7 @@ def q_inits(adt, bdt, per_channel, k, n, seed=0):
         "b": b,
         "b_s": (rng.random(n) * 0.01 + 0.001).astype(F32) if per_channel else np.float32(0.004),
         "b_zp": rng.integers(0, 8, n).astype(bdt) if per_channel else np.array(2, bdt),
-        "y_s": np.float32(0.06 * np.sqrt(k) * (40 if adt == np.uint16 else 1)),
+        "y_s": np.float32(0.06 * np.sqrt(k) * (40 if ai.bits == 16 else 1)),
         "y_zp": np.array(ai.max // 2, adt),
     }
 
@@ -246,7 +248,8 @@ def test_qmatmul(case, m_shape, k, n):
         [helper.make_node("QMatMul", NAMES, ["y"], domain="npudispatch", name="qmm")],
         [("a", adt, a_shape)], [("y", adt, y_shape)], inits, ("", "npudispatch"),
     )  # fmt: skip
-    a = np.random.default_rng(7).integers(0, np.iinfo(adt).max, a_shape).astype(adt)
+    info = np.iinfo(adt)
+    a = np.random.default_rng(7).integers(info.min, info.max, a_shape).astype(adt)
     res = harness.run_single(ir.from_proto(model), {"a": a})
     y = res.outputs["y"]
     assert y.dtype == adt
@@ -308,11 +311,11 @@ def test_qmatmul_declines():
 
     model = model_of(
         [helper.make_node("QMatMul", NAMES, ["y"], domain="npudispatch")],
-        [("a", np.int8, (2, 16))], [("y", np.uint8, (2, 8))],
-        {**inits, "a_zp": np.array(0, np.int8)}, ("", "npudispatch"),
+        [("a", np.int32, (2, 16))], [("y", np.uint8, (2, 8))],
+        {**inits, "a_zp": np.array(0, np.int32)}, ("", "npudispatch"),
     )  # fmt: skip
     r = QMatMul().match(next(iter(ir.from_proto(model).graph)))
-    assert isinstance(r, Decline) and "activation dtype int8" in r.reason
+    assert isinstance(r, Decline) and "activation dtype int32" in r.reason
 
     bad_scale = {**inits, "a_s": np.full(2, 0.1, np.float32)}
     model = model_of(

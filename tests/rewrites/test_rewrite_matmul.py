@@ -111,9 +111,11 @@ def test_qmatmul(b_dtype, per_channel, zps):
     assert np.abs(run_ort(after, {"a": a})[0].astype(int) - ref.astype(int)).max() <= 1
 
 
-def test_qmatmul_rejects_int8_activation():
-    m = model(qmm_text(a_dtype="int8"), 21)
-    assert fuse(m) == 0
+def test_qmatmul_takes_signed_activations_and_rejects_int32():
+    """int8/int16 activations (symmetric recipes) fuse; int32 is no activation type."""
+    assert fuse(model(qmm_text(a_dtype="int8").replace("{128}", "{-3}"), 21)) == 1
+    assert fuse(model(qmm_text(a_dtype="int16"), 21)) == 1
+    assert fuse(model(qmm_text(a_dtype="int32").replace("{128}", "{0}"), 21)) == 0
 
 
 def test_qmatmul_rejects_float_matmul_with_other_consumer():
