@@ -187,7 +187,11 @@ class PatchTable:
                     f"program {program!r}: patch site of node {s.node!r} reads input {s.input!r}, "
                     "which the program does not have; re-compile the model"
                 )
-            offsets[k] = b.offset + s.element * b.np_dtype.itemsize
+            element = s.element
+            if b.is_padded:  # the element's place in the padded layout the buffer holds
+                position = np.unravel_index(element, b.shape)
+                element = int(np.ravel_multi_index(position, b.padded_shape))
+            offsets[k] = b.offset + element * b.np_dtype.itemsize
             groups.setdefault(b.dtype, []).append(k)
             self._shapes[s.input] = tuple(b.shape)
         self._reads = [

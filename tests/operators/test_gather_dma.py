@@ -223,3 +223,38 @@ def test_too_many_indices_keep_the_row_copy():
     sess = Session(model, cache=False)
     assert sess.programs[0].gathers()["embed"].startswith("row copy")
     _assert_bf16_close(sess.run(None, {"ids": ids})[0], _ort(model, {"ids": ids}))
+
+
+def test_indices_through_a_view_and_the_compile_cache(tmp_path):
+    """``ids -> Reshape -> Gather`` (int32: an NPU view; int64 views are shape arithmetic on
+    the CPU): the view shares the input's bytes, so the sites read the program input; a second
+    session loads the program from the disk cache and still patches."""
+    model = _gather_model((2, 3), I32)
+    graph = model.graph
+    graph.input[0].CopyFrom(helper.make_tensor_value_info("flat", I32, [6]))
+    graph.initializer.append(numpy_helper.from_array(np.asarray([2, 3], np.int64), "shape"))
+    graph.node.insert(0, helper.make_node("Reshape", ["flat", "shape"], ["ids"], name="view"))
+    feeds = {"flat": np.asarray([3, -1, 0, 39, 3, 12], np.int32)}
+    first = Session(model, cache=tmp_path / "cache")
+    assert {s.input for s in first.programs[0].patch_sites} == {"flat"}
+    second = Session(model, cache=tmp_path / "cache")
+    assert [e.source for e in second.compile_log] == ["disk cache"]
+    for sess in (first, second):
+        _assert_bf16_close(sess.run(None, feeds)[0], _ort(model, feeds))
+
+
+def test_patch_table_reads_indices_from_a_padded_binding():
+    from npudispatch.dispatch.emit import TensorBinding
+    from npudispatch.dispatch.patch_sites import PatchSite, PatchTable
+
+    ids = TensorBinding("ids", "int32", (2, 3), (2, 4), 0, 64, 32)
+    sites = [PatchSite(0, "g", "ids", e, 1024, 8, 10) for e in range(6)]
+    image = np.zeros(96, np.uint8)
+    padded = np.asarray([[1, 2, -3, 99], [4, 5, 9, 99]], np.int32)  # lane 3: padding
+    image[64:96] = padded.view(np.uint8).reshape(-1)
+    table = PatchTable("p", sites, [ids])
+    np.testing.assert_array_equal(table.indices(image), [1, 2, -3, 4, 5, 9])
+    np.testing.assert_array_equal(table.argplus(image), 1024 + 8 * np.asarray([1, 2, 7, 4, 5, 9]))
+    image[64:68] = np.asarray([10], np.int32).view(np.uint8)
+    with pytest.raises(ModelError, match=r"index 10 at position \[0, 0\] of input 'ids'"):
+        table.argplus(image)
