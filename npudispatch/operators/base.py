@@ -189,10 +189,6 @@ class Operator(ABC):
     domain: ClassVar[str] = ""
     op_type: ClassVar[str]
     kernel_id: ClassVar[int]  # unique per operator class (framework 1..99, matmul family 100..199)
-    float32_constants: ClassVar[frozenset[int]] = frozenset()
-    """Input slots whose float32 constants stay float32 under bf16 storage: small tables the
-    kernel applies on its float32 accumulators (rotary cos/sin, per-block scales), where a bf16
-    copy would only add a rounding (docs/numerics.md 1.2; the precision pass reads this)."""
 
     # ---- matching -------------------------------------------------------------------------
     @abstractmethod
