@@ -161,7 +161,9 @@ class Overlay:
         offsets = np.cumsum([0, *sizes.values()]).tolist()
         self._layouts[self._ordinal] = {ch: (off, sizes[ch]) for ch, off in zip(channels, offsets)}
         if self._operand_buf.size < total:
-            self._operand_buf = np.empty(total, dtype=np.uint8)
+            # the joined stream is a new array of exactly this size: it becomes the buffer
+            fresh = stream.flags.writeable and not np.may_share_memory(stream, self._operand_buf)
+            self._operand_buf = stream if fresh else np.empty(total, dtype=np.uint8)
         return stream
 
     def has_input(self) -> bool:
