@@ -30,6 +30,10 @@ Ops
     (floats, both or neither) then give ``Y = act(...) * post_scale + post_shift``. Each
     combination is its own function overload (:func:`fused_conv_overload`), selected by
     :func:`attach_functions`.
+``FusedConvTranspose(X, W, B) -> Y``, attributes of ONNX ``ConvTranspose`` plus those of
+``FusedConv``
+    ``Y = act(ConvTranspose(X, W, B)) * post_scale + post_shift``, activations, defaults and
+    overloads as for ``FusedConv``.
 
 Name clashes with the reference evaluator (pitfall 15): ``Gelu`` is also a standard op (opset 20)
 with the same single attribute ``approximate`` and the same semantics, so ``ReferenceEvaluator``
@@ -102,6 +106,20 @@ OPS: dict[str, OpSpec] = {
             "post_shift": "0.0",
         },
         "Y = activation(Conv(X, W, B)) * post_scale + post_shift; Conv attributes as in ONNX",
+    ),
+    "FusedConvTranspose": OpSpec(
+        "FusedConvTranspose",
+        ("X", "W", "B"),
+        ("Y",),
+        {
+            "activation": "Relu",
+            "alpha": "(per activation)",
+            "beta": "(per activation)",
+            "post_scale": "1.0",
+            "post_shift": "0.0",
+        },
+        "Y = activation(ConvTranspose(X, W, B)) * post_scale + post_shift; ConvTranspose "
+        "attributes as in ONNX",
     ),
 }
 
@@ -178,6 +196,20 @@ _CONV = (
     "C = Conv <auto_pad: string = @auto_pad, dilations: ints = @dilations, group: int = @group, "
     "kernel_shape: ints = @kernel_shape, pads: ints = @pads, strides: ints = @strides> (X, W, B)"
 )
+_CONV_TRANSPOSE = (
+    "C = ConvTranspose <auto_pad: string = @auto_pad, dilations: ints = @dilations, "
+    "group: int = @group, kernel_shape: ints = @kernel_shape, output_padding: ints = "
+    "@output_padding, output_shape: ints = @output_shape, pads: ints = @pads, "
+    "strides: ints = @strides> (X, W, B)"
+)
+#: The fused convolutions: op type -> (the convolution's body line, its attribute names).
+_FUSED_CONVS = {
+    "FusedConv": (_CONV, "auto_pad, dilations, group, kernel_shape, pads, strides"),
+    "FusedConvTranspose": (
+        _CONV_TRANSPOSE,
+        "auto_pad, dilations, group, kernel_shape, output_padding, output_shape, pads, strides",
+    ),
+}
 # HardSwish and Clip are spelled with ops every opset >= 6 has (HardSwish is opset 14,
 # Clip's min/max inputs opset 11), because the body takes the model's default opset.
 _CONV_ACTIVATION_BODIES = {
@@ -233,10 +265,10 @@ for _act, _body in _CONV_ACTIVATION_BODIES.items():
                     tail = tail.replace("CastLike (ps, A)", "Identity (ps)")
                     tail = tail.replace("CastLike (pt, A)", "Identity (pt)")
                 _text = _text.replace("Y = ", "A = ") + "\n            " + tail
-            _BODIES[("FusedConv", fused_conv_overload(_act, _affine, 0 if _old else 99))] = f"""
-        FusedConv <auto_pad, dilations, group, kernel_shape, pads, strides, activation, alpha,
-                   beta, post_scale, post_shift> (X, W, B) => (Y) {{
-            {_CONV}
+            for _op, (_line, _attrs) in _FUSED_CONVS.items():
+                _BODIES[(_op, fused_conv_overload(_act, _affine, 0 if _old else 99))] = f"""
+        {_op} <{_attrs}, activation, alpha, beta, post_scale, post_shift> (X, W, B) => (Y) {{
+            {_line}
             {_text}
         }}"""
 
@@ -291,17 +323,17 @@ def attach_functions(model: ir.Model) -> list[tuple[str, str, str]]:
             node.overload = GELU_TANH_OVERLOAD if approx == "tanh" else ""
         if node.op_type == CHAIN:  # the body is generated from the stage list
             node.overload = node.attributes.get_string("stages", "")
-        if node.op_type == "FusedConv":
+        if node.op_type in _FUSED_CONVS:
             act = node.attributes.get_string("activation", "")
             if act not in CONV_ACTIVATIONS:
                 raise ModelError(
-                    f"node {node.name!r}: FusedConv activation={act!r}, expected one of "
+                    f"node {node.name!r}: {node.op_type} activation={act!r}, expected one of "
                     f"{sorted(CONV_ACTIVATIONS)}"
                 )
             affine = {"post_scale", "post_shift"} & set(node.attributes)
             if len(affine) == 1:
                 raise ModelError(
-                    f"node {node.name!r}: FusedConv post_scale and post_shift go together"
+                    f"node {node.name!r}: {node.op_type} post_scale and post_shift go together"
                 )
             node.overload = fused_conv_overload(act, bool(affine), opset)
         ident = (DOMAIN, node.op_type, node.overload)
@@ -426,8 +458,40 @@ class FusedConv(OpRun):
         return (y.astype(x.dtype),)
 
 
+class FusedConvTranspose(OpRun):
+    """``npudispatch.FusedConvTranspose``: ``activation(ConvTranspose(X, W, B))``
+    (onnx.reference's ConvTranspose, one group at a time: it mishandles ``group`` > 1)."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, w, b, activation=None, alpha=None, beta=None, post_scale=None,
+             post_shift=None, group=None, **conv_attrs):  # fmt: skip
+        from onnx import helper
+        from onnx.reference import ReferenceEvaluator
+
+        attrs = {k: v for k, v in conv_attrs.items() if v is not None}
+        node = ReferenceEvaluator(helper.make_node("ConvTranspose", ["X", "W"], ["Y"], **attrs))
+        g = group or 1
+        cg = x.shape[1] // g
+        y = np.concatenate(
+            [
+                node.run(None, {"X": x[:, i * cg : (i + 1) * cg], "W": w[i * cg : (i + 1) * cg]})[0]
+                for i in range(g)
+            ],
+            axis=1,
+        )
+        y = y + b.reshape(1, -1, *(1,) * (y.ndim - 2))
+        name = activation.decode() if isinstance(activation, bytes) else activation or "Relu"
+        da, db = CONV_ACTIVATIONS[name]
+        y = conv_activation(y, name, da if alpha is None else alpha, db if beta is None else beta)
+        if post_scale is not None or post_shift is not None:
+            y = y * (1.0 if post_scale is None else post_scale) + (post_shift or 0.0)
+        return (y.astype(x.dtype),)
+
+
 _REFERENCE_OPS: dict[str, type[OpRun]] = {
     "FusedConv": FusedConv,
+    "FusedConvTranspose": FusedConvTranspose,
     "Silu": Silu,
     "Gelu": Gelu,
     "MatMulBias": MatMulBias,
@@ -469,6 +533,7 @@ __all__ = [
     "OPS",
     "VERSION",
     "FusedConv",
+    "FusedConvTranspose",
     "Gelu",
     "MatMulBias",
     "OpSpec",

@@ -44,7 +44,7 @@ from npudispatch.operators.cnn_activations import (
     PRelu,
     Selu,
 )
-from npudispatch.operators.conv import Conv, ConvTranspose, FusedConv
+from npudispatch.operators.conv import Conv, ConvTranspose, FusedConv, FusedConvTranspose
 from npudispatch.operators.datamove import Concat, Slice, Split
 from npudispatch.operators.elementwise import Add, Div, Max, Min, Mul, Sub, Where
 from npudispatch.operators.lookup import GatherTable, IntAdd, IntCast, IntReduceSum, IntSub
@@ -155,6 +155,7 @@ register(IntCast)
 register(Conv)
 register(FusedConv)
 register(ConvTranspose)
+register(FusedConvTranspose)
 register(MaxPool)
 register(AveragePool)
 register(GlobalAveragePool)

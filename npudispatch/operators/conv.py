@@ -576,8 +576,26 @@ class ConvTranspose(Conv):
         return [np.asarray(y).astype(cfg.outputs[0].dtype)]
 
 
-_FUSION_ATTRS = ("activation", "alpha", "beta")
+class FusedConvTranspose(ConvTranspose):
+    """``npudispatch.FusedConvTranspose(X, W, B)``: ConvTranspose then ``activation``, then
+    ``* post_scale + post_shift``, one launch (the conv kernel with the transpose variant and an
+    activation code); produced by :mod:`npudispatch.rewrites.cnn`."""
+
+    domain = DOMAIN
+    op_type = "FusedConvTranspose"
+    kernel_id = 603
+    activation = FusedConv.activation
+
+    def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """onnx.reference's ConvTranspose (float32), then the activation and the affine."""
+        (y,) = super().reference(cfg, inputs)
+        code, alpha, beta, scale, shift = cfg.extra["activation"]
+        y = activate(np.asarray(y, F32), code, alpha, beta) * scale + shift
+        return [np.asarray(y).astype(cfg.outputs[0].dtype)]
 
 
-__all__ = ["ACTIVATION_CODES", "Conv", "ConvTranspose", "FusedConv", "activate", "conv_core",
-           "format_weights"]  # fmt: skip
+_FUSION_ATTRS = ("activation", "alpha", "beta", "post_scale", "post_shift")
+
+
+__all__ = ["ACTIVATION_CODES", "Conv", "ConvTranspose", "FusedConv", "FusedConvTranspose",
+           "activate", "conv_core", "format_weights"]  # fmt: skip

@@ -21,7 +21,8 @@ the activations go first because folding would take HardSigmoid's ``+ 3`` into a
   and LeakyRelu -> ``npudispatch.FusedConv(x, W, B; activation, alpha, beta)`` with the Conv's
   attributes; ``B`` becomes zeros when the Conv had none. ``W`` must be constant (the NPU formats it).
   A following multiply and/or add by one-element constants becomes the FusedConv's
-  ``post_scale`` / ``post_shift``.
+  ``post_scale`` / ``post_shift``. ``act(ConvTranspose(x, W, B))`` likewise becomes
+  ``npudispatch.FusedConvTranspose`` with the ConvTranspose's attributes.
 """
 
 from __future__ import annotations
@@ -364,25 +365,31 @@ def hard_activation_rules() -> pattern.RewriteRuleSet:
 
 # ---- Conv + activation ---------------------------------------------------------------------
 
+#: The fused op of each convolution.
+FUSED_OF = {"Conv": "FusedConv", "ConvTranspose": "FusedConvTranspose"}
+
 
 def _fused(op, x, conv: ir.Value, activation: str, alpha: float, beta: float):
     node = _conv_node(conv)
     w = node.inputs[1]
     bias = _conv_bias(node)
     if bias is None:
-        bias = _const(op, np.zeros(w.shape[0]), w)  # type: ignore[union-attr]
-    return op.FusedConv(
+        bias = _const(op, np.zeros(_out_channels(node)), w)  # type: ignore[arg-type]
+    return getattr(op, FUSED_OF[node.op_type])(
         x, w, bias, **_conv_attrs(node), activation=activation, alpha=float(alpha),
         beta=float(beta), _domain=DOMAIN, _version=VERSION,
     )  # fmt: skip
 
 
-def _simple_act_rule(act: str) -> pattern.RewriteRule:
+def _conv_out(op, x, conv_type: str):
+    return getattr(op, conv_type)(x, _allow_other_inputs=True, _outputs=["conv"])
+
+
+def _simple_act_rule(act: str, conv_type: str = "Conv") -> pattern.RewriteRule:
     domain = DOMAIN if act == "Silu" else ""
 
     def pat(op, x):
-        conv = op.Conv(x, _allow_other_inputs=True, _outputs=["conv"])
-        return getattr(op, act)(conv, _domain=domain, _outputs=["y"])
+        return getattr(op, act)(_conv_out(op, x, conv_type), _domain=domain, _outputs=["y"])
 
     def check(context, x, conv, y, **_):
         r = pattern.MatchResult()
@@ -397,12 +404,7 @@ def _simple_act_rule(act: str) -> pattern.RewriteRule:
             beta = node.attributes.get_float("beta", beta)
         return _fused(op, x, conv, act, alpha, beta)
 
-    return pattern.RewriteRule(pat, rewrite, check, name=f"FuseConv{act}")
-
-
-def _clip_pattern(op, x, lo, hi):
-    conv = op.Conv(x, _allow_other_inputs=True, _outputs=["conv"])
-    return op.Clip(conv, lo, hi)
+    return pattern.RewriteRule(pat, rewrite, check, name=f"Fuse{conv_type}{act}")
 
 
 def _clip_check(context, x, lo, hi, conv, **_):
@@ -419,9 +421,11 @@ def _clip_rewrite(op, x, lo, hi, conv, **_):
     return _fused(op, x, conv, "Clip", scalar(lo), scalar(hi))  # type: ignore[arg-type]
 
 
-def _conv_hswish_pattern(op, x):
-    conv = op.Conv(x, _allow_other_inputs=True, _outputs=["conv"])
-    return op.Mul(conv, op.HardSigmoid(conv, _outputs=["hs"]))
+def _clip_rule(conv_type: str) -> pattern.RewriteRule:
+    def pat(op, x, lo, hi):
+        return op.Clip(_conv_out(op, x, conv_type), lo, hi)
+
+    return pattern.RewriteRule(pat, _clip_rewrite, _clip_check, name=f"Fuse{conv_type}Clip")
 
 
 def _conv_hswish_check(context, x, conv, hs, **_):
@@ -430,19 +434,35 @@ def _conv_hswish_check(context, x, conv, hs, **_):
     return r
 
 
-def _post_affine_rule(kind: str) -> pattern.RewriteRule:
+def _hswish_hsig_rule(conv_type: str) -> pattern.RewriteRule:
+    """``conv · HardSigmoid(conv; 1/6, 1/2)``: HardSwish in opsets before 14."""
+
+    def pat(op, x):
+        conv = _conv_out(op, x, conv_type)
+        return op.Mul(conv, op.HardSigmoid(conv, _outputs=["hs"]))
+
+    def rewrite(op, x, conv, **_):
+        return _fused(op, x, conv, "HardSwish", HARD_ALPHA, HARD_BETA)
+
+    return pattern.RewriteRule(
+        pat, rewrite, _conv_hswish_check, name=f"Fuse{conv_type}HardSwish_hsig"
+    )
+
+
+def _post_affine_rule(kind: str, fused_type: str = "FusedConv") -> pattern.RewriteRule:
     """``FusedConv · s`` (``kind`` "Mul") or ``FusedConv + t`` ("Add") with a one-element
-    constant -> folded into the FusedConv's ``post_scale`` / ``post_shift`` (composing with any
-    affine it already has; PP-OCRv4 scales and shifts every HardSwish output by learned scalars)."""
+    constant -> folded into the FusedConv's (or FusedConvTranspose's) ``post_scale`` /
+    ``post_shift`` (composing with any affine it already has; PP-OCRv4 scales and shifts every
+    HardSwish output by learned scalars)."""
 
     def pat(op, x, w, b, k):
-        y = op.FusedConv(x, w, b, _domain=DOMAIN, _outputs=["fused"])
+        y = getattr(op, fused_type)(x, w, b, _domain=DOMAIN, _outputs=["fused"])
         return op.Mul(y, k) if kind == "Mul" else op.Add(y, k)
 
     def check(context, x, w, b, k, fused, **_):
         r = pattern.MatchResult()
         if len(fused.uses()) != 1 or fused.is_graph_output():
-            return r.fail(f"FusedConv output {fused.name!r} has other readers", fused)
+            return r.fail(f"{fused_type} output {fused.name!r} has other readers", fused)
         if scalar(k) is None:
             return r.fail(f"{k.name!r} is not a one-element constant", k)
         return r
@@ -456,33 +476,27 @@ def _post_affine_rule(kind: str) -> pattern.RewriteRule:
             scale, shift = scale * value, shift * value
         else:
             shift += value
-        return op.FusedConv(
+        return getattr(op, fused_type)(
             x, w, b, **attrs, post_scale=scale, post_shift=shift, _domain=DOMAIN,
             _version=VERSION,
         )  # fmt: skip
 
-    return pattern.RewriteRule(pat, rewrite, check, name=f"FuseConvPost{kind}")
+    return pattern.RewriteRule(pat, rewrite, check, name=f"Fuse{fused_type[5:]}Post{kind}")
 
 
 def conv_activation_rules() -> pattern.RewriteRuleSet:
-    """Conv followed by one activation -> npudispatch.FusedConv; then a scalar affine after it
-    into the FusedConv."""
-    simple = [_simple_act_rule(a) for a in CONV_ACTIVATIONS if a != "Clip"]
-    return pattern.RewriteRuleSet(
-        [
-            pattern.RewriteRule(
-                _conv_hswish_pattern,
-                lambda op, x, conv, **_: _fused(op, x, conv, "HardSwish", HARD_ALPHA, HARD_BETA),
-                _conv_hswish_check,
-                name="FuseConvHardSwish_hsig",
-            ),
-            pattern.RewriteRule(_clip_pattern, _clip_rewrite, _clip_check, name="FuseConvClip"),
-            *simple,
-            _post_affine_rule("Mul"),
-            _post_affine_rule("Add"),
-        ],
-        commute=True,
-    )
+    """Conv (ConvTranspose) followed by one activation -> npudispatch.FusedConv
+    (FusedConvTranspose); then a scalar affine after it into the fused op."""
+    rules: list[pattern.RewriteRule] = []
+    for conv_type, fused_type in FUSED_OF.items():
+        rules += [
+            _hswish_hsig_rule(conv_type),
+            _clip_rule(conv_type),
+            *(_simple_act_rule(a, conv_type) for a in CONV_ACTIVATIONS if a != "Clip"),
+            _post_affine_rule("Mul", fused_type),
+            _post_affine_rule("Add", fused_type),
+        ]
+    return pattern.RewriteRuleSet(rules, commute=True)
 
 
 __all__ = [

@@ -35,7 +35,7 @@ Add Sub Mul Div Sigmoid Silu Gelu (elementwise)        3       operand + result 
 Softmax                                                4       + exp, row sum
 LayerNormalization, (Skip)SimplifiedLayerNormalization 6       row statistics, rsqrt, scale
 MatMul Gemm MatMulBias MatMulNBits QMatMul             4       operand + result rounding
-Conv ConvTranspose FusedConv                           4       like matmul (dot products)
+Conv ConvTranspose FusedConv FusedConvTranspose        4       like matmul (dot products)
 AveragePool GlobalAveragePool                          3       operand + result rounding
 MaxPool GlobalMaxPool                                  1       one rounding
 HardSigmoid HardSwish LeakyRelu PRelu Elu Selu         3       operand + result rounding
@@ -107,7 +107,7 @@ BF16_UNIT_ROUNDOFF = 2.0**-8
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Sigmoid", "Silu", "Gelu")
 _NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 MATMUL_FAMILY = frozenset({"MatMul", "Gemm", "MatMulBias", "MatMulNBits", "QMatMul"})
-_CONV_FAMILY = ("Conv", "ConvTranspose", "FusedConv")
+_CONV_FAMILY = ("Conv", "ConvTranspose", "FusedConv", "FusedConvTranspose")
 _POOLS_AVG = ("AveragePool", "GlobalAveragePool")
 _POOLS_MAX = ("MaxPool", "GlobalMaxPool")
 _CNN_LANEWISE = ("HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Elu", "Selu")

@@ -105,7 +105,10 @@ def test_ppocr_det_npu_fraction_and_kernel_calls(det_run):
     fraction, calls, cpu_ops = _report(sess)
     assert fraction >= 0.95 and calls <= 2, cpu_ops
     ops = {n.op_type for n in sess.compiled.model.graph}
-    assert {"FusedConv", "ConvTranspose", "GlobalAveragePool"} <= ops
+    assert {"FusedConv", "FusedConvTranspose", "GlobalAveragePool"} <= ops
+    # the DB head's ConvTranspose -> Add -> BatchNormalization -> Relu and ConvTranspose -> Add ->
+    # Sigmoid are one FusedConvTranspose each
+    assert not ops & {"ConvTranspose", "BatchNormalization", "Sigmoid", "Relu"}, ops
 
 
 def rounding_check(path: Path, sess: Session, x: np.ndarray, y: np.ndarray):
