@@ -88,7 +88,10 @@ def test_cli_prompt_text_end_to_end(text_folder):
     ids = [int(t) for t in tokenizer.encode(text)]
     assert ids and all(0 <= t < 384 for t in ids) and 256 in ids and 257 in ids  # merges used
     assert describe_tokenizer_file(text_folder / "tokenizer.json", 384).count("256 of the 256")
-    out = _cli(str(text_folder), "--prompt", text, "--max-new-tokens", "6", "--fp32", "--json")
+    out = _cli(
+        str(text_folder), "--prompt", text, "--max-new-tokens", "6", "--fp32", "--json",
+        "--max-length", "32", "--prefill-length", "16",
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["tokens"][: len(ids)] == ids
