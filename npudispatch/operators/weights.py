@@ -523,6 +523,7 @@ class _Q4Columns:
         magnitude = np.abs(scales[scales != 0])
         self.layout = layout
         self.block_size = block_size
+        self._kb, self._groups = kb, groups
         self.fp32 = fp32_scales
         self.split_rounding = not fp32_scales and bool(
             magnitude.size == 0
@@ -556,12 +557,12 @@ class _Q4Columns:
         """Rows ``r0:r1`` (at most ``rows``) of stream column ``column`` as float32
         ``(code - zp) · scale`` (bf16-rounded unless the scales are float32) into
         ``out[: r1 - r0]`` (rows of ``W^T``)."""
-        rows, size = r1 - r0, self.block_size
-        shape = (rows, self.layout.kp // size, size)
+        rows = r1 - r0
+        shape = (rows, self._groups, self.block_size)
         diff = self._diff[:rows]
         # each code byte widened to a little-endian u16 whose bytes are its low and high nibble:
         # diff's bytes become the unpacked codes in K order, then code - zero point in int8
-        pairs = diff.view("<u2").reshape(rows, self.layout.k_blocks, KSUBV // 2)
+        pairs = diff.view("<u2").reshape(rows, self._kb, KSUBV // 2)
         np.copyto(pairs, self._codes(column)[r0:r1], casting="unsafe")
         shifted = self._shifted[:rows].reshape(pairs.shape)
         np.left_shift(pairs, 4, out=shifted)
