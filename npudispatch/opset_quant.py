@@ -41,8 +41,13 @@ class QuantizedOp:
     arity: int
     attributes: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     min_opset: int = 10  # QuantizeLinear/DequantizeLinear exist since 10
-    per_axis: tuple[int, ...] = ()  # operands that may be quantized per channel along axis 0
+    per_axis: tuple[int, ...] = ()  # operands that may be quantized per channel (axis 0...)
     optional: tuple[int, ...] = ()  # trailing operands the float op may omit (a zero bias)
+    axes: tuple[tuple[int, int], ...] = ()  # (operand, axis) of per-channel operands not on 0
+
+    def axis_of(self, operand: int) -> int:
+        """The axis along which a per-channel ``operand`` is quantized (0 unless ``axes``)."""
+        return dict(self.axes).get(operand, 0)
 
     @property
     def name(self) -> str:
@@ -78,7 +83,7 @@ class QuantizedOp:
         """The ONNX function body (text) of the fused op."""
         return _function_text(self.name, self.attribute_decls(), self.inputs, self.arity,
                               self.op_lines([f"f{i}" for i in range(self.arity)], "r"),
-                              self.per_axis)  # fmt: skip
+                              self.per_axis, self.axes)  # fmt: skip
 
 
 def _function_text(
@@ -88,10 +93,11 @@ def _function_text(
     n_dq: int,
     lines: list[str],
     per_axis: tuple[int, ...] = (),
+    axes: tuple[tuple[int, int], ...] = (),
 ) -> str:
     header = f" <{', '.join(decls)}>" if decls else ""
     dqs = [
-        f"f{i} = DequantizeLinear{' <axis = 0>' if i in per_axis else ''} "
+        f"f{i} = DequantizeLinear{f' <axis = {dict(axes).get(i, 0)}>' if i in per_axis else ''} "
         f"(x{i}, x{i}_scale, x{i}_zero_point)"
         for i in range(n_dq)
     ]
@@ -106,6 +112,7 @@ PER_AXIS_OPSET = 13
 :func:`lower_per_axis_dq` spells a per-channel dequantization with plain arithmetic."""
 
 _PER_AXIS_DQ = re.compile(r"(\w+) = DequantizeLinear <axis = (0|-1)> \((\w+), (\w+), (\w+)\)")
+_OTHER_AXIS = re.compile(r"DequantizeLinear <axis = \d+>")
 
 
 def lower_per_axis_dq(text: str) -> str:
@@ -130,7 +137,9 @@ def lower_per_axis_dq(text: str) -> str:
             lines.append(f"{f} = Transpose ({f}_t)")
         return "\n            ".join(lines)
 
-    return _PER_AXIS_DQ.sub(lowered, text)
+    # Other axes (a ConvTranspose weight's 1) only ever hold per-tensor operands below opset
+    # 13, where no DequantizeLinear of the source model has an axis: the axis is dropped.
+    return _OTHER_AXIS.sub("DequantizeLinear", _PER_AXIS_DQ.sub(lowered, text))
 
 
 CHAIN = "QDQChain"
@@ -174,7 +183,13 @@ def chain_body(overload: str) -> str | None:
         used += len(args) if k == 0 else len(args) - 1
         lines += stage.op_lines(args, "r" if k == len(stages) - 1 else f"r{k}", f"s{k}_")
     return _function_text(
-        CHAIN, decls, (*inputs, "y_scale", "y_zero_point"), n, lines, stages[0].per_axis
+        CHAIN,
+        decls,
+        (*inputs, "y_scale", "y_zero_point"),
+        n,
+        lines,
+        stages[0].per_axis,
+        stages[0].axes,
     )
 
 
@@ -245,6 +260,13 @@ def _ops() -> dict[str, QuantizedOp]:
         QuantizedOp("AveragePool", 1, {**window_attrs, "count_include_pad": ("int", "0")}, 19)
     )
     ops.append(QuantizedOp("LeakyRelu", 1, {"alpha": ("float", "0.01")}))
+    # Weight W [C, M/G, *k] per output channel along axis 1 (as quantize_static emits); bias
+    # per channel or none. output_shape is left out (an absent ints attribute reaches
+    # onnxruntime's body as an empty list, which would mean "given").
+    ct_attrs = conv_attrs | {"output_padding": ("ints", None)}
+    ops.append(
+        QuantizedOp("ConvTranspose", 3, ct_attrs, per_axis=(1, 2), optional=(2,), axes=((1, 1),))
+    )
     return {op.inner: op for op in ops}
 
 

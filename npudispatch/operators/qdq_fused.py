@@ -21,6 +21,7 @@ and axes); floats: LayerNormalization epsilon.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -39,7 +40,7 @@ from npudispatch.operators.base import (
     op_label,
     tensor_spec,
 )
-from npudispatch.operators.conv import conv_core
+from npudispatch.operators.conv import ConvTranspose, conv_core, format_weights
 from npudispatch.operators.dtypes import F32
 from npudispatch.operators.pool import KIND_AVG, KIND_MAX, pool
 from npudispatch.operators.quantize import (
@@ -112,6 +113,20 @@ def _conv(xs, dims, floats):
     weights = w.reshape(group, m // group, -1)
     y = conv_core(x, weights, Window(k, st, dl, pb, pe), (1,) * r)
     return y + b.reshape((1, m) + (1,) * r)
+
+
+def _conv_transpose(xs, dims, floats):
+    """ConvTranspose with bias in float32 as the Conv operator computes it: the stride-1
+    convolution of the zero-inserted input with the flipped, channel-swapped weight; dims
+    ``[group, r, *kernel, *dilations, *pads_begin, *pads_end, *upsample]`` of that convolution."""
+    x, w, b = xs
+    group, r = dims[0], dims[1]
+    k, dl, pb, pe, up = (tuple(dims[2 + i * r : 2 + (i + 1) * r]) for i in range(5))
+    weights = format_weights(w, group, transpose=True, fp32=True)[
+        ..., : w.shape[0] // group * math.prod(k)
+    ]
+    y = conv_core(x, weights, Window(k, (1,) * r, dl, pb, pe), up)
+    return y + b.reshape((1, -1) + (1,) * r)
 
 
 def _gemm(xs, dims, floats):
@@ -187,6 +202,7 @@ FLOAT_OPS: dict[str, Callable] = {
     "ReduceMean": _reduce_mean,
     "LayerNormalization": _layer_norm,
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "GlobalAveragePool": _global_average_pool,
     "BatchNormalization": _batch_norm,
@@ -249,11 +265,14 @@ def stage_attrs(spec: QuantizedOp, node: ir.Node, prefix: str, rank: int) -> dic
         attrs["count_include_pad"] = a.get_int(f"{prefix}count_include_pad", 0)
         if a.get_int(f"{prefix}storage_order", 0):
             return Decline("MaxPool storage_order=1 is not supported")
-    if inner == "Conv":
+    if inner in ("Conv", "ConvTranspose"):
         for name in ("dilations", "kernel_shape", "pads", "strides"):
             attrs[name] = a.get_ints(f"{prefix}{name}", None)
         attrs["group"] = a.get_int(f"{prefix}group", 1)
         attrs["auto_pad"] = a.get_string(f"{prefix}auto_pad", "NOTSET")
+        if inner == "ConvTranspose":
+            attrs["output_padding"] = a.get_ints(f"{prefix}output_padding", None)
+            attrs["output_shape"] = None
     if inner == "ReduceMean":
         axes = a.get_ints(f"{prefix}axes", None)
         if not axes or any(not -rank <= x < rank for x in axes):
@@ -327,6 +346,17 @@ def stage_shape(spec: QuantizedOp, shapes: list[tuple[int, ...]], attrs: dict) -
             return Decline(f"Conv windows do not fit the input (output size {out})")
         attrs["window"] = window
         return (x[0], w[0], *out)
+    if inner == "ConvTranspose":
+        x, w, b = shapes
+        if not 3 <= len(x) <= 5 or len(w) != len(x):
+            return Decline(f"ConvTranspose input {x} / weight {w}: 1-D to 3-D only")
+        geo = ConvTranspose().geometry(attrs, x, w, "ConvTranspose")
+        if isinstance(geo, Decline):
+            return geo
+        if b != (geo["M"],):
+            return Decline(f"ConvTranspose bias {b} must be [M={geo['M']}]")
+        attrs["geometry"] = geo
+        return (x[0], geo["M"], *geo["out"])
     if inner == "ReduceMean":
         axes = attrs["axes"]
         return tuple(
@@ -369,6 +399,11 @@ def stage_dims(spec: QuantizedOp, attrs: dict) -> list[int]:
         win = attrs["window"]
         return [attrs["group"], win.rank, *win.kernel, *win.strides, *win.dilations,
                 *win.pads_begin, *win.pads_end]  # fmt: skip
+    if spec.inner == "ConvTranspose":
+        geo = attrs["geometry"]
+        win = geo["window"]
+        return [geo["G"], win.rank, *win.kernel, *win.dilations, *win.pads_begin,
+                *win.pads_end, *geo["upsample"]]  # fmt: skip
     return []
 
 
@@ -377,13 +412,13 @@ def stage_floats(spec: QuantizedOp, attrs: dict) -> list[float]:
     return [attrs[name] for name, _ in STAGE_FLOATS.get(spec.inner, ())]
 
 
-def _operand_params(q: np.ndarray, scale: np.ndarray, zp: np.ndarray):
-    """Scale and zero point of one operand: per tensor, or per channel along axis 0."""
+def _operand_params(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int = 0):
+    """Scale and zero point of one operand: per tensor, or per channel along ``axis``."""
     if scale.size == 1:
         return scale.reshape(()), zp.reshape(())
     return (
-        expand_param(scale, q.shape, 0, 0, 1.0),
-        expand_param(zp.astype(np.int64), q.shape, 0, 0, 0),
+        expand_param(scale, q.shape, axis, 0, 1.0),
+        expand_param(zp.astype(np.int64), q.shape, axis, 0, 0),
     )
 
 
@@ -439,14 +474,20 @@ class QdqFusedOp(Operator):
             scale, zp = const_array(node.inputs[s_idx]), const_array(node.inputs[z_idx])
             if scale is None or zp is None:
                 return Decline(f"{label}: {what} scale and zero point must be constants")
-            # Per channel (axis 0) only where the op allows it, e.g. a Conv weight.
+            # Per channel only where the op allows it (a Conv weight along axis 0, a
+            # ConvTranspose weight along axis 1).
             per_axis = k < arity and k in stages[0].per_axis and scale.size != 1
+            axis = stages[0].axis_of(k)
+            shape = specs[-1].shape if k < arity and specs[-1] is not None else ()
             if per_axis and not (
-                scale.ndim == 1 and zp.shape == scale.shape and scale.size == specs[-1].shape[0]
+                scale.ndim == 1
+                and zp.shape == scale.shape
+                and len(shape) > axis
+                and scale.size == shape[axis]
             ):
                 return Decline(
                     f"{label}: {what} scale {scale.shape} / zero point {zp.shape} must be per "
-                    f"tensor or per channel along axis 0 of {specs[-1].shape}"
+                    f"tensor or per channel along axis {axis} of {shape}"
                 )
             if not per_axis and (scale.size != 1 or zp.size != 1):
                 return Decline(
@@ -509,9 +550,11 @@ class QdqFusedOp(Operator):
     def _run(self, inputs, out_dtype: np.dtype, dims, floats) -> np.ndarray:
         stages = self.decode_stages(list(dims))
         arity = (len(inputs) - 2) // 3
+        first = stages[0][0]
         xs = [
             dequantize(
-                inputs[3 * i], *_operand_params(inputs[3 * i], *inputs[3 * i + 1 : 3 * i + 3])
+                inputs[3 * i],
+                *_operand_params(inputs[3 * i], *inputs[3 * i + 1 : 3 * i + 3], first.axis_of(i)),
             )
             for i in range(arity)
         ]

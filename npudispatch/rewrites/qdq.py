@@ -404,15 +404,17 @@ def _fused_attrs(node: ir.Node, opset: int) -> dict | None:
                 return None
             axes = [int(a) for a in arr.reshape(-1)]
         return {"axes": list(axes), "keepdims": node.attributes.get_int("keepdims", 1)}
-    if op == "Conv":
-        names = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+    if op in ("Conv", "ConvTranspose"):
+        names = QDQ_OPS[op].attributes
         if any(k not in names for k in node.attributes) or len(node.inputs) > 3:
-            return None
+            return None  # (a ConvTranspose output_shape included)
         w = node.inputs[1].shape if node.inputs[1] is not None else None
         if w is None or not w.is_static() or len(w) < 3:
             return None
         attrs = {k: a.value for k, a in node.attributes.items()}
         attrs.setdefault("kernel_shape", [int(d) for d in w[2:]])
+        if op == "ConvTranspose":
+            attrs.setdefault("output_padding", [0] * (len(w) - 2))
         return _window_defaults(attrs, len(w) - 2)
     spec = QDQ_OPS.get(op)
     if spec is None or any(k not in spec.attributes for k in node.attributes):
@@ -464,16 +466,17 @@ def _operand_dq(
     reader: ir.Node,
     made: list[ir.Node],
     per_axis: bool = False,
+    axis: int = 0,
 ) -> ir.Node | None:
     """The per-tensor DQ feeding ``value`` to ``reader`` only (``per_axis``: or per channel
-    along axis 0), or an exact DQ of a scalar."""
+    along ``axis``), or an exact DQ of a scalar (``per_axis``: or of a 1-d constant)."""
     dq = value.producer()
     if is_op(dq, "DequantizeLinear") and single_reader(value) is reader:
         assert dq is not None
         p = qparams_of(dq, dq.inputs[0].dtype)
         rank = len(dq.inputs[0].shape or ()) or 1
-        along_0 = p is not None and p.scale.ndim == 1 and not p.block and p.axis % rank == 0
-        if p is not None and (p.per_tensor or (per_axis and along_0)):
+        along = p is not None and p.scale.ndim == 1 and not p.block and p.axis % rank == axis
+        if p is not None and (p.per_tensor or (per_axis and along)):
             return dq
     exact = _exact_dq(graph, namer, value, reader, per_axis)
     if exact is not None:
@@ -521,7 +524,7 @@ def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> N
                         dq = (
                             None
                             if v is None
-                            else _operand_dq(graph, namer, v, node, made, per_axis)
+                            else _operand_dq(graph, namer, v, node, made, per_axis, spec.axis_of(j))
                         )
                     if dq is None:
                         ok = False

@@ -265,6 +265,53 @@ def test_conv_bias_and_gemm_forms_fuse_and_match_onnxruntime(tmp_path, recipe):
     assert np.ptp(want) > 50 * output_step(q_model), "the data must exercise the output range"
 
 
+@pytest.mark.parametrize(("group", "bias", "recipe"), [(1, True, "a8w8"), (2, False, "a16w8")])
+def test_conv_transpose_weight_quantized_along_axis_1_fuses(tmp_path, group, bias, recipe):
+    """quantize_static quantizes a ConvTranspose weight [C, M/G, k, k] per output channel along
+    axis 1 (and leaves the bias float): QDQConvTranspose takes that axis; bit-exact here."""
+    rng = np.random.default_rng(group)
+    inits = {"w": (rng.standard_normal((4, 6 // group, 3, 3)) * 0.3).astype(np.float32)}
+    if bias:
+        inits["b"] = (rng.standard_normal(6) * 0.3).astype(np.float32)
+    node = onnx.helper.make_node(
+        "ConvTranspose", ["x", *inits], ["y"], strides=[2, 2], pads=[1, 1, 1, 1],
+        output_padding=[1, 1], group=group,
+    )  # fmt: skip
+    f32 = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(
+        [node], "ct",
+        [onnx.helper.make_tensor_value_info("x", f32, [1, 4, 5, 5])],
+        [onnx.helper.make_tensor_value_info("y", f32, [1, 6, 10, 10])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    float_path, q_path = tmp_path / "ct.onnx", tmp_path / f"ct-{recipe}.onnx"
+    onnx.save(model, float_path)
+    quantization.quantize_static(
+        str(float_path), str(q_path), _RandomReader(model),
+        quant_format=quantization.QuantFormat.QDQ,
+        activation_type=getattr(quantization.QuantType, RECIPES[recipe]),
+        weight_type=quantization.QuantType.QInt8, per_channel=True,
+    )  # fmt: skip
+    q_model = onnx.load(q_path)
+    w_dq = next(n for n in q_model.graph.node if n.op_type == "DequantizeLinear" and
+                any(a.name == "axis" and a.i == 1 for a in n.attribute))  # fmt: skip
+    assert w_dq is not None
+    quant = npudispatch.compile_model(q_path)
+    assert [n.op_type for n in quant.model.graph if n.domain == "npudispatch"] == [
+        "QDQConvTranspose"
+    ]
+    assert quant.kernel_calls_per_run == 1 and quant.npu_node_fraction == 1.0
+    feeds = feeds_for(q_model, np.random.default_rng(5))
+    want = ort_run(q_path, feeds, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    (got,) = npudispatch.Session(str(q_path)).run(None, feeds)
+    assert np.abs(got - want).max() <= output_step(q_model) * (1 + 1e-3)
+    assert np.ptp(want) > 50 * output_step(q_model)
+    verdict = step_verdict(q_path, feeds, got)
+    assert verdict.ok, verdict.describe()
+
+
 @pytest.mark.parametrize("recipe", ["s8w8", "s16w8"])
 def test_signed_activation_layer_fuses_every_matmul(qdq_fixtures, tmp_path, recipe):
     """int8/int16 activations: the weight MatMuls become QMatMul too (they stayed float,
