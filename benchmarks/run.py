@@ -14,6 +14,8 @@ calls one per-area benchmark module and turns its numbers into a ratio measured 
 ``emulator_ppocr_det``        emulator Session.run / onnxruntime run, PP-OCRv4 detector (cnn_bench)
 ``external_data_rss``         peak RSS growth of Session + run / size of the external data file
                               (328 MB, read by a CPU segment; external_data_bench)
+``memory_llama2_mlp``         largest peak RSS growth of compile / load / run (fresh processes)
+                              / size of the 72 MB model file, onnxruntime beside (memory_bench)
 ``generate_decode_step``      emulator decode step / onnxruntime-genai decode step, Qwen2 int4
                               folder, plus bytes copied per decode step (generate_bench)
 ``start_llama2_mlp``          warm-cache Session()+first run / cold one, no-op device (start_bench)
@@ -54,6 +56,7 @@ from benchmarks import (
     compile_bench,
     external_data_bench,
     generate_bench,
+    memory_bench,
     mlp_bench,
     plan_bench,
     session_bench,
@@ -308,6 +311,26 @@ def _external_data(quick: bool) -> list[Row]:
     ]
 
 
+def _memory(quick: bool) -> list[Row]:
+    r = _quiet(memory_bench.run, quick=quick)
+    sc, mb = r["scenarios"], 1e6
+    parts = ", ".join(
+        f"{k} +{v['growth_bytes'] / mb:.0f}" for k, v in sc.items() if k != "onnxruntime"
+    )
+    run2 = r["run2_transient_bytes"]
+    return [
+        Row(
+            "memory_llama2_mlp",
+            r["ratio"],
+            "largest peak RSS growth (compile/load/run) / model",
+            f"{r['model_bytes'] / mb:.0f} MB model, growth MB: {parts}; onnxruntime "
+            f"+{sc['onnxruntime']['growth_bytes'] / mb:.0f}; 2nd run transient "
+            f"{'n/a' if run2 is None else f'{run2 / mb:.1f} MB'}",
+            r,
+        )
+    ]
+
+
 def _generate(quick: bool) -> list[Row]:
     what = "emulator decode step / onnxruntime-genai decode step"
     try:
@@ -337,6 +360,7 @@ BENCHMARKS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("weights", _weights),
     ("emulator_ppocr_det", _cnn),
     ("external_data_rss", _external_data),
+    ("memory_llama2_mlp", _memory),
     ("generate_decode_step", _generate),
     ("start", _start),
     ("cli_start", _cli_start),

@@ -28,6 +28,7 @@ KEYS = {
     "emulator_llama2_mlp",
     "emulator_ppocr_det",
     "external_data_rss",
+    "memory_llama2_mlp",
     "generate_decode_step",
     "start_llama2_mlp",
     "cli_start",
@@ -67,7 +68,7 @@ def test_ratios_are_measured(quick_json: dict):
             continue
         assert isinstance(entry["ratio"], float) and math.isfinite(entry["ratio"]), key
         # Memory growth may be exactly zero (weights mapped, never copied); times never are.
-        floor = 0 if key == "external_data_rss" else 1e-12
+        floor = 0 if key in ("external_data_rss", "memory_llama2_mlp") else 1e-12
         assert entry["ratio"] >= floor and entry["ratio_of"] and entry["measured"], key
 
 
@@ -91,6 +92,11 @@ def test_values_are_consistent(quick_json: dict):
         assert w["output_bytes"] > 11008 * 4096 // 2  # 4-bit codes plus scales
     ext = quick_json["external_data_rss"]["measured"]
     assert ext["output_correct"] and ext["cpu_segments"] == 1
+    mem = quick_json["memory_llama2_mlp"]["measured"]
+    for scenario in mem["scenarios"].values():
+        assert scenario["peak_bytes"] >= scenario["baseline_bytes"] > 0
+    assert {"run", "onnxruntime"} <= set(mem["scenarios"])
+    assert mem["run2_transient_bytes"] is None or mem["run2_transient_bytes"] >= 0
 
 
 def test_table_and_json_report_failures_and_skips():
