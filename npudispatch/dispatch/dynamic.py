@@ -339,8 +339,15 @@ class ModelSource:
         return model
 
     def take_original(self) -> graph.ModelLike:
-        """The user's model object or path, once (an ``ir.Model`` is rewritten in place)."""
+        """The user's model object or path, once (an ``ir.Model`` is rewritten in place).
+
+        A file source forgets its parsed proto here: compiling parses the file itself, and a copy
+        kept beside it would double the model's weights in memory while it compiles and after.
+        It is parsed again only if a later specialisation needs it.
+        """
         model, self.original = self.original, None
+        if model is not None and self.file is not None:
+            self._proto = None
         return model if model is not None else self.fresh()
 
 
