@@ -137,7 +137,9 @@ def _mlp(quick: bool) -> list[Row]:
             e["ratio_to_onnxruntime"],
             "emulator Session.run / onnxruntime run",
             f"{e['model']} M=1: emulator {_ms(e['emulator_run_s'])}, onnxruntime "
-            f"{_ms(e['onnxruntime_run_s'])}, max|diff| {e['max_abs_diff']:.3g}",
+            f"{_ms(e['onnxruntime_run_s'])}, max|diff| {e['max_abs_diff']:.3g}; CPU time "
+            f"{_ms(e['emulator_cpu_s'])} vs {_ms(e['onnxruntime_cpu_s'])} "
+            f"({e['emulator_cpu_s'] / max(e['onnxruntime_cpu_s'], 1e-9):.1f}x)",
             e,
         ),
     ]
