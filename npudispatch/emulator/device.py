@@ -7,6 +7,7 @@ depth, what counts as a hang or a fault).
 from __future__ import annotations
 
 import functools
+import operator
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from npudispatch.emulator.dma import (
     ChainError,
     Task,
     Transfer,
+    decode_bd,
     snapshot_chain,
 )
 from npudispatch.emulator.errors import EmulatorFault, EmulatorHang, EmulatorLimitError
@@ -146,15 +148,27 @@ class VirtualNpu:
             for c in range(num_cols)
             for bd in range(SHIM_NUM_BDS)
         }
-        # Bounds-checked (location, word pattern) of each BD execution, by BD object and repeat.
-        self._executions: dict[tuple[int, int], tuple[Any, Location, Any]] = {}
+        self._bd_getters = {
+            key: operator.itemgetter(*words) for key, words in self._bd_words.items()
+        }
+        # Bounds-checked (location, word pattern, bytes) of each BD execution, by BD and repeat.
+        self._executions: dict[tuple[int, int], tuple[Any, tuple[Location, Any, int]]] = {}
         self.overlay = Overlay(num_cols, self.kernels, self._channels)
         self.queues: dict[ShimChannel, deque[Task]] = {}
         self._queue_of: dict[int, deque[Task]] = {}  # by id() of the canonical channel object
+        self._output_queues: list[deque[Task]] = []  # the overlay's output channels' queues
+        # Per-run counters by channel position (a ShimChannel hash is two Python calls): folded
+        # into stats.tasks_by_channel / bytes_by_channel when the run ends (None = no bytes).
+        self._channel_index = {id(ch): i for i, ch in enumerate(self._channels.values())}
+        self._task_counts: list[int] = []
+        self._byte_counts: list[int | None] = []
         self.tokens: list[tuple[int, int, Direction, int]] = []
         self.reset()
         self.stats = RunStats()
-        self.transfers: list[Transfer] = []
+        # BD executions of the last run as Transfer field tuples; Transfer objects are built
+        # when :attr:`transfers` is read.
+        self._rows: list[tuple] = []
+        self._transfers: list[Transfer] | None = None
         self._op_index: int | None = None
         self._opname: str | None = None
         self._names: Sequence[str] = ()
@@ -182,11 +196,19 @@ class VirtualNpu:
         self.overlay = Overlay(self.num_cols, self.kernels, self._channels)
         self.queues = {ch: deque() for ch in self._channels.values()}
         self._queue_of = {id(ch): q for ch, q in self.queues.items()}
+        self._output_queues = [self._queue_of[id(ch)] for ch in self.overlay.outputs]
         self.tokens = []
 
     def channel(self, col: int, direction: Direction, channel: int) -> ShimChannel:
         """The canonical :class:`ShimChannel` object of (col, direction, channel)."""
         return self._channels[col, direction, channel]
+
+    @property
+    def transfers(self) -> list[Transfer]:
+        """Every BD execution of the last run, in order (:class:`Transfer` records)."""
+        if self._transfers is None:
+            self._transfers = [Transfer(*row) for row in self._rows]
+        return self._transfers
 
     @property
     def argv(self) -> list[int]:
@@ -240,7 +262,9 @@ class VirtualNpu:
         if prepared.npu_id != id(self):
             raise DeviceError("the program was prepared by another VirtualNpu: prepare it here")
         self.stats = RunStats()
-        self.transfers = []
+        self._rows, self._transfers = [], None
+        self._task_counts = [0] * len(self._channels)
+        self._byte_counts = [None] * len(self._channels)
         self._names = prepared.names
         launches0 = self.overlay.launches
         self.overlay.start_run()
@@ -262,7 +286,17 @@ class VirtualNpu:
             self.stats.kernel_launches = self.overlay.launches - launches0
         finally:
             self._op_index, self._opname = None, None
+            self._count_channels()
         return self.stats
+
+    def _count_channels(self) -> None:
+        """Fold the run's per-channel counters into :attr:`stats`."""
+        tasks, moved = self.stats.tasks_by_channel, self.stats.bytes_by_channel
+        for ch, n, nbytes in zip(self._channels.values(), self._task_counts, self._byte_counts):
+            if n:
+                tasks[ch] += n
+            if nbytes is not None:
+                moved[ch] += nbytes
 
     # ------------------------------------------------------------------ helpers
     def _loc(self, **extra: Any) -> dict[str, Any]:
@@ -285,9 +319,12 @@ class VirtualNpu:
         return self.regs.get(addr, 0)
 
     def _bd_reader(self, col: int, bd_id: int) -> tuple[int, ...]:
-        """The 8 register words of shim BD ``bd_id`` in column ``col``."""
-        get = self.regs.get
-        return tuple([get(a, 0) for a in self._bd_words[col, bd_id]])
+        """The 8 register words of shim BD ``bd_id`` in column ``col`` (0 if never written)."""
+        try:
+            return self._bd_getters[col, bd_id](self.regs)
+        except KeyError:
+            get = self.regs.get
+            return tuple([get(a, 0) for a in self._bd_words[col, bd_id]])
 
     def _store(self, addr: int, value: int) -> None:
         col, row, off = self._check_reg(addr)
@@ -447,14 +484,18 @@ class VirtualNpu:
             self.stats.tokens += 1
 
     def _enqueue(self, channel: ShimChannel, entry: TaskQueueEntry) -> None:
-        try:
-            chain = snapshot_chain(
-                self._bd_reader, channel.col, entry.start_bd, allow_invalid=self.trace
-            )
-        except ChainError as exc:
-            raise EmulatorHang(str(exc), **self._loc(channel=channel, bd=exc.bd)) from exc
+        bd = decode_bd(self._bd_reader(channel.col, entry.start_bd))
+        if bd.valid and not bd.use_next_bd:  # a one-BD chain (the common case), as snapshot_chain
+            chain = [(entry.start_bd, bd)]
+        else:
+            try:
+                chain = snapshot_chain(
+                    self._bd_reader, channel.col, entry.start_bd, allow_invalid=self.trace
+                )
+            except ChainError as exc:
+                raise EmulatorHang(str(exc), **self._loc(channel=channel, bd=exc.bd)) from exc
         task = Task(channel, entry, chain, self._op_index if self._op_index is not None else -1)
-        self.stats.tasks_by_channel[channel] += 1
+        self._task_counts[self._channel_index[id(channel)]] += 1
         if self.trace:
             self._trace_task(task)
             return
@@ -490,11 +531,16 @@ class VirtualNpu:
 
     def _record(self, task: Task, bd_id: int, argidx: int | None, offset: int, nbytes: int) -> None:
         c = task.channel
-        self.transfers.append(
-            Transfer(c.col, c.direction, c.channel, argidx, offset, nbytes, bd_id, task.op_index)
+        self._rows.append(
+            (c.col, c.direction, c.channel, argidx, offset, nbytes, bd_id, task.op_index)
         )
         if argidx is None:
             self.stats.unresolved += 1
+
+    def _count_bytes(self, channel: ShimChannel, nbytes: int) -> None:
+        i = self._channel_index[id(channel)]
+        before = self._byte_counts[i]
+        self._byte_counts[i] = nbytes if before is None else before + nbytes
 
     def _locate(self, task: Task, bd_id: int, address: int, span: int) -> Location:
         loc = self.memory.locate(address, span)
@@ -505,8 +551,9 @@ class VirtualNpu:
             )
         return loc
 
-    def _bd_pattern(self, task: Task, bd_id: int, bd: Any, rep: int) -> tuple[Location, Any]:
-        """Bounds-check one BD execution from its extent, then expand its address pattern.
+    def _bd_pattern(self, task: Task, bd_id: int, bd: Any, rep: int) -> tuple[Location, Any, int]:
+        """Bounds-check one BD execution from its extent, then expand its address pattern;
+        returns the location, the word pattern and the bytes moved.
 
         The extent is computed without expanding (a corrupt BD of 2^28 words must fault, not
         allocate gigabytes first); a BD moving more bytes than all device memory together is
@@ -517,7 +564,7 @@ class VirtualNpu:
         key = (id(bd), rep)
         known = self._executions.get(key)
         if known is not None and known[0] is bd:
-            return known[1], known[2]
+            return known[1]
         address = base_byte_address(bd, rep)
         loc = self._locate(task, bd_id, address, 4 * extent_words(bd))
         total = self.memory.total_bytes
@@ -527,19 +574,19 @@ class VirtualNpu:
                 f"than all {total} B of device memory: the BD's length field is corrupt",
                 **self._loc(channel=task.channel, bd=bd_id, address=address),
             )
-        pat = pattern(bd, rep)
+        checked = (loc, pattern(bd, rep), bd.length_bytes)
         if len(self._executions) >= _EXECUTIONS_LIMIT:
             self._executions.clear()
-        self._executions[key] = (bd, loc, pat)
-        return loc, pat
+        self._executions[key] = (bd, checked)
+        return checked
 
     def _reserve(self, task: Task) -> None:
         """Refuse a task whose executions would push :attr:`transfers` past the limit."""
-        executions = task.runs * len(task.chain)
-        if len(self.transfers) + executions > self.max_transfers:
+        executions = (task.entry.repeat_count + 1) * len(task.chain)
+        if len(self._rows) + executions > self.max_transfers:
             raise EmulatorLimitError(
                 f"the task queued by op #{task.op_index} runs {len(task.chain)} BD(s) "
-                f"{task.runs} time(s); with the {len(self.transfers)} executions so far that is "
+                f"{task.runs} time(s); with the {len(self._rows)} executions so far that is "
                 f"more than the emulator's limit of {self.max_transfers} BD executions per run "
                 "(VirtualNpu(max_transfers=...) raises it)",
                 **self._loc(channel=task.channel),
@@ -556,7 +603,7 @@ class VirtualNpu:
                 self._record(task, bd_id, None, address, bd.length_bytes)
             else:
                 self._record(task, bd_id, loc.argidx, loc.offset, bd.length_bytes)
-            self.stats.bytes_by_channel[task.channel] += bd.length_bytes
+            self._count_bytes(task.channel, bd.length_bytes)
         self._finish_task(task)
 
     def _run_mm2s(self, task: Task) -> None:
@@ -565,15 +612,16 @@ class VirtualNpu:
         self._reserve(task)
         moved, done = 0, 0
         try:
-            for rep, bd_id, bd in task.executions():
-                loc, pat = self._bd_pattern(task, bd_id, bd, rep)
-                slot = self.overlay.slot(task.channel, 4 * pat.length)
-                self.overlay.feed(task.channel, memory.read(loc, pat, out=slot))
-                self._record(task, bd_id, loc.argidx, loc.offset, bd.length_bytes)
-                moved, done = moved + bd.length_bytes, done + 1
+            for rep in range(task.entry.repeat_count + 1):
+                for bd_id, bd in task.chain:
+                    loc, pat, nbytes = self._bd_pattern(task, bd_id, bd, rep)
+                    slot = self.overlay.slot(task.channel, nbytes)
+                    self.overlay.feed(task.channel, memory.read(loc, pat, out=slot))
+                    self._record(task, bd_id, loc.argidx, loc.offset, nbytes)
+                    moved, done = moved + nbytes, done + 1
         finally:
-            if done:  # counted per task, not per BD execution (one Counter update)
-                self.stats.bytes_by_channel[task.channel] += moved
+            if done:  # counted per task, not per BD execution
+                self._count_bytes(task.channel, moved)
         self._finish_task(task)
 
     def _run_s2mm(self, task: Task, data: np.ndarray) -> None:
@@ -582,15 +630,15 @@ class VirtualNpu:
         self._reserve(task)
         pos, done = 0, 0
         try:
-            for rep, bd_id, bd in task.executions():
-                loc, pat = self._bd_pattern(task, bd_id, bd, rep)
-                nbytes = bd.length_bytes
-                memory.write(loc, pat, data[pos : pos + nbytes])
-                self._record(task, bd_id, loc.argidx, loc.offset, nbytes)
-                pos, done = pos + nbytes, done + 1
+            for rep in range(task.entry.repeat_count + 1):
+                for bd_id, bd in task.chain:
+                    loc, pat, nbytes = self._bd_pattern(task, bd_id, bd, rep)
+                    memory.write(loc, pat, data[pos : pos + nbytes])
+                    self._record(task, bd_id, loc.argidx, loc.offset, nbytes)
+                    pos, done = pos + nbytes, done + 1
         finally:
             if done:
-                self.stats.bytes_by_channel[task.channel] += pos
+                self._count_bytes(task.channel, pos)
         self._finish_task(task)
 
     def _drain(self, channel: ShimChannel) -> None:
@@ -604,14 +652,11 @@ class VirtualNpu:
 
     def _serve_outputs(self) -> None:
         """Fire the launch if its output is needed, then serve queued S2MM tasks in ABI order."""
-        outputs = self.overlay.outputs
-        queue_of = self._queue_of
-        if self.overlay.remaining == 0 and any(queue_of[id(ch)] for ch in outputs):
+        if self.overlay.remaining == 0 and any(self._output_queues):
             for ch in self.overlay.inputs:
                 self._drain(ch)
             self.overlay.fire(**self._loc())
-        for ch in outputs:
-            queue = queue_of[id(ch)]
+        for ch, queue in zip(self.overlay.outputs, self._output_queues):
             while queue:
                 task = queue[0]
                 data = self.overlay.take(task.nbytes)

@@ -61,6 +61,7 @@ from npudispatch.operators.dtypes import (
     FLOAT_DTYPES,
     fp32_compute,
     store,
+    to_bf16,
     to_compute,
     weight_dtype,
     widen,
@@ -106,16 +107,20 @@ def conv_core(
     window: Window,
     upsample: Sequence[int],
 ) -> np.ndarray:
-    """``x`` ``[N, C, *S]`` (float32) convolved with ``weights`` ``[G, Mg, Cg * R]`` -> float32
-    ``[N, G * Mg, *O]`` (no bias); ``upsample`` zero-inserts first (ConvTranspose)."""
+    """``x`` ``[N, C, *S]`` (float32, or bf16: see below) convolved with ``weights``
+    ``[G, Mg, Cg * R]`` -> float32 ``[N, G * Mg, *O]`` (no bias); ``upsample`` zero-inserts first
+    (ConvTranspose). A bf16 ``x`` is padded and gathered as 2-byte values and the windows are
+    widened to float32 right before the matmul: exactly the float32 path's operands (widening
+    is exact, padding zeros are +0 either way) for half the gather traffic."""
     n, c = x.shape[:2]
     g, mg, _ = weights.shape
     cg = c // g
     xu = zero_insert(x, upsample)
     xp = pad_spatial(xu, window.pads_begin, window.pads_end)
-    zero = Window(window.kernel, window.strides, window.dilations, (0,) * window.rank,
-                  (0,) * window.rank)  # fmt: skip
-    out = zero.output_size(xp.shape[2:])
+    out = tuple(
+        (size - e) // s + 1 if size >= e else 0
+        for size, e, s in zip(xp.shape[2:], window.effective, window.strides)
+    )
     if any(o <= 0 for o in out):
         raise DeviceError(f"conv kernel: output spatial size {out} is empty")
     r = window.rank
@@ -123,7 +128,7 @@ def conv_core(
     inner = math.prod(out[1:])
     if taps == 1 and all(s == 1 for s in window.strides):
         # A 1x1 stride-1 window is the tensor itself: [N, C, *O] is already [N, G, Cg, P].
-        cols = xp.reshape(n, g, cg, -1)
+        cols = widen(xp).reshape(n, g, cg, -1)
         return np.matmul(weights, cols).reshape(n, g * mg, *out)
     patches = windows(xp, window, out)  # [N, C, *O, *k] view
     # [N, G, Cg, *k, *O] -> [N, G, Cg * R, P]: one gather copy, channel-major like the image.
@@ -131,12 +136,12 @@ def conv_core(
     order = (0, 1, *range(2 + r, 2 + 2 * r), *range(2, 2 + r))
     rows = max(1, PATCH_BLOCK_ELEMENTS // max(1, n * c * taps * inner))
     if rows >= out[0]:  # one block: the matmul's result is the output (no copy into place)
-        cols = patches.transpose(order).reshape(n, g, cg * taps, -1)
+        cols = widen(patches.transpose(order)).reshape(n, g, cg * taps, -1)
         return np.matmul(weights, cols).reshape(n, g * mg, *out)
     y = np.empty((n, g, mg, out[0], inner), dtype=np.float32)
     for start in range(0, out[0], rows):
         block = patches[:, :, start : start + rows]
-        cols = block.transpose(order).reshape(n, g, cg * taps, -1)
+        cols = widen(block.transpose(order)).reshape(n, g, cg * taps, -1)
         part = np.matmul(weights, cols)  # [N, G, Mg, rows * inner], float32 accumulation
         y[:, :, :, start : start + rows] = part.reshape(n, g, mg, -1, inner)
     return y.reshape(n, g * mg, *out)
@@ -432,7 +437,9 @@ class Conv(Operator):
         bias = const[off : off + g * mg * 4].view("<f4")
         x_spec = launch.x_spec
         x = crop_real(view(operands[0], x_spec, "conv input X"), x_spec.real_shape)
-        y = conv_core(to_compute(x), weights, launch.window, launch.upsample)
+        # bf16 compute gathers the windows as bf16 (conv_core); float32 compute as float32
+        x = to_compute(x) if fp32_compute() else to_bf16(x)
+        y = conv_core(x, weights, launch.window, launch.upsample)
         y += bias.reshape(1, -1, *(1,) * r)  # y is the matmul's own float32 result
         y = _activate_and_shift(y, launch.code, launch.floats)
         out = launch.out

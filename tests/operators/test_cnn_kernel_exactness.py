@@ -226,6 +226,10 @@ def test_widen_equals_ml_dtypes_for_every_bf16() -> None:
     np.testing.assert_array_equal(
         dtypes.widen(b).view(np.uint32), b.astype(np.float32).view(np.uint32)
     )
+    strided = b.reshape(16, 64, 64).transpose(2, 0, 1)[:, ::3, 1::2]  # as gathered windows are
+    wide = dtypes.widen(strided)
+    assert wide.flags.c_contiguous and wide.shape == strided.shape
+    np.testing.assert_array_equal(wide.view(np.uint32), strided.astype(np.float32).view(np.uint32))
 
 
 def test_small_cnn_bits_unchanged_and_close_to_onnxruntime(monkeypatch) -> None:
