@@ -201,7 +201,7 @@ class RoundingReference:
     def run(self, feeds: Mapping[str, np.ndarray], jitter: int | None = None) -> dict[str, Any]:
         """Outputs by name; ``jitter`` = seed of a probe run (None: the reference itself)."""
         rng = None if jitter is None else np.random.default_rng(jitter)
-        full = {k: np.asarray(v).astype(np.float32) for k, v in feeds.items()} | self.weights
+        full = {k: _reference_feed(v) for k, v in feeds.items()} | self.weights
         for name, shape in self.jitter_shapes.items():
             if rng is None:
                 full[name] = np.ones(shape, np.float32)
@@ -210,6 +210,13 @@ class RoundingReference:
                 full[name] = (1.0 + JITTER * signs).astype(np.float32)
         full |= quant_check.quantization_jitter_feeds(self.quant_jitters, rng)
         return dict(zip(self.outputs, self.session.run(self.outputs, full)))
+
+
+def _reference_feed(value: Any) -> np.ndarray:
+    """A feed as the float32 reference takes it: floats (bf16 included) as float32; integer and
+    boolean inputs (token ids, masks) unchanged."""
+    arr = np.asarray(value)
+    return arr if arr.dtype.kind in "iub" else arr.astype(np.float32)
 
 
 def check_outputs(

@@ -98,6 +98,29 @@ def test_accepts_the_other_compile_options(bf16, pad):
         assert verdict.ok, f"{out}: {verdict.describe()}"
 
 
+def test_integer_inputs_reach_the_reference_unchanged():
+    """Token ids (int64) stay integers in the reference's feeds (they were cast to float32, and
+    onnxruntime refused the reference of every model with an integer input, e.g. a decoder)."""
+    rng = np.random.default_rng(4)
+    table = numpy_helper.from_array(rng.standard_normal((50, 16)).astype(np.float32), "table")
+    c = numpy_helper.from_array(np.array(1.5, np.float32), "c")
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["E"]),
+        helper.make_node("Mul", ["E", "c"], ["Y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+        [helper.make_tensor_value_info("Y", F, [2, 5, 16])],
+        initializer=[table, c],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    feeds = {"ids": rng.integers(0, 50, (2, 5)).astype(np.int64)}
+    for out, verdict in _verdicts(model, feeds=feeds).items():
+        assert verdict.ok, f"{out}: {verdict.describe()}"
+
+
 def test_accepts_a_probability_map_near_zero():
     """Sigmoid of large negative logits: outputs ~1e-5 that an RMS-scaled atol would fail."""
     w = numpy_helper.from_array(np.full((16, 16), 0.5, np.float32), "w")
