@@ -117,11 +117,29 @@ class Overlay:
         self._layouts: dict[int, dict[ShimChannel, tuple[int, int]]] = {}
         self._ordinal = 0  # launch number within the current run
         self._placed: dict[ShimChannel, int] = {}
+        # A launch without a learnt layout places its operand bytes in arrival order once its
+        # record (hence its operand total) is known: in ABI channel order already, they need no join.
+        self._arrived = 0
+        self._need: int | None = None
 
     def start_run(self) -> None:
         """A new run begins: launch layouts are looked up from launch 0 again."""
         self._ordinal = 0
         self._placed.clear()
+        self._arrived, self._need = 0, None
+
+    def _operand_need(self) -> int | None:
+        """Total operand bytes of the record waiting on the params channel (None: not complete)."""
+        if self._need is None:
+            params = self._stream(PARAMS_CHANNEL)
+            try:
+                if params.size >= HEADER_BYTES and params.size == record_size(
+                    params[:HEADER_BYTES].tobytes()
+                ):
+                    self._need = sum(self._record(params).operand_bytes)
+            except DeviceHang:
+                return None  # fire() reports the bad record
+        return self._need
 
     def slot(self, channel: ShimChannel, nbytes: int) -> np.ndarray:
         """Where an MM2S task should put its next ``nbytes`` for ``channel`` (then :meth:`feed`).
@@ -138,6 +156,13 @@ class Overlay:
                 self._placed[channel] = placed + nbytes
                 start = offset + placed
                 return self._operand_buf[start : start + nbytes]
+        elif layout is None and channel != self.inputs[0]:
+            need = self._operand_need()
+            if need is not None and self._arrived + nbytes <= need:
+                if self._arrived == 0 and self._operand_buf.size < need:
+                    self._operand_buf = np.empty(need, dtype=np.uint8)
+                start, self._arrived = self._arrived, self._arrived + nbytes
+                return self._operand_buf[start : start + nbytes]
         return np.empty(nbytes, dtype=np.uint8)
 
     def feed(self, channel: ShimChannel, data: np.ndarray) -> None:
@@ -149,22 +174,30 @@ class Overlay:
         its learnt layout, else one copy (and the layout is learnt for the next run)."""
         channels = [ch for ch in self.inputs[1:] if self.fifos[ch]]
         sizes = {ch: sum(c.size for c in self.fifos[ch]) for ch in channels}
-        layout = self._layouts.get(self._ordinal)
         total = sum(sizes.values())
-        if (
-            layout is not None
-            and layout.keys() == sizes.keys()
-            and all(layout[ch][1] == n == self._placed.get(ch, 0) for ch, n in sizes.items())
-        ):
-            return self._operand_buf[:total]
-        stream = _joined([c for ch in channels for c in self.fifos[ch]])
         offsets = np.cumsum([0, *sizes.values()]).tolist()
         self._layouts[self._ordinal] = {ch: (off, sizes[ch]) for ch, off in zip(channels, offsets)}
+        if self._in_place([c for ch in channels for c in self.fifos[ch]], total):
+            return self._operand_buf[:total]
+        stream = _joined([c for ch in channels for c in self.fifos[ch]])
         if self._operand_buf.size < total:
             # the joined stream is a new array of exactly this size: it becomes the buffer
             fresh = stream.flags.writeable and not np.may_share_memory(stream, self._operand_buf)
             self._operand_buf = stream if fresh else np.empty(total, dtype=np.uint8)
         return stream
+
+    def _in_place(self, chunks: list[np.ndarray], total: int) -> bool:
+        """True when ``chunks`` (in ABI order) already sit end to end at the operand buffer's start,
+        i.e. the buffer's first ``total`` bytes are the joined stream."""
+        buf = self._operand_buf
+        if total == 0 or buf.size < total:
+            return False
+        address = buf.ctypes.data
+        for chunk in chunks:
+            if chunk.base is None or chunk.ctypes.data != address:
+                return False
+            address += chunk.size
+        return np.may_share_memory(chunks[0], buf) and address == buf.ctypes.data + total
 
     def has_input(self) -> bool:
         """True when some input FIFO holds bytes (a launch is waiting to fire)."""
@@ -278,6 +311,7 @@ class Overlay:
         self.launches += 1
         self._ordinal += 1
         self._placed.clear()
+        self._arrived, self._need = 0, None
         for chunks in self.fifos.values():
             chunks.clear()
 
