@@ -96,9 +96,10 @@ def test_teacher_forced_logits_follow_onnxruntime(gen):
     want = ort_logits(gen.config.model_dir, ids)
     got = gen.teacher_forced_logits(ids)
     agree = float(np.mean(want.argmax(-1) == got.argmax(-1)))
-    # bf16 activations and bf16 q4 scales against float32 onnxruntime on random weights (std
-    # 0.25, near-tied logits): measured 88 % (int4) and 97 % (fp32); the 95 % target of the
-    # onnxruntime-genai comparison is tracked in test_genai_parity.py
+    # bf16 activations against float32 onnxruntime on random weights (std 0.25, near-tied
+    # logits; both sides quantize the int4 folder's matmul inputs to int8, accuracy_level=4):
+    # measured 91 % (int4) and 97 % (fp32); the 95 % target of the onnxruntime-genai comparison
+    # is tracked in test_genai_parity.py (docs/numerics.md 1.4)
     assert agree >= 0.85, agree
     rms = float(np.sqrt(np.mean(want**2)))
     assert float(np.sqrt(np.mean((got - want) ** 2))) < 0.1 * rms
