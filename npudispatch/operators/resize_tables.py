@@ -191,10 +191,12 @@ def apply_tables(
 
 def _gather(x: np.ndarray, tables: Sequence[AxisTable], dtype: Any) -> np.ndarray:
     if not tables or tables[0].weight is None:
-        index = [np.arange(n) for n in x.shape]
+        # Nearest: one take per resized axis (the same elements as one np.ix_ gather over every
+        # axis, several times faster).
+        y = x
         for t in tables:
-            index[t.axis] = t.index[:, 0]
-        return x[np.ix_(*index)]
+            y = np.take(y, t.index[:, 0], axis=t.axis)
+        return y if tables else np.array(x)
     y = np.asarray(x, dtype=dtype)
     for t in tables:
         assert t.weight is not None

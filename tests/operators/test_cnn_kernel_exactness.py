@@ -1,12 +1,13 @@
 """The CNN kernels' fast paths are bit-identical to their straightforward forms.
 
 The conv kernel decodes each record once, takes 1x1 stride-1 windows as the tensor itself, pads
-without np.pad, builds window views with one as_strided, applies the fused activation in place
-(float64 where it always was) and rounds to bf16 with integer arithmetic (``dtypes.round_bf16``).
-These tests run a CNN once with the kernels as they are and once with the plain forms they
-replaced (ml_dtypes casts, np.pad, sliding_window_view, activation and affine through
-``opset.conv_activation`` with temporaries) and require the same bits, then check the numbers
-against onnxruntime so the fixture is not vacuous.
+without np.pad, builds window views with one as_strided, gathers windows as bf16, applies the
+fused activation in place (float64 where it always was) and rounds to bf16 with integer
+arithmetic (``dtypes.round_bf16``); nearest Resize takes one axis at a time. These tests run a
+CNN once with the kernels as they are and once with the plain forms they replaced (ml_dtypes
+casts, np.pad, sliding_window_view, activation and affine through ``opset.conv_activation`` with
+temporaries, one ``np.ix_`` gather) and require the same bits, then check the numbers against
+onnxruntime so the fixture is not vacuous.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from onnx import numpy_helper as nh
 
 from npudispatch import Session, compile_model
 from npudispatch.operators import conv as conv_module
-from npudispatch.operators import dtypes, records
+from npudispatch.operators import dtypes, records, resize_tables
 from npudispatch.operators import window as window_module
 from npudispatch.operators.base import _in_record_precision, round_up
 from npudispatch.operators.conv import K_LANES, Conv, activate
@@ -118,8 +119,22 @@ def plain_conv_kernel(self, record, operands):
             records.pack_outputs(result, table.outputs, record.output_bytes)]  # fmt: skip
 
 
+def plain_gather(x, tables, dtype):
+    """resize_tables._gather before nearest became one take per axis."""
+    if not tables or tables[0].weight is None:
+        index = [np.arange(n) for n in x.shape]
+        for t in tables:
+            index[t.axis] = t.index[:, 0]
+        return x[np.ix_(*index)]
+    return fast_gather(x, tables, dtype)
+
+
+fast_gather = resize_tables._gather
+
+
 def use_plain_forms(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every kernel module's to_compute/store/pad_spatial/windows and the conv kernel -> plain."""
+    """Every kernel module's to_compute/store/pad_spatial/windows, the conv kernel and the nearest
+    resize gather -> plain."""
     swaps = {
         dtypes.to_compute: plain_to_compute,
         dtypes.store: plain_store,
@@ -132,6 +147,7 @@ def use_plain_forms(monkeypatch: pytest.MonkeyPatch) -> None:
         for attr, value in list(vars(module).items()):
             if callable(value) and value in swaps:
                 monkeypatch.setattr(module, attr, swaps[value])
+    monkeypatch.setattr(resize_tables, "_gather", plain_gather)
     # Wrapped like every operator's kernel: the record's flags select the compute precision.
     monkeypatch.setattr(Conv, "kernel", _in_record_precision(plain_conv_kernel))
 
@@ -253,7 +269,7 @@ def test_small_cnn_bits_unchanged_and_close_to_onnxruntime(monkeypatch) -> None:
 @pytest.mark.skipif(not DETECTOR.exists(), reason=f"{DETECTOR} not found (../shared/models)")
 def test_ppocr_detector_bits_unchanged(monkeypatch) -> None:
     """The real detector (62 convolutions, depthwise, HardSwish/HardSigmoid/Relu fusions,
-    ConvTranspose, Resize) at 1x3x64x64: same bits with the fast and the plain forms."""
+    ConvTranspose, nearest Resize) at 1x3x64x64: same bits with the fast and the plain forms."""
     x = np.random.default_rng(9).standard_normal((1, 3, 64, 64)).astype(np.float32)
     fast, plain = run_both(
         onnx.load(DETECTOR), {"x": x}, monkeypatch, input_shapes={"x": (1, 3, 64, 64)}
