@@ -127,11 +127,6 @@ class GatherTable(Operator):
         return ShapeConstraints((None, None), ((1,) * len(cfg.outputs[0].shape),))
 
     # ---- the DMA gather path ----------------------------------------------------------------
-    @staticmethod
-    def path(cfg: OpConfig) -> str:
-        """``"dma"`` or ``"row copy"`` (see the class docstring)."""
-        return "dma" if cfg.extra.get("dma_gather") else "row copy"
-
     def bind_host_inputs(self, cfg: OpConfig, host_inputs: frozenset[int]) -> None:
         table, idx = cfg.inputs
         assert table is not None and idx is not None
