@@ -22,6 +22,7 @@ import onnx_ir as ir
 from npudispatch import graph
 from npudispatch.dispatch import limits
 from npudispatch.dispatch.emit import FusedProgram, emit
+from npudispatch.dispatch.heap import release_freed_heap
 from npudispatch.dispatch.partition_plan import (
     PartitionIO,
     PartitionPlan,
@@ -174,6 +175,7 @@ def compile_model(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model = graph.load(model_or_path, dims=dims, input_shapes=input_shapes)
+    release_freed_heap()  # the parsed file's protobuf buffers, freed once weights are decoded
     limits.check_model_sizes(model)
     timings["load"] = time.perf_counter() - t0
 
