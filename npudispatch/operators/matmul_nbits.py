@@ -85,7 +85,7 @@ ACCURACY_INT8 = 4
 """``accuracy_level`` at which A is quantized to int8 per K block (contrib op spec)."""
 
 _INT8_MAX = np.float32(127)
-_INT8_CHUNK_ELEMENTS = 1 << 22  # float32 elements of one chunk of per-block partial products
+_INT8_BAND_ELEMENTS = 1 << 22  # widened codes per band of output columns (16 MiB of float32)
 
 
 def quantize_blocks(a: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,25 +115,31 @@ def int8_block_matmul(a: np.ndarray, weights: Q4Weights, k: int, n: int) -> np.n
     ``[..., N]`` (see the module docstring; no bias).
 
     ``C = Σ_blocks scale_A·scale_B · Σ q_A·code  −  Σ_blocks (scale_A · Σ q_A) · (scale_B · zp)``:
-    the integer sums are exact (|partial sums| < 2^24 in float32), the zero point enters through
-    the block sum of the quantized A, as in MLAS. Blocks are processed in chunks so the partial
-    products never exceed :data:`_INT8_CHUNK_ELEMENTS` floats.
+    each block's integer sum is exact (|partial sums| < 2^24 in float32) and is scaled and
+    accumulated block after block in float32; the zero point enters through the block sum of
+    the quantized A, as in MLAS. Output columns go in bands of widened codes
+    (:data:`_INT8_BAND_ELEMENTS` floats), so a llama2 projection never widens its 45 M codes at
+    once.
     """
     block = weights.block_size
     lead = a.shape[:-1]
     q, scale_a = quantize_blocks(np.asarray(a, F32).reshape(-1, k), block)
     m, k_blocks = scale_a.shape
-    codes = weights.codes[: k_blocks * block, :n].astype(F32).reshape(k_blocks, block, n)
+    kq = k_blocks * block
+    codes_nk = weights.codes.T  # [Np, Kp]: contiguous rows for an N-major decoded image
     scale_b = weights.scales[:k_blocks, :n]
     zero_term = -scale_b * weights.zero_points[:k_blocks, :n].astype(F32)
     acc = np.zeros((m, n), F32)
-    step = max(1, _INT8_CHUNK_ELEMENTS // max(m * n, 1))
-    q_by_block = q.transpose(1, 0, 2)  # [k_blocks, M, block]
-    for b0 in range(0, k_blocks, step):
-        b1 = min(b0 + step, k_blocks)
-        dots = np.matmul(q_by_block[b0:b1], codes[b0:b1])  # exact integers [blocks, M, N]
-        combined = scale_a.T[b0:b1, :, None] * scale_b[b0:b1, None, :]
-        acc += (combined * dots).sum(axis=0)
+    band = max(8, _INT8_BAND_ELEMENTS // kq)
+    for n0 in range(0, n, band):
+        n1 = min(n0 + band, n)
+        codes = codes_nk[n0:n1, :kq].astype(F32)  # [band, K]
+        out = acc[:, n0:n1]
+        for j in range(k_blocks):
+            lanes = slice(j * block, (j + 1) * block)
+            dots = q[:, j, :] @ codes[:, lanes].T  # exact integers [M, band]
+            dots *= scale_a[:, j, None] * scale_b[j, n0:n1]
+            out += dots
     acc += (scale_a * q.sum(axis=-1)) @ zero_term
     return acc.reshape(*lead, n)
 

