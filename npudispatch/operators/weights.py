@@ -489,7 +489,17 @@ def q4_matmul(
 # cannot overflow and v is far from the subnormals: checked exhaustively in the tests for the
 # scales in _SPLIT_SCALE_RANGE; other scales take the integer rounding.
 _SPLIT = np.float32(65537)
-_SPLIT_SCALE_RANGE = (2.0**-100, 2.0**100)
+_SPLIT_SCALE_RANGE = (2.0**-100, 2.0**100)  # |scale| in [low, high), or scale = ±0
+
+
+def _in_split_range(bf16_bits: np.ndarray) -> bool:
+    """Whether every bf16 scale (raw bits) is ±0 or has a magnitude in _SPLIT_SCALE_RANGE
+    (NaN and infinity are not), read from the exponent field."""
+    low, high = (int(np.log2(x)) + 127 for x in _SPLIT_SCALE_RANGE)  # biased exponents
+    exponent = (bf16_bits >> 7) & 0xFF
+    ok = (exponent >= low) & (exponent < high)
+    ok |= (bf16_bits & 0x7FFF) == 0
+    return bool(ok.all())
 
 
 class _Q4Columns:
@@ -514,24 +524,23 @@ class _Q4Columns:
         nb, kb = layout.n_blocks, layout.k_blocks
         groups = layout.kp // block_size
         cols = np.frombuffer(stream, dtype=np.uint8).reshape(nb, kb, subv)  # in stream order
-        sc = cols[:, :, codes_b : codes_b + scale_b].copy()
-        sc = sc.view(np.float32 if fp32_scales else BF16).reshape(nb, kb, NSUBV, g)
-        scales = sc.transpose(0, 2, 1, 3).reshape(nb, NSUBV, groups).astype(np.float32)
+        raw = cols[:, :, codes_b : codes_b + scale_b].copy()
+        if fp32_scales:
+            sc = raw.view("<f4").reshape(nb, kb, NSUBV, g).transpose(0, 2, 1, 3)
+            scales = np.ascontiguousarray(sc, dtype=np.float32).reshape(nb, NSUBV, groups)
+        else:  # a bf16 is the upper half of the float32 with the same value
+            bits = raw.view("<u2").reshape(nb, kb, NSUBV, g).transpose(0, 2, 1, 3)
+            wide = bits.astype("<u4").reshape(nb, NSUBV, groups)
+            wide <<= 16
+            scales = wide.view(np.float32)
         zpb = cols[:, :, codes_b + scale_b : codes_b + scale_b + zp_b]
         zp = unpack_nibbles(zpb.reshape(nb, kb, g, NSUBV // 2), NSUBV)
         zp = zp.transpose(0, 3, 1, 2).reshape(nb, NSUBV, groups)
-        magnitude = np.abs(scales[scales != 0])
         self.layout = layout
         self.block_size = block_size
         self._kb, self._groups = kb, groups
         self.fp32 = fp32_scales
-        self.split_rounding = not fp32_scales and bool(
-            magnitude.size == 0
-            or (
-                magnitude.min() >= _SPLIT_SCALE_RANGE[0]
-                and magnitude.max() <= _SPLIT_SCALE_RANGE[1]
-            )
-        )
+        self.split_rounding = not fp32_scales and _in_split_range(raw.view("<u2"))
         self._columns = cols
         self._codes_bytes = codes_b
         # the column being dequantized, copied contiguously first: the transposing reads that
