@@ -70,6 +70,12 @@ from npudispatch.rewrites.qdq_common import (
     quantization_summary,
     single_reader,
 )
+from npudispatch.rewrites.qdq_operands import (
+    exact_dq,
+    fused_attrs,
+    gemm_weights_along_axis_0,
+    zero_bias_dq,
+)
 
 __all__ = ["QdqPass", "QdqReport", "quantization_summary", "run_qdq_rewrites"]
 
@@ -308,136 +314,6 @@ def _fuse(
     return True
 
 
-def _exact_dq(
-    graph: ir.Graph, namer: Namer, value: ir.Value, before: ir.Node, per_axis: bool = False
-) -> ir.Node | None:
-    """A DQ equal to a float32 constant exactly: ``q = sign(c)`` (int8), ``scale = |c|``
-    (1 where c is 0), zero point 0 - per tensor for a scalar, per channel (axis 0) for a 1-d
-    constant where the reader allows it (``per_axis``)."""
-    arr = const_array(value)
-    if arr is None or arr.dtype != np.float32 or not np.isfinite(arr).all():
-        return None
-    if arr.size != 1 and not (per_axis and arr.ndim == 1):
-        return None
-    q = np.sign(arr).astype(np.int8)
-    scale = np.where(arr == 0, np.float32(1), np.abs(arr)).astype(np.float32)
-    if arr.size == 1:
-        scale = scale.reshape(())
-    zp = np.zeros(scale.shape, np.int8)
-    base = value.name or "const"
-    node = ir.node(
-        "DequantizeLinear",
-        [
-            new_initializer(graph, namer, f"{base}__q", q),
-            new_initializer(graph, namer, f"{base}__scale", scale),
-            new_initializer(graph, namer, f"{base}__zp", zp),
-        ],
-        {"axis": 0} if arr.size != 1 else {},
-        name=namer(f"{base}__exact_dq"),
-    )
-    out = node.outputs[0]
-    out.name, out.type, out.shape = (
-        namer(f"{base}__dq"),
-        ir.TensorType(ir.DataType.FLOAT),
-        value.shape,
-    )
-    assert np.array_equal(dequantize(q, scale, zp), arr)  # exact by construction
-    graph.insert_before(before, node)
-    return node
-
-
-def _zero_bias_dq(graph: ir.Graph, namer: Namer, node: ir.Node) -> ir.Node | None:
-    """An exact zero int32 bias ``[C]`` (C = dim 1 of the output, Conv's M or Gemm's N) for a
-    Conv/Gemm without one: ``x + 0`` is ``x``, so one fused form serves both."""
-    shape = node.outputs[0].shape
-    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
-        return None
-    base = node.name or node.op_type
-    dq = ir.node(
-        "DequantizeLinear",
-        [
-            new_initializer(graph, namer, f"{base}__zero_bias", np.zeros(shape[1], np.int32)),
-            new_initializer(graph, namer, f"{base}__zero_bias_scale", np.ones((), np.float32)),
-            new_initializer(graph, namer, f"{base}__zero_bias_zp", np.zeros((), np.int32)),
-        ],
-        name=namer(f"{base}__zero_bias_dq"),
-    )
-    out = dq.outputs[0]
-    out.name, out.type, out.shape = (
-        namer(f"{base}__zero_bias_dq"),
-        ir.TensorType(ir.DataType.FLOAT),
-        ir.Shape([shape[1]]),
-    )
-    graph.insert_before(node, dq)
-    return dq
-
-
-def _fused_attrs(node: ir.Node, opset: int) -> dict | None:
-    """Attributes of the fused op from the float node, or None when it cannot be expressed."""
-    op = node.op_type
-    if op == "Softmax":
-        axis = node.attributes.get_int("axis", 1 if opset < 13 else -1)
-        if opset < 13:  # coerced to 2-D at the axis: one-axis semantics on the last axis only
-            rank = len(node.inputs[0].shape or ()) if node.inputs[0] is not None else 0
-            if rank == 0 or axis % rank != rank - 1:
-                return None
-        return {"axis": axis}
-    if op == "LayerNormalization":
-        if len(node.outputs) > 1 and any(v.uses() for v in node.outputs[1:]):
-            return None
-        if node.attributes.get_int("stash_type", 1) != 1:
-            return None
-        return {
-            "axis": node.attributes.get_int("axis", -1),
-            "epsilon": node.attributes.get_float("epsilon", 1e-5),
-        }
-    if op == "Transpose":
-        perm = node.attributes.get_ints("perm", None)
-        return None if perm is None else {"perm": list(perm)}
-    if op == "ReduceMean":
-        if opset < 18 or node.attributes.get_int("noop_with_empty_axes", 0):
-            return None
-        axes = node.attributes.get_ints("axes", None)
-        if axes is None:
-            arr = const_array(input_at(node, 1))
-            if arr is None:
-                return None
-            axes = [int(a) for a in arr.reshape(-1)]
-        return {"axes": list(axes), "keepdims": node.attributes.get_int("keepdims", 1)}
-    if op in ("Conv", "ConvTranspose"):
-        names = QDQ_OPS[op].attributes
-        if any(k not in names for k in node.attributes) or len(node.inputs) > 3:
-            return None  # (a ConvTranspose output_shape included)
-        w = node.inputs[1].shape if node.inputs[1] is not None else None
-        if w is None or not w.is_static() or len(w) < 3:
-            return None
-        attrs = {k: a.value for k, a in node.attributes.items()}
-        attrs.setdefault("kernel_shape", [int(d) for d in w[2:]])
-        if op == "ConvTranspose":
-            attrs.setdefault("output_padding", [0] * (len(w) - 2))
-        return _window_defaults(attrs, len(w) - 2)
-    spec = QDQ_OPS.get(op)
-    if spec is None or any(k not in spec.attributes for k in node.attributes):
-        return None  # an attribute the fused op would drop
-    attrs = {k: a.value for k, a in node.attributes.items()}
-    if op in ("MaxPool", "AveragePool"):
-        return _window_defaults(attrs, len(attrs.get("kernel_shape") or ()))
-    return attrs
-
-
-def _window_defaults(attrs: dict, rank: int) -> dict | None:
-    """``attrs`` of a windowed op with dilations, strides (and pads without auto_pad) spelled
-    out: a function body's ``@dilations`` of an absent attribute reaches onnxruntime as an
-    empty list, which its shape inference rejects."""
-    if rank < 1:
-        return None
-    attrs.setdefault("dilations", [1] * rank)
-    attrs.setdefault("strides", [1] * rank)
-    if attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
-        attrs.setdefault("pads", [0] * (2 * rank))
-    return attrs
-
-
 MAX_CHAIN = 4
 """Most float ops fused between one set of DQs and one Q (decomposed norms need 2-3)."""
 
@@ -455,7 +331,7 @@ def _stage(node: ir.Node | None, reader: ir.Node, opset: int) -> tuple[str, dict
     required = spec.arity - len(spec.optional)
     if len(node.inputs) < required or any(v is None for v in node.inputs[:required]):
         return None
-    attrs = _fused_attrs(node, opset)
+    attrs = fused_attrs(node, opset)
     return None if attrs is None else (spec.inner, attrs)
 
 
@@ -478,7 +354,7 @@ def _operand_dq(
         along = p is not None and p.scale.ndim == 1 and not p.block and p.axis % rank == axis
         if p is not None and (p.per_tensor or (per_axis and along)):
             return dq
-    exact = _exact_dq(graph, namer, value, reader, per_axis)
+    exact = exact_dq(graph, namer, value, reader, per_axis)
     if exact is not None:
         made.append(exact)
     return exact
@@ -517,7 +393,7 @@ def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> N
                     v = input_at(node, j)
                     per_axis = k == 0 and j in spec.per_axis
                     if v is None and j in spec.optional:
-                        dq = _zero_bias_dq(graph, namer, node)
+                        dq = zero_bias_dq(graph, namer, node)
                         if dq is not None:
                             made.append(dq)
                     else:
@@ -539,32 +415,6 @@ def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> N
                 if not extra.outputs[0].uses():
                     graph.remove(extra, safe=True)
             chain = chain[1:]  # retry without the first op (its inputs were not all DQs)
-
-
-def _gemm_weights_along_axis_0(graph: ir.Graph, namer: Namer, report: QdqReport) -> None:
-    """A ``Gemm(transB=0)`` whose constant ``B [K, N]`` is quantized per output channel (axis 1,
-    as quantize_static emits) reads ``DQ(B^T, axis 0)`` with ``transB=1`` instead: the same
-    product (a transposed constant, folded at compile time), in the form the fused Gemm takes."""
-    for gemm in list(graph):
-        if not is_op(gemm, "Gemm") or gemm.attributes.get_int("transB", 0) or len(gemm.inputs) < 2:
-            continue
-        dq = gemm.inputs[1].producer() if gemm.inputs[1] is not None else None
-        if not is_op(dq, "DequantizeLinear") or single_reader(dq.outputs[0]) is not gemm:
-            continue
-        assert dq is not None
-        w = const_array(dq.inputs[0])
-        p = qparams_of(dq, dq.inputs[0].dtype)
-        if w is None or w.ndim != 2 or p is None or p.block or p.scale.shape != (w.shape[1],):
-            continue
-        if p.axis % 2 != 1:
-            continue
-        base = dq.inputs[0].name or "B"
-        wt = new_initializer(graph, namer, f"{base}__t", np.ascontiguousarray(w.T))
-        dq.replace_input_with(0, wt)
-        dq.attributes["axis"] = ir.AttrInt64("axis", 0)
-        dq.outputs[0].shape = ir.Shape(wt.shape)
-        gemm.attributes["transB"] = ir.AttrInt64("transB", 1)
-        report.counts["gemm_weight_transposed"] += 1
 
 
 # ---- 8. block-quantized 4-bit weights -> MatMulNBits ------------------------------------------
@@ -691,7 +541,7 @@ def run_qdq_rewrites(model: ir.Model) -> QdqReport:
         report.counts["qmatmul"] += count
         namer = Namer(graph)
     if opset >= 13:  # per-channel DQs exist from opset 13
-        _gemm_weights_along_axis_0(graph, namer, report)
+        gemm_weights_along_axis_0(graph, namer, report)
     _fuse_ops(graph, namer, opset, report)
     report.counts["fused"] += sum(v for k, v in report.fused_ops.items() if k != "QMatMul")
     _merge_dq(graph, report)
