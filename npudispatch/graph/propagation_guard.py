@@ -56,11 +56,28 @@ class Propagation:
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
-    """The integer values of a small constant input (Python ints: no overflow), else None."""
-    tensor = value.const_value if value is not None else None
-    if tensor is None or tensor.size > 64 or not tensor.dtype.is_integer():
+    """The integer values of a small constant input (Python ints: no overflow), or of the
+    ``Shape`` of a static tensor (the mask pattern ``ConstantOfShape(Shape(x))``), else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        return _shape_values(value.producer())
+    if tensor.size > 64 or not tensor.dtype.is_integer():
         return None
     return [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
+
+
+def _shape_values(node: ir.Node | None) -> list[int] | None:
+    if node is None or node.op_type != "Shape" or not is_onnx_domain(node.domain):
+        return None
+    data = node.inputs[0] if node.inputs else None
+    if data is None or data.shape is None or not data.shape.is_static():
+        return None
+    dims = [int(d) for d in data.shape]
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", len(dims))
+    return dims[start:end]
 
 
 def _static_elements(value: ir.Value) -> int | None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -116,3 +117,22 @@ def test_guard_flags_only_large_or_unknown_generators():
     flagged = oversized_propagations(graph)
     n = DATA_PROP_MAX_ELEMENTS + 1
     assert [(p.node.name, p.elements) for p in flagged] == [("huge_expand", n), ("to_float", n)]
+
+
+def test_shape_fed_mask_keeps_data_propagation():
+    """``ConstantOfShape(Shape(x))`` of a static input: the count is known, nothing is flagged."""
+    one = helper.make_tensor("v", TensorProto.INT64, [1], [1])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("ConstantOfShape", ["s"], ["m"], name="mask", value=one),
+        helper.make_node("Cast", ["m"], ["y"], name="to_float", to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    assert oversized_propagations(ir.serde.deserialize_model(model).graph) == []
+    assert load(model).graph.outputs[0].shape == [4, 8]
