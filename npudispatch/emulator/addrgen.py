@@ -168,7 +168,19 @@ def blocks(bd: ShimBd) -> tuple[Block, ...] | None:
     return tuple(b for b in out if all(b[1]))
 
 
+_BLOCKS: dict[tuple[int, ...], tuple[Block, ...] | None] = {}
+_BLOCKS_CACHE_SIZE = 4096  # distinct BD shapes remembered (a few tuples each)
+
+
 def pattern(bd: ShimBd, rep: int) -> WordPattern:
-    """Word pattern of repeat ``rep`` of ``bd`` (no blocks when the BD is linear)."""
+    """Word pattern of repeat ``rep`` of ``bd`` (no blocks when the BD is linear); the blocks
+    are remembered by the fields that shape them, since a program queues the same BDs every run."""
     base = base_byte_address(bd, rep) // 4
-    return WordPattern(base, bd.length_words, blocks(bd))
+    key = (bd.length_words, bd.d0_wrap, bd.d0_step, bd.d1_wrap, bd.d1_step, bd.d2_step)
+    try:
+        found = _BLOCKS[key]
+    except KeyError:
+        if len(_BLOCKS) >= _BLOCKS_CACHE_SIZE:
+            _BLOCKS.clear()
+        found = _BLOCKS[key] = blocks(bd)
+    return WordPattern(base, bd.length_words, found)

@@ -180,16 +180,21 @@ class HostMemory:
             pos = 0
             for start, shape, strides in pat.blocks:
                 n = math.prod(shape)
-                view = _strided(words, first + start, shape, strides, writeable=True)
+                view = _strided(words, first + start, shape, strides)
                 view[...] = values[pos : pos + n].reshape(shape)
                 pos += n
 
 
 def _strided(
-    words: np.ndarray, first: int, shape: tuple[int, ...], strides: tuple[int, ...], **kw: bool
+    words: np.ndarray, first: int, shape: tuple[int, ...], strides: tuple[int, ...]
 ) -> np.ndarray:
-    """A view of ``words`` from word ``first`` with word ``strides`` (no index array)."""
+    """A view of ``words`` from word ``first`` with word ``strides`` (no index array; numpy
+    checks the view lies inside ``words``). Writable when ``words`` is."""
     item = words.itemsize
-    return np.lib.stride_tricks.as_strided(
-        words[first:], shape=shape, strides=tuple(st * item for st in strides), **kw
+    return np.ndarray(
+        shape,
+        words.dtype,
+        buffer=words,
+        offset=first * item,
+        strides=tuple(st * item for st in strides),
     )
