@@ -407,7 +407,7 @@ class FusedProgram:
             "patch_sites": [site.to_dict() for site in self.patch_sites],
             "plan": self.plan.to_dict(),
             "sha256": {
-                "txn.bin": hashlib.sha256(self.txn.to_bytes()).hexdigest(),
+                "txn.bin": hashlib.sha256(self.txn.buffer).hexdigest(),
                 "const.bin": hashlib.sha256(self.const_image).hexdigest(),
                 "params.bin": hashlib.sha256(self.params_image).hexdigest(),
             },
@@ -421,7 +421,7 @@ class FusedProgram:
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "txn.bin").write_bytes(self.txn.to_bytes())
+        (d / "txn.bin").write_bytes(self.txn.buffer)
         (d / "const.bin").write_bytes(self.const_image)
         (d / "params.bin").write_bytes(self.params_image)
         (d / "meta.json").write_text(json.dumps(to_dd_meta(self), indent=1))

@@ -47,7 +47,9 @@ def _fused_header(txns: Sequence[Transaction], bodies: list[tuple[list, OpIndex]
     )
 
 
-def _wrap_fused(header: TxnHeader, data: bytes, bodies: list[tuple[list, OpIndex]]) -> Transaction:
+def _wrap_fused(
+    header: TxnHeader, data: bytes | memoryview, bodies: list[tuple[list, OpIndex]]
+) -> Transaction:
     """The fused Transaction; its OpIndex is the shifted concatenation, built only on demand."""
     shifts, pos = [], 0
     for _, index in bodies:
@@ -117,17 +119,32 @@ def fuse_rebased(items: Sequence[tuple[Transaction, Sequence[ArgRange]]]) -> Tra
                 f"transaction {int(item[k])}: DDR_PATCH at fused byte offset {int(where[k])}: "
                 f"new argidx {int(new_idx[k])} does not fit the u8 field of an opt Size-24 patch"
             )
-        fields = np.stack([new_idx, new_plus], axis=1).astype("<u8").view(np.uint8)
         wide = ~short
-        out[(where[wide] + 32)[:, None] + np.arange(16)] = fields[wide]
+        _put_u64(out, where[wide] + 32, new_idx[wide])  # argidx u64, then argplus u64
+        _put_u64(out, where[wide] + 40, new_plus[wide])
         if short.any():  # opt Size-24: argidx u8 at +12, argplus u64 at +16
-            out[where[short] + 12] = fields[short, 0]
-            out[(where[short] + 16)[:, None] + np.arange(8)] = fields[short, 8:]
+            out[where[short] + 12] = new_idx[short].astype(np.uint8)
+            _put_u64(out, where[short] + 16, new_plus[short])
 
     bodies = [([], index) for _, index in framed]  # bytes already placed; _assemble adds the header
     header = _fused_header(txns, bodies)
     out[:HEADER_SIZE] = np.frombuffer(header.pack(), np.uint8)
-    return _wrap_fused(header, out.tobytes(), bodies)
+    return _wrap_fused(header, memoryview(out).toreadonly(), bodies)  # no second copy
+
+
+def _put_u64(out: np.ndarray, pos: np.ndarray, values: np.ndarray) -> None:
+    """Write little-endian u64 ``values`` at byte positions ``pos`` of the uint8 array ``out``,
+    through the widest word view every position is aligned to (one store per word, not per
+    byte: DDR_PATCH fields sit at word boundaries in practice)."""
+    words = np.asarray(values, dtype="<u8")
+    for width in (8, 4):
+        if out.ctypes.data % width == 0 and not (pos % width).any():
+            view = out[: len(out) // width * width].view(f"<u{width}")
+            parts = words.view(f"<u{width}").reshape(len(words), 8 // width)
+            for k in range(8 // width):
+                view[pos // width + k] = parts[:, k]
+            return
+    out[pos[:, None] + np.arange(8)] = words.view(np.uint8).reshape(len(words), 8)
 
 
 def _lookup(
@@ -143,10 +160,19 @@ def _lookup(
         for j, (_, mapping) in enumerate(items)
         for r in mapping
     ]
-    for r in (r for _, m in items for r in m):
-        if min(r.size, r.offset, r.fused_offset, r.local_argidx, r.fused_argidx) < 0:
-            raise ValueError(f"ArgRange with a negative field: {r}")
-    table = np.array(rows, dtype=np.uint64).reshape(-1, 6)
+    try:
+        signed = np.array(rows, dtype=np.int64).reshape(-1, 6)
+    except OverflowError:  # offsets of 2**63 and more: no negative field, only the slow path fits
+        signed = None
+        table = np.array(rows, dtype=np.uint64).reshape(-1, 6)
+    if signed is not None:
+        negative = (signed < 0).any(axis=1) | (
+            signed[:, 3] < signed[:, 2]
+        )  # end < offset: size < 0
+        if negative.any():
+            bad = [r for _, m in items for r in m][int(np.flatnonzero(negative)[0])]
+            raise ValueError(f"ArgRange with a negative field: {bad}")
+        table = signed.view(np.uint64)
     # One sort key per range and per patch: (item, argidx) above 40 bits of offset. Keys that do
     # not fit (huge offsets or argidx) fall back to the per-transaction lookup.
     fits = (
@@ -183,7 +209,7 @@ def _lookup(
 
 def wrap(txn: Transaction) -> bytes:
     """The instruction-buffer image ``{u32 0, u32 TxnSize + 8}`` + transaction (docs/txn_format.md §7)."""
-    data = txn.to_bytes()
+    data = txn.buffer
     return struct.pack("<II", TRANSACTION_OP, len(data) + WRAP_HEADER_SIZE) + data
 
 

@@ -110,7 +110,7 @@ class Transaction:
         self._header = header
         self._ops: list[Op] | None = list(ops)
         self._trailing = bytes(trailing)
-        self._buf: bytes | None = None
+        self._buf: bytes | memoryview | None = None  # memoryview: a fused image, see buffer
         self._framing: Framing | None = None
 
     # -- construction from bytes -----------------------------------------------------------
@@ -126,14 +126,17 @@ class Transaction:
         return cls._from_parts(header, data, framing)
 
     @classmethod
-    def _from_parts(cls, header: TxnHeader, data: bytes, framing: Framing) -> Transaction:
-        """Wrap already-framed bytes (used by rebase/fuse, which keep the framing)."""
+    def _from_parts(
+        cls, header: TxnHeader, data: bytes | memoryview, framing: Framing
+    ) -> Transaction:
+        """Wrap already-framed bytes (used by rebase/fuse, which keep the framing); ``data`` may
+        be a read-only memoryview of an image nobody else holds (fuse's output array)."""
         txn = cls.__new__(cls)
         txn._header = header
         txn._buf = data
         txn._framing = framing
         txn._ops = None
-        txn._trailing = data[framing.end :]
+        txn._trailing = bytes(data[framing.end :])
         return txn
 
     # -- views -------------------------------------------------------------------------------
@@ -195,6 +198,18 @@ class Transaction:
     def to_bytes(self) -> bytes:
         """Serialize: byte-exact for parsed, unmodified ops; zeros in padding of new ops."""
         if self._ops is None:
+            if not isinstance(self._buf, bytes):  # a fused image: one copy, then kept as bytes
+                self._buf = bytes(self._buf)  # type: ignore[arg-type]
+            return self._buf
+        return self._encode()
+
+    @property
+    def buffer(self) -> bytes | memoryview:
+        """The serialized transaction without a copy where possible: a read-only buffer for
+        writers that take any bytes-like object (files, hashes, device buffers). A fused
+        transaction's image is handed out as it was assembled, so the 100 MB programs of big
+        models are not copied once more into a ``bytes`` object."""
+        if self._ops is None:
             return self._buf  # type: ignore[return-value]
         return self._encode()
 
@@ -203,7 +218,7 @@ class Transaction:
         data, framing = self.framing()
         return data, framing.index
 
-    def framing(self) -> tuple[bytes, Framing]:
+    def framing(self) -> tuple[bytes | memoryview, Framing]:
         """The bytes and their shared :class:`Framing` (index plus cached patch fields)."""
         if self._ops is None:
             return self._buf, self._framing  # type: ignore[return-value]

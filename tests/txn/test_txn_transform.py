@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 
 from npudispatch.errors import TxnFormatError
@@ -198,8 +199,31 @@ def test_fuse_rebased_equals_fuse_of_rebased(patch_size):
     ]
     want = fuse([rebase(t, m) for t, m in zip(parts, maps)]).to_bytes()
     got = fuse_rebased(list(zip(parts, maps)))
-    assert got.to_bytes() == want
+    assert isinstance(got.buffer, memoryview) and got.buffer.readonly  # the image, not a copy
+    assert got.buffer == want
+    assert got.to_bytes() == want and isinstance(got.to_bytes(), bytes)
     assert Transaction.from_bytes(got.to_bytes()).to_bytes() == want
     assert [p[2:] for p in patches(got)] == [(2, 0x1010), (3, 0x60), (2, 0x1180), (4, 0x104)]
     with pytest.raises(TxnFormatError, match="lies in no ArgRange"):
         fuse_rebased([(parts[0], maps[1])])
+
+
+@pytest.mark.parametrize("start", [0, 4, 3])
+def test_put_u64_writes_little_endian_words_at_any_alignment(start):
+    """Patch fields go through 8-byte, 4-byte or byte stores depending on their alignment."""
+    from npudispatch.txn.fuse import _put_u64
+
+    out = np.zeros(96, np.uint8)
+    pos = np.array([start, start + 16, start + 40])
+    values = np.array([0x0102030405060708, 2**64 - 1, 5], dtype=np.uint64)
+    _put_u64(out, pos, values)
+    want = bytearray(96)
+    for p, v in zip(pos.tolist(), values.tolist()):
+        struct.pack_into("<Q", want, p, v)
+    assert out.tobytes() == bytes(want)
+
+
+def test_fuse_rebased_refuses_a_negative_range_field():
+    part = _patched((0, 0x10))
+    with pytest.raises(ValueError, match="negative field"):
+        fuse_rebased([(part, [ArgRange(0, 0x10, -8, 2, 0)])])
