@@ -42,6 +42,7 @@ from npudispatch.operators.matmul import (
     output_spec,
     real_dim,
 )
+from npudispatch.operators.q4_kernel import q4_matmul
 from npudispatch.operators.weights import (
     Q4_BLOCK_SIZES,
     Q4_DEFAULT_ZERO_POINT,
@@ -50,7 +51,6 @@ from npudispatch.operators.weights import (
     decode_q4,
     format_q4,
     q4_layout,
-    q4_matmul,
     unpack_nibbles,
 )
 

@@ -316,6 +316,9 @@ def format_q4(
     return image.reshape(-1)
 
 
+DEQUANT_BAND = 1 << 18  # weights per dequantization band (1 MiB of float32: stays in L2)
+
+
 @dataclass(frozen=True, slots=True)
 class Q4Weights:
     """A decoded q4 image: codes, zero points and scales on the padded grid."""
@@ -343,7 +346,7 @@ class Q4Weights:
         if n_major:  # [Np, Kp]: group j of row n is codes[n, j*G:(j+1)*G]
             rows, width = codes.shape
             w = np.empty((rows, width), dtype=np.float32)
-            step = max(1, _DEQUANT_BAND // max(width, 1))
+            step = max(1, DEQUANT_BAND // max(width, 1))
             diff = np.empty((step, width // size, size), dtype=np.int8)
             for r0 in range(0, rows, step):
                 r1 = min(r0 + step, rows)
@@ -360,7 +363,7 @@ class Q4Weights:
             return w.T
         kp, np_ = codes.shape  # [Kp, Np]: group j is rows j*G:(j+1)*G
         w = np.empty((kp, np_), dtype=np.float32)
-        step = max(1, min(size, _DEQUANT_BAND // max(np_, 1)))
+        step = max(1, min(size, DEQUANT_BAND // max(np_, 1)))
         for r0 in range(0, kp, step):
             j = r0 // size
             r1 = min(r0 + step, (j + 1) * size)  # a band never spans two groups
@@ -370,9 +373,6 @@ class Q4Weights:
             if not self.fp32:
                 round_bf16_inplace(band)
         return w
-
-
-_DEQUANT_BAND = 1 << 18  # weights per dequantization band (1 MiB of float32: stays in L2)
 
 
 def round_bf16_inplace(x: np.ndarray) -> np.ndarray:
@@ -414,180 +414,3 @@ def decode_q4(
     zp = unpack_nibbles(zpb, NSUBV)  # [nb, kb, g, NSUBV]
     zero_points = zp.transpose(1, 2, 0, 3).reshape(kb * g, nb * NSUBV)
     return Q4Weights(codes, zero_points, scales, block_size, fp32_scales)
-
-
-def dequantize_q4(
-    stream: np.ndarray,
-    k: int,
-    n: int,
-    block_size: int,
-    stripes: int = 1,
-    *,
-    fp32_scales: bool = False,
-) -> np.ndarray:
-    """``decode_q4(...).dequantize()`` computed one N-block at a time straight from the image.
-
-    Same float32 ``[Kp, Np]`` result (a transposed view of ``[Np, Kp]``), but each N-block's codes
-    are unpacked, offset, scaled and rounded while they are in cache, and the whole code matrix
-    is never materialised: the kernel's per-run cost on a llama2 projection is about halved.
-    """
-    q4 = _Q4Columns(stream, k, n, block_size, fp32_scales=fp32_scales)
-    wt = np.empty((q4.layout.np_, q4.layout.kp), dtype=np.float32)  # [Np, Kp]
-    for column, block in enumerate(stripe_order(q4.layout.n_blocks, stripes).tolist()):
-        q4.dequantize_rows(column, 0, NSUBV, wt[block * NSUBV : (block + 1) * NSUBV])
-    return wt.T
-
-
-def q4_matmul(
-    a: np.ndarray,
-    stream: np.ndarray,
-    k: int,
-    n: int,
-    block_size: int,
-    stripes: int = 1,
-    *,
-    fp32_scales: bool = False,
-) -> np.ndarray:
-    """``a @ dequantize_q4(stream, ...)[:k, :n]`` for float32 ``a [..., k]``, bit for bit.
-
-    A single activation row (decode, M = 1) never builds the dequantized matrix: the weights
-    are dequantized a few rows of ``W^T`` at a time into one cache-sized buffer and each
-    slice of outputs is one BLAS matrix-vector product over it. A matrix-vector product
-    computes every output as its own dot product over the same K lanes with the same
-    leading dimension, whatever the number of columns, so the slices equal the columns of
-    the whole product (``tests/operators/test_q4_matmul.py`` compares them bit for bit).
-    Several rows (prefill) take the whole-matrix product, where BLAS may block differently.
-    """
-    a = np.asarray(a, dtype=np.float32)
-    if a.size != a.shape[-1] or a.shape[-1] != k:
-        return a @ dequantize_q4(stream, k, n, block_size, stripes, fp32_scales=fp32_scales)[:k, :n]
-    kp = q4_layout(k, n, block_size).kp
-    # rows per slice: a power of two dividing NSUBV with at most _DEQUANT_BAND weights (unless
-    # that is under 4 rows); slices start on the 4-column boundaries of the whole product, where
-    # BLAS matrix-vector kernels start their groups of 4 columns
-    rows = NSUBV
-    while rows > 4 and rows * kp > _DEQUANT_BAND:
-        rows //= 2
-    q4 = _Q4Columns(stream, k, n, block_size, fp32_scales=fp32_scales, rows=rows)
-    buffer = np.empty((rows, kp), dtype=np.float32)
-    y = np.empty((*a.shape[:-1], n), dtype=np.float32)
-    y_flat = y.reshape(n)
-    for column, block in enumerate(stripe_order(q4.layout.n_blocks, stripes).tolist()):
-        for r0 in range(0, NSUBV, rows):
-            n0 = block * NSUBV + r0
-            if n0 >= n:
-                break
-            q4.dequantize_rows(column, r0, r0 + rows, buffer)
-            n1 = min(n0 + rows, n)
-            y_flat[n0:n1] = (a @ buffer[: n1 - n0].T[:k]).reshape(-1)
-    return y
-
-
-# bf16 rounding of v = (code - zero point) · scale by Veltkamp splitting, hi = c - (c - v) with
-# c = v · (2^16 + 1): three float passes instead of five integer ones. For such v (at most 12
-# significant bits) it equals round_bf16_inplace, ties to even included, as long as v · 65537
-# cannot overflow and v is far from the subnormals: checked exhaustively in the tests for the
-# scales in _SPLIT_SCALE_RANGE; other scales take the integer rounding.
-_SPLIT = np.float32(65537)
-_SPLIT_SCALE_RANGE = (2.0**-100, 2.0**100)  # |scale| in [low, high), or scale = ±0
-
-
-def _in_split_range(bf16_bits: np.ndarray) -> bool:
-    """Whether every bf16 scale (raw bits) is ±0 or has a magnitude in _SPLIT_SCALE_RANGE
-    (NaN and infinity are not), read from the exponent field."""
-    low, high = (int(np.log2(x)) + 127 for x in _SPLIT_SCALE_RANGE)  # biased exponents
-    exponent = (bf16_bits >> 7) & 0xFF
-    ok = (exponent >= low) & (exponent < high)
-    ok |= (bf16_bits & 0x7FFF) == 0
-    return bool(ok.all())
-
-
-class _Q4Columns:
-    """A q4 weight stream's N-block columns (stream order) with scales and zero points decoded
-    once; :meth:`dequantize_rows` turns rows of one column into float32 ``W^T`` rows."""
-
-    def __init__(
-        self,
-        stream: np.ndarray,
-        k: int,
-        n: int,
-        block_size: int,
-        *,
-        fp32_scales: bool,
-        rows: int = NSUBV,
-    ) -> None:
-        layout = q4_layout(k, n, block_size, fp32_scales=fp32_scales)
-        codes_b, scale_b, zp_b, subv = q4_parts(block_size, fp32_scales=fp32_scales)
-        if stream.size != layout.nbytes:
-            raise ValueError(f"weight stream has {stream.size} bytes, layout needs {layout.nbytes}")
-        g = KSUBV // block_size
-        nb, kb = layout.n_blocks, layout.k_blocks
-        groups = layout.kp // block_size
-        cols = np.frombuffer(stream, dtype=np.uint8).reshape(nb, kb, subv)  # in stream order
-        raw = cols[:, :, codes_b : codes_b + scale_b].copy()
-        if fp32_scales:
-            sc = raw.view("<f4").reshape(nb, kb, NSUBV, g).transpose(0, 2, 1, 3)
-            scales = np.ascontiguousarray(sc, dtype=np.float32).reshape(nb, NSUBV, groups)
-        else:  # a bf16 is the upper half of the float32 with the same value
-            bits = raw.view("<u2").reshape(nb, kb, NSUBV, g).transpose(0, 2, 1, 3)
-            wide = bits.astype("<u4").reshape(nb, NSUBV, groups)
-            wide <<= 16
-            scales = wide.view(np.float32)
-        zpb = cols[:, :, codes_b + scale_b : codes_b + scale_b + zp_b]
-        zp = unpack_nibbles(zpb.reshape(nb, kb, g, NSUBV // 2), NSUBV)
-        zp = zp.transpose(0, 3, 1, 2).reshape(nb, NSUBV, groups)
-        self.layout = layout
-        self.block_size = block_size
-        self._kb, self._groups = kb, groups
-        self.fp32 = fp32_scales
-        self.split_rounding = not fp32_scales and _in_split_range(raw.view("<u2"))
-        self._columns = cols
-        self._codes_bytes = codes_b
-        # the column being dequantized, copied contiguously first: the transposing reads that
-        # gather its rows then hit the cache instead of striding through the stream
-        self._column = np.empty((kb, subv), dtype=np.uint8)
-        self._loaded = -1
-        self.scales = scales[..., None]  # float32 [column, NSUBV, groups, 1]
-        self.zero_points = np.ascontiguousarray(zp).view(np.int8)[..., None]
-        # temporaries for up to ``rows`` rows, reused by every dequantize_rows call
-        self._diff = np.empty((rows, layout.kp), dtype=np.int8)
-        self._shifted = np.empty((rows, layout.kp // 2), dtype=np.uint16)
-        self._split = np.empty((rows, layout.kp) if self.split_rounding else 0, np.float32)
-
-    def _codes(self, column: int) -> np.ndarray:
-        """Code bytes of stream column ``column`` as ``[NSUBV, kb, KSUBV/2]`` (rows of ``W^T``)."""
-        if self._loaded != column:
-            np.copyto(self._column, self._columns[column])
-            self._loaded = column
-        codes = self._column[:, : self._codes_bytes]
-        return codes.reshape(-1, NSUBV, KSUBV // 2).transpose(1, 0, 2)
-
-    def dequantize_rows(self, column: int, r0: int, r1: int, out: np.ndarray) -> None:
-        """Rows ``r0:r1`` (at most ``rows``) of stream column ``column`` as float32
-        ``(code - zp) · scale`` (bf16-rounded unless the scales are float32) into
-        ``out[: r1 - r0]`` (rows of ``W^T``)."""
-        rows = r1 - r0
-        shape = (rows, self._groups, self.block_size)
-        diff = self._diff[:rows]
-        # each code byte widened to a little-endian u16 whose bytes are its low and high nibble:
-        # diff's bytes become the unpacked codes in K order, then code - zero point in int8
-        pairs = diff.view("<u2").reshape(rows, self._kb, KSUBV // 2)
-        np.copyto(pairs, self._codes(column)[r0:r1], casting="unsafe")
-        shifted = self._shifted[:rows].reshape(pairs.shape)
-        np.left_shift(pairs, 4, out=shifted)
-        pairs |= shifted
-        pairs &= 0x0F0F
-        codes = diff.reshape(shape)
-        np.subtract(codes, self.zero_points[column, r0:r1], out=codes)
-        band = out[:rows].reshape(shape)
-        band[...] = codes  # exact small integers
-        band *= self.scales[column, r0:r1]  # with bf16 scales exact (at most 12 significant bits)
-        if self.fp32:
-            return
-        if not self.split_rounding:
-            round_bf16_inplace(band)
-            return
-        c = self._split[:rows].reshape(shape)
-        np.multiply(band, _SPLIT, out=c)
-        np.subtract(c, band, out=band)
-        np.subtract(c, band, out=band)

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from npudispatch.operators import weights
+from npudispatch.operators import q4_kernel, weights
 from npudispatch.operators.weights import Q4Weights, unpack_nibbles
 
 
@@ -19,7 +19,7 @@ def _expected(codes, zp, scales, block):
 @pytest.mark.parametrize("n_major", [True, False])
 @pytest.mark.parametrize("band", [1 << 18, 300])  # 300: bands of a few rows, ragged last band
 def test_dequantize_matches_bf16_reference(n_major, band, monkeypatch) -> None:
-    monkeypatch.setattr(weights, "_DEQUANT_BAND", band)
+    monkeypatch.setattr(weights, "DEQUANT_BAND", band)
     rng = np.random.default_rng(3)
     kp, np_, block = 256, 72, 32
     codes = rng.integers(0, 16, (kp, np_), dtype=np.uint8)
@@ -58,5 +58,5 @@ def test_streamed_dequantize_equals_decode_then_dequantize(k, n, block, stripes,
     # the stream a striped DMA delivers: N-block order[c] at stream column c
     stream = image.reshape(layout.n_blocks, -1)[order].reshape(-1)
     want = weights.decode_q4(stream, k, n, block, stripes, fp32_scales=fp32).dequantize()
-    got = weights.dequantize_q4(stream, k, n, block, stripes, fp32_scales=fp32)
+    got = q4_kernel.dequantize_q4(stream, k, n, block, stripes, fp32_scales=fp32)
     np.testing.assert_array_equal(got, want)

@@ -1,4 +1,4 @@
-"""The MatMulNBits kernel's product (weights.q4_matmul) equals, bit for bit, the straightforward
+"""The MatMulNBits kernel's product (q4_kernel.q4_matmul) equals, bit for bit, the straightforward
 computation it replaces: dequantize the whole q4 image, then one ``a @ W`` product.
 
 The reference decodes with :func:`weights.decode_q4` and dequantizes with plain numpy and
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from npudispatch.emulator.blas import limited_blas_threads
-from npudispatch.operators import weights
+from npudispatch.operators import q4_kernel, weights
 
 
 def _stream(rng, k, n, block, stripes, fp32, scale=0.05):
@@ -64,10 +64,28 @@ def test_q4_matmul_bit_identical_to_dequantize_then_matmul(k, n, block, stripes,
     stream = _stream(rng, k, n, block, stripes, fp32)
     a = _activations(rng, (*lead, k), fp32)
     with limited_blas_threads(1):
-        got = weights.q4_matmul(a, stream, k, n, block, stripes, fp32_scales=fp32)
+        got = q4_kernel.q4_matmul(a, stream, k, n, block, stripes, fp32_scales=fp32)
         want = _reference(a, stream, k, n, block, stripes, fp32)
     assert got.shape == want.shape == (*lead, n)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_q4_matmul_is_bit_identical(monkeypatch, threads):
+    """Large products split the stream columns over threads; every output is still the same
+    dot product, whatever the thread count, and equals the reference."""
+    k, n, block, stripes = 1000, 1001, 128, 2
+    rng = np.random.default_rng(5)
+    stream = _stream(rng, k, n, block, stripes, False)
+    a = _activations(rng, (1, k), False)
+    with limited_blas_threads(1):
+        single = q4_kernel.q4_matmul(a, stream, k, n, block, stripes)
+        monkeypatch.setattr(q4_kernel, "_PARALLEL_WEIGHTS", 0)
+        monkeypatch.setattr(q4_kernel, "Q4_MATMUL_THREADS", threads)
+        threaded = q4_kernel.q4_matmul(a, stream, k, n, block, stripes)
+        want = _reference(a, stream, k, n, block, stripes, False)
+    np.testing.assert_array_equal(threaded.view(np.uint32), single.view(np.uint32))
+    np.testing.assert_array_equal(threaded.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("scale", [1e-34, 3e31], ids=["tiny", "huge"])
@@ -78,10 +96,10 @@ def test_scales_outside_the_split_range_round_like_ml_dtypes(scale):
     stream = _stream(rng, k, n, block, 1, False, scale=scale)
     a = _activations(rng, (1, k), False)
     with limited_blas_threads(1):
-        got = weights.q4_matmul(a, stream, k, n, block)
+        got = q4_kernel.q4_matmul(a, stream, k, n, block)
         want = _reference(a, stream, k, n, block, 1, False)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-    streamed = weights.dequantize_q4(stream, k, n, block)
+    streamed = q4_kernel.dequantize_q4(stream, k, n, block)
     np.testing.assert_array_equal(streamed, weights.decode_q4(stream, k, n, block).dequantize())
 
 
@@ -91,10 +109,10 @@ def test_split_rounding_equals_bit_rounding_exhaustively():
     integer d·m (|d·m| < 2^12; all integers |p| <= 2^13 are tried) times 2^(E-7), signed zeros
     included."""
     p = np.append(np.arange(-(1 << 13), (1 << 13) + 1, dtype=np.float64), -0.0)
-    low, high = (int(np.log2(x)) for x in weights._SPLIT_SCALE_RANGE)
+    low, high = (int(np.log2(x)) for x in q4_kernel._SPLIT_SCALE_RANGE)
     for e in range(low - 7, high + 1 - 7):
         v = (p * 2.0**e).astype(np.float32)
-        c = v * weights._SPLIT
+        c = v * q4_kernel._SPLIT
         hi = c - (c - v)
         want = v.astype(ml_dtypes.bfloat16).astype(np.float32)
         np.testing.assert_array_equal(hi.view(np.uint32), want.view(np.uint32), err_msg=f"2^{e}")
@@ -106,9 +124,9 @@ def test_a_changed_weight_byte_changes_the_product():
     k, n, block = 256, 128, 32
     stream = _stream(rng, k, n, block, 1, False)
     a = _activations(rng, (1, k), False)
-    before = weights.q4_matmul(a, stream, k, n, block)
+    before = q4_kernel.q4_matmul(a, stream, k, n, block)
     changed = stream.copy()
     changed[100] ^= 0x0F  # a low-nibble code of N-block 0
-    after = weights.q4_matmul(a, changed, k, n, block)
+    after = q4_kernel.q4_matmul(a, changed, k, n, block)
     moved = np.nonzero(before != after)[-1]
     assert moved.size == 1 and moved[0] < weights.NSUBV
