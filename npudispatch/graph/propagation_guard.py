@@ -14,7 +14,9 @@ propagation for that round: shapes are still inferred (onnx computes a ``Range``
 ``ConstantOfShape`` output shape from constant inputs without building the values), folding of
 the small shape arithmetic makes the unknown counts known for the next round, and a tensor that
 really is too large is refused by :func:`npudispatch.dispatch.limits.check_model_sizes` with the
-node's name instead of an out-of-memory crash.
+node's name instead of an out-of-memory crash. If/Loop/Scan bodies are scanned as well, and
+shape-arithmetic folding (:func:`npudispatch.graph.shapes.should_fold_shape_node`) uses
+:func:`generated_elements` to leave a known-large generator unevaluated.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ import onnx_ir as ir
 
 from npudispatch.domains import is_onnx_domain
 
-__all__ = ["DATA_PROP_MAX_ELEMENTS", "Propagation", "oversized_propagations"]
+__all__ = [
+    "DATA_PROP_MAX_ELEMENTS",
+    "GENERATOR_OPS",
+    "Propagation",
+    "generated_elements",
+    "oversized_propagations",
+]
 
 #: Largest output (elements) data propagation may materialize: ~140 MB of onnx dimension
 #: records. Shape values hold a handful of integers; anything near this size is model data.
@@ -35,7 +43,7 @@ DATA_PROP_MAX_ELEMENTS = 1 << 20
 
 # Ops whose output can be much larger than all their inputs together: the element count has to
 # be computed from the inputs' values (or is unknown).
-_GENERATORS = frozenset(
+GENERATOR_OPS = frozenset(
     {"ConstantOfShape", "Range", "Expand", "Tile", "Pad", "Resize", "Upsample", "OneHot", "EyeLike"}
 )
 # Ops whose values onnx derives from the input's *type* (no data needed): their outputs count as
@@ -97,7 +105,7 @@ def _range_elements(node: ir.Node) -> int | None:
     return max(math.ceil((limit - start) / delta), 0)
 
 
-def _generated_elements(node: ir.Node) -> int | None:
+def generated_elements(node: ir.Node) -> int | None:
     """Element count of a generator's output from its constant inputs, or None if unknown."""
     op, inputs = node.op_type, node.inputs
     if op == "Range":
@@ -120,15 +128,23 @@ def _generated_elements(node: ir.Node) -> int | None:
     return None
 
 
-def oversized_propagations(graph: ir.Graph) -> list[Propagation]:
+def oversized_propagations(
+    graph: ir.Graph, outer_constants: frozenset[ir.Value] = frozenset()
+) -> list[Propagation]:
     """Nodes whose values data propagation could materialize beyond the limit (or unknown size).
 
-    Only the top-level graph is scanned; subgraphs (If/Loop bodies) hold shape maths only in
-    models that also carry their inputs, which this walk sees at the enclosing node.
+    If/Loop/Scan bodies are scanned too (onnx propagates data inside them as well), with the
+    constants of the enclosing scopes visible to them.
     """
-    constant: set[ir.Value] = set(graph.initializers.values())
+    constant: set[ir.Value] = set(outer_constants) | set(graph.initializers.values())
     found: list[Propagation] = []
     for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                found += oversized_propagations(attr.as_graph(), frozenset(constant))
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for body in attr.as_graphs():
+                    found += oversized_propagations(body, frozenset(constant))
         inputs = [v for v in node.inputs if v is not None]
         from_type = is_onnx_domain(node.domain) and node.op_type in _FROM_TYPE
         if not from_type and not all(v in constant or v.const_value is not None for v in inputs):
@@ -137,10 +153,10 @@ def oversized_propagations(graph: ir.Graph) -> list[Propagation]:
         if from_type or not is_onnx_domain(node.domain):
             continue
         counts = [_static_elements(v) for v in node.outputs]
-        if node.op_type in _GENERATORS and any(c is None for c in counts):
-            counts = [_generated_elements(node)]
+        if node.op_type in GENERATOR_OPS and any(c is None for c in counts):
+            counts = [generated_elements(node)]
         known = [c for c in counts if c is not None]
-        if len(known) < len(counts) and node.op_type in _GENERATORS:
+        if len(known) < len(counts) and node.op_type in GENERATOR_OPS:
             found.append(Propagation(node, None))
         elif any(c > DATA_PROP_MAX_ELEMENTS for c in known):
             found.append(Propagation(node, max(known)))

@@ -37,7 +37,11 @@ from onnxscript.optimizer import fold_constants_ir
 
 from npudispatch.domains import is_onnx_domain, normalize_domain
 from npudispatch.errors import ModelError
-from npudispatch.graph.propagation_guard import oversized_propagations
+from npudispatch.graph.propagation_guard import (
+    GENERATOR_OPS,
+    generated_elements,
+    oversized_propagations,
+)
 
 __all__ = [
     "SHAPE_OPS",
@@ -457,6 +461,11 @@ def should_fold_shape_node(node: ir.Node, size_limit: int = SHAPE_TENSOR_LIMIT) 
         # onnxscript never folds it by default; we do when the result is small.
         shape = node.inputs[0].const_value if node.inputs and node.inputs[0] else None
         return shape is not None and int(np.prod(shape.numpy())) <= size_limit
+    if node.op_type in GENERATOR_OPS:
+        # folding evaluates before it checks the output's size: refuse a known-large output
+        count = generated_elements(node)
+        if count is not None and count > size_limit:
+            return False
     if node.op_type in ("Shape", "Size", "Constant", "Range"):
         return None
     # Float arithmetic is model maths, not shape maths: leave it to the fusions (except on
