@@ -5,8 +5,9 @@ working directory, and refuses paths that leave it; our CPU segments and referen
 built from bytes. So the session is told the folder the locations are relative to (the session
 option ``session.model_external_initializers_file_folder_path``): onnxruntime then memory-maps the
 data file itself, exactly as when it opens the model by path, and nothing is copied. Tensors from
-a second folder (a model assembled from two) are handed over as memory instead
-(``add_external_initializers``, which onnxruntime copies). Small external tensors are inlined:
+a second folder (a model assembled from two) and large tensors held in memory (rewritten weights,
+e.g. ``run --check``'s dequantized references) are handed over as memory instead
+(``add_external_initializers``), not serialized into the model bytes. Small external tensors are inlined:
 onnxruntime's graph checks read shape constants and refuse external ones. The model's own
 safe-loading rules (no location outside the model folder) were applied at load.
 """
@@ -25,6 +26,9 @@ __all__ = ["onnxruntime_session"]
 # External tensors up to this size are inlined into the model bytes instead of shared.
 _INLINE_BYTES = 64 * 1024
 _FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+# Location written for in-memory initializers handed over with add_external_initializers
+# (never read: onnxruntime takes the supplied memory instead).
+_MEMORY_LOCATION = "npudispatch-in-memory-initializer"
 
 
 def onnxruntime_session(
@@ -44,8 +48,19 @@ def onnxruntime_session(
     options = options or ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    proto = ir.serde.serialize_model(model)
-    keep_alive = _move_external_initializers(model, proto, options)
+    in_memory = _large_in_memory_initializers(model)
+    originals = {name: model.graph.initializers[name].const_value for name in in_memory}
+    try:  # serialize without copying their bytes into the proto (placeholders, restored below)
+        for name, array in in_memory.items():
+            value = model.graph.initializers[name]
+            value.const_value = ir.ExternalTensor(
+                _MEMORY_LOCATION, 0, array.nbytes, value.dtype, shape=value.shape, name=name
+            )
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for name, tensor in originals.items():
+            model.graph.initializers[name].const_value = tensor
+    keep_alive = _move_external_initializers(model, proto, options, in_memory)
     session = InferenceSession(
         proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
@@ -54,15 +69,40 @@ def onnxruntime_session(
     return session
 
 
-def _move_external_initializers(model: ir.Model, proto: onnx.ModelProto, options: Any) -> list:
-    """Point onnxruntime at the external data; inline small tensors. Returns the buffers
-    onnxruntime reads from our memory, which the caller must keep alive."""
+def _large_in_memory_initializers(model: ir.Model) -> dict[str, np.ndarray]:
+    """Big initializers held in memory (not external) in a dtype onnxruntime can wrap: they are
+    handed over as memory rather than serialized into the model bytes (two copies fewer)."""
+    found: dict[str, np.ndarray] = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if (
+            tensor is None
+            or isinstance(tensor, ir.ExternalTensor)
+            or tensor.nbytes <= _INLINE_BYTES
+        ):
+            continue
+        array = tensor.numpy()
+        if _ort_can_wrap(array):
+            found[name] = np.ascontiguousarray(array)
+    return found
+
+
+def _move_external_initializers(
+    model: ir.Model,
+    proto: onnx.ModelProto,
+    options: Any,
+    in_memory: dict[str, np.ndarray] | None = None,
+) -> list:
+    """Point onnxruntime at the external data; inline small tensors; hand ``in_memory`` arrays
+    (serialized as placeholders) over as memory. Returns the buffers onnxruntime reads from our
+    memory, which the caller must keep alive."""
     import onnxruntime as ort
 
+    in_memory = in_memory or {}
     externals = {
         name: value.const_value
         for name, value in model.graph.initializers.items()
-        if isinstance(value.const_value, ir.ExternalTensor)
+        if isinstance(value.const_value, ir.ExternalTensor) and name not in in_memory
     }
     folders = [str(Path(t.base_dir).resolve()) for t in externals.values() if t.base_dir]
     folder = max(set(folders), key=folders.count) if folders else None
@@ -73,6 +113,12 @@ def _move_external_initializers(model: ir.Model, proto: onnx.ModelProto, options
     kept: list[np.ndarray] = []
     for i, tensor in enumerate(proto.graph.initializer):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        if tensor.name in in_memory:
+            array = in_memory[tensor.name]
+            names.append(tensor.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            kept.append(array)
             continue
         source = externals.get(tensor.name)
         if source is None:
