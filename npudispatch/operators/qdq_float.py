@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from npudispatch.operators.conv import conv_core, format_weights
+from npudispatch.operators.conv import format_weights
+from npudispatch.operators.conv_kernel import conv_core
 from npudispatch.operators.dtypes import F32
 from npudispatch.operators.pool import pool
 from npudispatch.operators.unary import erf, softplus

@@ -24,11 +24,12 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from npudispatch import Session, compile_model
-from npudispatch.operators import conv as conv_module
+from npudispatch.operators import conv_kernel as conv_module
 from npudispatch.operators import dtypes, records, resize_tables
 from npudispatch.operators import window as window_module
 from npudispatch.operators.base import _in_record_precision, round_up
-from npudispatch.operators.conv import K_LANES, Conv, activate
+from npudispatch.operators.conv import Conv
+from npudispatch.operators.conv_kernel import K_LANES, activate
 from npudispatch.operators.matmul import fit, view
 from npudispatch.operators.window import Window, crop_real, zero_insert
 

@@ -16,7 +16,8 @@ from opkit import assert_close, one_node_model, random, reference, run_emu, run_
 from npudispatch import Session, compile_model, opset
 from npudispatch.operators import registry
 from npudispatch.operators.base import Decline
-from npudispatch.operators.conv import K_LANES, format_weights
+from npudispatch.operators.conv import format_weights
+from npudispatch.operators.conv_kernel import K_LANES
 
 F32 = np.dtype(np.float32)
 
@@ -97,7 +98,7 @@ def test_same_padding_with_dilation_matches_onnx_reference(w_shape, y_shape, att
 @pytest.mark.parametrize("case", ["7x7-stride2", "conv3d", "conv1d", "depthwise-multiplier"])
 def test_patches_gathered_in_row_blocks(case, monkeypatch):
     """Large feature maps gather their patches a block of output rows at a time: same result."""
-    import npudispatch.operators.conv as conv_module
+    import npudispatch.operators.conv_kernel as conv_module
 
     monkeypatch.setattr(conv_module, "PATCH_BLOCK_ELEMENTS", 700)  # a few rows per block
     x_shape, w_shape, y_shape, attrs = CONV_CASES[case]
