@@ -10,6 +10,7 @@ plain decode-then-dequantize-then-matmul computation (``tests/operators/test_q4_
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +34,12 @@ __all__ = ["Q4_MATMUL_THREADS", "dequantize_q4", "q4_matmul"]
 #: work per slice (~0.2 ms) is coarse enough that two cores scale; BLAS stays single-threaded.
 Q4_MATMUL_THREADS = min(2, os.cpu_count() or 1)
 _PARALLEL_WEIGHTS = 1 << 22  # below ~4 M weights one thread is as fast
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One worker pool per size for the whole process (not a new pool per product per run)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="npudispatch-q4")
 
 
 def dequantize_q4(
@@ -107,9 +114,8 @@ def q4_matmul(
     if workers <= 1:
         run(columns, q4)
     else:  # disjoint output slices; numpy and BLAS release the GIL for each slice's work
-        with ThreadPoolExecutor(workers) as pool:
-            shares = [columns[i::workers] for i in range(workers)]
-            list(pool.map(run, shares, [q4, *(q4.fork() for _ in range(workers - 1))]))
+        shares = [columns[i::workers] for i in range(workers)]
+        list(_pool(workers).map(run, shares, [q4, *(q4.fork() for _ in range(workers - 1))]))
     return y
 
 

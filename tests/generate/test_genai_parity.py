@@ -1,4 +1,4 @@
-"""Token parity with onnxruntime-genai itself (optional extra ``genai``: pip install -e '.[genai]').
+"""Token parity with onnxruntime-genai itself (in the ``dev`` extra; ``genai`` for users).
 
 References are computed here with onnxruntime-genai on the shared Qwen2 folders (greedy,
 ``max_length`` = prompt + new tokens); our side runs the resident prefill/decode programs.
@@ -16,7 +16,8 @@ import pytest
 from npudispatch.generate import Generator
 
 og = pytest.importorskip(
-    "onnxruntime_genai", reason="optional extra: pip install -e '.[genai]' (onnxruntime-genai)"
+    "onnxruntime_genai",
+    reason="onnxruntime-genai is not installed: pip install -e '.[dev]' (or '.[genai]')",
 )
 
 MODELS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "models"

@@ -23,7 +23,8 @@ from npudispatch.errors import ModelError
 from npudispatch.generate.tokenizer import PromptTokenizer, describe_tokenizer_file
 
 og = pytest.importorskip(
-    "onnxruntime_genai", reason="optional extra: pip install -e '.[genai]' (onnxruntime-genai)"
+    "onnxruntime_genai",
+    reason="onnxruntime-genai is not installed: pip install -e '.[dev]' (or '.[genai]')",
 )
 
 MODELS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "models"
