@@ -1,10 +1,13 @@
-"""Where the AMD transaction corpus lives (importable by any test module)."""
+"""Where ../shared's AMD transaction corpus and real models live (importable by any test module)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-CORPUS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "dd_stx_txn"
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+CORPUS_DIR = SHARED_DIR / "corpus" / "dd_stx_txn"
+#: The real models made by other teams and tools (README there); tests skip when absent.
+MODELS_DIR = SHARED_DIR / "models"
 CORPUS_SKIP_REASON = (
     f"AMD transaction corpus not found at {CORPUS_DIR} "
     "(tests that need it run when ../shared/corpus sits beside the checkout)"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from corpus_util import CORPUS_DIR, corpus_available
+from corpus_util import CORPUS_DIR, MODELS_DIR, corpus_available
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 EXPECTED = [
@@ -37,7 +37,7 @@ CLAIMS = {
         "bound on phoenix: memory",
     ],
 }
-SHARED_QWEN = NOTEBOOK_DIR.parents[1] / "shared" / "models" / "qwen2_tiny_int4"
+SHARED_QWEN = MODELS_DIR / "qwen2_tiny_int4"
 if (SHARED_QWEN / "genai_config.json").is_file():  # 05 skips its cells without the model folder
     CLAIMS["05_generate"] = [
         # "a decode step moves one 384-byte row, not the whole table"

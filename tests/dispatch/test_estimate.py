@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus_util import MODELS_DIR
 from onnx import TensorProto, helper, numpy_helper
 
 from npudispatch import compile_model
@@ -21,7 +21,7 @@ from npudispatch.errors import ModelError
 from npudispatch.examples import build_example
 from npudispatch.overlay_abi import BufferKind, ParamsRecord
 
-SHARED_QWEN = Path(__file__).resolve().parents[3] / "shared" / "models" / "qwen2_tiny_int4"
+SHARED_QWEN = MODELS_DIR / "qwen2_tiny_int4"
 QWEN_DECODE_DIMS = (
     "batch_size=1,sequence_length=1,past_sequence_length=8,total_sequence_length=9,kv_cache_dim=32"
 )

@@ -14,12 +14,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from corpus_util import MODELS_DIR
 
 from npudispatch import Session
 from npudispatch.cli.run_cmd import check_tolerance, compare
 from npudispatch.dispatch.check import RoundingReference, check_outputs
 
-MODELS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 SKIP_REASON = (
     f"PP-OCR models not found in {MODELS_DIR} "
     "(these tests run when ../shared/models sits beside the checkout)"

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from corpus_util import MODELS_DIR
 from onnx import numpy_helper
 
 import npudispatch
@@ -337,7 +338,7 @@ def test_signed_activation_layer_fuses_every_matmul(qdq_fixtures, tmp_path, reci
 
 # ---- a quantized CNN: the shared PP-OCR text-direction classifier ---------------------------------
 
-PPOCR_CLS = Path(__file__).resolve().parents[3] / "shared" / "models" / "ppocr_cls.onnx"
+PPOCR_CLS = MODELS_DIR / "ppocr_cls.onnx"
 
 
 @pytest.fixture(scope="session")

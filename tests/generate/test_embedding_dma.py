@@ -4,16 +4,14 @@ table. Checked on what the emulator's shim DMAs actually moved during the step."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from corpus_util import MODELS_DIR
 
 from npudispatch.errors import ModelError
 from npudispatch.generate import Generator
 from npudispatch.overlay_abi import BufferKind
 
-MODELS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 FOLDER = MODELS_DIR / "qwen2_tiny_fp32"
 pytestmark = pytest.mark.skipif(
     not FOLDER.is_dir(),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus_util import MODELS_DIR
 
 from npudispatch.generate import Generator
 
@@ -20,7 +21,6 @@ og = pytest.importorskip(
     reason="onnxruntime-genai is not installed: pip install -e '.[dev]' (or '.[genai]')",
 )
 
-MODELS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 FOLDERS = ["qwen2_tiny_int4", "qwen2_tiny_fp32"]
 PROMPT = [1, 17, 200, 33, 5, 99, 150, 7]
 pytestmark = pytest.mark.skipif(

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from corpus_util import MODELS_DIR
 
 from npudispatch import compile_model
 from npudispatch.errors import ModelError
@@ -23,7 +24,6 @@ from npudispatch.generate import Generator, SearchOptions
 from npudispatch.generate.config import GenaiConfig
 from npudispatch.rewrites.support import npu_support
 
-MODELS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 FOLDERS = ["qwen2_tiny_int4", "qwen2_tiny_fp32"]
 PROMPT = [1, 17, 200, 33, 5, 99, 150, 7]
 pytestmark = pytest.mark.skipif(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus_util import MODELS_DIR
 
 from npudispatch.errors import ModelError
 from npudispatch.generate.tokenizer import PromptTokenizer, describe_tokenizer_file
@@ -27,7 +28,6 @@ og = pytest.importorskip(
     reason="onnxruntime-genai is not installed: pip install -e '.[dev]' (or '.[genai]')",
 )
 
-MODELS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 FOLDER = MODELS_DIR / "qwen2_tiny_int4"
 pytestmark = pytest.mark.skipif(
     not FOLDER.is_dir(), reason="needs the Qwen2 genai folders in ../shared/models"

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+from corpus_util import MODELS_DIR
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
@@ -34,7 +34,7 @@ from npudispatch.operators.matmul import fit, view
 from npudispatch.operators.window import Window, crop_real, zero_insert
 
 BF16, F32 = dtypes.BF16, dtypes.F32
-DETECTOR = Path(__file__).resolve().parents[3] / "shared" / "models" / "ppocr_det.onnx"
+DETECTOR = MODELS_DIR / "ppocr_det.onnx"
 
 # ---- the plain forms ---------------------------------------------------------------------------
 
