@@ -194,7 +194,10 @@ def chain_body(overload: str) -> str | None:
 
 
 def _ops() -> dict[str, QuantizedOp]:
-    ops = [QuantizedOp(op, 2) for op in ("Add", "Sub", "Mul", "Div", "Pow", "MatMul")]
+    ops = [QuantizedOp(op, 2) for op in ("Add", "Sub", "Mul", "Div", "Pow")]
+    # B may be a constant weight [K, N] quantized per row (axis 0, along the reduction axis K),
+    # which QMatMul's integer kernel cannot take (the scale cannot leave the integer sum).
+    ops.append(QuantizedOp("MatMul", 2, per_axis=(1,)))
     ops += [
         QuantizedOp(op, 1)
         for op in (
@@ -238,8 +241,9 @@ def _ops() -> dict[str, QuantizedOp]:
         "transA": ("int", "0"),
         "transB": ("int", "0"),
     }
-    # B per output channel needs transB=1 (B [N, K], axis 0; the rewrite transposes a transB=0
-    # weight quantized along axis 1); C is the int32 bias per channel, or an exact zero.
+    # B per channel along axis 0: per output channel with transB=1 (B [N, K]), per K with
+    # transB=0 (the rewrite transposes a weight quantized along axis 1 and flips transB);
+    # C is the int32 bias per channel, or an exact zero.
     ops.append(QuantizedOp("Gemm", 3, gemm_attrs, per_axis=(1, 2), optional=(2,)))
     ops.append(QuantizedOp("GlobalAveragePool", 1))
     # Inference BatchNormalization: scale, B, mean, var per channel (exact DQs of the floats).
@@ -262,7 +266,8 @@ def _ops() -> dict[str, QuantizedOp]:
     ops.append(QuantizedOp("LeakyRelu", 1, {"alpha": ("float", "0.01")}))
     # Weight W [C, M/G, *k] per output channel along axis 1 (as quantize_static emits); bias
     # per channel or none. output_shape is left out (an absent ints attribute reaches
-    # onnxruntime's body as an empty list, which would mean "given").
+    # onnxruntime's body as an empty list, which would mean "given"): the rewrite spells it as
+    # the explicit pads ONNX derives from it (rewrites/qdq_operands.py).
     ct_attrs = conv_attrs | {"output_padding": ("ints", None)}
     ops.append(
         QuantizedOp("ConvTranspose", 3, ct_attrs, per_axis=(1, 2), optional=(2,), axes=((1, 1),))

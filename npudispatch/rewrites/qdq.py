@@ -19,11 +19,12 @@
 5. **qmatmul** - DQ(a) -> MatMul with DQ(constant int8/uint8 weight) -> Q becomes
    ``npudispatch.QMatMul`` (the weight formatted at compile time into 8-bit tiles;
    ``rewrites/matmul.py`` rule).
-6. **fused** - (a ``Gemm(transB=0)`` weight quantized along axis 1 is first transposed at
-   compile time to ``transB=1``, axis 0) every other DQ -> op -> Q group whose op has a quantized form
-   (:data:`npudispatch.opset_quant.QDQ_OPS`: Add, Sub, Mul, Div, Pow, MatMul of two activations,
-   Gemm and Conv with per-channel weights, BatchNormalization, Softmax, LayerNormalization,
-   ReduceMean, GlobalAveragePool, Transpose, Sigmoid, Tanh, Erf, HardSigmoid, ...) becomes
+6. **fused** - (a Gemm weight quantized along axis 1 is first transposed at compile time, with
+   ``transB`` flipped, to axis 0) every other DQ -> op -> Q group whose op has a quantized form
+   (:data:`npudispatch.opset_quant.QDQ_OPS`: Add, Sub, Mul, Div, Pow, MatMul of two activations or
+   with a weight quantized per row (along K), Gemm and Conv with per-channel weights,
+   ConvTranspose (an ``output_shape`` as explicit pads), BatchNormalization, Softmax,
+   LayerNormalization, ReduceMean, GlobalAveragePool, Transpose, Sigmoid, Tanh, Erf, HardSigmoid, ...) becomes
    ``npudispatch.QDQ<Op>``. A float32 constant operand that was never quantized (a ``Div`` by
    ``sqrt(head_dim)``; BatchNormalization's per-channel mean and variance) is written exactly as
    ``DQ(q=sign(c), scale=|c|, zp=0)``, per tensor for a scalar, per channel where the op takes
@@ -74,6 +75,7 @@ from npudispatch.rewrites.qdq_operands import (
     exact_dq,
     fused_attrs,
     gemm_weights_along_axis_0,
+    starts_chain,
     zero_bias_dq,
 )
 
@@ -378,8 +380,8 @@ def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> N
                 break
             assert node is not None
             chain.insert(0, (node, stage))
-            if QDQ_OPS[stage[0]].per_axis:
-                break  # an op with per-channel operands must be the chain's first stage
+            if starts_chain(node, QDQ_OPS[stage[0]]):
+                break  # only the chain's first stage may read per-channel operands
             reader, value = node, node.inputs[0]
         # Longest fusable chain first: its first op's input 0 and every other operand are DQs.
         while chain:

@@ -1,7 +1,8 @@
 """Operands and attributes of the fused quantized ops, as the QDQ rewrites
 (:mod:`npudispatch.rewrites.qdq`) build them: exact DequantizeLinear forms of float constants
 and of an absent bias, the fused op's attributes from the float node (window attributes spelled
-out for the function bodies), and a ``Gemm(transB=0)`` weight turned to the fused form.
+out for the function bodies, a ConvTranspose ``output_shape`` as explicit pads), which ops may
+only start a fused chain, and a Gemm weight quantized along axis 1 turned to the fused form.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from npudispatch.operators.base import Decline, op_label
+from npudispatch.operators.conv import ConvTranspose
 from npudispatch.operators.quantize import dequantize
-from npudispatch.opset_quant import QDQ_OPS
+from npudispatch.opset_quant import QDQ_OPS, QuantizedOp
 from npudispatch.rewrites._checks import const_array
 from npudispatch.rewrites.qdq_common import (
     Namer,
@@ -22,7 +25,13 @@ from npudispatch.rewrites.qdq_common import (
     single_reader,
 )
 
-__all__ = ["exact_dq", "fused_attrs", "gemm_weights_along_axis_0", "zero_bias_dq"]
+__all__ = [
+    "exact_dq",
+    "fused_attrs",
+    "gemm_weights_along_axis_0",
+    "starts_chain",
+    "zero_bias_dq",
+]
 
 
 def exact_dq(
@@ -61,6 +70,27 @@ def exact_dq(
     assert np.array_equal(dequantize(q, scale, zp), arr)  # exact by construction
     graph.insert_before(before, node)
     return node
+
+
+def starts_chain(node: ir.Node, spec: QuantizedOp) -> bool:
+    """Whether ``node`` must be the first stage of a fused chain. Only stage 0's operands may be
+    quantized per channel, so an op with an operand that is not a per-tensor DequantizeLinear
+    where it takes per-channel ones (a Conv or Gemm weight, a per-row MatMul weight,
+    BatchNormalization's float statistics) ends the walk back from the QuantizeLinear; a MatMul
+    of two per-tensor activations can be a later stage."""
+    for j in spec.per_axis:
+        value = input_at(node, j)
+        if value is None:
+            continue
+        dq = value.producer()
+        p = (
+            qparams_of(dq, dq.inputs[0].dtype)
+            if dq is not None and is_op(dq, "DequantizeLinear")
+            else None
+        )
+        if p is None or not p.per_tensor:
+            return True
+    return False
 
 
 def zero_bias_dq(graph: ir.Graph, namer: Namer, node: ir.Node) -> ir.Node | None:
@@ -122,13 +152,17 @@ def fused_attrs(node: ir.Node, opset: int) -> dict | None:
             axes = [int(a) for a in arr.reshape(-1)]
         return {"axes": list(axes), "keepdims": node.attributes.get_int("keepdims", 1)}
     if op in ("Conv", "ConvTranspose"):
-        names = QDQ_OPS[op].attributes
-        if any(k not in names for k in node.attributes) or len(node.inputs) > 3:
-            return None  # (a ConvTranspose output_shape included)
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if op == "ConvTranspose" and "output_shape" in attrs:
+            explicit = _output_shape_as_pads(node, attrs)
+            if explicit is None:
+                return None
+            attrs = explicit
+        if any(k not in QDQ_OPS[op].attributes for k in attrs) or len(node.inputs) > 3:
+            return None
         w = node.inputs[1].shape if node.inputs[1] is not None else None
         if w is None or not w.is_static() or len(w) < 3:
             return None
-        attrs = {k: a.value for k, a in node.attributes.items()}
         attrs.setdefault("kernel_shape", [int(d) for d in w[2:]])
         if op == "ConvTranspose":
             attrs.setdefault("output_padding", [0] * (len(w) - 2))
@@ -140,6 +174,32 @@ def fused_attrs(node: ir.Node, opset: int) -> dict | None:
     if op in ("MaxPool", "AveragePool"):
         return _window_defaults(attrs, len(attrs.get("kernel_shape") or ()))
     return attrs
+
+
+def _output_shape_as_pads(node: ir.Node, attrs: dict) -> dict | None:
+    """``attrs`` of a ConvTranspose with ``output_shape`` given as the explicit ``pads`` ONNX
+    derives from it (``total = stride * (in - 1) + output_padding + (k - 1) * dilation + 1 -
+    output_shape``; ``SAME_UPPER`` pads ``total // 2`` at the beginning and the rest at the end,
+    every other auto_pad the reverse; any ``pads`` are ignored), by the ConvTranspose operator's
+    own geometry (onnxruntime 1.32 splits the same way), so the fused op needs no
+    ``output_shape`` (its function body cannot leave an ints attribute unset). None when the
+    shapes are not static or the geometry is refused (the float ConvTranspose then declines
+    with the reason)."""
+    x, w = (v.shape if v is not None else None for v in node.inputs[:2])
+    if x is None or w is None or not x.is_static() or not w.is_static() or len(x) != len(w):
+        return None
+    names = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides",
+             "output_padding", "output_shape")  # fmt: skip
+    geo = ConvTranspose().geometry(
+        {k: attrs.get(k) for k in names},
+        [int(d) for d in x],
+        [int(d) for d in w],
+        op_label(node),
+    )
+    if isinstance(geo, Decline):
+        return None
+    kept = {k: v for k, v in attrs.items() if k not in ("output_shape", "auto_pad")}
+    return kept | {"pads": [int(p) for p in geo["pads"]]}
 
 
 def _window_defaults(attrs: dict, rank: int) -> dict | None:
@@ -156,11 +216,13 @@ def _window_defaults(attrs: dict, rank: int) -> dict | None:
 
 
 def gemm_weights_along_axis_0(graph: ir.Graph, namer: Namer, report: QdqReport) -> None:
-    """A ``Gemm(transB=0)`` whose constant ``B [K, N]`` is quantized per output channel (axis 1,
-    as quantize_static emits) reads ``DQ(B^T, axis 0)`` with ``transB=1`` instead: the same
-    product (a transposed constant, folded at compile time), in the form the fused Gemm takes."""
+    """A Gemm whose constant 2-D ``B`` is quantized along axis 1 reads ``DQ(B^T, axis 0)`` with
+    ``transB`` flipped instead: the same product (a transposed constant, folded at compile time),
+    in the form the fused Gemm takes (its B per channel along axis 0). With ``transB=0`` that is
+    quantize_static's per-output-channel ``B [K, N]``; with ``transB=1`` a ``B [N, K]`` quantized
+    per K (along the reduction axis), which the fused op dequantizes before its float32 sum."""
     for gemm in list(graph):
-        if not is_op(gemm, "Gemm") or gemm.attributes.get_int("transB", 0) or len(gemm.inputs) < 2:
+        if not is_op(gemm, "Gemm") or len(gemm.inputs) < 2:
             continue
         dq = gemm.inputs[1].producer() if gemm.inputs[1] is not None else None
         if not is_op(dq, "DequantizeLinear") or single_reader(dq.outputs[0]) is not gemm:
@@ -177,5 +239,6 @@ def gemm_weights_along_axis_0(graph: ir.Graph, namer: Namer, report: QdqReport) 
         dq.replace_input_with(0, wt)
         dq.attributes["axis"] = ir.AttrInt64("axis", 0)
         dq.outputs[0].shape = ir.Shape(wt.shape)
-        gemm.attributes["transB"] = ir.AttrInt64("transB", 1)
+        trans_b = gemm.attributes.get_int("transB", 0)
+        gemm.attributes["transB"] = ir.AttrInt64("transB", 1 - trans_b)
         report.counts["gemm_weight_transposed"] += 1
