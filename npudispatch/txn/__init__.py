@@ -1,8 +1,9 @@
 """AIE transaction binaries: byte-exact codec, builder, re-basing, fusion and inspection."""
 
 from npudispatch.txn.builder import TxnBuilder
-from npudispatch.txn.codec import OpIndex, decode_op, encode_op, opcode_name, scan
+from npudispatch.txn.codec import decode_op, encode_op, opcode_name
 from npudispatch.txn.explain import BdTransfer, DataMovement, DmaTask, Transfer, explain
+from npudispatch.txn.framing import OpIndex, scan
 from npudispatch.txn.fuse import fuse, fuse_rebased, to_opt, to_plain, unwrap, wrap
 from npudispatch.txn.header import HEADER_SIZE, TxnHeader
 from npudispatch.txn.inspect import describe_op, dump, stats

@@ -1,15 +1,14 @@
-"""Op framing, decoding and encoding for both formats (docs/txn_format.md §2-3).
+"""Per-opcode length rules, decoding and encoding for both formats (docs/txn_format.md §2-3).
 
-:func:`scan` finds every op's offset, opcode and length (an :class:`OpIndex`) without building op
-objects; :func:`decode_op` / :func:`encode_op` convert one op between bytes and the typed dataclasses
-of :mod:`npudispatch.txn.ops`. Encoding starts from the op's ``raw`` bytes when their length still
+:func:`op_size` applies the length rules to one op (:mod:`npudispatch.txn.framing` frames whole
+transactions); :func:`decode_op` / :func:`encode_op` convert one op between bytes and the typed
+dataclasses of :mod:`npudispatch.txn.ops`. Encoding starts from the op's ``raw`` bytes when their length still
 fits, so padding survives a round trip byte for byte; new ops get zeros there.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,7 +55,7 @@ _FIXED_COMMON = {
     Opcode.UPDATE_REG: 12,
     Opcode.UPDATE_SCRATCH: 4,
 }
-_MASK_OPS = (Opcode.MASKWRITE, Opcode.MASKPOLL, Opcode.MASKPOLL_BUSY)
+MASK_OPCODES = (Opcode.MASKWRITE, Opcode.MASKPOLL, Opcode.MASKPOLL_BUSY)
 
 
 def _tables(opt: bool) -> tuple[list[int], list[int]]:
@@ -69,18 +68,20 @@ def _tables(opt: bool) -> tuple[list[int], list[int]]:
         fixed[op], size_at[op] = 0, 4
     if opt:
         fixed[Opcode.WRITE] = 12
-        for op in _MASK_OPS:
+        for op in MASK_OPCODES:
             fixed[op] = 16
         fixed[Opcode.BLOCKWRITE], size_at[Opcode.BLOCKWRITE] = 0, 8
     else:
         fixed[Opcode.WRITE], size_at[Opcode.WRITE] = 0, 20
         fixed[Opcode.BLOCKWRITE], size_at[Opcode.BLOCKWRITE] = 0, 12
-        for op in _MASK_OPS:
+        for op in MASK_OPCODES:
             fixed[op], size_at[op] = 0, 24
     return fixed, size_at
 
 
-_TABLES = {False: _tables(False), True: _tables(True)}
+# Per format: each opcode's fixed length (0 = read its Size field, -1 = unknown), Size-field offset.
+LENGTH_TABLES = {False: _tables(False), True: _tables(True)}
+_U32 = struct.Struct("<I").unpack_from
 
 
 def opcode_name(opcode: int) -> str:
@@ -98,7 +99,7 @@ def size_problem(opcode: int, size: int, opt: bool) -> str | None:
     elif opcode == Opcode.BLOCKWRITE:
         base = 12 if opt else 16
         ok, want = size >= base and (size - base) % 4 == 0, f"{base} + 4*n"
-    elif opcode in _MASK_OPS and not opt:
+    elif opcode in MASK_OPCODES and not opt:
         ok, want = size == 32, "32"
     elif opcode == Opcode.DDR_PATCH:
         ok = size in (PATCH_SIZES_OPT if opt else (PATCH_SIZE_PLAIN,))
@@ -116,166 +117,30 @@ def size_problem(opcode: int, size: int, opt: bool) -> str | None:
     return None if ok else f"Size field is {size}, expected {want}"
 
 
-@dataclass(slots=True)
-class OpIndex:
-    """Where every op of a transaction sits: numpy arrays, built once per distinct transaction.
-
-    ``offsets`` are byte offsets from the start of the transaction (header included).
-    """
-
-    offsets: np.ndarray  # int64
-    opcodes: np.ndarray  # uint8
-    sizes: np.ndarray  # int64
-    end: int  # byte offset just past the last op
-    patch_ops: np.ndarray = field(init=False)  # op indices of DDR_PATCH ops
-
-    def __post_init__(self) -> None:
-        self.patch_ops = np.flatnonzero(self.opcodes == Opcode.DDR_PATCH)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def shifted(self, delta: int) -> OpIndex:
-        """The same index for the same ops placed ``delta`` bytes later."""
-        return OpIndex(self.offsets + delta, self.opcodes, self.sizes, self.end + delta)
-
-    @staticmethod
-    def concat(parts: list[OpIndex]) -> OpIndex:
-        """Index of consecutive op streams (already shifted to their final offsets)."""
-        return OpIndex(
-            np.concatenate([p.offsets for p in parts]),
-            np.concatenate([p.opcodes for p in parts]),
-            np.concatenate([p.sizes for p in parts]),
-            parts[-1].end,
-        )
-
-
 def _err(what: str, index: int, off: int, opcode: int | None) -> TxnFormatError:
     name = "" if opcode is None else f" {opcode_name(opcode)} (opcode {opcode:#04x})"
     return TxnFormatError(f"op {index}{name} at byte offset {off}: {what}")
 
 
-def _np_tables(opt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """numpy forms of the framing tables: fixed length, Size-field word offset, exact, minimum."""
-    fixed, size_at = _TABLES[opt]
-    exact = np.zeros(256, dtype=np.int64)
-    minimum = np.zeros(256, dtype=np.int64)
-    minimum[CUSTOM_MIN:] = 8
-    minimum[Opcode.BLOCKWRITE] = 12 if opt else 16
-    minimum[Opcode.READ_REGS] = 16
-    exact[[Opcode.TCT, Opcode.MERGE_SYNC]] = 16
-    exact[Opcode.RECORD_TIMER] = 12
-    if not opt:
-        exact[Opcode.WRITE] = 24
-        exact[list(_MASK_OPS)] = 32
-        exact[Opcode.DDR_PATCH] = PATCH_SIZE_PLAIN
-    size_words = np.array([a // 4 if a >= 0 else -1 for a in size_at], dtype=np.int64)
-    return np.array(fixed, dtype=np.int64), size_words, exact, minimum
-
-
-_NP_TABLES = {False: _np_tables(False), True: _np_tables(True)}
-
-
-def _fast_scan(buf: bytes | memoryview, num_ops: int, opt: bool, start: int) -> OpIndex | None:
-    """Vectorised framing for the common case (every op length a multiple of 4, all valid).
-
-    Computes, for every 4-byte position, the length an op starting there would have (numpy), then
-    follows the chain in one tight loop. Returns None whenever anything is unusual, so the exact
-    scalar :func:`scan` can report the error (or handle odd custom-op lengths).
-    """
-    fixed_t, size_w_t, exact_t, min_t = _NP_TABLES[opt]
-    n_words = len(buf) // 4
-    if start % 4 or num_ops > n_words:
-        return None
-    words = np.frombuffer(buf, dtype="<u4", count=n_words)
-    op_at = (words & 0xFF).astype(np.uint8)
-    fixed = fixed_t[op_at]
-    field_pos = np.arange(n_words, dtype=np.int64) + size_w_t[op_at]
-    has_field = (fixed == 0) & (field_pos < n_words)
-    size = np.where(fixed > 0, fixed, 0)
-    size[has_field] = words[field_pos[has_field]]
-    steps = np.where(size % 4 == 0, size >> 2, 0).tolist()
-    starts: list[int] = []
-    append = starts.append
-    p = start >> 2
-    for _ in range(num_ops):
-        step = steps[p] if p < n_words else 0
-        if step == 0:
-            return None
-        append(p)
-        p += step
-    if p > n_words or len(buf) - 4 * p >= 4:
-        return None
-    pos = np.array(starts, dtype=np.int64)
-    opcodes = op_at[pos]
-    sizes = size[pos]
-    exact = exact_t[opcodes]
-    bad = ((exact > 0) & (sizes != exact)) | (sizes < min_t[opcodes])
-    bad |= (opcodes == Opcode.READ_REGS) & ((sizes - 16) % 8 != 0)
-    if opt:
-        bad |= (opcodes == Opcode.DDR_PATCH) & (sizes != 48) & (sizes != 24)
-    if bad.any():
-        return None
-    return OpIndex(pos * 4, opcodes, sizes, 4 * p)
-
-
-def scan(buf: bytes | memoryview, num_ops: int, opt: bool, start: int = 16) -> OpIndex:
-    """Frame ``num_ops`` ops of ``buf`` starting at ``start``; validate every length.
-
-    Raises :class:`TxnFormatError` on truncation, a Size field that disagrees with its opcode, an
-    unknown non-custom opcode, or a NumOps that does not match the bytes. Loops at most
-    ``len(buf) / 4`` times whatever the header claims.
-    """
-    index = _fast_scan(buf, num_ops, opt, start)
-    return index if index is not None else scan_scalar(buf, num_ops, opt, start)
-
-
-def scan_scalar(buf: bytes | memoryview, num_ops: int, opt: bool, start: int = 16) -> OpIndex:
-    """Reference op-by-op framing (same contract as :func:`scan`); gives the precise errors."""
-    fixed, size_at = _TABLES[opt]
+def op_size(buf: bytes | memoryview, off: int, opt: bool, index: int = -1) -> int:
+    """Length of the op at byte ``off`` by the per-opcode rules; raises naming op and offset."""
+    fixed, size_at = LENGTH_TABLES[opt]
     end = len(buf)
-    u32 = struct.Struct("<I").unpack_from
-    offsets: list[int] = []
-    opcodes: list[int] = []
-    sizes: list[int] = []
-    off = start
-    for i in range(num_ops):
-        if off >= end:
-            raise TxnFormatError(
-                f"header NumOps is {num_ops} but the ops end after op {i - 1} at byte offset "
-                f"{off} (TxnSize {end}): NumOps overruns the buffer"
-            )
-        op = buf[off]
-        size = fixed[op]
-        if size == 0:
-            at = off + size_at[op]
-            if at + 4 > end:
-                raise _err(f"truncated: its Size field needs bytes up to {at + 4}", i, off, op)
-            size = u32(buf, at)[0]
-            problem = size_problem(op, size, opt)
-            if problem:
-                raise _err(problem, i, off, op)
-        elif size < 0:
-            raise _err("unknown opcode (not a known op and below the custom range)", i, off, op)
-        if off + size > end:
-            raise _err(f"truncated: op needs {size} bytes, only {end - off} remain", i, off, op)
-        offsets.append(off)
-        opcodes.append(op)
-        sizes.append(size)
-        off += size
-    # aie-rt rounds TxnSize up to a multiple of 4, so < 4 bytes of trailing pad is legitimate.
-    if end - off >= 4:
-        raise TxnFormatError(
-            f"{end - off} bytes remain after the last op (op {num_ops - 1}, ending at byte "
-            f"offset {off}): header NumOps ({num_ops}) is smaller than the op count or "
-            "TxnSize is too large"
-        )
-    return OpIndex(
-        np.array(offsets, dtype=np.int64),
-        np.array(opcodes, dtype=np.uint8),
-        np.array(sizes, dtype=np.int64),
-        off,
-    )
+    op = buf[off]
+    size = fixed[op]
+    if size == 0:
+        at = off + size_at[op]
+        if at + 4 > end:
+            raise _err(f"truncated: its Size field needs bytes up to {at + 4}", index, off, op)
+        size = _U32(buf, at)[0]
+        problem = size_problem(op, size, opt)
+        if problem:
+            raise _err(problem, index, off, op)
+    elif size < 0:
+        raise _err("unknown opcode (not a known op and below the custom range)", index, off, op)
+    if off + size > end:
+        raise _err(f"truncated: op needs {size} bytes, only {end - off} remain", index, off, op)
+    return size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +175,7 @@ def decode_op(buf: bytes | memoryview, off: int, size: int, opt: bool, index: in
         head = 12 if opt else 16
         (reg,) = (_O_BLOCK if opt else _P_BLOCK).unpack_from(raw)
         return BlockWrite(reg, np.frombuffer(raw, dtype="<u4", offset=head).copy(), raw=raw)
-    if op in _MASK_OPS:
+    if op in MASK_OPCODES:
         reg, val, mask = (_O_MASK if opt else _P_MASK).unpack_from(raw)
         cls = {Opcode.MASKWRITE: MaskWrite, Opcode.MASKPOLL: MaskPoll}.get(op, MaskPollBusy)
         return cls(reg, val, mask, raw=raw)
@@ -362,7 +227,7 @@ def encoded_size(op: Op, opt: bool, patch_size: int | None = None) -> int:
         return 12 if opt else 24
     if code == Opcode.BLOCKWRITE:
         return (12 if opt else 16) + 4 * len(op.values)  # type: ignore[union-attr]
-    if code in _MASK_OPS:
+    if code in MASK_OPCODES:
         return 16 if opt else 32
     if code == Opcode.DDR_PATCH:
         if not opt:

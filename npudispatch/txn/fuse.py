@@ -9,7 +9,8 @@ from dataclasses import replace
 import numpy as np
 
 from npudispatch.errors import TxnFormatError
-from npudispatch.txn.codec import PATCH_SIZE_PLAIN, PATCH_SIZES_OPT, OpIndex, encode_op
+from npudispatch.txn.codec import PATCH_SIZE_PLAIN, PATCH_SIZES_OPT, encode_op
+from npudispatch.txn.framing import OpIndex
 from npudispatch.txn.header import HEADER_SIZE, OPT_VERSION, PLAIN_VERSION, TxnHeader
 from npudispatch.txn.rebase import ArgRange, mapped_fields, patch_fields_of
 from npudispatch.txn.transaction import Framing, Transaction

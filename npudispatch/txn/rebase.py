@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from npudispatch.errors import TxnFormatError
-from npudispatch.txn.codec import PATCH_SIZE_OPT24, OpIndex
+from npudispatch.txn.codec import PATCH_SIZE_OPT24
+from npudispatch.txn.framing import OpIndex
 from npudispatch.txn.transaction import Framing, Transaction
 
 _U64 = (1 << 64) - 1

@@ -15,7 +15,8 @@ from dataclasses import replace
 
 from npudispatch.display import rich_html
 from npudispatch.errors import TxnFormatError
-from npudispatch.txn.codec import OpIndex, decode_op, encode_op, encoded_size, scan
+from npudispatch.txn.codec import decode_op, encode_op, encoded_size
+from npudispatch.txn.framing import OpIndex, scan
 from npudispatch.txn.header import HEADER_SIZE, OPT_VERSION, PLAIN_VERSION, TxnHeader
 from npudispatch.txn.ops import Op
 

@@ -21,7 +21,7 @@ from npudispatch.txn import (
     to_plain,
 )
 from npudispatch.txn import ops as o
-from npudispatch.txn.codec import scan, scan_scalar
+from npudispatch.txn.framing import scan, scan_scalar
 
 
 def _build(ops: list[o.Op], **kw) -> Transaction:
