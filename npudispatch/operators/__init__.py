@@ -48,6 +48,7 @@ from npudispatch.operators.conv import Conv, ConvTranspose, FusedConv, FusedConv
 from npudispatch.operators.datamove import Concat, Slice, Split
 from npudispatch.operators.elementwise import Add, Div, Max, Min, Mul, Sub, Where
 from npudispatch.operators.lookup import GatherTable, IntAdd, IntCast, IntReduceSum, IntSub
+from npudispatch.operators.lrn import LRN
 from npudispatch.operators.matmul import Gemm, MatMul, MatMulBias
 from npudispatch.operators.matmul_nbits import MatMulNBits
 from npudispatch.operators.norms import (
@@ -114,6 +115,7 @@ register(PRelu)
 register(Elu)
 register(Selu)
 register(BatchNormalization)
+register(LRN)
 register(Softmax)
 register(ReduceMean)
 register(ReduceSum)

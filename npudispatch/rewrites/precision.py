@@ -33,6 +33,7 @@ family                                                 budget  why
 Cast                                                   1       one rounding
 Add Sub Mul Div Sigmoid Silu Gelu (elementwise)        3       operand + result rounding
 Softmax                                                4       + exp, row sum
+LRN                                                    4       + window sum of squares, power
 LayerNormalization, (Skip)SimplifiedLayerNormalization 6       row statistics, rsqrt, scale
 MatMul Gemm MatMulBias MatMulNBits QMatMul             4       operand + result rounding
 Conv ConvTranspose FusedConv FusedConvTranspose        4       like matmul (dot products)
@@ -124,6 +125,7 @@ BUDGETS: dict[str, float] = {
     **dict.fromkeys(_ELEMENTWISE, 3.0),
     "Softmax": 4.0,
     **dict.fromkeys(_NORMS, 6.0),
+    "LRN": 4.0,
     **dict.fromkeys(MATMUL_FAMILY, 4.0),
     **dict.fromkeys(_CONV_FAMILY, 4.0),
     **dict.fromkeys(_POOLS_AVG, 3.0),
