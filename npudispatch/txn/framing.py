@@ -114,44 +114,51 @@ def scan_scalar(
 
 # ---------------------------------------------------------------------------------------------
 # Plain format: candidates and runs
-def _opcode_set(*opcodes: int) -> np.ndarray:
-    table = np.zeros(256, dtype=bool)
-    table[list(opcodes)] = True
-    return table
-
-
 # Plain ops whose Size field has one valid value: (word of the field, that value, opcodes). With
 # BLOCKWRITE (Size field read) they are ~99% of the ops of real transactions.
 _PINNED = (
-    (5, 24, _opcode_set(Opcode.WRITE)),
-    (6, 32, _opcode_set(*MASK_OPCODES)),
-    (1, 48, _opcode_set(Opcode.DDR_PATCH)),
-    (1, 16, _opcode_set(Opcode.TCT, Opcode.MERGE_SYNC)),
-    (1, 12, _opcode_set(Opcode.RECORD_TIMER)),
+    (5, 24, (Opcode.WRITE,)),
+    (6, 32, MASK_OPCODES),
+    (1, 48, (Opcode.DDR_PATCH,)),
+    (1, 16, (Opcode.TCT, Opcode.MERGE_SYNC)),
+    (1, 12, (Opcode.RECORD_TIMER,)),
 )
 _BLOCK_FIELD, _BLOCK_MIN = 3, 16  # plain BLOCKWRITE: Size-field word, minimum length
+# Per opcode: the word of the Size field searched for (0: none), its only valid value (-1: any).
+_FIELD_WORD = np.zeros(256, dtype=np.int64)
+_PINNED_SIZE = np.full(256, -1, dtype=np.int64)
+for _word, _value, _opcodes in _PINNED:
+    _FIELD_WORD[list(_opcodes)], _PINNED_SIZE[list(_opcodes)] = _word, _value
+_FIELD_WORD[Opcode.BLOCKWRITE] = _BLOCK_FIELD
 _MAX_RUNS_PER_OP = 0.5  # past this, stepping run by run costs more than the step walk
 
 
 def _candidates(words: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
     """Word positions (>= ``first``) of every plain op look-alike of the searched kinds that fits
-    the buffer, and its length in words, sorted by position. Every true op of these kinds is one:
-    one numpy search per Size-field value instead of a look at every word."""
+    the buffer, and its length in words, sorted by position. Every true op of these kinds is one.
+
+    One whole-buffer comparison per Size-field value (and one for the BLOCKWRITE opcode) marks the
+    positions worth a look; only those are then checked against their opcode's rule.
+    """
     n = len(words)
-    keys = []  # position << 32 | length in words
-    for word, value, opcodes in _PINNED:
-        length = value >> 2  # an op starting at p must end by n: p <= n - length
-        pos = np.flatnonzero(words[first + word : max(n - length + word + 1, 0)] == value)
-        pos += first
-        pos = pos[opcodes.take(words.take(pos) & 0xFF)]
-        keys.append(pos << 32 | length)
-    low = words[first : max(n - _BLOCK_FIELD, 0)] & 0xFF
-    pos = np.flatnonzero(low == Opcode.BLOCKWRITE) + first
-    size = words.take(pos + _BLOCK_FIELD).astype(np.int64)
-    ok = (size >= _BLOCK_MIN) & (size & 3 == 0) & (size <= (n - pos) << 2)
-    keys.append(pos[ok] << 32 | size[ok] >> 2)
-    merged = np.sort(np.concatenate(keys), kind="stable")  # merges the sorted runs
-    return merged >> 32, merged & 0xFFFFFFFF
+    marked = np.zeros(max(n - first, 0), dtype=bool)  # marked[k]: look at an op at first + k
+    for word, value, _ in _PINNED:
+        marked[: max(n - first - word, 0)] |= words[first + word :] == value
+    low = words[first : max(n - _BLOCK_FIELD, first)] & 0xFF
+    marked[: len(low)] |= low == Opcode.BLOCKWRITE
+    pos = np.flatnonzero(marked)
+    pos += first
+    opcode = (words.take(pos) & 0xFF).astype(np.intp)  # converted once for both table looks
+    pinned = _PINNED_SIZE.take(opcode)
+    # A mark may come from another kind's field: positions past the end read the last word, and
+    # the length check below drops them.
+    size = words.take(pos + _FIELD_WORD.take(opcode), mode="clip").astype(np.int64)
+    block = opcode == Opcode.BLOCKWRITE
+    ok = (size == pinned) | (block & (size >= _BLOCK_MIN) & (size & 3 == 0))
+    length = np.where(block, size, pinned) >> 2
+    ok &= pos + length <= n
+    keep = np.flatnonzero(ok)  # two takes beat two boolean selections
+    return pos.take(keep), length.take(keep)
 
 
 def _scan_runs(buf: bytes | memoryview, num_ops: int, start: int) -> OpIndex | None:

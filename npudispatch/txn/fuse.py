@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
 from dataclasses import replace
@@ -103,8 +104,10 @@ def fuse_rebased(items: Sequence[tuple[Transaction, Sequence[ArgRange]]]) -> Tra
     lengths = [index.end - HEADER_SIZE for _, index in framed]
     starts = np.cumsum([HEADER_SIZE, *lengths])
     out = np.empty(int(starts[-1]), dtype=np.uint8)
-    for (data, _), at, n in zip(framed, starts.tolist(), lengths):
-        out[at : at + n] = np.frombuffer(data, np.uint8, n, HEADER_SIZE)
+    bodies_in = [
+        np.frombuffer(data, np.uint8, n, HEADER_SIZE) for (data, _), n in zip(framed, lengths)
+    ]
+    np.concatenate(bodies_in, out=out[HEADER_SIZE:])  # every op byte copied once
 
     counts = [len(pf.offsets) for pf in pfs]
     if sum(counts):
@@ -120,10 +123,12 @@ def fuse_rebased(items: Sequence[tuple[Transaction, Sequence[ArgRange]]]) -> Tra
                 f"transaction {int(item[k])}: DDR_PATCH at fused byte offset {int(where[k])}: "
                 f"new argidx {int(new_idx[k])} does not fit the u8 field of an opt Size-24 patch"
             )
-        wide = ~short
-        _put_u64(out, where[wide] + 32, new_idx[wide])  # argidx u64, then argplus u64
-        _put_u64(out, where[wide] + 40, new_plus[wide])
-        if short.any():  # opt Size-24: argidx u8 at +12, argplus u64 at +16
+        if not short.any():  # argidx u64 at +32, then argplus u64 at +40
+            _put_u64_pair(out, where + 32, new_idx, new_plus)
+        else:
+            wide = ~short
+            _put_u64_pair(out, where[wide] + 32, new_idx[wide], new_plus[wide])
+            # opt Size-24: argidx u8 at +12, argplus u64 at +16
             out[where[short] + 12] = new_idx[short].astype(np.uint8)
             _put_u64(out, where[short] + 16, new_plus[short])
 
@@ -148,6 +153,22 @@ def _put_u64(out: np.ndarray, pos: np.ndarray, values: np.ndarray) -> None:
     out[pos[:, None] + np.arange(8)] = words.view(np.uint8).reshape(len(words), 8)
 
 
+def _put_u64_pair(out: np.ndarray, pos: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
+    """:func:`_put_u64` of ``first`` at ``pos`` and ``second`` at ``pos + 8`` in one pass."""
+    pairs = np.empty((len(pos), 2), dtype="<u8")
+    pairs[:, 0] = first
+    pairs[:, 1] = second
+    for width in (8, 4):
+        if out.ctypes.data % width == 0 and not (pos % width).any():
+            view = out[: len(out) // width * width].view(f"<u{width}")
+            words = pairs.view(f"<u{width}").reshape(len(pos), 16 // width)
+            at = pos // width
+            for k in range(16 // width):
+                view[at + k] = words[:, k]
+            return
+    out[pos[:, None] + np.arange(16)] = pairs.view(np.uint8).reshape(len(pos), 16)
+
+
 def _lookup(
     items: Sequence[tuple[Transaction, Sequence[ArgRange]]],
     pfs: list,
@@ -162,7 +183,8 @@ def _lookup(
         for r in mapping
     ]
     try:
-        signed = np.array(rows, dtype=np.int64).reshape(-1, 6)
+        flat = itertools.chain.from_iterable(rows)
+        signed = np.fromiter(flat, np.int64, count=6 * len(rows)).reshape(-1, 6)
     except OverflowError:  # offsets of 2**63 and more: no negative field, only the slow path fits
         signed = None
         table = np.array(rows, dtype=np.uint64).reshape(-1, 6)
@@ -187,13 +209,14 @@ def _lookup(
         return np.concatenate([a for a, _ in parts]), np.concatenate([p for _, p in parts])
     table = table[np.lexsort((table[:, 2], table[:, 1], table[:, 0]))]
     shift = np.uint64(40)
-    keys = ((table[:, 0] << np.uint64(8) | table[:, 1]) << shift) | table[:, 2]
+    row_group = table[:, 0] << np.uint64(8) | table[:, 1]
+    keys = (row_group << shift) | table[:, 2]
     group = item.astype(np.uint64) << np.uint64(8) | argidx
     k = np.searchsorted(keys, (group << shift) | argplus, side="right") - 1
     ok = k >= 0
-    row = table[np.maximum(k, 0)]
-    ok &= ((row[:, 0] << np.uint64(8)) | row[:, 1]) == group
-    ok &= argplus < row[:, 3]
+    k = np.maximum(k, 0)  # one column gather each, not whole rows
+    ok &= row_group.take(k) == group
+    ok &= argplus < table[:, 3].take(k)
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
         j = int(item[bad])
@@ -205,7 +228,8 @@ def _lookup(
             f"{int(argplus[bad]):#x} lies in no ArgRange of the mapping; add a range covering it "
             "(the op's buffer map is incomplete)"
         )
-    return row[:, 4].copy(), row[:, 5] + (argplus - row[:, 2])
+    # fused_offset - offset wraps modulo 2**64 when negative; adding argplus wraps it back
+    return table[:, 4].take(k), (table[:, 5] - table[:, 2]).take(k) + argplus
 
 
 def wrap(txn: Transaction) -> bytes:

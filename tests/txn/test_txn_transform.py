@@ -223,6 +223,34 @@ def test_put_u64_writes_little_endian_words_at_any_alignment(start):
     assert out.tobytes() == bytes(want)
 
 
+@pytest.mark.parametrize("start", [0, 4, 3])
+def test_put_u64_pair_writes_both_fields_at_any_alignment(start):
+    from npudispatch.txn.fuse import _put_u64_pair
+
+    out = np.full(96, 0xAA, np.uint8)
+    pos = np.array([start, start + 20, start + 56])
+    first = np.array([0x0102030405060708, 2**64 - 1, 5], dtype=np.uint64)
+    second = np.array([7, 0x1122334455667788, 2**63], dtype=np.uint64)
+    _put_u64_pair(out, pos, first, second)
+    want = bytearray(b"\xaa" * 96)
+    for p, a, b in zip(pos.tolist(), first.tolist(), second.tolist()):
+        struct.pack_into("<QQ", want, p, a, b)
+    assert out.tobytes() == bytes(want)
+
+
+def test_fuse_rebased_moves_patches_down_to_lower_offsets():
+    """fused_offset below offset: the new argplus is fused_offset + (argplus - offset)."""
+    parts = [_patched((0, 0x180), (0, 0x10)), _patched((1, 0x44))]
+    maps = [
+        [ArgRange(0, 0x100, 0x100, 2, 0x8), ArgRange(0, 0, 0x100, 1, 0)],
+        [ArgRange(1, 0x40, 0x10, 5, 0)],
+    ]
+    want = fuse([rebase(t, m) for t, m in zip(parts, maps)]).to_bytes()
+    got = fuse_rebased(list(zip(parts, maps)))
+    assert got.to_bytes() == want
+    assert [p[2:] for p in patches(got)] == [(2, 0x88), (1, 0x10), (5, 0x4)]
+
+
 def test_fuse_rebased_refuses_a_negative_range_field():
     part = _patched((0, 0x10))
     with pytest.raises(ValueError, match="negative field"):
