@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ from npudispatch.txn.header import HEADER_SIZE, OPT_VERSION, PLAIN_VERSION, TxnH
 from npudispatch.txn.rebase import ArgRange, mapped_fields, patch_fields_of
 from npudispatch.txn.transaction import Framing, Transaction
 
+_BATCH_BYTES = 2 << 20  # copied then patched while in cache
 TRANSACTION_OP = 0  # aie_controller op-list type of a wrapped transaction (docs/txn_format.md §7)
 WRAP_HEADER_SIZE = 8
 
@@ -104,11 +106,7 @@ def fuse_rebased(items: Sequence[tuple[Transaction, Sequence[ArgRange]]]) -> Tra
     lengths = [index.end - HEADER_SIZE for _, index in framed]
     starts = np.cumsum([HEADER_SIZE, *lengths])
     out = np.empty(int(starts[-1]), dtype=np.uint8)
-    bodies_in = [
-        np.frombuffer(data, np.uint8, n, HEADER_SIZE) for (data, _), n in zip(framed, lengths)
-    ]
-    np.concatenate(bodies_in, out=out[HEADER_SIZE:])  # every op byte copied once
-
+    stores = _PairStores.none(out)
     counts = [len(pf.offsets) for pf in pfs]
     if sum(counts):
         item = np.repeat(np.arange(len(items)), counts)
@@ -123,14 +121,25 @@ def fuse_rebased(items: Sequence[tuple[Transaction, Sequence[ArgRange]]]) -> Tra
                 f"transaction {int(item[k])}: DDR_PATCH at fused byte offset {int(where[k])}: "
                 f"new argidx {int(new_idx[k])} does not fit the u8 field of an opt Size-24 patch"
             )
-        if not short.any():  # argidx u64 at +32, then argplus u64 at +40
-            _put_u64_pair(out, where + 32, new_idx, new_plus)
-        else:
-            wide = ~short
-            _put_u64_pair(out, where[wide] + 32, new_idx[wide], new_plus[wide])
-            # opt Size-24: argidx u8 at +12, argplus u64 at +16
-            out[where[short] + 12] = new_idx[short].astype(np.uint8)
-            _put_u64(out, where[short] + 16, new_plus[short])
+        wide = ~short if short.any() else slice(None)
+        # argidx u64 at +32, then argplus u64 at +40
+        stores = _PairStores(out, where[wide] + 32, new_idx[wide], new_plus[wide], item[wide])
+
+    bodies_in = [
+        np.frombuffer(data, np.uint8, n, HEADER_SIZE) for (data, _), n in zip(framed, lengths)
+    ]
+    # Every op byte is copied once, a few MB at a time, and patched while still in cache.
+    at = starts.tolist()
+    first_store = stores.first_of_items(len(items))
+    i = 0
+    while i < len(items):
+        j = min(max(bisect_right(at, at[i] + _BATCH_BYTES) - 1, i + 1), len(items))
+        np.concatenate(bodies_in[i:j], out=out[at[i] : at[j]])
+        stores.apply(first_store[i], first_store[j])
+        i = j
+    if sum(counts) and short.any():  # opt Size-24: argidx u8 at +12, argplus u64 at +16
+        out[where[short] + 12] = new_idx[short].astype(np.uint8)
+        _put_u64(out, where[short] + 16, new_plus[short])
 
     bodies = [([], index) for _, index in framed]  # bytes already placed; _assemble adds the header
     header = _fused_header(txns, bodies)
@@ -153,20 +162,49 @@ def _put_u64(out: np.ndarray, pos: np.ndarray, values: np.ndarray) -> None:
     out[pos[:, None] + np.arange(8)] = words.view(np.uint8).reshape(len(words), 8)
 
 
+class _PairStores:
+    """Little-endian u64 pairs (``first`` at byte ``pos``, ``second`` at ``pos + 8``) to write
+    into ``out`` through the widest word view every position is aligned to; ``apply`` writes a
+    range of them, so fusion patches each batch of transactions right after copying it."""
+
+    def __init__(
+        self,
+        out: np.ndarray,
+        pos: np.ndarray,
+        first: np.ndarray,
+        second: np.ndarray,
+        item: np.ndarray,
+    ) -> None:
+        pairs = np.empty((len(pos), 2), dtype="<u8")
+        pairs[:, 0] = first
+        pairs[:, 1] = second
+        width = next((w for w in (8, 4) if out.ctypes.data % w == 0 and not (pos % w).any()), 1)
+        self.view = out[: len(out) // width * width].view(f"<u{width}")
+        self.at = pos // width
+        self.units = pairs.view(f"<u{width}").reshape(len(pos), 16 // width)
+        self.item = item  # sorted: the transaction each pair belongs to
+
+    @classmethod
+    def none(cls, out: np.ndarray) -> _PairStores:
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(out, empty, empty, empty, empty)
+
+    def first_of_items(self, count: int) -> list[int]:
+        """Index of the first pair of each of ``count`` transactions, then the total."""
+        return np.searchsorted(self.item, np.arange(count + 1)).tolist()
+
+    def apply(self, start: int, stop: int) -> None:
+        """Write pairs ``start:stop``."""
+        if stop > start:
+            at = self.at[start:stop]
+            for k in range(self.units.shape[1]):
+                self.view[at + k] = self.units[start:stop, k]
+
+
 def _put_u64_pair(out: np.ndarray, pos: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
-    """:func:`_put_u64` of ``first`` at ``pos`` and ``second`` at ``pos + 8`` in one pass."""
-    pairs = np.empty((len(pos), 2), dtype="<u8")
-    pairs[:, 0] = first
-    pairs[:, 1] = second
-    for width in (8, 4):
-        if out.ctypes.data % width == 0 and not (pos % width).any():
-            view = out[: len(out) // width * width].view(f"<u{width}")
-            words = pairs.view(f"<u{width}").reshape(len(pos), 16 // width)
-            at = pos // width
-            for k in range(16 // width):
-                view[at + k] = words[:, k]
-            return
-    out[pos[:, None] + np.arange(16)] = pairs.view(np.uint8).reshape(len(pos), 16)
+    """Write u64 ``first`` at byte positions ``pos`` and ``second`` right after, in one pass."""
+    stores = _PairStores(out, pos, first, second, np.zeros(len(pos), dtype=np.int64))
+    stores.apply(0, len(pos))
 
 
 def _lookup(
