@@ -130,7 +130,9 @@ _PINNED_SIZE = np.full(256, -1, dtype=np.int64)
 for _word, _value, _opcodes in _PINNED:
     _FIELD_WORD[list(_opcodes)], _PINNED_SIZE[list(_opcodes)] = _word, _value
 _FIELD_WORD[Opcode.BLOCKWRITE] = _BLOCK_FIELD
-_MAX_RUNS_PER_OP = 0.5  # past this, stepping run by run costs more than the step walk
+# Past these, stepping run by run (or framing op after op alone) costs more than the step walk.
+_MAX_RUNS_PER_OP = 0.5
+_MAX_ALONE_PER_OP = 1 / 16
 
 
 def _candidates(words: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +185,7 @@ def _scan_runs(buf: bytes | memoryview, num_ops: int, start: int) -> OpIndex | N
 
     run_pos: list[np.ndarray] = []
     run_len: list[np.ndarray] = []
-    done, at = 0, first
+    done, at, alone = 0, first, 0
     i = 0 if pos[0] == first else -1  # candidate index of the op at word `at`, or -1
     while done < num_ops and at < n:
         if i >= 0:  # a true op at a candidate: its whole run are the next ops
@@ -198,7 +200,8 @@ def _scan_runs(buf: bytes | memoryview, num_ops: int, start: int) -> OpIndex | N
             size = op_size(buf, 4 * at, False)
         except TxnFormatError:
             return None
-        if size % 4:
+        alone += 1
+        if size % 4 or alone > _MAX_ALONE_PER_OP * num_ops + 64:
             return None
         run_pos.append(np.array([at], dtype=np.int64))
         run_len.append(np.array([size >> 2], dtype=np.int64))

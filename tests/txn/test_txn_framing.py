@@ -98,19 +98,28 @@ DECOYS = [
 ]
 
 
+WITHOUT_SIZE_FIELD = [
+    o.Noop(),
+    o.Preempt(2),
+    o.LoadPdi(1, 2, 3),
+    o.LoadPmStart(5, 6),
+    CustomOp(0x90, struct.pack("<II", 24, 32)),
+    o.ReadRegs((1, 2)),
+    o.UpdateReg(1, 2, 3, 4),
+    o.CreateScratchpad(1, 2, 3),
+    o.UpdateStateTable(1, 2, 3),
+    o.UpdateScratch(),
+]
+
+
 def test_look_alikes_in_payloads_and_ops_without_size_fields():
     decoy = _body_words(DECOYS)
     ops: list[o.Op] = []
     for k in range(40):
         ops += [o.Write(0x1D214 + k, k), o.BlockWrite(0x1D000, decoy), o.MaskPoll(k, 0, 1)]
         ops += [o.BlockWrite(0x1D100, decoy[k % 7 :])]  # look-alikes at every alignment
-        ops += [
-            [o.Noop(), o.Preempt(2), o.LoadPdi(1, 2, 3), o.LoadPmStart(5, 6)][k % 4],
-            CustomOp(0x90, struct.pack("<II", 24, 32)),
-            o.ReadRegs((1, 2)),
-            o.UpdateReg(1, 2, 3, 4),
-        ]
-        ops += [o.DdrPatch(0x1D004, 0, 8 * k), o.RecordTimer(k)]
+        ops += [WITHOUT_SIZE_FIELD[k % len(WITHOUT_SIZE_FIELD)]]  # framed alone, between runs
+        ops += [o.DdrPatch(0x1D004, 0, 8 * k), o.RecordTimer(k), o.Write(k, 0), o.Write(k, 1)]
     data = _bytes(ops)
     h = TxnHeader.parse(data)
     reference = scan_scalar(data, h.num_ops, False)
@@ -118,6 +127,14 @@ def test_look_alikes_in_payloads_and_ops_without_size_fields():
     assert runs is not None
     _same(runs, reference)
     assert Transaction.from_bytes(data).to_bytes() == data
+
+
+def test_mostly_ops_without_size_fields_take_the_step_walk():
+    ops = [o.Write(1, 2)] + WITHOUT_SIZE_FIELD * 30 + [o.Write(3, 4)]
+    data = _bytes(ops)
+    assert _scan_runs(data, len(ops), 16) is None  # framing 300 ops alone would be slow
+    fast, reference = _framings(data)
+    _same(fast, reference)
 
 
 def test_look_alike_that_tiles_into_the_true_chain():
