@@ -24,10 +24,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from rw_helpers import run_ort
 
 import npudispatch
 from npudispatch import graph
 from npudispatch.rewrites import default_pipeline
+from npudispatch.rewrites.qdq import run_qdq_rewrites
 
 # Activation dtype -> (numpy type, ONNX type, x scale, x zero point).
 ACTS = {
@@ -241,3 +243,15 @@ def test_matmul_of_activations_still_chains_after_an_unquantized_op():
     }
     got = npudispatch.Session(proto).run(None, feeds)[0]
     assert steps_off(got, ort_run(proto, feeds), 0.02).max() <= 1
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_function_body_computes_the_original_graph(case):
+    """onnxruntime running the rewritten graph through the fused ops' function bodies (what a
+    CPU fallback or ``run --check`` executes: the per-K DQ along axis 0, the transposed Gemm
+    weight, the explicit ConvTranspose pads) gives the original graph's result."""
+    proto, feeds, _ = qdq_case(CASES[case][0], "uint16")
+    m = graph.load(proto)
+    assert run_qdq_rewrites(m).fused_ops[CASES[case][1]] == 1
+    got = run_ort(m, feeds)[0]
+    np.testing.assert_array_equal(got, ort_run(proto, feeds, optimized=True))
