@@ -26,6 +26,7 @@ __all__ = ["ModelLike", "load"]
 ModelLike = str | os.PathLike[str] | onnx.ModelProto | ir.Model
 
 _MAX_DIM = 2**63 - 1
+_IR_INITIALIZERS_NEED_NOT_BE_INPUTS = 4
 
 
 def load(
@@ -52,7 +53,7 @@ def load(
     """
     ir_model = _to_ir(model)
     graph = ir_model.graph
-    _drop_initializers_from_inputs(graph)
+    _drop_initializers_from_inputs(ir_model)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
     _check_dangling_inputs(graph)
     assign_unique_names(graph)
@@ -262,13 +263,18 @@ def _check_location(
 # Structure
 
 
-def _drop_initializers_from_inputs(graph: ir.Graph) -> None:
+def _drop_initializers_from_inputs(model: ir.Model) -> None:
     # ONNX lets an initializer double as an overridable input (IR < 4 style). The NPU bakes
     # constants into the const buffer, so these are treated as constants, not as feeds.
+    graph = model.graph
     keep = [v for v in graph.inputs if not v.is_initializer()]
     if len(keep) != len(graph.inputs):
         graph.inputs.clear()
         graph.inputs.extend(keep)
+    # Below IR 4 an initializer must also be a graph input: onnx inference and onnxruntime
+    # ignore the ones that are not, so the model (now without them) is IR 4, which opset 9
+    # models are valid in.
+    model.ir_version = max(model.ir_version or 0, _IR_INITIALIZERS_NEED_NOT_BE_INPUTS)
 
 
 def _check_dangling_inputs(graph: ir.Graph) -> None:

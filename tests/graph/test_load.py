@@ -133,6 +133,26 @@ def test_initializer_also_listed_as_graph_input_is_a_constant():
     assert life[model.graph.initializers["w"]].is_constant
 
 
+def test_ir3_initializer_inputs_are_typed_for_inference():
+    """IR 3 (onnx's light model zoo): initializers count only when listed as inputs. Once they
+    leave the input list the model is IR 4, or onnx inference would see untyped tensors."""
+    nodes = [helper.make_node("Unsqueeze", ["b"], ["u"], name="unsq", axes=[1])]
+    nodes.append(helper.make_node("Add", ["x", "u"], ["y"], name="add"))
+    proto = make_model(
+        nodes,
+        [vi("x", [3, 2]), vi("b", [3])],
+        [vi("y", [3, 2])],
+        [const("b", np.arange(3, dtype=np.float32))],
+    )
+    proto.ir_version = 3
+    proto.opset_import[0].version = 9
+    model = graph.load(proto)
+    assert model.ir_version == 4
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    unsqueezed = model.graph.node("unsq").outputs[0]
+    assert unsqueezed.dtype == ir.DataType.FLOAT and list(unsqueezed.shape) == [3, 1]
+
+
 def test_constant_nodes_become_initializers():
     nodes = [
         helper.make_node("Constant", [], ["k"], value=const("k", np.ones(3, np.float32))),
