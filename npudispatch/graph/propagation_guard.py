@@ -152,7 +152,10 @@ def oversized_propagations(
         constant.update(node.outputs)
         if from_type or not is_onnx_domain(node.domain):
             continue
-        counts = [_static_elements(v) for v in node.outputs]
+        # A large constant input counts too: onnx treats a 1-d integer tensor as a possible shape
+        # and builds a dimension record per element even when its output size is not yet known
+        # (``Cast`` of a 1e8-element int64 fill).
+        counts = [_static_elements(v) for v in (*node.outputs, *inputs)]
         if node.op_type in GENERATOR_OPS and any(c is None for c in counts):
             counts = [generated_elements(node)]
         known = [c for c in counts if c is not None]

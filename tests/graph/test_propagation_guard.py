@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
@@ -168,3 +169,20 @@ def test_generator_inside_an_if_branch_is_not_materialized():
     assert result["growth"] < 500 << 20, f"peak RSS grew {result['growth'] / 1e6:.0f} MB"
     graph = load(generator_model("IfRange", DATA_PROP_MAX_ELEMENTS + 1)).graph
     assert "huge_range" in [p.node.name for p in oversized_propagations(graph)]
+
+
+def test_large_integer_constant_read_by_any_node_skips_data_propagation():
+    """onnx builds a dimension record per element of a 1-d integer tensor it might need as a
+    shape, even when the reader's output size is not known yet: ``Cast`` of a 1e8-element int64
+    initializer made it allocate tens of GB."""
+    count = DATA_PROP_MAX_ELEMENTS + 1
+    big = ir.Value(
+        name="r",
+        shape=ir.Shape([count]),
+        type=ir.TensorType(ir.DataType.INT64),
+        const_value=ir.Tensor(np.broadcast_to(np.int64(1), (count,))),
+    )
+    cast = ir.node("Cast", [big], attributes={"to": ir.DataType.FLOAT.value}, name="to_float")
+    g = ir.Graph([], cast.outputs, nodes=[cast], initializers=[big], opset_imports={"": 17})
+    (flagged,) = oversized_propagations(g)
+    assert flagged.node.name == "to_float" and flagged.elements == count
