@@ -1,15 +1,25 @@
-"""Canonical operand order: constants go last in commutative binary ops (Add, Mul).
+"""Canonical forms the fusions and the operator library expect.
 
-Fusion patterns then need only one order for each (constant, value) pair instead of every commuted
-variant; for tanh GELU that is 36 rules instead of ~1000, which keeps matching fast.
+- Constants go last in commutative binary ops (Add, Mul): fusion patterns then need only one
+  order for each (constant, value) pair instead of every commuted variant; for tanh GELU that is
+  36 rules instead of ~1000, which keeps matching fast.
+- :class:`CanonicalFormsPass` rewrites ops that older exporters emit into the ones the library
+  runs: an inference-mode ``Dropout`` (no ``training_mode``, or a constant false one; mask unread)
+  is the identity, as onnxruntime runs it (AlexNet, VGG, SqueezeNet, Inception keep theirs), and
+  ``Sum`` of n inputs is a chain of n - 1 broadcasting ``Add`` nodes in input order (Caffe2
+  exports write residual additions as ``Sum``: ResNet, ShuffleNet). Left as they were, each would
+  have no NPU operator and cut the NPU partition in two.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.optimizer import basic_constant_propagation
 
 from npudispatch.domains import is_onnx_domain
+
+__all__ = ["COMMUTATIVE_OPS", "CanonicalFormsPass", "constants_last", "inference_dropout"]
 
 COMMUTATIVE_OPS = frozenset({"Add", "Mul"})
 
@@ -29,3 +39,57 @@ def constants_last(graph: ir.Graph) -> int:
             node.replace_input_with(1, a)
             swaps += 1
     return swaps
+
+
+def inference_dropout(node: ir.Node) -> bool:
+    """True for a ``Dropout`` that is the identity at inference and whose mask is unread."""
+    if node.op_type != "Dropout" or not is_onnx_domain(node.domain) or not node.inputs:
+        return False
+    if node.attributes.get_int("is_test", 1) == 0:  # opset < 7 in training mode
+        return False
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        mode = node.inputs[2].const_value
+        if mode is None or bool(np.asarray(mode.numpy()).reshape(-1)[0]):
+            return False
+    mask = node.outputs[1] if len(node.outputs) > 1 else None
+    return mask is None or (not mask.uses() and not mask.is_graph_output())
+
+
+def _sum_operands(node: ir.Node) -> list[ir.Value] | None:
+    if node.op_type != "Sum" or not is_onnx_domain(node.domain):
+        return None
+    operands = list(node.inputs)
+    return operands if operands and None not in operands else None
+
+
+class CanonicalFormsPass(ir.passes.InPlacePass):
+    """Inference-mode ``Dropout`` becomes ``Identity``; ``Sum`` becomes a chain of ``Add``."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        changed = False
+        for node in list(graph):
+            if inference_dropout(node):
+                replacement = [ir.node("Identity", [node.inputs[0]], name=node.name)]
+            elif (operands := _sum_operands(node)) is not None:
+                replacement = _add_chain(node.name or "Sum", operands)
+            else:
+                continue
+            old, new = node.outputs[0], replacement[-1].outputs[0]
+            new.name, new.shape, new.type = old.name, old.shape, old.type
+            ir.convenience.replace_nodes_and_values(graph, node, [node], replacement, [old], [new])
+            changed = True
+        return ir.passes.PassResult(model, changed)
+
+
+def _add_chain(name: str, operands: list[ir.Value]) -> list[ir.Node]:
+    if len(operands) == 1:
+        return [ir.node("Identity", operands, name=name)]
+    nodes: list[ir.Node] = []
+    total = operands[0]
+    for i, operand in enumerate(operands[1:]):
+        last = i == len(operands) - 2
+        node = ir.node("Add", [total, operand], name=name if last else f"{name}__add{i}")
+        nodes.append(node)
+        total = node.outputs[0]
+    return nodes

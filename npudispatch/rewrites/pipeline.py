@@ -12,9 +12,14 @@ from onnxscript.rewriter import RewritePass, pattern
 
 from npudispatch.rewrites.activations import activation_rules
 from npudispatch.rewrites.aliasing import MarkViewsPass
-from npudispatch.rewrites.canonical import constants_last
+from npudispatch.rewrites.canonical import CanonicalFormsPass, constants_last
 from npudispatch.rewrites.cnn import conv_activation_rules, conv_fold_rules, hard_activation_rules
-from npudispatch.rewrites.folding import BindDimsPass, FoldShapesPass
+from npudispatch.rewrites.folding import (
+    BindDimsPass,
+    FoldConstantFillsPass,
+    FoldConstantViewsPass,
+    FoldShapesPass,
+)
 from npudispatch.rewrites.manager import PassManager
 from npudispatch.rewrites.matmul import matmul_rules
 from npudispatch.rewrites.norms import rms_norm_rules_set, skip_rms_norm_rules_set
@@ -92,7 +97,8 @@ def default_pipeline(
 ) -> PassManager:
     """The rewrite pipeline for NPU compilation (in place, run with ``pipeline(model)``).
 
-    Order: bind dims (if given) -> fold shape arithmetic -> lift constants -> fusions (activations,
+    Order: bind dims (if given) -> fold shape arithmetic -> lift constants -> canonical forms
+    (inference-mode Dropout to Identity, Sum to Add) -> constant fills and reshaped constants folded -> fusions (activations,
     HardSigmoid/HardSwish, Conv folding, Conv + activation, RMSNorm, skip-RMSNorm, MatMul) -> user
     ``extra_passes`` -> DCE -> terminal padding (``pad``) -> float32 to bf16 compute with casts at
     NPU-partition borders (``bf16``; after padding, whose tied axes the casts would otherwise pin)
@@ -110,6 +116,9 @@ def default_pipeline(
         FoldShapesPass(),
         # Scalars and folded shapes become initializers: one const image for the planner.
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        CanonicalFormsPass(),  # inference Dropout -> Identity, Sum -> Add chain
+        FoldConstantFillsPass(),  # a weight written as ConstantOfShape is a weight
+        FoldConstantViewsPass(),  # and so is a weight reshaped in the graph
         QdqPass(),  # before the float fusions: QDQ groups become quantized NPU ops
         rules_pass(_built_once(activation_rules), "FuseActivations", canonicalize=True),
         # HardSigmoid/HardSwish first: folding would take their "+ 3" into the Conv's bias.
