@@ -82,8 +82,8 @@ def _names(values: list[str], limit: int = 6) -> str:
     return shown + (f", ... (+{len(values) - limit})" if len(values) > limit else "") or "-"
 
 
-def render(model: ir.Model, doc: dict[str, Any], source: str) -> str:
-    """Human-readable report with aligned columns."""
+def render(model: ir.Model, doc: dict[str, Any], source: str, rewritten: bool = True) -> str:
+    """Human-readable report with aligned columns (``rewritten``: after the rewrite pipeline)."""
     from npudispatch import graph
 
     labels = graph.partition_names([graph.Partition(p["kind"], []) for p in doc["partitions"]])
@@ -93,7 +93,8 @@ def render(model: ir.Model, doc: dict[str, Any], source: str) -> str:
     lines = [
         f"model {source}: {len(doc['nodes'])} nodes, {len(model.graph.inputs)} inputs, "
         f"{len(model.graph.outputs)} outputs, {len(model.graph.initializers)} initializers; "
-        f"{kinds['npu']} NPU + {kinds['cpu']} CPU partitions",
+        f"{kinds['npu']} NPU + {kinds['cpu']} CPU partitions"
+        + ("" if rewritten else " as loaded (--rewrite: what `compile` partitions)"),
         "",
         "op types:",
         *_table(["count", "op_type"], [(c, k) for k, c in doc["op_types"].items()]),
@@ -148,5 +149,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(doc)
     else:
-        print(render(model, doc, args.model))
+        print(render(model, doc, args.model, rewritten=args.rewrite))
     return 0

@@ -39,16 +39,20 @@ output element is its *sensitivity* ``s``: one ulp of the magnitudes involved, c
 element through the graph (large for a softmax of large logits or a difference of large terms,
 small for a sigmoid near zero). ``s`` is a sample maximum, so a few probes can underestimate it
 for single elements; when :data:`PROBES` runs do not settle the verdict it is taken again with
-:data:`MAX_PROBES` (a verdict only moves from fail to pass as probes are added, so this is the
-:data:`MAX_PROBES` verdict, computed cheaply when it is clear). An output passes when every
+:data:`MAX_PROBES` (the per-element verdict only moves from fail to pass as probes are added).
+An output passes when every
 element satisfies::
 
     |npu - reference| <= ULPS * (s + ulp_bf16(|reference|) + floor)
 
 i.e. within :data:`ULPS` bf16 ulps at the magnitudes involved (``floor``: a few float32 ulps of
 the output's largest magnitude, onnxruntime's own resolution), and the root-mean-square of those
-per-element ratios stays below :data:`RMS_ULPS`: rounding flips are sparse, while a systematic
-defect (a weight off by 1 %) moves every element by a fraction of an ulp. The float32
+per-element ratios stays below :data:`RMS_ULPS`, or below :data:`RMS_PROBE_FRACTION` of a probe
+run's own rms in the same units when that is larger: rounding flips are sparse, while a
+systematic defect (a weight off by 1 %) moves every element by a fraction of an ulp. In a deep
+graph the flips add up (DenseNet-121: 0.14 where a probe's rms is 0.42), and there a 1 % error
+in one late layer of 120 is as small as the rounding noise at the output; ``--fp32`` (exact
+float32 kernels, compared to 1e-5) is the check that finds such a defect. The float32
 onnxruntime difference is reported beside it for information only.
 """
 
@@ -73,6 +77,7 @@ from npudispatch.rewrites.support import npu_support
 __all__ = [
     "MAX_PROBES",
     "PROBES",
+    "RMS_PROBE_FRACTION",
     "RMS_ULPS",
     "ULPS",
     "OutputCheck",
@@ -95,6 +100,11 @@ JITTER = 2.0**-8
 RMS_ULPS = 0.125
 """Allowed root-mean-square of the per-element differences in those units: rounding flips are
 sparse (clean models stay below 0.02), a systematic error (a 1 % weight change: ~0.45) is not."""
+
+RMS_PROBE_FRACTION = 0.5
+"""In deep graphs sparse flips add up: the rms limit is at least this fraction of a probe run's
+own rms in the same units (median over the probes). A probe perturbs every rounding point, the
+NPU only reorders sums: on DenseNet-121 the NPU's rms is 0.14 where a probe's is 0.42."""
 
 FLOAT32_ULPS = 4
 """Floor of the unit: float32 ulps of the output's largest magnitude (onnxruntime's resolution)."""
@@ -128,6 +138,7 @@ class OutputCheck:
     fp32_max_abs: float | None
     where: tuple[int, ...] | None = None
     probes: int = PROBES
+    rms_limit: float = RMS_ULPS
 
     def describe(self) -> str:
         """One sentence: what was compared, the tolerance and why."""
@@ -145,7 +156,7 @@ class OutputCheck:
         text += f" (worst element {self.worst_ulps:.2f} ulp"
         if self.worst_ulps > self.allowed_ulps and self.where is not None:
             text += f" at index {list(self.where)}"
-        text += f"; rms {self.rms_ulps:.3f} ulp, limit {RMS_ULPS} for systematic errors)"
+        text += f"; rms {self.rms_ulps:.3f} ulp, limit {self.rms_limit:.3g} for systematic errors)"
         if not self.ok and self.worst_ulps <= self.allowed_ulps:
             text += ": the differences are systematic, not rounding"
         if self.fp32_max_abs is not None:
@@ -160,7 +171,7 @@ class OutputCheck:
             "worst_ulps": self.worst_ulps,
             "allowed_ulps": self.allowed_ulps,
             "rms_ulps": self.rms_ulps,
-            "allowed_rms_ulps": RMS_ULPS,
+            "allowed_rms_ulps": self.rms_limit,
             "fp32_max_abs": self.fp32_max_abs,
             "where": None if self.where is None else list(self.where),
             "probes": self.probes,
@@ -230,9 +241,9 @@ def check_outputs(
     """Compare NPU outputs with the rounding-aware reference (module docstring).
 
     The sensitivity is a sample maximum over probe runs, so it can only grow with more probes,
-    and every verdict can only turn from failing to passing. :data:`PROBES` runs decide when
-    everything passes; otherwise the verdict is taken again with :data:`MAX_PROBES`, the
-    estimate the check stands by (passing with fewer probes implies passing with more).
+    and every per-element verdict can only turn from failing to passing. :data:`PROBES` runs
+    decide when everything passes; otherwise the verdict is taken again with
+    :data:`MAX_PROBES`, the estimate the check stands by.
     """
     ref = reference.run(feeds)
     probes = [reference.run(feeds, jitter=seed) for seed in range(PROBES)]
@@ -293,9 +304,10 @@ def _judge(
         fp = float(np.abs(a - e)[ok_fp].max()) if ok_fp.any() else 0.0
     worst_ulps = float(ratio.reshape(-1)[worst]) if ratio.size else 0.0
     rms = float(np.sqrt(np.mean(np.square(ratio)))) if ratio.size else 0.0
+    rms_limit = max(RMS_ULPS, RMS_PROBE_FRACTION * _probe_rms(name, r, probes, unit))
     return OutputCheck(
         name=name,
-        ok=bool(worst_ulps <= ulps and rms <= RMS_ULPS),
+        ok=bool(worst_ulps <= ulps and rms <= rms_limit),
         max_abs=float(diff[np.isfinite(diff)].max()) if np.isfinite(diff).any() else 0.0,
         max_magnitude=float(np.abs(r[finite]).max()) if finite.any() else 0.0,
         worst_ulps=worst_ulps,
@@ -304,7 +316,23 @@ def _judge(
         fp32_max_abs=fp,
         where=tuple(int(i) for i in np.unravel_index(worst, r.shape)) if r.size else None,
         probes=len(probes) if jittered else 0,
+        rms_limit=rms_limit,
     )
+
+
+def _probe_rms(
+    name: str, r: np.ndarray, probes: Sequence[Mapping[str, Any]], unit: np.ndarray
+) -> float:
+    """Median over the probe runs of their own rms difference from the reference, in ``unit``."""
+    if not probes or not r.size:
+        return 0.0
+    spreads = []
+    for p in probes:
+        with np.errstate(invalid="ignore"):
+            d = np.abs(np.asarray(p[name], np.float64) - r) / unit
+        d = d[np.isfinite(d)]
+        spreads.append(float(np.sqrt(np.mean(np.square(d)))) if d.size else 0.0)
+    return float(np.median(spreads))
 
 
 # ---- building the reference -------------------------------------------------------------------
