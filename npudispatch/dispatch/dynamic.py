@@ -88,6 +88,21 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...]:
     return tuple(out)
 
 
+def _type_text(t: onnx.TypeProto) -> str:
+    """``sequence(map(int64, tensor(float)))`` for a non-tensor graph value."""
+    kind = t.WhichOneof("value")
+    if kind == "tensor_type":
+        return f"tensor({onnx.helper.tensor_dtype_to_string(t.tensor_type.elem_type)[12:].lower()})"
+    if kind == "sequence_type":
+        return f"sequence({_type_text(t.sequence_type.elem_type)})"
+    if kind == "optional_type":
+        return f"optional({_type_text(t.optional_type.elem_type)})"
+    if kind == "map_type":
+        key = onnx.helper.tensor_dtype_to_string(t.map_type.key_type)[12:].lower()
+        return f"map({key}, {_type_text(t.map_type.value_type)})"
+    return str(kind)
+
+
 def read_signature(proto: onnx.ModelProto) -> tuple[list[Signature], list[Signature]]:
     """Declared inputs (initializers listed as inputs left out: they are constants) and outputs."""
     consts = {t.name for t in proto.graph.initializer}
@@ -95,7 +110,18 @@ def read_signature(proto: onnx.ModelProto) -> tuple[list[Signature], list[Signat
     def sig(v: onnx.ValueInfoProto) -> Signature:
         elem = v.type.tensor_type.elem_type
         if not elem:
-            raise ModelError(f"graph input/output {v.name!r} declares no tensor element type")
+            kind = v.type.WhichOneof("value")
+            if kind and kind != "tensor_type":
+                raise ModelError(
+                    f"graph input/output {v.name!r} is a {_type_text(v.type)}, "
+                    "not a tensor: npudispatch takes and returns tensors only. Make the model "
+                    "return tensors (a scikit-learn classifier's ZipMap: convert it with "
+                    "skl2onnx's zipmap=False option) or run this model with onnxruntime"
+                )
+            raise ModelError(
+                f"graph input/output {v.name!r} declares no tensor element type; declare it "
+                "in the model (onnx.helper.make_tensor_value_info)"
+            )
         return Signature(v.name, ir.DataType(elem), _dims(v))
 
     inputs = [sig(v) for v in proto.graph.input if v.name not in consts]

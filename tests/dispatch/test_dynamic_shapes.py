@@ -176,3 +176,23 @@ def test_cli_run_binds_free_dims_from_the_inputs_file(model, tmp_path, capsys):
     assert summary["ok"] is True and summary["outputs"]["y"]["shape"] == [2, 3, D]
     assert main(["run", str(path)]) == 2  # random inputs need a shape
     assert "free dims" in capsys.readouterr().err
+
+
+def test_sequence_output_is_refused_with_its_type_and_what_to_do():
+    """A scikit-learn classifier's ZipMap output (onnxruntime's logreg_iris sample) is a
+    sequence of maps: the error names the type and the way out."""
+    seq = helper.make_value_info(
+        "probs",
+        helper.make_sequence_type_proto(
+            helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(1, None))
+        ),
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]), seq],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelError, match=r"'probs' is a sequence\(map\(int64, tensor\(float\)\)\)"):
+        Session(model)
