@@ -186,14 +186,16 @@ class InferenceSession:
         output_names: Sequence[str] | None,
         input_feed: Mapping[str, Any],
         run_options: Any = None,
-    ) -> list[np.ndarray]:
-        """Outputs for ``input_feed`` (all when ``output_names`` is None or empty)."""
+    ) -> list[Any]:
+        """Outputs for ``input_feed`` (all when ``output_names`` is None or empty): arrays, and
+        lists / dicts / None for sequence, map and optional outputs, as onnxruntime returns."""
         names = list(output_names) if output_names else None
         try:
             self._session.check_feeds(names, input_feed)
         except ModelError as exc:
             raise InvalidArgument(str(exc)) from exc
-        return [np.asarray(v) for v in self._session.run(names, input_feed, run_options)]
+        outs = self._session.run(names, input_feed, run_options)
+        return [v if v is None or isinstance(v, list | dict) else np.asarray(v) for v in outs]
 
     def run_with_ort_values(
         self,

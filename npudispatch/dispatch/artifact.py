@@ -37,6 +37,7 @@ import onnx_ir as ir
 from npudispatch import graph, opset
 from npudispatch.dispatch.emit import FusedProgram
 from npudispatch.errors import ModelError, NpuDispatchError
+from npudispatch.graph.value_types import value_type_text
 
 if TYPE_CHECKING:
     from npudispatch.dispatch.compile import CompiledModel
@@ -75,22 +76,29 @@ def is_program_dir(path: Any) -> bool:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A model input or output as the user sees it: name, ONNX element type, logical shape."""
+    """A model input or output as the user sees it: name, ONNX element type, logical shape.
+
+    ``type``: onnxruntime's type text of a sequence, map or optional (``seq(tensor(float))``;
+    ``dtype`` is then UNDEFINED and ``shape`` empty), None for a tensor.
+    """
 
     name: str
     dtype: ir.DataType
     shape: tuple[int, ...]
+    type: str | None = None
 
     @property
     def np_dtype(self) -> np.dtype:
         return np.dtype(self.dtype.numpy())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+        d = {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+        return d if self.type is None else {**d, "type": self.type}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(str(d["name"]), ir.DataType[d["dtype"]], tuple(int(s) for s in d["shape"]))
+        kind = str(d["type"]) if d.get("type") is not None else None
+        return cls(str(d["name"]), ir.DataType[d["dtype"]], tuple(int(s) for s in d["shape"]), kind)
 
 
 @dataclass
@@ -186,6 +194,8 @@ class CompiledArtifact:
             )
 
         def spec(v: ir.Value) -> TensorSpec:
+            if (kind := value_type_text(v)) is not None:  # a sequence / map / optional
+                return TensorSpec(v.name or "", ir.DataType.UNDEFINED, (), kind)
             shape = host_shape(v)
             if shape is None and v.shape is not None and v.is_graph_output():
                 # A CPU-segment output whose shape follows from run-time data: -1 where open.

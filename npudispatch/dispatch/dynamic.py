@@ -10,6 +10,10 @@ Bucketing (opt-in, for models where zero padding does not change the unpadded re
 dims are rounded up to a multiple (:func:`bucket_shapes`), so nearby sizes share one program;
 copy-in zero-pads, and every output is cropped to the shape that loading the model with the real
 input shapes gives (:func:`infer_output_shapes`).
+
+Inputs and outputs may also be sequences, maps or optionals (:attr:`Signature.type`): they have no
+shape to bind, run in CPU segments only, and a feed is checked against its type by
+:func:`check_non_tensor_feed`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import onnx_ir as ir
 
 from npudispatch import graph
 from npudispatch.errors import ModelError
+from npudispatch.graph.load import proto_to_ir
+from npudispatch.graph.value_types import is_non_tensor, type_text
 
 __all__ = [
     "Dim",
@@ -32,6 +38,7 @@ __all__ = [
     "Signature",
     "bind_shapes",
     "bucket_shapes",
+    "check_non_tensor_feed",
     "decode_signature",
     "infer_output_shapes",
     "pin",
@@ -54,15 +61,30 @@ def type_string(dtype: ir.DataType | None) -> str:
 
 @dataclass(frozen=True)
 class Signature:
-    """A declared model input or output: name, element type and dims (see :data:`Dim`)."""
+    """A declared model input or output: name, element type and dims (see :data:`Dim`).
+
+    ``type`` is onnxruntime's type text of a sequence, map or optional (``seq(tensor(float))``,
+    ``seq(map(int64,tensor(float)))``; ``dtype`` is then UNDEFINED and ``dims`` empty); None for
+    a tensor.
+    """
 
     name: str
     dtype: ir.DataType
     dims: tuple[Dim, ...]
+    type: str | None = None
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.type is None
 
     @property
     def is_static(self) -> bool:
         return all(isinstance(d, int) for d in self.dims)
+
+    @property
+    def ort_type(self) -> str:
+        """onnxruntime's ``NodeArg.type``: ``tensor(float)``, ``seq(tensor(int64))``..."""
+        return self.type if self.type is not None else type_string(self.dtype)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -88,36 +110,16 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...]:
     return tuple(out)
 
 
-def _type_text(t: onnx.TypeProto) -> str:
-    """``sequence(map(int64, tensor(float)))`` for a non-tensor graph value."""
-    kind = t.WhichOneof("value")
-    if kind == "tensor_type":
-        return f"tensor({onnx.helper.tensor_dtype_to_string(t.tensor_type.elem_type)[12:].lower()})"
-    if kind == "sequence_type":
-        return f"sequence({_type_text(t.sequence_type.elem_type)})"
-    if kind == "optional_type":
-        return f"optional({_type_text(t.optional_type.elem_type)})"
-    if kind == "map_type":
-        key = onnx.helper.tensor_dtype_to_string(t.map_type.key_type)[12:].lower()
-        return f"map({key}, {_type_text(t.map_type.value_type)})"
-    return str(kind)
-
-
 def read_signature(proto: onnx.ModelProto) -> tuple[list[Signature], list[Signature]]:
     """Declared inputs (initializers listed as inputs left out: they are constants) and outputs."""
     consts = {t.name for t in proto.graph.initializer}
 
     def sig(v: onnx.ValueInfoProto) -> Signature:
+        kind = v.type.WhichOneof("value")
+        if kind and kind != "tensor_type":  # a sequence, map or optional: no dims to bind
+            return Signature(v.name, ir.DataType.UNDEFINED, (), type_text(v.type))
         elem = v.type.tensor_type.elem_type
         if not elem:
-            kind = v.type.WhichOneof("value")
-            if kind and kind != "tensor_type":
-                raise ModelError(
-                    f"graph input/output {v.name!r} is a {_type_text(v.type)}, "
-                    "not a tensor: npudispatch takes and returns tensors only. Make the model "
-                    "return tensors (a scikit-learn classifier's ZipMap: convert it with "
-                    "skl2onnx's zipmap=False option) or run this model with onnxruntime"
-                )
             raise ModelError(
                 f"graph input/output {v.name!r} declares no tensor element type; declare it "
                 "in the model (onnx.helper.make_tensor_value_info)"
@@ -154,6 +156,13 @@ def pin(
         )
     out = []
     for s in inputs:
+        if not s.is_tensor:
+            if input_shapes and s.name in input_shapes:
+                raise ModelError(
+                    f"input_shapes names {s.name!r}, a {s.type}: only tensor inputs have shapes"
+                )
+            out.append(s)
+            continue
         new = [dims[d] if isinstance(d, str) and dims and d in dims else d for d in s.dims]
         if input_shapes and s.name in input_shapes:
             shape = [int(x) for x in input_shapes[s.name]]
@@ -183,6 +192,8 @@ def bind_shapes(inputs: Sequence[Signature], feeds: Mapping[str, np.ndarray]) ->
     """
     shapes: Shapes = {}
     for s in inputs:
+        if not s.is_tensor:
+            continue  # checked by check_non_tensor_feed; no shape to bind
         arr = feeds[s.name]
         if arr.dtype != s.np_dtype:
             got = type_string(_ir_dtype(arr.dtype))
@@ -233,6 +244,8 @@ def bucket_shapes(inputs: Sequence[Signature], shapes: Shapes, bucket: Mapping[s
     """
     out: Shapes = {}
     for s in inputs:
+        if not s.is_tensor:
+            continue
         shape = list(shapes[s.name])
         for axis, d in enumerate(s.dims):
             multiple = bucket.get(f"{s.name}:{axis}") or (
@@ -268,6 +281,8 @@ def infer_output_shapes(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[in
         raise ModelError(f"bucketing: cannot infer the output shapes to crop to: {exc}") from exc
     out: Shapes = {}
     for o in model.graph.outputs:
+        if is_non_tensor(o):
+            continue  # a sequence / map / optional is returned whole
         dims = tuple(o.shape) if o.shape is not None else ()
         if o.shape is None or not all(isinstance(d, int) for d in dims):
             shown = _show([d if isinstance(d, int) else None for d in dims])
@@ -348,7 +363,9 @@ class ModelSource:
         inputs, outputs = read_signature(self.proto)
 
         def enc(sigs: list[Signature]) -> list[list[Any]]:
-            return [[s.name, s.dtype.name, list(s.dims)] for s in sigs]
+            return [
+                [s.name, s.dtype.name, list(s.dims), *([s.type] if s.type else [])] for s in sigs
+            ]
 
         return {
             "inputs": enc(inputs),
@@ -359,7 +376,7 @@ class ModelSource:
 
     def fresh(self) -> ir.Model:
         """A new ``onnx_ir.Model`` of the source (compilation rewrites its model in place)."""
-        model = ir.from_proto(self.proto)
+        model = proto_to_ir(self.proto)
         if self.base_dir is not None:
             ir.external_data.set_base_dir(model.graph, self.base_dir)
         return model
@@ -379,4 +396,68 @@ class ModelSource:
 
 def decode_signature(entries: list[list[Any]]) -> list[Signature]:
     """Signatures from :meth:`ModelSource.summary`'s JSON form."""
-    return [Signature(str(n), ir.DataType[t], tuple(dims)) for n, t, dims in entries]
+    return [
+        Signature(str(e[0]), ir.DataType[e[1]], tuple(e[2]), str(e[3]) if len(e) > 3 else None)
+        for e in entries
+    ]
+
+
+def _parse_type(text: str) -> tuple[str, list[str]]:
+    """``"seq(map(int64,tensor(float)))"`` -> ``("seq", ["map(int64,tensor(float))"])``."""
+    kind, _, rest = text.partition("(")
+    body = rest[:-1]
+    args, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            args.append(body[start:i])
+            start = i + 1
+    args.append(body[start:])
+    return kind, args
+
+
+def _check_typed(value: Any, text: str, where: str) -> Any:
+    kind, args = _parse_type(text)
+    got = f"{where} is a {type(value).__name__}"
+    if kind == "tensor":
+        arr = None if value is None or isinstance(value, list | tuple | dict) else np.asarray(value)
+        if arr is None or arr.dtype == object:
+            raise _FeedError(f"{got}, not a {text} (a numpy array)")
+        if (have := type_string(_ir_dtype(arr.dtype))) != text:
+            raise _FeedError(f"{where} is a {have} array, not a {text}")
+        return arr
+    if kind == "seq":
+        if not isinstance(value, list | tuple):
+            raise _FeedError(f"{got}, not a {text} (a list)")
+        return [_check_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if kind == "map":
+        if not isinstance(value, dict):
+            raise _FeedError(f"{got}, not a {text} (a dict)")
+        return value  # onnxruntime checks the key and value types
+    if kind == "optional":
+        return None if value is None else _check_typed(value, args[0], where)
+    return value
+
+
+class _FeedError(Exception):
+    pass
+
+
+def check_non_tensor_feed(sig: Signature, value: Any) -> Any:
+    """``value`` checked against a sequence / map / optional input (tensors inside become
+    arrays); raises :class:`ModelError` naming the input, its type and what was fed."""
+    assert sig.type is not None
+    try:
+        return _check_typed(value, sig.type, "the value fed")
+    except _FeedError as exc:
+        kind = _parse_type(sig.type)[0]
+        how = {
+            "seq": "a list",
+            "map": "a dict",
+            "optional": "None (empty) or the value",
+        }.get(kind, "a value of that type")
+        raise ModelError(
+            f"input {sig.name!r} has type {sig.type}, but {exc}; feed {how}, as onnxruntime "
+            "takes it"
+        ) from None

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -74,9 +74,16 @@ class CpuSegment:
         self.label = label
         self._segment = segment
 
-    def run(self, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, env: Mapping[str, Any]) -> dict[str, Any]:
+        """The segment's outputs: arrays, and sequences (lists), maps (dicts) and optionals
+        (None when empty) as the engine returns them."""
         # np.ascontiguousarray would turn a rank-0 feed into shape [1]
-        feeds = {name: np.require(env[name], requirements="C") for name in self.inputs}
+        feeds = {
+            name: np.require(env[name], requirements="C")
+            if isinstance(env[name], np.ndarray)
+            else env[name]
+            for name in self.inputs
+        }
         try:
             if self.engine == "onnxruntime":
                 outs = self._sess.run(self.outputs, feeds)  # InferenceSession.run is thread-safe
@@ -87,14 +94,17 @@ class CpuSegment:
             raise self._run_error(exc, feeds) from exc
         return dict(zip(self.outputs, outs))
 
-    def _run_error(self, exc: Exception, feeds: Mapping[str, np.ndarray]) -> CpuSegmentError:
+    def _run_error(self, exc: Exception, feeds: Mapping[str, Any]) -> CpuSegmentError:
         labels = self._segment.node_labels()
         reported = first_line(exc)
         # onnxruntime names the failing node ("... node. Name:'Gather_3' ...")
         named = re.search(r"Name:\s*'([^']+)'", str(exc))
         culprit = next((s for s in labels if named and s.startswith(named.group(1) + " (")), None)
         where = f"node {culprit}" if culprit else f"one of its nodes [{', '.join(labels)}]"
-        shapes = ", ".join(f"{n} {list(np.shape(a))}" for n, a in feeds.items())
+        shapes = ", ".join(
+            f"{n} {list(a.shape) if isinstance(a, np.ndarray) else type(a).__name__}"
+            for n, a in feeds.items()
+        )
         return CpuSegmentError(
             f"CPU segment {self.label} failed on {self.engine} at {where} (inputs: {shapes}); "
             f"{self.engine} reported: {reported}"

@@ -104,7 +104,7 @@ class _Variant:
                 assert engine is not None
                 self.segments.append(CpuSegment(seg, engine))
 
-    def run(self, env: dict[str, np.ndarray], stats: SessionRunStats) -> None:
+    def run(self, env: dict[str, Any], stats: SessionRunStats) -> None:
         for seg in self.segments:
             if isinstance(seg, NpuSegment):
                 env.update(seg.run(env, stats))
@@ -120,7 +120,7 @@ def _key(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[str, tuple[int, ...
 
 
 def _signature(specs: Sequence[TensorSpec]) -> list[Signature]:
-    return [Signature(s.name, s.dtype, tuple(s.shape)) for s in specs]
+    return [Signature(s.name, s.dtype, tuple(s.shape), s.type) for s in specs]
 
 
 def _pad_to(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -219,7 +219,7 @@ class Session:
             self._inputs = _signature(artifact.inputs)
             self._outputs = _signature(artifact.outputs)
             self._metadata = dict(artifact.metadata)
-            shapes = {s.name: tuple(s.shape) for s in artifact.inputs}
+            shapes = {s.name: tuple(s.shape) for s in artifact.inputs if s.type is None}
             self._prepare_feed_specs()
             variant = _Variant(artifact, compiled, self.backend, engine)
             self._remember(shapes, variant)
@@ -253,13 +253,19 @@ class Session:
         self.backend = self._make(backend, backend_options)
         self._prepare_feed_specs()
         if all(s.is_static for s in self._inputs):
-            static = {s.name: tuple(int(d) for d in s.dims) for s in self._inputs}  # type: ignore[arg-type]
+            static = {
+                s.name: tuple(int(d) for d in s.dims)  # type: ignore[arg-type]
+                for s in self._inputs
+                if s.is_tensor
+            }
             self._specialisation(static, run=None)
 
     def _prepare_feed_specs(self) -> None:
         """What ``run``'s fast path checks each feed against, worked out once per session."""
         self._input_names = [s.name for s in self._inputs]
-        self._input_dtypes = [s.np_dtype for s in self._inputs]
+        # non-tensor inputs (sequences, maps, optionals) always take the full path
+        self._tensors_only = all(s.is_tensor for s in (*self._inputs, *self._outputs))
+        self._input_dtypes = [s.np_dtype if s.is_tensor else None for s in self._inputs]
         self._output_names = [s.name for s in self._outputs]
         self._output_name_set = frozenset(self._output_names)
 
@@ -279,7 +285,7 @@ class Session:
 
     def _make_hot(self, shapes: Shapes, variant: _Variant) -> None:
         """Remember ``variant`` (the newest in the LRU order) for ``run``'s fast path."""
-        if not self._bucket and all(n in shapes for n in self._input_names):
+        if not self._bucket and self._tensors_only and all(n in shapes for n in self._input_names):
             self._hot = (tuple(shapes[n] for n in self._input_names), variant)
 
     def _specialisation(
@@ -343,11 +349,12 @@ class Session:
         sets = [shapes] if isinstance(shapes, Mapping) else list(shapes)
         events = []
         for s in sets:
+            tensors = [sig for sig in self._inputs if sig.is_tensor]
             feeds = {
                 sig.name: np.broadcast_to(np.zeros((), sig.np_dtype), tuple(s.get(sig.name, ())))
-                for sig in self._inputs
+                for sig in tensors
             }
-            missing = [sig.name for sig in self._inputs if sig.name not in s]
+            missing = [sig.name for sig in tensors if sig.name not in s]
             if missing:
                 raise ModelError(f"warmup shapes lack input(s) {missing}; give every input's shape")
             bound = dynamic.bind_shapes(self._inputs, feeds)
@@ -362,11 +369,11 @@ class Session:
 
     def get_inputs(self) -> list[NodeArg]:
         """The model inputs (logical shapes; free dims by name, or None when unnamed)."""
-        return [NodeArg(s.name, s.ort_shape(), dynamic.type_string(s.dtype)) for s in self._inputs]
+        return [NodeArg(s.name, s.ort_shape(), s.ort_type) for s in self._inputs]
 
     def get_outputs(self) -> list[NodeArg]:
         """The model outputs (logical shapes; free dims by name, or None when unnamed)."""
-        return [NodeArg(s.name, s.ort_shape(), dynamic.type_string(s.dtype)) for s in self._outputs]
+        return [NodeArg(s.name, s.ort_shape(), s.ort_type) for s in self._outputs]
 
     def get_modelmeta(self) -> dict[str, Any]:
         """The model's metadata (producer, graph name, ``custom_metadata_map``...)."""
@@ -380,7 +387,7 @@ class Session:
         if variant is None:
             return None
         if variant.compiled is None and self._source is not None:
-            shapes = {s.name: tuple(s.shape) for s in variant.artifact.inputs}
+            shapes = {s.name: tuple(s.shape) for s in variant.artifact.inputs if s.type is None}
             variant.compiled = self._compile(shapes)
         return variant.compiled
 
@@ -398,7 +405,7 @@ class Session:
     def _segments(self) -> list[CpuSegment | NpuSegment]:
         return self._current.segments if self._current is not None else []
 
-    def _validate(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def _validate(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         expected = [s.name for s in self._inputs]
         if not isinstance(feeds, Mapping):
             raise ModelError(
@@ -419,14 +426,20 @@ class Session:
                 f"{ort}: {' and '.join(problems)}; the model's inputs are {expected}: feed each "
                 "of them exactly once"
             )
-        return {s.name: np.asarray(feeds[s.name]) for s in self._inputs}
+        return {
+            s.name: np.asarray(feeds[s.name])
+            if s.is_tensor
+            else dynamic.check_non_tensor_feed(s, feeds[s.name])
+            for s in self._inputs
+        }
 
     def check_feeds(
         self, output_names: Sequence[str] | None, feeds: Mapping[str, Any]
-    ) -> tuple[list[str], dict[str, np.ndarray], Shapes]:
+    ) -> tuple[list[str], dict[str, Any], Shapes]:
         """What :meth:`run` checks before it compiles or runs anything: the output names, the
-        feeds' names, dtypes, ranks and fixed dims. Returns the output names, the feeds as
-        arrays and their shapes; raises :class:`ModelError` in onnxruntime's words."""
+        feeds' names, dtypes, ranks and fixed dims (a sequence / map / optional input: its
+        type). Returns the output names, the feeds as arrays (lists, dicts, None for those) and
+        the tensor inputs' shapes; raises :class:`ModelError` in onnxruntime's words."""
         all_outputs = [s.name for s in self._outputs]
         if isinstance(output_names, str | bytes):
             raise ModelError(
@@ -445,8 +458,10 @@ class Session:
 
     def run(
         self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run_options: Any = None
-    ) -> list[np.ndarray]:
-        """Run the model; returns the requested outputs (all when ``output_names`` is None).
+    ) -> list[Any]:
+        """Run the model; returns the requested outputs (all when ``output_names`` is None):
+        arrays, and for sequence / map / optional outputs what onnxruntime returns (a list, a
+        dict, a list of dicts, None for an empty optional).
 
         New input shapes compile first (see the class docstring). Thread-safe: each backend
         program serializes its own executions, CPU segments are re-entrant, and every call works
@@ -469,7 +484,7 @@ class Session:
         if event is not None:
             stats.add("compile", event.seconds)
         if program_shapes != shapes:
-            env = {k: _pad_to(v, program_shapes[k]) for k, v in env.items()}
+            env = {k: _pad_to(v, program_shapes[k]) if k in shapes else v for k, v in env.items()}
         variant.run(env, stats)
         crop = self._crop_shapes(shapes) if program_shapes != shapes else {}
         results = []

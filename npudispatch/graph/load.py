@@ -20,8 +20,9 @@ from npudispatch.errors import ModelError
 from npudispatch.graph import shapes
 from npudispatch.graph.naming import assign_unique_names
 from npudispatch.graph.order import topological_order
+from npudispatch.graph.value_types import TYPE_META, is_non_tensor, strip_map_types
 
-__all__ = ["ModelLike", "load"]
+__all__ = ["ModelLike", "load", "proto_to_ir"]
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto | ir.Model
 
@@ -119,7 +120,7 @@ def _to_ir(model: ModelLike) -> ir.Model:
         return model
     if isinstance(model, onnx.ModelProto):
         _check_proto_external_data(model.graph, None)
-        return _from_proto(model)
+        return proto_to_ir(model)
     path = Path(model)
     if path.is_dir():
         raise ModelError(f"model path {str(path)!r} is a directory; give the path to a .onnx file")
@@ -140,21 +141,32 @@ def _to_ir(model: ModelLike) -> ir.Model:
             "or not an ONNX model (re-export or re-download it)"
         )
     _check_proto_external_data(proto.graph, path.parent)
-    ir_model = _from_proto(proto)
+    ir_model = proto_to_ir(proto)
     ir.external_data.set_base_dir(ir_model.graph, path.parent)
     return ir_model
 
 
-def _from_proto(proto: onnx.ModelProto) -> ir.Model:
-    """``ir.from_proto`` after the single-assignment checks it would fail on without a name."""
+def proto_to_ir(proto: onnx.ModelProto) -> ir.Model:
+    """``ir.from_proto`` after the single-assignment checks it would fail on without a name; map
+    types, which onnx_ir cannot hold, are cleared and kept as type text (:mod:`.value_types`)."""
     _check_single_assignment(proto.graph)
+    proto, map_types = strip_map_types(proto)
     try:
-        return ir.from_proto(proto)
+        model = ir.from_proto(proto)
     except Exception as exc:  # onnx_ir raises SerdeError chained to the real cause
         cause = exc.__cause__ or exc
         raise ModelError(
             f"the model's graph cannot be read: {cause}; fix the file (re-export it) and retry"
         ) from exc
+    if map_types:
+        for value in (*model.graph.inputs, *model.graph.outputs):
+            if value.name in map_types:
+                value.meta[TYPE_META] = map_types[value.name]
+        for node in model.graph:
+            for value in node.outputs:
+                if value.name in map_types:
+                    value.meta[TYPE_META] = map_types[value.name]
+    return model
 
 
 def _check_single_assignment(graph: onnx.GraphProto) -> None:
@@ -381,6 +393,8 @@ def _check_inputs_static(graph: ir.Graph) -> None:
     problems: list[str] = []
     names: set[str] = set()
     for value in graph.inputs:
+        if is_non_tensor(value):
+            continue  # a sequence / map / optional: fed through to the CPU segments reading it
         if value.dtype is None or value.shape is None:
             problems.append(f"input {value.name!r} has no declared dtype/shape (declare its type)")
             continue
@@ -418,6 +432,8 @@ def _check_values_typed(graph: ir.Graph) -> None:
         for slot, value in enumerate(node.outputs):
             if not value.uses() and not value.is_graph_output():
                 continue  # an optional output nobody reads
+            if is_non_tensor(value):
+                continue  # typed by its type text (a map type onnx_ir cannot hold)
             if value.dtype is None:
                 where = (
                     f"tensor {value.name!r} (output {slot} of node {node.name!r}, {node.op_type})"

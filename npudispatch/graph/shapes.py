@@ -42,6 +42,7 @@ from npudispatch.graph.propagation_guard import (
     generated_elements,
     oversized_propagations,
 )
+from npudispatch.graph.value_types import merge_non_tensor_type
 
 __all__ = [
     "SHAPE_OPS",
@@ -212,6 +213,8 @@ def infer_whole_graph(model: ir.Model) -> None:
         info = found.get(value.name or "")
         if info is not None and info.type.HasField("tensor_type"):
             _merge_type(value, info.type)
+        elif info is not None and info.type.WhichOneof("value") and value.type is None:
+            merge_non_tensor_type(value, info.type)
 
 
 def _merge_type(value: ir.Value, type_proto: onnx.TypeProto) -> bool:
@@ -494,13 +497,18 @@ def fold_shape_arithmetic(model: ir.Model, size_limit: int = SHAPE_TENSOR_LIMIT)
     nodes, which opset < 12 models cannot hold.
     """
     pinned = _castlike_to_cast(model)
-    result = fold_constants_ir(
-        model,
-        onnx_shape_inference=True,
-        input_size_limit=size_limit,
-        output_size_limit=size_limit,
-        should_fold=lambda node: should_fold_shape_node(node, size_limit),
-    )
+    hidden = _hide_split_shapes(model)
+    try:
+        result = fold_constants_ir(
+            model,
+            onnx_shape_inference=True,
+            input_size_limit=size_limit,
+            output_size_limit=size_limit,
+            should_fold=lambda node: should_fold_shape_node(node, size_limit),
+        )
+    finally:
+        for value, shape in hidden:
+            value.shape = shape
     if result.modified:
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         _forget_dropped_branches(model)
@@ -535,6 +543,23 @@ def _forget_dropped_branches(model: ir.Model) -> None:
             for user, index in list(value.uses()):
                 if user.graph is not None and user.graph not in live:
                     user.replace_input_with(index, None)
+
+
+def _hide_split_shapes(model: ir.Model) -> list[tuple[ir.Value, ir.Shape]]:
+    """Clear, for the folding, the shape of a SplitToSequence's run-time ``split`` that is not
+    1-D; returns what to restore. onnxscript 0.7's SplitToSequence evaluator reads the value of
+    such a split (``None.ndim``) and crashes the whole fold."""
+    hidden = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "SplitToSequence" or not is_onnx_domain(node.domain):
+            continue
+        split = node.inputs[1] if len(node.inputs) > 1 else None
+        if split is None or split.const_value is not None or split.shape is None:
+            continue
+        if len(split.shape) != 1:
+            hidden.append((split, split.shape))
+            split.shape = None
+    return hidden
 
 
 def _castlike_to_cast(model: ir.Model) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from npudispatch.graph.support import DEFAULT_NPU_DTYPES, Supported, SupportQuery, as_support_query
+from npudispatch.graph.value_types import is_non_tensor, value_type_text
 from npudispatch.operators import registry
 from npudispatch.rewrites.aliasing import can_be_view, is_view
 
@@ -25,6 +26,13 @@ __all__ = ["npu_support", "support_query"]
 
 def npu_support(node: ir.Node) -> str | None:
     """``None`` when ``node`` runs on the NPU, else the reason it does not (for reports)."""
+    for value in (*node.inputs, *node.outputs):
+        if is_non_tensor(value):
+            assert value is not None
+            return (
+                f"{value.name!r} has type {value_type_text(value)}, not a tensor: the NPU "
+                "computes on tensors only"
+            )
     if is_view(node) or can_be_view(node):
         data = node.inputs[0] if node.inputs else None
         if data is not None and data.dtype is not None and data.dtype not in DEFAULT_NPU_DTYPES:

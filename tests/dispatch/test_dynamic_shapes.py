@@ -178,9 +178,10 @@ def test_cli_run_binds_free_dims_from_the_inputs_file(model, tmp_path, capsys):
     assert "free dims" in capsys.readouterr().err
 
 
-def test_sequence_output_is_refused_with_its_type_and_what_to_do():
-    """A scikit-learn classifier's ZipMap output (onnxruntime's logreg_iris sample) is a
-    sequence of maps: the error names the type and the way out."""
+def test_sequence_of_maps_output_runs_and_shows_its_type():
+    """A scikit-learn classifier's ZipMap output (as in onnxruntime's logreg_iris sample) is a
+    sequence of maps: it runs on the CPU and comes back as onnxruntime returns it, a list of
+    dicts, with onnxruntime's type text; the free batch dim is still bound from the feed."""
     seq = helper.make_value_info(
         "probs",
         helper.make_sequence_type_proto(
@@ -188,11 +189,27 @@ def test_sequence_output_is_refused_with_its_type_and_what_to_do():
         ),
     )
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])],
+        [
+            helper.make_node("Relu", ["x"], ["y"]),
+            helper.make_node(
+                "ZipMap", ["y"], ["probs"], domain="ai.onnx.ml", classlabels_int64s=[4, 7]
+            ),
+        ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]), seq],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2]), seq],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(ModelError, match=r"'probs' is a sequence\(map\(int64, tensor\(float\)\)\)"):
-        Session(model)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]
+    )
+    sess = Session(model, cache=False)
+    assert [(o.name, o.type, o.shape) for o in sess.get_outputs()] == [
+        ("y", "tensor(float)", ["batch", 2]),
+        ("probs", "seq(map(int64,tensor(float)))", []),
+    ]
+    x = np.array([[1.0, -2.0], [-0.5, 3.0], [0.25, 0.0]], np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y_ref, probs_ref = want.run(None, {"x": x})
+    y, probs = sess.run(None, {"x": x})
+    assert_close(y, y_ref)
+    assert probs == probs_ref and probs[1] == {4: 0.0, 7: 3.0}

@@ -1,0 +1,113 @@
+"""Non-tensor ONNX values (sequences, maps, optionals): their type text, and how load keeps them.
+
+The NPU computes on tensors only, but a model may take or return sequences, maps and optionals
+(a scikit-learn classifier's ZipMap returns a sequence of maps). Such values stay in CPU
+segments. onnx_ir represents sequence and optional types but not maps, so :func:`strip_map_types`
+clears a map-holding type before the proto is read and load records its text in the value's
+``meta`` (:data:`TYPE_META`); onnxruntime re-infers the cleared types when it runs the segment.
+
+Type text is onnxruntime's ``NodeArg.type`` spelling: ``tensor(float)``, ``seq(tensor(int64))``,
+``map(int64,tensor(float))``, ``optional(seq(tensor(float)))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx
+import onnx_ir as ir
+
+__all__ = [
+    "TYPE_META",
+    "is_non_tensor",
+    "merge_non_tensor_type",
+    "strip_map_types",
+    "type_text",
+    "value_type_text",
+]
+
+#: ``ir.Value.meta`` key: onnxruntime's type text of a value whose type onnx_ir cannot hold.
+TYPE_META = "npudispatch.non_tensor_type"
+
+
+def _elem_text(elem_type: int) -> str:
+    if elem_type == onnx.TensorProto.FLOAT:
+        return "float"
+    if elem_type == onnx.TensorProto.DOUBLE:
+        return "double"
+    return ir.DataType(elem_type).name.lower()
+
+
+def type_text(t: onnx.TypeProto) -> str:
+    """onnxruntime's text for ``t``: ``seq(map(int64,tensor(float)))``, ``optional(...)``..."""
+    kind = t.WhichOneof("value")
+    if kind == "tensor_type":
+        return f"tensor({_elem_text(t.tensor_type.elem_type)})"
+    if kind == "sequence_type":
+        return f"seq({type_text(t.sequence_type.elem_type)})"
+    if kind == "optional_type":
+        return f"optional({type_text(t.optional_type.elem_type)})"
+    if kind == "map_type":
+        return f"map({_elem_text(t.map_type.key_type)},{type_text(t.map_type.value_type)})"
+    return str(kind)
+
+
+def _has_map(t: onnx.TypeProto) -> bool:
+    kind = t.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind == "sequence_type":
+        return _has_map(t.sequence_type.elem_type)
+    if kind == "optional_type":
+        return _has_map(t.optional_type.elem_type)
+    return False
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def strip_map_types(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """``proto`` without map-holding types (a copy when it had any), and the main graph's
+    cleared values by name with their type text. onnx_ir cannot read a map type."""
+    if not any(
+        _has_map(v.type) for g in _graphs(proto.graph) for v in (*g.input, *g.output, *g.value_info)
+    ):
+        return proto, {}
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    cleared: dict[str, str] = {}
+    for g in _graphs(proto.graph):
+        for v in (*g.input, *g.output, *g.value_info):
+            if _has_map(v.type):
+                if g is proto.graph:
+                    cleared[v.name] = type_text(v.type)
+                v.ClearField("type")
+    return proto, cleared
+
+
+def value_type_text(value: ir.Value) -> str | None:
+    """onnxruntime's type text of a non-tensor ``value``; None for a tensor or an untyped value."""
+    if (text := value.meta.get(TYPE_META)) is not None:
+        return str(text)
+    if value.type is None or isinstance(value.type, ir.TensorType):
+        return None
+    return type_text(ir.serde.serialize_type(value.type))
+
+
+def is_non_tensor(value: ir.Value | None) -> bool:
+    """True for a sequence, map or optional value (they never go to the NPU)."""
+    return value is not None and value_type_text(value) is not None
+
+
+def merge_non_tensor_type(value: ir.Value, t: onnx.TypeProto) -> None:
+    """Type an untyped ``value`` with the sequence / map / optional type inference found."""
+    if _has_map(t):
+        value.meta[TYPE_META] = type_text(t)
+    else:
+        value.type = ir.serde.deserialize_type_proto_for_type(t)

@@ -1,0 +1,234 @@
+"""Models whose graph inputs or outputs are sequences, maps or optionals.
+
+Such values never go to the NPU: the nodes reading or writing them run in CPU segments on
+onnxruntime, non-tensor feeds are checked against their type and passed through, and non-tensor
+outputs come back as onnxruntime returns them (lists, lists of dicts, None for an empty
+optional). The tensor part of the graph still runs as an NPU kernel call. Every result is
+compared with onnxruntime's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import npudispatch
+import npudispatch.onnxruntime as npu_ort
+from npudispatch.errors import ModelError
+
+ort = pytest.importorskip("onnxruntime")
+
+FLOAT_SEQ = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, None))
+FLOAT_OPT = helper.make_optional_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, None))
+
+
+def _logreg_iris() -> Path:
+    import onnxruntime.datasets
+
+    path = Path(os.path.dirname(onnxruntime.datasets.__file__)) / "logreg_iris.onnx"
+    if not path.is_file():
+        pytest.skip(f"onnxruntime's sample {path} is not installed with this onnxruntime")
+    return path
+
+
+def _reference(model: onnx.ModelProto | Path, feeds: dict[str, Any]) -> list[Any]:
+    src = str(model) if isinstance(model, Path) else model.SerializeToString()
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _assert_same(got: list[Any], want: list[Any], rtol: float = 0.0, atol: float = 0.0) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        elif isinstance(w, list):
+            assert isinstance(g, list) and len(g) == len(w)
+            _assert_same(g, w, rtol, atol)
+        elif isinstance(w, dict):
+            assert isinstance(g, dict) and g.keys() == w.keys()
+            np.testing.assert_allclose(list(g.values()), list(w.values()), rtol=rtol, atol=atol)
+        else:
+            assert isinstance(g, np.ndarray) and g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+def test_logreg_iris_zipmap_runs_like_onnxruntime():
+    """onnxruntime's scikit-learn sample: LinearClassifier + ZipMap, whose ``probabilities`` is a
+    sequence of maps, through Session and through the onnxruntime drop-in."""
+    path = _logreg_iris()
+    x = np.random.default_rng(0).standard_normal((3, 2)).astype(np.float32)
+    want = _reference(path, {"float_input": x})
+    assert isinstance(want[1], list) and isinstance(want[1][0], dict)
+
+    sess = npudispatch.Session(path, cache=False)
+    _assert_same(sess.run(None, {"float_input": x}), want)
+    (label, probs) = sess.get_outputs()
+    assert (probs.name, probs.type, probs.shape) == (
+        "probabilities",
+        "seq(map(int64,tensor(float)))",
+        [],
+    )
+    assert label.type == "tensor(int64)"
+
+    drop_in = npu_ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    control = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [(a.name, a.type, a.shape) for a in drop_in.get_outputs()] == [
+        (a.name, a.type, a.shape) for a in control.get_outputs()
+    ]
+    _assert_same(drop_in.run(None, {"float_input": x}), want)
+    _assert_same(drop_in.run(["probabilities"], {"float_input": x}), want[1:])
+
+
+def _mixed_model() -> onnx.ModelProto:
+    """MatMul + Relu (NPU) feeding a SplitToSequence (sequence output), plus an optional input
+    passed through and tested, and a sequence input whose length is returned."""
+    w = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["mm"]),
+        helper.make_node("Relu", ["mm"], ["y"]),
+        helper.make_node("SplitToSequence", ["y"], ["parts"], axis=0, keepdims=1),
+        helper.make_node("Identity", ["opt"], ["opt_out"]),
+        helper.make_node("OptionalHasElement", ["opt"], ["has_opt"]),
+        helper.make_node("SequenceLength", ["seq"], ["seq_len"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mixed",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+            helper.make_value_info("opt", FLOAT_OPT),
+            helper.make_value_info("seq", FLOAT_SEQ),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64]),
+            helper.make_value_info("parts", FLOAT_SEQ),
+            helper.make_value_info("opt_out", FLOAT_OPT),
+            helper.make_tensor_value_info("has_opt", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("seq_len", TensorProto.INT64, []),
+        ],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _mixed_feeds(opt: Any) -> dict[str, Any]:
+    rng = np.random.default_rng(2)
+    return {
+        "x": rng.standard_normal((2, 64)).astype(np.float32),
+        "opt": opt,
+        "seq": [np.ones((3,), np.float32), np.zeros((2, 2), np.float32)],
+    }
+
+
+BF16 = {"rtol": 2e-2, "atol": 2e-2}  # MatMul runs in bf16 on the NPU (docs/numerics.md)
+
+
+@pytest.mark.parametrize("opt", [np.arange(3, dtype=np.float32), None], ids=["full", "empty"])
+def test_tensor_part_on_npu_with_sequence_and_optional_io(opt):
+    model = _mixed_model()
+    feeds = _mixed_feeds(opt)
+    want = _reference(model, feeds)
+    sess = npudispatch.Session(model, cache=False)
+    got = sess.run(None, feeds)
+    _assert_same(got, want, **BF16)
+    assert (got[2] is None) == (opt is None)
+    assert sess.last_run_stats.kernel_calls == 1  # MatMul + Relu: one NPU kernel call
+    npu_ops = {n.op_type for p in sess.compiled.partitions if p.kind == "npu" for n in p.nodes}
+    assert {"MatMul", "Relu"} <= npu_ops
+    reasons = {u.node.op_type: u.reason for u in sess.compiled.report.unsupported}
+    assert reasons["SplitToSequence"] == (
+        "'parts' has type seq(tensor(float)), not a tensor: the NPU computes on tensors only"
+    )
+    assert set(reasons) == {"SplitToSequence", "Identity", "OptionalHasElement", "SequenceLength"}
+    types = {a.name: a.type for a in (*sess.get_inputs(), *sess.get_outputs())}
+    assert types == {
+        "x": "tensor(float)",
+        "opt": "optional(tensor(float))",
+        "seq": "seq(tensor(float))",
+        "y": "tensor(float)",
+        "parts": "seq(tensor(float))",
+        "opt_out": "optional(tensor(float))",
+        "has_opt": "tensor(bool)",
+        "seq_len": "tensor(int64)",
+    }
+    # the drop-in returns the same values
+    drop_in = npu_ort.InferenceSession(model.SerializeToString())
+    _assert_same(drop_in.run(None, feeds), want, **BF16)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (
+            "seq",
+            np.ones(3, np.float32),
+            r"input 'seq' has type seq\(tensor\(float\)\), but the value fed is a ndarray, not a "
+            r"seq\(tensor\(float\)\) \(a list\); feed a list",
+        ),
+        (
+            "seq",
+            [np.ones(3, np.float64)],
+            r"input 'seq' has type seq\(tensor\(float\)\), but the value fed\[0\] is a "
+            r"tensor\(double\) array, not a tensor\(float\)",
+        ),
+        (
+            "opt",
+            [np.ones(3, np.float32)],
+            r"input 'opt' has type optional\(tensor\(float\)\), but the value fed is a list, not "
+            r"a tensor\(float\) \(a numpy array\); feed None \(empty\) or the value",
+        ),
+    ],
+)
+def test_wrong_non_tensor_feed_names_the_input_and_its_type(name, value, message):
+    sess = npudispatch.Session(_mixed_model(), cache=False)
+    feeds = {**_mixed_feeds(None), name: value}
+    with pytest.raises(ModelError, match=message):
+        sess.run(None, feeds)
+    with pytest.raises(npu_ort.InvalidArgument, match=message):
+        npu_ort.InferenceSession(_mixed_model().SerializeToString()).run(None, feeds)
+
+
+def test_tensor_checks_still_apply_next_to_non_tensor_inputs():
+    sess = npudispatch.Session(_mixed_model(), cache=False)
+    feeds = {**_mixed_feeds(None), "x": np.ones((2, 64), np.float64)}
+    with pytest.raises(ModelError, match=r"Unexpected input data type.*'x'"):
+        sess.run(None, feeds)
+    with pytest.raises(ModelError, match=r"missing input\(s\) \['seq'\]"):
+        sess.run(None, {k: v for k, v in _mixed_feeds(None).items() if k != "seq"})
+
+
+def test_compiled_folder_and_disk_cache_keep_non_tensor_signatures(tmp_path):
+    """``compile -o`` folders record the sequence / optional types (compiled.json) and run
+    without the model; a second session loads the same from the compile cache."""
+    model = _mixed_model()
+    feeds = _mixed_feeds(np.arange(2, dtype=np.float32))
+    want = _reference(model, feeds)
+    npudispatch.compile_model(model).save(tmp_path / "prog")
+    loaded = npudispatch.Session(tmp_path / "prog")
+    _assert_same(loaded.run(None, feeds), want, **BF16)
+    assert loaded.last_run_stats.kernel_calls == 1
+    assert [a.type for a in loaded.get_inputs()] == [
+        "tensor(float)",
+        "optional(tensor(float))",
+        "seq(tensor(float))",
+    ]
+    with pytest.raises(ModelError, match=r"input 'seq' has type seq\(tensor\(float\)\)"):
+        loaded.run(None, {**feeds, "seq": None})
+
+    logreg = _logreg_iris()
+    x = np.ones((3, 2), np.float32)
+    for _ in range(2):  # compiled, then from the disk cache
+        sess = npudispatch.Session(logreg, cache=tmp_path / "cache")
+        _assert_same(sess.run(None, {"float_input": x}), _reference(logreg, {"float_input": x}))
+    assert sess.compile_log[-1].source == "disk cache"
+    npudispatch.compile_model(logreg).save(tmp_path / "logreg")
+    folder = npudispatch.Session(tmp_path / "logreg")
+    assert folder.get_outputs()[1].type == "seq(map(int64,tensor(float)))"
+    _assert_same(folder.run(None, {"float_input": x}), _reference(logreg, {"float_input": x}))
