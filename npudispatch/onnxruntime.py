@@ -206,6 +206,14 @@ class InferenceSession:
         """Like :meth:`run` with ``OrtValue`` feeds and results (CPU memory)."""
         feeds = {k: v.numpy() for k, v in input_dict_ort_values.items()}
         outs = self.run(output_names, feeds, run_options)
+        names = list(output_names) if output_names else [o.name for o in self.get_outputs()]
+        for name, o in zip(names, outs):
+            if not isinstance(o, np.ndarray):
+                raise InvalidArgument(
+                    f"output {name!r} is not a tensor (a sequence, map or optional): "
+                    "npudispatch's run_with_ort_values returns tensors only; use run(), which "
+                    "returns it as onnxruntime does"
+                )
         return [_ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(o)) for o in outs]
 
     def get_inputs(self) -> list[NodeArg]:

@@ -243,6 +243,22 @@ def _refuse_dd_golden(path: Path) -> None:
         )
 
 
+def _refuse_non_tensor_io(session: Any, args: argparse.Namespace) -> None:
+    """Random inputs and .npz files hold tensors, and --check / --save-outputs compare and save
+    tensors: a sequence, map or optional input or output is run from Python instead."""
+    inputs = [f"{a.name!r} ({a.type})" for a in session.get_inputs() if a.type[:7] != "tensor("]
+    outputs = [f"{a.name!r} ({a.type})" for a in session.get_outputs() if a.type[:7] != "tensor("]
+    flags = [f for f, on in (("--check", args.check), ("--save-outputs", args.save_outputs)) if on]
+    if inputs or (outputs and flags):
+        what = f"input(s) {', '.join(inputs)}" if inputs else f"output(s) {', '.join(outputs)}"
+        how = "random inputs and --inputs .npz files" if inputs else " and ".join(flags)
+        raise ModelError(
+            f"the model's {what} are not tensors, which {how} cannot handle; run it from "
+            "Python with npudispatch.Session (feeds and results as onnxruntime takes and "
+            "returns them)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the model; with --check compare with onnxruntime."""
     from npudispatch.dispatch.artifact import is_program_dir
@@ -273,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         **options,
     )
+    _refuse_non_tensor_io(session, args)
     if args.inputs:
         feeds = load_inputs(args.inputs)
         check_input_names(feeds, session, args.inputs)
@@ -293,6 +310,17 @@ def run(args: argparse.Namespace) -> int:
     tolerances: dict[str, Any] = {}
     all_ok = True
     for name, value in results.items():
+        if not isinstance(value, np.ndarray):  # a sequence / map / optional (not --check)
+            kind = next(o.type for o in session.get_outputs() if o.name == name)
+            size = [] if value is None else [len(value)]
+            summary["outputs"][name] = {
+                "shape": size,
+                "dtype": kind,
+                "max_abs": None,
+                "max_rel": None,
+                "ok": None,
+            }
+            continue
         entry: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype)}
         if args.check and explicit:
             tol = check_tolerance(session, name, reference[name], args.rtol, args.atol)

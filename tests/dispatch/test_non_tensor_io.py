@@ -69,13 +69,13 @@ def test_logreg_iris_zipmap_runs_like_onnxruntime():
 
     sess = npudispatch.Session(path, cache=False)
     _assert_same(sess.run(None, {"float_input": x}), want)
-    (label, probs) = sess.get_outputs()
-    assert (probs.name, probs.type, probs.shape) == (
+    (label_arg, probs_arg) = sess.get_outputs()
+    assert (probs_arg.name, probs_arg.type, probs_arg.shape) == (
         "probabilities",
         "seq(map(int64,tensor(float)))",
         [],
     )
-    assert label.type == "tensor(int64)"
+    assert label_arg.type == "tensor(int64)"
 
     drop_in = npu_ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     control = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -84,6 +84,11 @@ def test_logreg_iris_zipmap_runs_like_onnxruntime():
     ]
     _assert_same(drop_in.run(None, {"float_input": x}), want)
     _assert_same(drop_in.run(["probabilities"], {"float_input": x}), want[1:])
+    ort_x = ort.OrtValue.ortvalue_from_numpy(x)
+    (label,) = drop_in.run_with_ort_values(["label"], {"float_input": ort_x})
+    np.testing.assert_array_equal(label.numpy(), want[0])
+    with pytest.raises(npu_ort.InvalidArgument, match="output 'probabilities' is not a tensor"):
+        drop_in.run_with_ort_values(None, {"float_input": ort_x})
 
 
 def _mixed_model() -> onnx.ModelProto:
@@ -232,3 +237,24 @@ def test_compiled_folder_and_disk_cache_keep_non_tensor_signatures(tmp_path):
     folder = npudispatch.Session(tmp_path / "logreg")
     assert folder.get_outputs()[1].type == "seq(map(int64,tensor(float)))"
     _assert_same(folder.run(None, {"float_input": x}), _reference(logreg, {"float_input": x}))
+
+
+def test_cli_run_prints_non_tensor_outputs_and_refuses_what_it_cannot_handle(tmp_path, capsys):
+    """``npudispatch run`` shows a sequence output by type and length; random / .npz inputs and
+    ``--check`` / ``--save-outputs`` hold tensors only, so those are refused, naming the values."""
+    from npudispatch.cli import main
+
+    logreg = _logreg_iris()
+    assert main(["run", str(logreg)]) == 0
+    assert "probabilities: seq(map(int64,tensor(float)))[3]" in capsys.readouterr().out
+    assert main(["run", str(logreg), "--check"]) == 2
+    assert (
+        "output(s) 'probabilities' (seq(map(int64,tensor(float)))) are not tensors, which "
+        "--check cannot handle" in capsys.readouterr().err
+    )
+    onnx.save(_mixed_model(), tmp_path / "mixed.onnx")
+    assert main(["run", str(tmp_path / "mixed.onnx")]) == 2
+    assert (
+        "input(s) 'opt' (optional(tensor(float))), 'seq' (seq(tensor(float))) are not tensors"
+        in capsys.readouterr().err
+    )
