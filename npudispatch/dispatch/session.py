@@ -264,7 +264,7 @@ class Session:
         """What ``run``'s fast path checks each feed against, worked out once per session."""
         self._input_names = [s.name for s in self._inputs]
         # non-tensor inputs (sequences, maps, optionals) always take the full path
-        self._tensors_only = all(s.is_tensor for s in (*self._inputs, *self._outputs))
+        self._tensor_inputs_only = all(s.is_tensor for s in self._inputs)
         self._input_dtypes = [s.np_dtype if s.is_tensor else None for s in self._inputs]
         self._output_names = [s.name for s in self._outputs]
         self._output_name_set = frozenset(self._output_names)
@@ -285,7 +285,11 @@ class Session:
 
     def _make_hot(self, shapes: Shapes, variant: _Variant) -> None:
         """Remember ``variant`` (the newest in the LRU order) for ``run``'s fast path."""
-        if not self._bucket and self._tensors_only and all(n in shapes for n in self._input_names):
+        if (
+            not self._bucket
+            and self._tensor_inputs_only
+            and all(n in shapes for n in self._input_names)
+        ):
             self._hot = (tuple(shapes[n] for n in self._input_names), variant)
 
     def _specialisation(
