@@ -23,6 +23,11 @@ non-positive ``size``, rank < 2 (no channel axis).
 onnxruntime's CPU LRN, the reference of ``run --check`` and of the tests, runs only 4-D inputs
 with an odd ``size``; the NPU computes the spec for any rank >= 2 and any size, and
 :func:`lrn_window` is the one definition of the window both the kernel and the reference use.
+onnxruntime's kernel slides one running sum along the channels, so a NaN or infinity there
+reaches every later channel; here it stays in the windows that hold it, as the spec says.
+onnx's reference evaluator (``onnx/reference/ops/op_lrn.py``, onnx 1.23) loops over the batch
+axis where it means the channels: channels >= N get no sum of squares (only the bias), so it
+is no reference here.
 """
 
 from __future__ import annotations
