@@ -37,7 +37,7 @@ import onnx_ir as ir
 from npudispatch import graph, opset
 from npudispatch.dispatch.emit import FusedProgram
 from npudispatch.errors import ModelError, NpuDispatchError
-from npudispatch.graph.value_types import value_type_text
+from npudispatch.graph.value_types import TYPE_META, restore_map_types, value_type_text
 
 if TYPE_CHECKING:
     from npudispatch.dispatch.compile import CompiledModel
@@ -139,6 +139,16 @@ def model_metadata(model: ir.Model | onnx.ModelProto) -> dict[str, Any]:
         "version": _UNSET_VERSION if version is None else int(version),
         "custom_metadata_map": custom,
     }
+
+
+def _restore_map_types(path: Path, model: ir.Model) -> None:
+    """Rewrite the saved segment ``path`` with the map types onnx_ir could not write (its
+    weights stay in the external data file beside it)."""
+    if not any(TYPE_META in v.meta for v in (*model.graph.inputs, *model.graph.outputs)):
+        return
+    proto = onnx.load(str(path), load_external_data=False)
+    restore_map_types(proto.graph, model.graph)
+    onnx.save(proto, str(path))
 
 
 def _sha256(path: Path) -> str:
@@ -257,6 +267,7 @@ class CompiledArtifact:
             if seg.model is not None:
                 # External data of the source model is copied in: the folder stands alone.
                 ir.save(seg.model, target, external_data=_CPU_MODEL + ".data")
+                _restore_map_types(target, seg.model)
             else:
                 assert seg.path is not None
                 for f in seg.path.parent.iterdir():

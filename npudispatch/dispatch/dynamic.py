@@ -30,7 +30,7 @@ import onnx_ir as ir
 from npudispatch import graph
 from npudispatch.errors import ModelError
 from npudispatch.graph.load import proto_to_ir
-from npudispatch.graph.value_types import is_non_tensor, type_text
+from npudispatch.graph.value_types import is_non_tensor, parse_type_text, type_text
 
 __all__ = [
     "Dim",
@@ -402,61 +402,73 @@ def decode_signature(entries: list[list[Any]]) -> list[Signature]:
     ]
 
 
-def _parse_type(text: str) -> tuple[str, list[str]]:
-    """``"seq(map(int64,tensor(float)))"`` -> ``("seq", ["map(int64,tensor(float))"])``."""
-    kind, _, rest = text.partition("(")
-    body = rest[:-1]
-    args, depth, start = [], 0, 0
-    for i, ch in enumerate(body):
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "," and depth == 0:
-            args.append(body[start:i])
-            start = i + 1
-    args.append(body[start:])
-    return kind, args
-
-
-def _check_typed(value: Any, text: str, where: str) -> Any:
-    kind, args = _parse_type(text)
-    got = f"{where} is a {type(value).__name__}"
-    if kind == "tensor":
+def _check_typed(value: Any, t: onnx.TypeProto, where: str) -> Any:
+    """``value`` checked against ``t`` (tensors inside become arrays); raises :class:`_FeedError`."""
+    text = type_text(t)
+    got = f"{where} is " + (
+        "a numpy array" if isinstance(value, np.ndarray) else _a(type(value).__name__)
+    )
+    kind = t.WhichOneof("value")
+    if kind == "tensor_type":
         arr = None if value is None or isinstance(value, list | tuple | dict) else np.asarray(value)
         if arr is None or arr.dtype == object:
             raise _FeedError(f"{got}, not a {text} (a numpy array)")
         if (have := type_string(_ir_dtype(arr.dtype))) != text:
             raise _FeedError(f"{where} is a {have} array, not a {text}")
         return arr
-    if kind == "seq":
+    if kind == "sequence_type":
         if not isinstance(value, list | tuple):
             raise _FeedError(f"{got}, not a {text} (a list)")
-        return [_check_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if kind == "map":
+        elem = t.sequence_type.elem_type
+        return [_check_typed(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
+    if kind == "map_type":
         if not isinstance(value, dict):
             raise _FeedError(f"{got}, not a {text} (a dict)")
-        return value  # onnxruntime checks the key and value types
-    if kind == "optional":
-        return None if value is None else _check_typed(value, args[0], where)
+        key_text = type_text(onnx.helper.make_tensor_type_proto(t.map_type.key_type, None))
+        for k, v in value.items():
+            _check_scalar(k, key_text, f"key {k!r} of {where}")
+            _check_scalar(v, type_text(t.map_type.value_type), f"{where}[{k!r}]")
+        return value
+    if kind == "optional_type":
+        return None if value is None else _check_typed(value, t.optional_type.elem_type, where)
     return value
+
+
+def _check_scalar(value: Any, text: str, where: str) -> None:
+    """A map key or value: a Python / numpy scalar of the element type ``tensor(...)``."""
+    is_str = isinstance(value, str)
+    is_int = isinstance(value, int | np.integer) and not isinstance(value, bool)
+    ok = {
+        "tensor(string)": is_str,
+        "tensor(int64)": is_int,
+        "tensor(float)": is_int or isinstance(value, float | np.floating),
+        "tensor(double)": is_int or isinstance(value, float | np.floating),
+    }.get(text, True)  # other element types: onnxruntime judges
+    if not ok:
+        raise _FeedError(f"{where} is {_a(type(value).__name__)}, not {_a(text[7:-1])}")
 
 
 class _FeedError(Exception):
     pass
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def check_non_tensor_feed(sig: Signature, value: Any) -> Any:
     """``value`` checked against a sequence / map / optional input (tensors inside become
     arrays); raises :class:`ModelError` naming the input, its type and what was fed."""
     assert sig.type is not None
+    t = parse_type_text(sig.type)
     try:
-        return _check_typed(value, sig.type, "the value fed")
+        return _check_typed(value, t, "the value fed")
     except _FeedError as exc:
-        kind = _parse_type(sig.type)[0]
         how = {
-            "seq": "a list",
-            "map": "a dict",
-            "optional": "None (empty) or the value",
-        }.get(kind, "a value of that type")
+            "sequence_type": "a list",
+            "map_type": "a dict",
+            "optional_type": "None (empty) or the value",
+        }.get(t.WhichOneof("value") or "", "a value of that type")
         raise ModelError(
             f"input {sig.name!r} has type {sig.type}, but {exc}; feed {how}, as onnxruntime "
             "takes it"

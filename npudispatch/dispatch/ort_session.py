@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from npudispatch.graph.value_types import restore_map_types
+
 __all__ = ["onnxruntime_session"]
 
 # External tensors up to this size are inlined into the model bytes instead of shared.
@@ -60,6 +62,7 @@ def onnxruntime_session(
     finally:
         for name, tensor in originals.items():
             model.graph.initializers[name].const_value = tensor
+    restore_map_types(proto.graph, model.graph)  # a map input needs its declared type
     keep_alive = _move_external_initializers(model, proto, options, in_memory)
     session = InferenceSession(
         proto.SerializeToString(), options, providers=["CPUExecutionProvider"]

@@ -25,6 +25,7 @@ from npudispatch.dispatch.backends.base import Prepared
 from npudispatch.dispatch.emit import FusedProgram, TensorBinding
 from npudispatch.dispatch.ort_session import onnxruntime_session
 from npudispatch.errors import CpuSegmentError, ModelError, UnsupportedOpError
+from npudispatch.graph.value_types import restore_map_types
 
 if TYPE_CHECKING:
     from npudispatch.dispatch.session_types import SessionRunStats
@@ -57,11 +58,11 @@ class CpuSegment:
             else:
                 from onnx.reference import ReferenceEvaluator
 
-                proto = (
-                    onnx.load(str(segment.path))
-                    if segment.model is None
-                    else ir.serde.serialize_model(segment.model)
-                )
+                if segment.model is None:
+                    proto = onnx.load(str(segment.path))
+                else:
+                    proto = ir.serde.serialize_model(segment.model)
+                    restore_map_types(proto.graph, segment.model.graph)
                 self._sess = ReferenceEvaluator(proto, new_ops=opset.reference_ops())
         except Exception as exc:  # ORT raises its own pybind types; keep ours on top
             # Say what the engine reported: the cause may be a type or attribute it does not

@@ -31,6 +31,7 @@ from npudispatch.graph.order import (
     topological_order,
 )
 from npudispatch.graph.support import Supported, as_support_query
+from npudispatch.graph.value_types import copy_map_types
 
 __all__ = [
     "EXTRACT_IR_VERSION",
@@ -260,6 +261,7 @@ def extract(model: ir.Model, part: Partition, name: str | None = None) -> ir.Mod
             f"partition nodes {dead} do not contribute to any partition output (dead code); "
             "remove them (onnx_ir RemoveUnusedNodesPass) before extracting"
         )
+    copy_map_types(graph, sub)  # kept as text at load: onnx_ir cannot hold map types
     sub.name = name or f"{graph.name or 'main'}_{part.kind}_{part.nodes[0].name}"
     sub.opset_imports.update(graph.opset_imports)
     return ir.Model(

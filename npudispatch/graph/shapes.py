@@ -42,7 +42,7 @@ from npudispatch.graph.propagation_guard import (
     generated_elements,
     oversized_propagations,
 )
-from npudispatch.graph.value_types import merge_non_tensor_type
+from npudispatch.graph.value_types import merge_non_tensor_type, restore_map_types
 
 __all__ = [
     "SHAPE_OPS",
@@ -281,6 +281,7 @@ def _inference_proto(model: ir.Model) -> onnx.ModelProto:
     for value in _main_values(graph):
         if value not in declared and (value.dtype is not None or value.shape is not None):
             out.value_info.append(ir.serde.serialize_value(value))
+    restore_map_types(out, graph)  # onnx inference needs a map input's type
     result = onnx.ModelProto(ir_version=model.ir_version, graph=out)
     for domain, version in graph.opset_imports.items():
         result.opset_import.append(onnx.helper.make_opsetid(domain, version))

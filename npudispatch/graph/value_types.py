@@ -19,8 +19,11 @@ import onnx_ir as ir
 
 __all__ = [
     "TYPE_META",
+    "copy_map_types",
     "is_non_tensor",
     "merge_non_tensor_type",
+    "parse_type_text",
+    "restore_map_types",
     "strip_map_types",
     "type_text",
     "value_type_text",
@@ -28,6 +31,9 @@ __all__ = [
 
 #: ``ir.Value.meta`` key: onnxruntime's type text of a value whose type onnx_ir cannot hold.
 TYPE_META = "npudispatch.non_tensor_type"
+
+
+_ELEM_NAMES = {"float": onnx.TensorProto.FLOAT, "double": onnx.TensorProto.DOUBLE}
 
 
 def _elem_text(elem_type: int) -> str:
@@ -111,3 +117,68 @@ def merge_non_tensor_type(value: ir.Value, t: onnx.TypeProto) -> None:
         value.meta[TYPE_META] = type_text(t)
     else:
         value.type = ir.serde.deserialize_type_proto_for_type(t)
+
+
+def _split_args(body: str) -> list[str]:
+    args, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            args.append(body[start:i])
+            start = i + 1
+    return [*args, body[start:]]
+
+
+def _elem_type(name: str) -> int:
+    return _ELEM_NAMES.get(name) or int(ir.DataType[name.upper()])
+
+
+def parse_type_text(text: str) -> onnx.TypeProto:
+    """The ``TypeProto`` of onnxruntime's type text (the inverse of :func:`type_text`)."""
+    kind, _, rest = text.partition("(")
+    args = _split_args(rest[:-1])
+    t = onnx.TypeProto()
+    if kind == "tensor":
+        t.tensor_type.elem_type = _elem_type(args[0])
+    elif kind == "seq":
+        t.sequence_type.elem_type.CopyFrom(parse_type_text(args[0]))
+    elif kind == "optional":
+        t.optional_type.elem_type.CopyFrom(parse_type_text(args[0]))
+    elif kind == "map":
+        t.map_type.key_type = _elem_type(args[0])
+        t.map_type.value_type.CopyFrom(parse_type_text(args[1]))
+    else:
+        raise ValueError(f"not an onnxruntime type text: {text!r}")
+    return t
+
+
+def restore_map_types(proto: onnx.GraphProto, graph: ir.Graph) -> None:
+    """Put back, in ``proto`` (``graph`` serialized), the map-holding types load kept as text:
+    onnx inference and onnxruntime need the type of a map input, and a map output is declared
+    as in the source model."""
+    values = [*graph.inputs, *(v for node in graph for v in node.outputs)]
+    typed = [(v, v.meta.get(TYPE_META)) for v in values]
+    typed = [(v, text) for v, text in typed if text is not None and v.name]
+    if not typed:
+        return
+    entries = {v.name: v for v in (*proto.input, *proto.output, *proto.value_info)}
+    for value, text in typed:
+        entry = entries.get(value.name)  # type: ignore[arg-type]
+        if entry is None:
+            entry = proto.value_info.add(name=value.name)
+        entry.type.CopyFrom(parse_type_text(str(text)))
+
+
+def copy_map_types(source: ir.Graph, target: ir.Graph) -> None:
+    """Carry the map types kept as text from ``source``'s values to ``target``'s same-named
+    values (a graph extracted from it: its values are clones)."""
+    texts = {
+        v.name: text
+        for v in (*source.inputs, *(o for node in source for o in node.outputs))
+        if (text := v.meta.get(TYPE_META)) is not None
+    }
+    if texts:
+        for v in (*target.inputs, *(o for node in target for o in node.outputs)):
+            if v.name in texts:
+                v.meta[TYPE_META] = texts[v.name]

@@ -174,7 +174,7 @@ def test_tensor_part_on_npu_with_sequence_and_optional_io(opt):
         (
             "seq",
             np.ones(3, np.float32),
-            r"input 'seq' has type seq\(tensor\(float\)\), but the value fed is a ndarray, not a "
+            r"input 'seq' has type seq\(tensor\(float\)\), but the value fed is a numpy array, not a "
             r"seq\(tensor\(float\)\) \(a list\); feed a list",
         ),
         (
@@ -258,3 +258,43 @@ def test_cli_run_prints_non_tensor_outputs_and_refuses_what_it_cannot_handle(tmp
         "input(s) 'opt' (optional(tensor(float))), 'seq' (seq(tensor(float))) are not tensors"
         in capsys.readouterr().err
     )
+
+
+def _dict_vectorizer() -> onnx.ModelProto:
+    """A map input (scikit-learn's DictVectorizer) feeding a Relu."""
+    map_type = helper.make_map_type_proto(
+        TensorProto.STRING, helper.make_tensor_type_proto(TensorProto.FLOAT, None)
+    )
+    nodes = [
+        helper.make_node(
+            "DictVectorizer", ["d"], ["v"], domain="ai.onnx.ml", string_vocabulary=["a", "b", "c"]
+        ),
+        helper.make_node("Relu", ["v"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dv",
+        [helper.make_value_info("d", map_type)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_map_input_is_fed_through_and_checked(tmp_path):
+    """onnx_ir cannot hold a map type: load keeps it as text and puts it back wherever the model
+    is serialized (onnx inference, the CPU segment for onnxruntime, a saved folder)."""
+    model = _dict_vectorizer()
+    feeds = {"d": {"a": 1.5, "c": -2.0}}
+    want = _reference(model, feeds)
+    sess = npudispatch.Session(model, cache=False)
+    assert sess.get_inputs()[0].type == "map(string,tensor(float))"
+    _assert_same(sess.run(None, feeds), want)
+    npudispatch.compile_model(model).save(tmp_path / "dv")
+    _assert_same(npudispatch.Session(tmp_path / "dv").run(None, feeds), want)
+    with pytest.raises(
+        ModelError,
+        match=r"input 'd' has type map\(string,tensor\(float\)\), but key 1 of the value fed is "
+        r"an int, not a string; feed a dict",
+    ):
+        sess.run(None, {"d": {1: 1.0}})
