@@ -153,7 +153,9 @@ class Session:
     user's cache folder unless ``NPUDISPATCH_CACHE=0``, False turns it off, a path or
     :class:`~npudispatch.dispatch.cache.CompileCache` picks the folder. ``pad`` / ``bf16`` are the
     compilation options of :func:`compile_model`. Inputs and outputs always have the user's shapes
-    and dtypes: padding happens in the copy-in / copy-out.
+    and dtypes: padding happens in the copy-in / copy-out. Sequence, map and optional inputs and
+    outputs are taken and returned as onnxruntime does (lists, dicts, None); the nodes using them
+    run in CPU segments.
     """
 
     def __init__(

@@ -4,7 +4,9 @@ The NPU computes on tensors only, but a model may take or return sequences, maps
 (a scikit-learn classifier's ZipMap returns a sequence of maps). Such values stay in CPU
 segments. onnx_ir represents sequence and optional types but not maps, so :func:`strip_map_types`
 clears a map-holding type before the proto is read and load records its text in the value's
-``meta`` (:data:`TYPE_META`); onnxruntime re-infers the cleared types when it runs the segment.
+``meta`` (:data:`TYPE_META`). :func:`copy_map_types` carries that text into extracted segments and
+:func:`restore_map_types` writes the real type back wherever a model is serialized (onnx inference,
+the CPU segments given to onnxruntime, saved folders): a map input must be typed there.
 
 Type text is onnxruntime's ``NodeArg.type`` spelling: ``tensor(float)``, ``seq(tensor(int64))``,
 ``map(int64,tensor(float))``, ``optional(seq(tensor(float)))``.
@@ -31,7 +33,6 @@ __all__ = [
 
 #: ``ir.Value.meta`` key: onnxruntime's type text of a value whose type onnx_ir cannot hold.
 TYPE_META = "npudispatch.non_tensor_type"
-
 
 _ELEM_NAMES = {"float": onnx.TensorProto.FLOAT, "double": onnx.TensorProto.DOUBLE}
 
