@@ -113,3 +113,22 @@ def test_light_model_with_random_weights_passes_the_rounding_aware_check(name, t
     output = sess.get_outputs()[0].name
     (verdict,) = check_outputs(RoundingReference(path), {feed: x}, {output: y}).values()
     assert verdict.ok, verdict.describe()
+
+
+def test_every_weight_one_percent_off_fails_the_check(tmp_path):
+    """The deep-graph rms rule (half a probe run's rms) still refuses a systematic error."""
+    good = with_random_weights(light_model("squeezenet"))
+    bad = onnx.ModelProto()
+    bad.CopyFrom(good)
+    for t in bad.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.01), t.name))
+    onnx.save(good, tmp_path / "good.onnx")
+    onnx.save(bad, tmp_path / "bad.onnx")
+    feed, x = _input(good, seed=3)
+    sess = Session(tmp_path / "bad.onnx")
+    (y,) = sess.run(None, {feed: x})
+    output = sess.get_outputs()[0].name
+    reference = RoundingReference(tmp_path / "good.onnx")
+    (verdict,) = check_outputs(reference, {feed: x}, {output: y}).values()
+    assert not verdict.ok, verdict.describe()
