@@ -28,6 +28,11 @@ class CpuSegmentError(NpuDispatchError, RuntimeError):
     message names the segment, its nodes and what the engine reported."""
 
 
+class NoReferenceError(NpuDispatchError, RuntimeError):
+    """``--check`` needs onnxruntime to run the model as its reference, and onnxruntime cannot
+    (an op variant its CPU kernels refuse); the message says what onnxruntime reported."""
+
+
 class TxnFormatError(NpuDispatchError, ValueError):
     """A transaction binary is malformed; the message names the byte offset, op index and opcode."""
 
@@ -63,6 +68,7 @@ __all__ = [
     "DeviceFault",
     "DeviceHang",
     "ModelError",
+    "NoReferenceError",
     "NpuDispatchError",
     "PlanError",
     "ProgramFormatError",

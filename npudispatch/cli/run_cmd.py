@@ -19,9 +19,11 @@ against float32 onnxruntime (a policy default fills the one not given, see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +42,7 @@ from npudispatch.cli.common import (
 from npudispatch.cli.compile_cmd import add_compile_options
 from npudispatch.dispatch.backends import backend_names, backend_spec
 from npudispatch.dispatch.backends.registry import cli_flag
-from npudispatch.errors import ModelError
+from npudispatch.errors import ModelError, NoReferenceError, NpuDispatchError
 
 if TYPE_CHECKING:  # onnx-heavy modules load where used: `npudispatch --help` stays fast
     from npudispatch.rewrites.precision import Tolerance
@@ -223,6 +225,26 @@ def rounding_checks(
     return check_outputs(reference, feeds, results, fp32)
 
 
+@contextlib.contextmanager
+def _reference_errors(session: Any) -> Iterator[None]:
+    """onnxruntime refusing to run the reference becomes a :class:`NoReferenceError` that says
+    the NPU run itself finished."""
+    try:
+        yield
+    except NpuDispatchError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeError
+        text = str(exc).strip()
+        reported = text.splitlines()[0].rstrip(". ") if text else type(exc).__name__
+        calls = session.last_run_stats.kernel_calls
+        raise NoReferenceError(
+            f"--check needs onnxruntime to run the model as its reference, and onnxruntime "
+            f"cannot: {reported}. The NPU run itself finished ({calls} kernel call(s)); run "
+            "without --check, or save the outputs (--save-outputs) and compare them with "
+            "another reference"
+        ) from exc
+
+
 def _refuse_dd_golden(path: Path) -> None:
     """DD's golden graphs are for plan/meta fidelity: say so instead of failing to run them."""
     if not Path(path).is_file():
@@ -302,9 +324,13 @@ def run(args: argparse.Namespace) -> int:
         with writing(args.save_outputs, "the outputs"):
             np.savez(args.save_outputs, **{k: np.ascontiguousarray(v) for k, v in results.items()})
     explicit = args.rtol is not None or args.atol is not None
-    reference = onnxruntime_outputs(args.model, dims, feeds) if args.check else {}
     fed = shapes or {n: tuple(a.shape) for n, a in feeds.items()}  # free dims bound by the feeds
-    checks = rounding_checks(args, dims, fed, feeds, results, reference) if args.check else {}
+    reference: dict[str, np.ndarray] = {}
+    checks: dict[str, Any] = {}
+    if args.check:
+        with _reference_errors(session):
+            reference = onnxruntime_outputs(args.model, dims, feeds)
+            checks = rounding_checks(args, dims, fed, feeds, results, reference)
     stats = session.last_run_stats
     summary: dict[str, Any] = {"outputs": {}}
     tolerances: dict[str, Any] = {}

@@ -158,3 +158,25 @@ def test_run_check_default_policy_catches_a_ten_percent_error(
     assert main(args) == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is False and not any(o["ok"] for o in doc["outputs"].values())
+
+
+def test_run_check_without_an_onnxruntime_reference_is_a_clean_error(tmp_path, capsys):
+    """onnxruntime's LRN takes odd sizes only; the NPU's follows the spec for even ones too.
+    --check then has no reference: a clear error saying the NPU run itself finished."""
+    from onnx import TensorProto, helper
+
+    lrn = helper.make_node("LRN", ["x"], ["y"], name="lrn_even", size=4)
+    graph = helper.make_graph(
+        [lrn],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])],
+    )
+    path = tmp_path / "lrn_even.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    assert main(["run", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "--check needs onnxruntime to run the model as its reference" in err
+    assert "size_ % 2 == 1" in err and "1 kernel call(s)" in err
