@@ -290,6 +290,9 @@ class _Q4Columns:
         self._codes_bytes = codes_b
         self.scales = scales[..., None]  # float32 [column, NSUBV, groups, 1]
         self.zero_points = np.ascontiguousarray(zp).view(np.int8)[..., None]
+        # one zero point everywhere (no zero_points input: 8): a plain subtraction, not a broadcast
+        first = self.zero_points.flat[0]
+        self.zero_point = first if bool((self.zero_points == first).all()) else None
 
     def _bf16_rounding(self, bits: np.ndarray, k: int, n: int, block_size: int) -> str:
         """How bf16 scales ``bits`` (``[column, NSUBV, groups]``, stream order) round:
@@ -333,7 +336,10 @@ class _Q4Columns:
         np.left_shift(pairs, 4, out=shifted)
         pairs |= shifted
         pairs &= 0x0F0F
-        np.subtract(d, self.zero_points[c0:c1, r0:r1].reshape(rows, self._groups, 1), out=d)
+        if self.zero_point is not None:
+            np.subtract(d, self.zero_point, out=d)
+        else:
+            np.subtract(d, self.zero_points[c0:c1, r0:r1].reshape(rows, self._groups, 1), out=d)
         scales = self.scales[c0:c1, r0:r1].reshape(rows, self._groups, 1)
         band[...] = d  # exact small integers
         band *= scales  # with bf16 scales exact (at most 12 significant bits; scaled: x = v · 2^16)

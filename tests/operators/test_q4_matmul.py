@@ -75,6 +75,7 @@ def test_q4_matmul_bit_identical_to_dequantize_then_matmul(
     a = _activations(rng, (*lead, k), fp32)
     q4 = q4_kernel._Q4Columns(stream, k, n, block, stripes, fp32_scales=fp32)
     assert q4.rounding == ("none" if fp32 else "scaled" if positive else "split")
+    assert (q4.zero_point is None) == zero_points  # without them one zero point, 8, everywhere
     with limited_blas_threads(1):
         got = q4_kernel.q4_matmul(a, stream, k, n, block, stripes, fp32_scales=fp32)
         want = _reference(a, stream, k, n, block, stripes, fp32)
