@@ -37,6 +37,11 @@ from onnxscript.optimizer import fold_constants_ir
 
 from npudispatch.domains import is_onnx_domain, normalize_domain
 from npudispatch.errors import ModelError
+from npudispatch.graph.folding_guards import (
+    castlike_to_cast,
+    hide_split_shapes,
+    shield_sequence_ops,
+)
 from npudispatch.graph.propagation_guard import (
     GENERATOR_OPS,
     generated_elements,
@@ -140,14 +145,17 @@ def forget_stale_shapes(graph: ir.Graph) -> None:
     Exporters write value_info in terms of their symbolic input dims (``floor(width/2) + 1``);
     after the inputs are bound those expressions are stale, and strict inference would reject the
     conflict between them and the now static truth. Static declarations are kept: they are what
-    custom-domain ops that no inference knows still rely on.
+    custom-domain ops that no inference knows still rely on. A graph output keeps its declared
+    rank with anonymous dims: where its shape follows from run-time data (``SequenceAt``) the
+    rank is all that is known, and onnx merges anonymous dims with any inferred ones.
     """
     for value in _main_values(graph):
         if not _is_read(value):
             continue
         shape = value.shape
         if shape is not None and not all(isinstance(d, int) and d >= 0 for d in shape):
-            value.shape = None
+            open_dims = [d if isinstance(d, int) and d >= 0 else None for d in shape]
+            value.shape = ir.Shape(open_dims) if value.is_graph_output() else None
 
 
 def resolve_shapes(model: ir.Model) -> None:
@@ -497,8 +505,9 @@ def fold_shape_arithmetic(model: ir.Model, size_limit: int = SHAPE_TENSOR_LIMIT)
     Folded values become initializers: onnxscript writes them as ``Constant(value_ints=...)``
     nodes, which opset < 12 models cannot hold.
     """
-    pinned = _castlike_to_cast(model)
-    hidden = _hide_split_shapes(model)
+    pinned = castlike_to_cast(model)
+    hidden = hide_split_shapes(model)
+    shielded = shield_sequence_ops(model)
     try:
         result = fold_constants_ir(
             model,
@@ -510,6 +519,8 @@ def fold_shape_arithmetic(model: ir.Model, size_limit: int = SHAPE_TENSOR_LIMIT)
     finally:
         for value, shape in hidden:
             value.shape = shape
+        for node in shielded:
+            node.domain = ""
     if result.modified:
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         _forget_dropped_branches(model)
@@ -544,47 +555,3 @@ def _forget_dropped_branches(model: ir.Model) -> None:
             for user, index in list(value.uses()):
                 if user.graph is not None and user.graph not in live:
                     user.replace_input_with(index, None)
-
-
-def _hide_split_shapes(model: ir.Model) -> list[tuple[ir.Value, ir.Shape]]:
-    """Clear, for the folding, the shape of a SplitToSequence's run-time ``split`` that is not
-    1-D; returns what to restore. onnxscript 0.7's SplitToSequence evaluator reads the value of
-    such a split (``None.ndim``) and crashes the whole fold."""
-    hidden = []
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type != "SplitToSequence" or not is_onnx_domain(node.domain):
-            continue
-        split = node.inputs[1] if len(node.inputs) > 1 else None
-        if split is None or split.const_value is not None or split.shape is None:
-            continue
-        if len(split.shape) != 1:
-            hidden.append((split, split.shape))
-            split.shape = None
-    return hidden
-
-
-def _castlike_to_cast(model: ir.Model) -> bool:
-    """Turn a CastLike that carries attributes into the equivalent ``Cast(to=T, ...)`` first.
-
-    onnxscript's folder rewrites every CastLike whose target type is known into a Cast *without*
-    its attributes, which changes results (``saturate=0`` for float8; ``round_mode``). Cast and
-    CastLike take the same attributes in every opset, so they are all carried over; a Cast that
-    already has them is left alone. True when a node was rewritten.
-    """
-    changed = False
-    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-        if node.op_type != "CastLike" or not is_onnx_domain(node.domain) or not node.attributes:
-            continue
-        like = node.inputs[1] if len(node.inputs) > 1 else None
-        if like is None or like.dtype is None or node.graph is None:
-            continue
-        attributes = {name: attr.value for name, attr in node.attributes.items()}
-        cast = ir.node(
-            "Cast", [node.inputs[0]], attributes={**attributes, "to": like.dtype}, name=node.name
-        )
-        ir.convenience.replace_nodes_and_values(
-            node.graph, node, [node], [cast], node.outputs, cast.outputs
-        )
-        cast.outputs[0].name = node.outputs[0].name
-        changed = True
-    return changed

@@ -124,6 +124,23 @@ def node_cases() -> dict[str, NodeCase]:
     return {c.name: c for c in cases}
 
 
+#: The backend's model tests shipped beside the node tests: models converted from PyTorch
+#: (``pytorch-converted``, ``pytorch-operator``) and small multi-node graphs (``simple``).
+MODEL_SUITES = ("pytorch-converted", "pytorch-operator", "simple")
+
+
+@functools.cache
+def model_cases() -> dict[str, NodeCase]:
+    """Every model test case of the installed onnx, by ``suite/name`` (built once per process)."""
+    data = Path(onnx.__file__).parent / "backend" / "test" / "data"
+    return {
+        f"{suite}/{case.name}": case
+        for suite in MODEL_SUITES
+        if (data / suite).is_dir()
+        for case in cases_from_files(data / suite)
+    }
+
+
 # --- comparison ------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """ONNX backend node tests through ``npudispatch.Session`` (emulator + onnxruntime fallback).
 
-Every case of the installed ``onnx`` package runs (``onnx_node_cases.py``). onnxruntime is the
+Every case of the installed ``onnx`` package runs (``onnx_node_cases.py``), and so do its model
+tests (models converted from PyTorch, small multi-node graphs). onnxruntime is the
 control: a case it fails itself is skipped with its error. A case in ``expected_failures.py``
 is a strict xfail: it must fail with the stated error type, and passing fails the suite so the
 list can only shrink.
@@ -13,7 +14,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from expected_failures import EXPECTED_FAILURES
-from onnx_node_cases import NodeCase, assert_outputs_match, node_cases, onnxruntime_verdict
+from onnx_node_cases import (
+    NodeCase,
+    assert_outputs_match,
+    model_cases,
+    node_cases,
+    onnxruntime_verdict,
+)
 
 import npudispatch
 from npudispatch import graph
@@ -60,7 +67,15 @@ def _tolerances(session: npudispatch.Session, case: NodeCase):
 
 @pytest.mark.parametrize("name", _params())
 def test_node_case(name: str) -> None:
-    case = node_cases()[name]
+    _run_case(node_cases()[name])
+
+
+@pytest.mark.parametrize("name", sorted(model_cases()))
+def test_model_case(name: str) -> None:
+    _run_case(model_cases()[name])
+
+
+def _run_case(case: NodeCase) -> None:
     if (why := onnxruntime_verdict(case)) is not None:
         pytest.skip(f"onnxruntime fails this case itself: {why}")
     session = npudispatch.Session(case.model, cache=False)
