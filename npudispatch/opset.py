@@ -276,7 +276,9 @@ for _act, _body in _CONV_ACTIVATION_BODIES.items():
 def function_for(op_type: str, overload: str = "", opset: int = 18) -> ir.Function:
     """The ONNX function body of ``npudispatch.<op_type>`` (``overload`` selects a variant)."""
     key = (op_type, overload)
-    text = _BODIES.get(key) or (chain_body(overload) if op_type == CHAIN else None)
+    text = _BODIES.get(key) or (
+        chain_body(overload) if op_type == CHAIN else weight_form_body(op_type, overload)
+    )
     if text is None:
         raise ModelError(
             f"no function body for {DOMAIN}.{op_type} overload {overload!r}; "
@@ -323,6 +325,10 @@ def attach_functions(model: ir.Model) -> list[tuple[str, str, str]]:
             node.overload = GELU_TANH_OVERLOAD if approx == "tanh" else ""
         if node.op_type == CHAIN:  # the body is generated from the stage list
             node.overload = node.attributes.get_string("stages", "")
+        if WEIGHT_AXIS in node.attributes:  # a QDQ op's weight quantized in another form
+            node.overload = weight_form_overload(
+                node.attributes.get_int(WEIGHT_AXIS), node.attributes.get_int(WEIGHT_BLOCK, 0)
+            )
         if node.op_type in _FUSED_CONVS:
             act = node.attributes.get_string("activation", "")
             if act not in CONV_ACTIVATIONS:
@@ -516,10 +522,14 @@ def reference_op(op_type: str) -> type[OpRun]:
 from npudispatch.opset_quant import (  # noqa: E402
     CHAIN,
     PER_AXIS_OPSET,
+    WEIGHT_AXIS,
+    WEIGHT_BLOCK,
     chain_body,
     lower_per_axis_dq,
     quantized_bodies,
     quantized_specs,
+    weight_form_body,
+    weight_form_overload,
 )
 
 OPS.update({name: OpSpec(name, *spec) for name, spec in quantized_specs().items()})

@@ -18,6 +18,8 @@ __all__ = [
     "CHAIN",
     "PER_AXIS_OPSET",
     "QDQ_OPS",
+    "WEIGHT_AXIS",
+    "WEIGHT_BLOCK",
     "QuantizedOp",
     "chain_arity",
     "chain_body",
@@ -25,6 +27,8 @@ __all__ = [
     "lower_per_axis_dq",
     "quantized_bodies",
     "quantized_specs",
+    "weight_form_body",
+    "weight_form_overload",
 ]
 
 
@@ -44,6 +48,9 @@ class QuantizedOp:
     per_axis: tuple[int, ...] = ()  # operands that may be quantized per channel (axis 0...)
     optional: tuple[int, ...] = ()  # trailing operands the float op may omit (a zero bias)
     axes: tuple[tuple[int, int], ...] = ()  # (operand, axis) of per-channel operands not on 0
+    # The constant weight operand that may also be quantized along any axis or in blocks (a
+    # ``weight_axis`` / ``weight_block_size`` form of the fused op, :func:`weight_form_overload`).
+    weight: int | None = None
 
     def axis_of(self, operand: int) -> int:
         """The axis along which a per-channel ``operand`` is quantized (0 unless ``axes``)."""
@@ -79,11 +86,17 @@ class QuantizedOp:
         refs = ", ".join(f"{n} = @{prefix}{n}" for n in self.attributes)
         return [f"{result} = {self.inner}{f' <{refs}>' if refs else ''} ({', '.join(args)})"]
 
-    def body(self) -> str:
-        """The ONNX function body (text) of the fused op."""
-        return _function_text(self.name, self.attribute_decls(), self.inputs, self.arity,
+    def body(self, form: tuple[int, int] | None = None) -> str:
+        """The ONNX function body (text) of the fused op; ``form`` = ``(axis, block_size)`` of
+        its :attr:`weight` operand's DequantizeLinear when it is not the default one."""
+        decls, dq_attrs = self.attribute_decls(), {}
+        if form is not None and self.weight is not None:
+            axis, block = form
+            decls += [f"{WEIGHT_AXIS}: int = {axis}", f"{WEIGHT_BLOCK}: int = {block}"]
+            dq_attrs[self.weight] = f"axis = {axis}" + (f", block_size = {block}" if block else "")
+        return _function_text(self.name, decls, self.inputs, self.arity,
                               self.op_lines([f"f{i}" for i in range(self.arity)], "r"),
-                              self.per_axis, self.axes)  # fmt: skip
+                              self.per_axis, self.axes, dq_attrs)  # fmt: skip
 
 
 def _function_text(
@@ -94,10 +107,12 @@ def _function_text(
     lines: list[str],
     per_axis: tuple[int, ...] = (),
     axes: tuple[tuple[int, int], ...] = (),
+    dq_attrs: dict[int, str] | None = None,
 ) -> str:
     header = f" <{', '.join(decls)}>" if decls else ""
+    attrs = {i: f"axis = {dict(axes).get(i, 0)}" for i in per_axis} | (dq_attrs or {})
     dqs = [
-        f"f{i} = DequantizeLinear{f' <axis = {dict(axes).get(i, 0)}>' if i in per_axis else ''} "
+        f"f{i} = DequantizeLinear{f' <{attrs[i]}>' if i in attrs else ''} "
         f"(x{i}, x{i}_scale, x{i}_zero_point)"
         for i in range(n_dq)
     ]
@@ -140,6 +155,29 @@ def lower_per_axis_dq(text: str) -> str:
     # Other axes (a ConvTranspose weight's 1) only ever hold per-tensor operands below opset
     # 13, where no DequantizeLinear of the source model has an axis: the axis is dropped.
     return _OTHER_AXIS.sub("DequantizeLinear", _PER_AXIS_DQ.sub(lowered, text))
+
+
+WEIGHT_AXIS = "weight_axis"
+WEIGHT_BLOCK = "weight_block_size"
+_FORM = re.compile(r"weight_axis(\d+)_block(\d+)")
+
+
+def weight_form_overload(axis: int, block: int) -> str:
+    """Function overload of a fused op whose :attr:`QuantizedOp.weight` is quantized along
+    ``axis`` (>= 0) in blocks of ``block`` (0: per channel) instead of the default form (per
+    tensor, or per channel along :meth:`QuantizedOp.axis_of`): its body's DequantizeLinear
+    takes that axis and block_size, which the node carries as ``weight_axis`` and
+    ``weight_block_size`` (the kernel reads them from its record)."""
+    return f"weight_axis{axis}_block{block}"
+
+
+def weight_form_body(op_type: str, overload: str) -> str | None:
+    """Function body of ``op_type`` with a :func:`weight_form_overload`, None if not one."""
+    m = _FORM.fullmatch(overload)
+    spec = next((op for op in QDQ_OPS.values() if op.name == op_type), None)
+    if m is None or spec is None or spec.weight is None:
+        return None
+    return spec.body((int(m.group(1)), int(m.group(2))))
 
 
 CHAIN = "QDQChain"
@@ -197,7 +235,7 @@ def _ops() -> dict[str, QuantizedOp]:
     ops = [QuantizedOp(op, 2) for op in ("Add", "Sub", "Mul", "Div", "Pow")]
     # B may be a constant weight [K, N] quantized per row (axis 0, along the reduction axis K),
     # which QMatMul's integer kernel cannot take (the scale cannot leave the integer sum).
-    ops.append(QuantizedOp("MatMul", 2, per_axis=(1,)))
+    ops.append(QuantizedOp("MatMul", 2, per_axis=(1,), weight=1))
     ops += [
         QuantizedOp(op, 1)
         for op in (
@@ -234,7 +272,7 @@ def _ops() -> dict[str, QuantizedOp]:
         "pads": ("ints", None),
         "strides": ("ints", None),
     }
-    ops.append(QuantizedOp("Conv", 3, conv_attrs, per_axis=(1, 2), optional=(2,)))
+    ops.append(QuantizedOp("Conv", 3, conv_attrs, per_axis=(1, 2), optional=(2,), weight=1))
     gemm_attrs = {
         "alpha": ("float", "1.0"),
         "beta": ("float", "1.0"),
@@ -244,7 +282,7 @@ def _ops() -> dict[str, QuantizedOp]:
     # B per channel along axis 0: per output channel with transB=1 (B [N, K]), per K with
     # transB=0 (the rewrite transposes a weight quantized along axis 1 and flips transB);
     # C is the int32 bias per channel, or an exact zero.
-    ops.append(QuantizedOp("Gemm", 3, gemm_attrs, per_axis=(1, 2), optional=(2,)))
+    ops.append(QuantizedOp("Gemm", 3, gemm_attrs, per_axis=(1, 2), optional=(2,), weight=1))
     ops.append(QuantizedOp("GlobalAveragePool", 1))
     # Inference BatchNormalization: scale, B, mean, var per channel (exact DQs of the floats).
     bn_attrs = {"epsilon": ("float", "1e-05"), "momentum": ("float", "0.9")}
@@ -285,7 +323,8 @@ def quantized_specs() -> dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[
         op.name: (
             op.inputs,
             ("y",),
-            {n: d or "" for n, (_, d) in op.attributes.items()},
+            {n: d or "" for n, (_, d) in op.attributes.items()}
+            | ({WEIGHT_AXIS: "", WEIGHT_BLOCK: "0"} if op.weight is not None else {}),
             f"QuantizeLinear({op.inner}(DequantizeLinear(x_i)...)), per-tensor parameters",
         )
         for op in QDQ_OPS.values()

@@ -50,7 +50,15 @@ from npudispatch.operators.quantize import (
 )
 from npudispatch.operators.window import resolve_window
 from npudispatch.opset import DOMAIN
-from npudispatch.opset_quant import CHAIN, QDQ_OPS, QuantizedOp, chain_arity, chain_stages
+from npudispatch.opset_quant import (
+    CHAIN,
+    QDQ_OPS,
+    WEIGHT_AXIS,
+    WEIGHT_BLOCK,
+    QuantizedOp,
+    chain_arity,
+    chain_stages,
+)
 
 __all__ = ["QDQ_OPERATORS", "STAGE_FLOATS", "QdqChain", "QdqFusedOp", "float_op"]
 
@@ -242,14 +250,43 @@ def stage_floats(spec: QuantizedOp, attrs: dict) -> list[float]:
     return [attrs[name] for name, _ in STAGE_FLOATS.get(spec.inner, ())]
 
 
-def _operand_params(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int = 0):
-    """Scale and zero point of one operand: per tensor, or per channel along ``axis``."""
-    if scale.size == 1:
+def _operand_params(
+    q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int = 0, block: int = 0
+):
+    """Scale and zero point of one operand: per tensor, per channel along ``axis``, or in
+    blocks of ``block`` along ``axis`` (DequantizeLinear-21's blocked form)."""
+    if scale.size == 1 and not block:
         return scale.reshape(()), zp.reshape(())
     return (
-        expand_param(scale, q.shape, axis, 0, 1.0),
-        expand_param(zp.astype(np.int64), q.shape, axis, 0, 0),
+        expand_param(scale, q.shape, axis, block, 1.0),
+        expand_param(zp.astype(np.int64), q.shape, axis, block, 0),
     )
+
+
+def weight_form(node: ir.Node, stages: list[QuantizedOp]) -> tuple[int, int] | Decline | None:
+    """``(axis, block_size)`` of a single fused op's weight when the node gives one
+    (``weight_axis`` / ``weight_block_size``), None for the default form."""
+    if WEIGHT_AXIS not in node.attributes:
+        return None
+    if len(stages) != 1 or stages[0].weight is None:
+        return Decline(f"{WEIGHT_AXIS} is only taken by a single QDQ MatMul, Gemm or Conv")
+    axis, block = node.attributes.get_int(WEIGHT_AXIS), node.attributes.get_int(WEIGHT_BLOCK, 0)
+    if axis < 0 or block < 0 or block == 1:
+        return Decline(f"{WEIGHT_AXIS}={axis} / {WEIGHT_BLOCK}={block}: a non-negative axis and "
+                       f"a block size of 0 (per channel) or >= 2")  # fmt: skip
+    return axis, block
+
+
+def _form_params_fit(scale: np.ndarray, zp: np.ndarray, shape, form: tuple[int, int]) -> bool:
+    """Whether ``scale`` / ``zp`` are the per-channel or blocked parameters of a ``shape``
+    weight quantized in ``form`` (per tensor is the default form, never a ``form``)."""
+    axis, block = form
+    if axis >= len(shape) or zp.shape != scale.shape:
+        return False
+    if not block:
+        return scale.shape == (shape[axis],)
+    blocked = tuple(-(-d // block) if i == axis else d for i, d in enumerate(shape))
+    return scale.shape == blocked
 
 
 _CODES = {inner: i for i, inner in enumerate(QDQ_OPS)}
@@ -276,6 +313,9 @@ class QdqFusedOp(Operator):
         arity = chain_arity(stages) if len(stages) > 1 else stages[0].arity
         if len(node.inputs) != 3 * arity + 2 or any(v is None for v in node.inputs):
             return Decline(f"{label}: needs {3 * arity + 2} inputs (zero points included)")
+        form = weight_form(node, stages)
+        if isinstance(form, Decline):
+            return Decline(f"{label}: {form.reason}")
         specs: list[TensorSpec | None] = []
         consts: dict[int, np.ndarray] = {}
         for k in range(arity + 1):
@@ -309,7 +349,15 @@ class QdqFusedOp(Operator):
             per_axis = k < arity and k in stages[0].per_axis and scale.size != 1
             axis = stages[0].axis_of(k)
             shape = specs[-1].shape if k < arity and specs[-1] is not None else ()
-            if per_axis and not (
+            if form is not None and k == stages[0].weight:
+                if base not in consts:
+                    return Decline(f"{label}: weight x{k} of {WEIGHT_AXIS} must be a constant")
+                if not _form_params_fit(scale, zp, shape, form):
+                    return Decline(
+                        f"{label}: weight x{k} {shape} scale {scale.shape} / zero point "
+                        f"{zp.shape} do not fit axis {form[0]}, block size {form[1]}"
+                    )
+            elif per_axis and not (
                 scale.ndim == 1
                 and zp.shape == scale.shape
                 and len(shape) > axis
@@ -356,13 +404,17 @@ class QdqFusedOp(Operator):
             shape = out
         if shape != y.shape:
             return Decline(f"{label}: output shape {y.shape}, the ops give {shape}")
-        return node_config(self, node, specs, [y], consts=consts, attrs={"plan": plan})
+        return node_config(
+            self, node, specs, [y], consts=consts, attrs={"plan": plan, "form": form}
+        )
 
     def op_dims(self, cfg: OpConfig) -> list[int]:
         """One op: its stage dims. A chain: ``[n, (code, n_dims, *dims) per stage]``."""
         plan = cfg.attrs["plan"]
-        if len(plan) == 1:
-            return stage_dims(*plan[0])
+        if len(plan) == 1:  # a weight op ends with its weight's (axis, block_size)
+            spec = plan[0][0]
+            form = cfg.attrs.get("form") or (spec.axis_of(spec.weight or 0), 0)
+            return stage_dims(*plan[0]) + (list(form) if spec.weight is not None else [])
         dims = [len(plan)]
         for spec, attrs in plan:
             own = stage_dims(spec, attrs)
@@ -376,15 +428,23 @@ class QdqFusedOp(Operator):
     def decode_stages(self, dims: list[int]) -> list[tuple[QuantizedOp, list[int]]]:
         """Inverse of :meth:`op_dims`: each stage and its dims (what the kernel reads)."""
 
+    def decode_form(self, dims: list[int]) -> tuple[int, int] | None:
+        """The weight's ``(axis, block_size)`` from the record dims (None: the default)."""
+        return None
+
     # ---- execution ------------------------------------------------------------------------
     def _run(self, inputs, out_dtype: np.dtype, dims, floats) -> np.ndarray:
         stages = self.decode_stages(list(dims))
+        form = self.decode_form(list(dims))
         arity = (len(inputs) - 2) // 3
         first = stages[0][0]
+        forms = {i: (first.axis_of(i), 0) for i in range(arity)}
+        if form is not None and first.weight is not None:
+            forms[first.weight] = form
         xs = [
             dequantize(
                 inputs[3 * i],
-                *_operand_params(inputs[3 * i], *inputs[3 * i + 1 : 3 * i + 3], first.axis_of(i)),
+                *_operand_params(inputs[3 * i], *inputs[3 * i + 1 : 3 * i + 3], *forms[i]),
             )
             for i in range(arity)
         ]
@@ -425,7 +485,12 @@ class _SingleQdqOp(QdqFusedOp):
         return [self.spec]
 
     def decode_stages(self, dims: list[int]) -> list[tuple[QuantizedOp, list[int]]]:
-        return [(self.spec, list(dims))]
+        return [(self.spec, list(dims[:-2] if self.spec.weight is not None else dims))]
+
+    def decode_form(self, dims: list[int]) -> tuple[int, int] | None:
+        if self.spec.weight is None:
+            return None
+        return dims[-2], dims[-1]
 
 
 class QdqChain(QdqFusedOp):

@@ -76,6 +76,7 @@ from npudispatch.rewrites.qdq_operands import (
     fused_attrs,
     gemm_weights_along_axis_0,
     starts_chain,
+    weight_form_dq,
     zero_bias_dq,
 )
 
@@ -269,11 +270,14 @@ def _fuse(
     q: ir.Node,
     remove: list[ir.Node],
     report: QdqReport,
+    form: dict | None = None,
 ) -> bool:
-    """Replace ``Q(stage_n(...stage_0(DQ...)))`` by ``npudispatch.QDQ<op>`` (one stage) or
-    ``npudispatch.QDQChain`` if the operator library takes the fused node."""
+    """Replace ``Q(stage_n(...stage_0(DQ...)))`` by ``npudispatch.QDQ<op>`` (one stage, with
+    its weight's ``form`` attributes if any) or ``npudispatch.QDQChain`` if the operator
+    library takes the fused node."""
     if len(stages) == 1:
         inner, attrs = stages[0]
+        attrs = {**attrs, **(form or {})}
         op_type = QDQ_OPS[inner].name
     else:
         op_type = CHAIN
@@ -387,6 +391,7 @@ def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> N
         while chain:
             made: list[ir.Node] = []
             dqs: list[ir.Node] = []
+            form: dict | None = None
             ok = True
             for k, (node, (inner, _)) in enumerate(chain):
                 first = 0 if k == 0 else 1
@@ -404,6 +409,9 @@ def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> N
                             if v is None
                             else _operand_dq(graph, namer, v, node, made, per_axis, spec.axis_of(j))
                         )
+                    if dq is None and v is not None and len(chain) == 1 and j == spec.weight:
+                        found = weight_form_dq(v, node)  # a weight along another axis, blocked
+                        dq, form = found if found is not None else (None, None)
                     if dq is None:
                         ok = False
                         break
@@ -411,7 +419,7 @@ def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> N
                 if not ok:
                     break
             nodes = [n for n, _ in chain]
-            if ok and _fuse(graph, namer, [st for _, st in chain], dqs, q, nodes, report):
+            if ok and _fuse(graph, namer, [st for _, st in chain], dqs, q, nodes, report, form):
                 break
             for extra in made:  # not fused: drop the exact DQs made for it
                 if not extra.outputs[0].uses():

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from npudispatch.operators.base import Decline, op_label
 from npudispatch.operators.conv import ConvTranspose
 from npudispatch.operators.quantize import dequantize
-from npudispatch.opset_quant import QDQ_OPS, QuantizedOp
+from npudispatch.opset_quant import QDQ_OPS, WEIGHT_AXIS, WEIGHT_BLOCK, QuantizedOp
 from npudispatch.rewrites._checks import const_array
 from npudispatch.rewrites.qdq_common import (
     Namer,
@@ -30,8 +30,13 @@ __all__ = [
     "fused_attrs",
     "gemm_weights_along_axis_0",
     "starts_chain",
+    "weight_form_dq",
     "zero_bias_dq",
 ]
+
+# Weight types a fused op dequantizes in another form (4-bit blocked weights of a MatMul become
+# MatMulNBits instead, rewrites/qdq.py step 8).
+_FORM_TYPES = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16}
 
 
 def exact_dq(
@@ -91,6 +96,31 @@ def starts_chain(node: ir.Node, spec: QuantizedOp) -> bool:
         if p is None or not p.per_tensor:
             return True
     return False
+
+
+def weight_form_dq(value: ir.Value, reader: ir.Node) -> tuple[ir.Node, dict] | None:
+    """The DequantizeLinear of a constant 8/16-bit weight feeding ``value`` to ``reader`` only,
+    quantized per channel along any axis or in blocks (opset 21 ``block_size``), with the
+    fused op's ``weight_axis`` / ``weight_block_size`` attributes for it; None otherwise. The
+    fused kernel dequantizes such a weight in float32 as DequantizeLinear does."""
+    dq = value.producer()
+    if not is_op(dq, "DequantizeLinear") or single_reader(value) is not reader:
+        return None
+    assert dq is not None
+    w = const_array(dq.inputs[0])
+    p = qparams_of(dq, dq.inputs[0].dtype)
+    if w is None or p is None or p.per_tensor or dq.inputs[0].dtype not in _FORM_TYPES:
+        return None
+    if not -w.ndim <= p.axis < w.ndim:
+        return None
+    axis = p.axis % w.ndim
+    if p.block:
+        blocked = tuple(-(-d // p.block) if i == axis else d for i, d in enumerate(w.shape))
+        if p.scale.shape != blocked:
+            return None
+    elif p.scale.shape != (w.shape[axis],):
+        return None
+    return dq, {WEIGHT_AXIS: axis, WEIGHT_BLOCK: p.block}
 
 
 def zero_bias_dq(graph: ir.Graph, namer: Namer, node: ir.Node) -> ir.Node | None:
