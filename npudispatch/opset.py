@@ -327,7 +327,9 @@ def attach_functions(model: ir.Model) -> list[tuple[str, str, str]]:
             node.overload = node.attributes.get_string("stages", "")
         if WEIGHT_AXIS in node.attributes:  # a QDQ op's weight quantized in another form
             node.overload = weight_form_overload(
-                node.attributes.get_int(WEIGHT_AXIS), node.attributes.get_int(WEIGHT_BLOCK, 0)
+                node.attributes.get_int(WEIGHT_AXIS),
+                node.attributes.get_int(WEIGHT_BLOCK, 0),
+                node.overload if node.op_type == CHAIN else "",
             )
         if node.op_type in _FUSED_CONVS:
             act = node.attributes.get_string("activation", "")

@@ -162,22 +162,29 @@ WEIGHT_BLOCK = "weight_block_size"
 _FORM = re.compile(r"weight_axis(\d+)_block(\d+)")
 
 
-def weight_form_overload(axis: int, block: int) -> str:
-    """Function overload of a fused op whose :attr:`QuantizedOp.weight` is quantized along
-    ``axis`` (>= 0) in blocks of ``block`` (0: per channel) instead of the default form (per
-    tensor, or per channel along :meth:`QuantizedOp.axis_of`): its body's DequantizeLinear
-    takes that axis and block_size, which the node carries as ``weight_axis`` and
-    ``weight_block_size`` (the kernel reads them from its record)."""
-    return f"weight_axis{axis}_block{block}"
+def weight_form_overload(axis: int, block: int, stages: str = "") -> str:
+    """Function overload of a fused op (a :data:`CHAIN` with ``stages``) whose
+    :attr:`QuantizedOp.weight` is quantized along ``axis`` (>= 0) in blocks of ``block`` (0: per
+    channel) instead of the default form (per tensor, or per channel along
+    :meth:`QuantizedOp.axis_of`): its body's DequantizeLinear takes that axis and block_size,
+    which the node carries as ``weight_axis`` and ``weight_block_size`` (the kernel reads them
+    from its record). A chain's overload is ``"<stages>:weight_axis<A>_block<B>"``."""
+    form = f"weight_axis{axis}_block{block}"
+    return f"{stages}:{form}" if stages else form
+
+
+def _parse_form(text: str) -> tuple[int, int] | None:
+    m = _FORM.fullmatch(text)
+    return None if m is None else (int(m.group(1)), int(m.group(2)))
 
 
 def weight_form_body(op_type: str, overload: str) -> str | None:
     """Function body of ``op_type`` with a :func:`weight_form_overload`, None if not one."""
-    m = _FORM.fullmatch(overload)
+    form = _parse_form(overload)
     spec = next((op for op in QDQ_OPS.values() if op.name == op_type), None)
-    if m is None or spec is None or spec.weight is None:
+    if form is None or spec is None or spec.weight is None:
         return None
-    return spec.body((int(m.group(1)), int(m.group(2))))
+    return spec.body(form)
 
 
 CHAIN = "QDQChain"
@@ -201,15 +208,23 @@ def chain_arity(stages: list[QuantizedOp]) -> int:
 
 
 def chain_body(overload: str) -> str | None:
-    """Function body of ``QDQChain`` with ``overload`` (None when the overload is invalid)."""
-    stages = chain_stages(overload)
-    if stages is None:
+    """Function body of ``QDQChain`` with ``overload`` (its stages, and a
+    :func:`weight_form_overload` suffix for its first stage's weight; None when invalid)."""
+    names, _, suffix = overload.partition(":")
+    stages = chain_stages(names)
+    form = _parse_form(suffix) if suffix else None
+    if stages is None or (suffix and (form is None or stages[0].weight is None)):
         return None
     n = chain_arity(stages)
     inputs: list[str] = []
     for i in range(n):
         inputs += [f"x{i}", f"x{i}_scale", f"x{i}_zero_point"]
     decls = ['stages: string = ""']
+    dq_attrs: dict[int, str] = {}
+    if form is not None and stages[0].weight is not None:
+        axis, block = form
+        decls += [f"{WEIGHT_AXIS}: int = {axis}", f"{WEIGHT_BLOCK}: int = {block}"]
+        dq_attrs[stages[0].weight] = f"axis = {axis}" + (f", block_size = {block}" if block else "")
     lines: list[str] = []
     used = 0
     for k, stage in enumerate(stages):
@@ -228,6 +243,7 @@ def chain_body(overload: str) -> str | None:
         lines,
         stages[0].per_axis,
         stages[0].axes,
+        dq_attrs,
     )
 
 
@@ -332,7 +348,7 @@ def quantized_specs() -> dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[
         CHAIN: (
             ("x0", "x0_scale", "x0_zero_point", "...", "y_scale", "y_zero_point"),
             ("y",),
-            {"stages": ""},
+            {"stages": "", WEIGHT_AXIS: "", WEIGHT_BLOCK: "0"},
             "QuantizeLinear(stage_n(...stage_0(DequantizeLinear(x_i)...)...)), per-tensor",
         )
     }

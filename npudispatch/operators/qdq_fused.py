@@ -268,8 +268,8 @@ def weight_form(node: ir.Node, stages: list[QuantizedOp]) -> tuple[int, int] | D
     (``weight_axis`` / ``weight_block_size``), None for the default form."""
     if WEIGHT_AXIS not in node.attributes:
         return None
-    if len(stages) != 1 or stages[0].weight is None:
-        return Decline(f"{WEIGHT_AXIS} is only taken by a single QDQ MatMul, Gemm or Conv")
+    if stages[0].weight is None:
+        return Decline(f"{WEIGHT_AXIS} is only taken by a QDQ MatMul, Gemm or Conv (first stage)")
     axis, block = node.attributes.get_int(WEIGHT_AXIS), node.attributes.get_int(WEIGHT_BLOCK, 0)
     if axis < 0 or block < 0 or block == 1:
         return Decline(f"{WEIGHT_AXIS}={axis} / {WEIGHT_BLOCK}={block}: a non-negative axis and "
@@ -419,7 +419,9 @@ class QdqFusedOp(Operator):
         for spec, attrs in plan:
             own = stage_dims(spec, attrs)
             dims += [_CODES[spec.inner], len(own), *own]
-        return dims
+        first = plan[0][0]  # a chain from a weight op ends with the weight's (axis, block_size)
+        form = cfg.attrs.get("form") or (first.axis_of(first.weight or 0), 0)
+        return dims + (list(form) if first.weight is not None else [])
 
     def op_floats(self, cfg: OpConfig) -> list[float]:
         return [f for spec, attrs in cfg.attrs["plan"] for f in stage_floats(spec, attrs)]
@@ -515,6 +517,11 @@ class QdqChain(QdqFusedOp):
             out.append((_BY_CODE[code], dims[pos + 2 : pos + 2 + n]))
             pos += 2 + n
         return out
+
+    def decode_form(self, dims: list[int]) -> tuple[int, int] | None:
+        if _BY_CODE[dims[1]].weight is None:
+            return None
+        return dims[-2], dims[-1]
 
 
 def _make(index: int, spec: QuantizedOp) -> type[QdqFusedOp]:

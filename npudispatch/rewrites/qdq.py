@@ -29,8 +29,12 @@
    ``sqrt(head_dim)``; BatchNormalization's per-channel mean and variance) is written exactly as
    ``DQ(q=sign(c), scale=|c|, zp=0)``, per tensor for a scalar, per channel where the op takes
    per-channel operands. A chain of such ops between one set of DQs and one Q (``Pow ->
-   ReduceMean``) becomes ``npudispatch.QDQChain``. A group is fused only when the operator
-   library takes the fused node (else nothing changes).
+   ReduceMean``) becomes ``npudispatch.QDQChain``. A MatMul, Gemm or Conv weight (8/16-bit)
+   quantized in blocks (opset 21 ``block_size``) or per channel along an axis other than the
+   fused op's default (a MatMul ``[K, N]`` per column, a ``[B, K, N]`` weight along K or N)
+   gives the fused op (or a chain's first stage) ``weight_axis`` / ``weight_block_size``: its
+   kernel dequantizes the weight in float32 exactly as DequantizeLinear does. A group is fused
+   only when the operator library takes the fused node (else nothing changes).
 7. **merge_dq** - identical DequantizeLinear copies left by step 2 are merged again.
 8. **nbits** - ``MatMul(a, DQ(W))`` with a constant int4/uint4 ``W [K, N]`` quantized in blocks
    of 16..128 along K becomes ``com.microsoft.MatMulNBits``: the weight is formatted 4-bit at
@@ -57,7 +61,13 @@ from npudispatch.operators.base import Decline
 from npudispatch.operators.quantize import dequantize, expand_param, quantize
 from npudispatch.operators.weights import pack_nibbles
 from npudispatch.opset import DOMAIN, VERSION
-from npudispatch.opset_quant import CHAIN, QDQ_OPS
+from npudispatch.opset_quant import (
+    CHAIN,
+    QDQ_OPS,
+    WEIGHT_AXIS,
+    WEIGHT_BLOCK,
+    weight_form_overload,
+)
 from npudispatch.rewrites._checks import const_array
 from npudispatch.rewrites.matmul import qmatmul_rule
 from npudispatch.rewrites.qdq_common import (
@@ -277,7 +287,6 @@ def _fuse(
     library takes the fused node."""
     if len(stages) == 1:
         inner, attrs = stages[0]
-        attrs = {**attrs, **(form or {})}
         op_type = QDQ_OPS[inner].name
     else:
         op_type = CHAIN
@@ -285,6 +294,7 @@ def _fuse(
         attrs = {"stages": overload}
         for k, (_, own) in enumerate(stages):
             attrs |= {f"s{k}_{n}": v for n, v in own.items()}
+    attrs = {**attrs, **(form or {})}
     inputs: list[ir.Value] = []
     for dq in dqs:
         zp = _zero_point(graph, namer, dq, f"{dq.name}__zp")
@@ -298,8 +308,12 @@ def _fuse(
         version=VERSION,
         name=namer(f"{q.name}__{op_type}"),
     )
-    if op_type == CHAIN:
-        fused.overload = attrs["stages"]  # the function body onnxruntime runs
+    if op_type == CHAIN:  # the function body onnxruntime runs
+        fused.overload = (
+            attrs["stages"]
+            if not form
+            else weight_form_overload(form[WEIGHT_AXIS], form[WEIGHT_BLOCK], attrs["stages"])
+        )
     y, out = q.outputs[0], fused.outputs[0]
     out.type, out.shape = y.type, y.shape
     out.metadata_props.update(y.metadata_props)
@@ -409,7 +423,7 @@ def _fuse_ops(graph: ir.Graph, namer: Namer, opset: int, report: QdqReport) -> N
                             if v is None
                             else _operand_dq(graph, namer, v, node, made, per_axis, spec.axis_of(j))
                         )
-                    if dq is None and v is not None and len(chain) == 1 and j == spec.weight:
+                    if dq is None and v is not None and k == 0 and j == spec.weight:
                         found = weight_form_dq(v, node)  # a weight along another axis, blocked
                         dq, form = found if found is not None else (None, None)
                     if dq is None:

@@ -15,7 +15,8 @@ kernel call, the weight in its integer type in the const image, no float op or C
 kernel dequantizes the weight like onnxruntime's DequantizeLinear, ``float32(q - zp) * scale``,
 runs the op in float32 and requantizes: within one quantization step of onnxruntime's
 unoptimized QDQ run per element (before, these ran in bf16 between the Q/DQs: up to ~120 steps
-off at uint16 activations).
+off at uint16 activations). A Relu the quantizer left between the op and its Q makes a
+``QDQChain`` whose first stage reads the weight the same way.
 """
 
 from __future__ import annotations
@@ -216,6 +217,45 @@ def test_fused_function_body_computes_the_original_graph(case):
     assert _form(_fused(m, fused)) == form
     got = run_ort(m, feeds)[0]
     np.testing.assert_array_equal(got, ort_run(proto, feeds, optimized=True))
+
+
+def _then_relu(core: Callable[[np.random.Generator], Core]):
+    """``core`` followed by a Relu the quantizer left unquantized (quantize_static fuses
+    Conv+Relu this way): ``DQ -> op -> Relu -> Q``."""
+
+    def chained(rng: np.random.Generator) -> Core:
+        nodes, inits, x_shape, y_shape = core(rng)
+        nodes[-1].output[0] = "s0"
+        return [*nodes, helper.make_node("Relu", ["s0"], ["s"])], inits, x_shape, y_shape
+
+    return chained
+
+
+CHAINED = ["blocked-conv-int8", "blocked-gemm-transB1-int8", "uint16-matmul-per-column",
+           "rank3-matmul-axis1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("case", CHAINED)
+def test_a_chain_from_the_weight_op_takes_the_form_too(case, act):
+    """``DQ -> op -> Relu -> Q`` becomes one ``QDQChain`` whose first stage reads the weight in
+    its form (function overload ``<stages>:weight_axis<A>_block<B>``): within one step of
+    onnxruntime, and its function body computes the original graph."""
+    core, fused, form = CASES[case]
+    proto, feeds, ys = qdq_case(_then_relu(core), act)
+    compiled = npudispatch.compile_model(ir.from_proto(proto))
+    ops = [n.op_type for n in compiled.model.graph]
+    assert ops == ["QuantizeLinear", "QDQChain", "DequantizeLinear"]
+    chain = _fused(compiled.model, "QDQChain")
+    assert chain.attributes.get_string("stages") == f"{fused[3:]}.Relu" and _form(chain) == form
+    assert compiled.kernel_calls_per_run == 1 and not compiled.report.unsupported
+    got = npudispatch.Session(proto).run(None, feeds)[0]
+    want = ort_run(proto, feeds)
+    assert np.ptp(np.rint(want / ys)) > 0.4 * LEVELS[act], "the data must span the output grid"
+    assert steps_off(got, want, ys).max() <= 1, "more than one quantization step off"
+    m = graph.load(proto)
+    run_qdq_rewrites(m)
+    np.testing.assert_array_equal(run_ort(m, feeds)[0], ort_run(proto, feeds, optimized=True))
 
 
 def test_parameters_that_do_not_fit_the_form_are_declined_with_the_reason():
