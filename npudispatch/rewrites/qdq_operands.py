@@ -34,9 +34,17 @@ __all__ = [
     "zero_bias_dq",
 ]
 
-# Weight types a fused op dequantizes in another form (4-bit blocked weights of a MatMul become
-# MatMulNBits instead, rewrites/qdq.py step 8).
-_FORM_TYPES = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16}
+# Weight types a fused op dequantizes in another form. A 4-bit weight blocked along K inside a
+# DQ -> MatMul -> Q group is fused too: MatMulNBits (what a weight-only MatMul(a, DQ(W)) becomes,
+# rewrites/qdq.py step 8) computes in bf16, up to ~80 steps off at 16-bit activations.
+_FORM_TYPES = {
+    ir.DataType.INT8,
+    ir.DataType.UINT8,
+    ir.DataType.INT16,
+    ir.DataType.UINT16,
+    ir.DataType.INT4,
+    ir.DataType.UINT4,
+}
 
 
 def exact_dq(
@@ -99,7 +107,7 @@ def starts_chain(node: ir.Node, spec: QuantizedOp) -> bool:
 
 
 def weight_form_dq(value: ir.Value, reader: ir.Node) -> tuple[ir.Node, dict] | None:
-    """The DequantizeLinear of a constant 8/16-bit weight feeding ``value`` to ``reader`` only,
+    """The DequantizeLinear of a constant 4/8/16-bit weight feeding ``value`` to ``reader`` only,
     quantized per channel along any axis or in blocks (opset 21 ``block_size``), with the
     fused op's ``weight_axis`` / ``weight_block_size`` attributes for it; None otherwise. The
     fused kernel dequantizes such a weight in float32 as DequantizeLinear does."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -44,7 +45,7 @@ Form = tuple[int, int] | None  # the fused op's (weight_axis, weight_block_size)
 def _weight(rng: np.random.Generator, shape, dtype, param_shape) -> dict[str, np.ndarray]:
     """A weight over its type's whole range, with scales of a few output steps and zero points
     scattered around the middle of the range (nonzero)."""
-    info = np.iinfo(dtype)
+    info = ml_dtypes.iinfo(dtype)
     span = int(info.max) - int(info.min)
     mid = (int(info.max) + int(info.min)) // 2
     return {
@@ -131,6 +132,9 @@ CASES: dict[str, tuple[Callable[[np.random.Generator], Core], str, Form]] = {
     "blocked-gemm-transB1-int8": (gemm(np.int8, 1, 1, 16), "QDQGemm", (1, 16)),
     "blocked-gemm-transB0-uint8": (gemm(np.uint8, 0, 0, 32), "QDQGemm", (0, 32)),
     "blocked-conv-int8": (conv(np.int8, 1, 4), "QDQConv", (1, 4)),
+    "blocked-matmul-int4": (matmul(ml_dtypes.int4, (70, 19), 0, 16), "QDQMatMul", (0, 16)),
+    "blocked-conv-uint4": (conv(ml_dtypes.uint4, 1, 4), "QDQConv", (1, 4)),
+    "int4-matmul-per-column": (matmul(ml_dtypes.int4, (70, 19), 1), "QDQMatMul", (1, 0)),
     "int16-matmul-per-tensor": (matmul(np.int16, (70, 19), 1, per_tensor=True), "QDQMatMul", None),
     "uint16-matmul-per-column": (matmul(np.uint16, (70, 19), 1), "QDQMatMul", (1, 0)),
     "int16-matmul-per-row": (matmul(np.int16, (70, 19), 0), "QDQMatMul", None),
@@ -274,35 +278,25 @@ def test_parameters_that_do_not_fit_the_form_are_declined_with_the_reason():
     assert "weight x1 (70, 19) scale (5, 19)" in got.reason and "block size 32" in got.reason
 
 
-def test_blocked_4bit_matmul_weights_still_become_matmul_nbits():
-    """int4 weights blocked along K keep the 4-bit MatMulNBits path (formatted 4-bit), not the
-    float32-dequantizing fused op."""
-    rng = np.random.default_rng(5)
-    k, n, block = 64, 24, 16
-    w = rng.integers(-8, 7, (k, n), endpoint=True).astype(np.int8)
-    inits = [
-        helper.make_tensor("w", TensorProto.INT4, (k, n), w.reshape(-1).tolist()),
-        numpy_helper.from_array((rng.random((k // block, n)) * 0.05 + 0.01).astype(np.float32), "ws"),
-        numpy_helper.from_array(np.float32(0.05), "xs"),
-        numpy_helper.from_array(np.uint8(128), "xz"),
-        numpy_helper.from_array(np.float32(0.1), "ys"),
-        numpy_helper.from_array(np.uint8(120), "yz"),
-    ]  # fmt: skip
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["q"]),
-        helper.make_node("DequantizeLinear", ["q", "xs", "xz"], ["d"]),
-        helper.make_node("DequantizeLinear", ["w", "ws"], ["dw"], axis=0, block_size=block),
-        helper.make_node("MatMul", ["d", "dw"], ["s"]),
-        helper.make_node("QuantizeLinear", ["s", "ys", "yz"], ["qs"]),
-        helper.make_node("DequantizeLinear", ["qs", "ys", "yz"], ["out"]),
-    ]
-    g = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [3, n])],
-        initializer=inits,
-    )  # fmt: skip
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+def test_weight_only_blocked_4bit_matmul_still_becomes_matmul_nbits():
+    """Without a QuantizeLinear after it (a weight-only model), ``MatMul(a, DQ(int4 W))``
+    keeps the 4-bit MatMulNBits path; inside a DQ -> MatMul -> Q group the fused op takes it
+    (``blocked-matmul-int4`` above)."""
+    core = CASES["blocked-matmul-int4"][0]
+    nodes, inits, x_shape, y_shape = core(np.random.default_rng(5))
+    proto = _plain(nodes, inits, x_shape, y_shape)
     m = graph.load(proto)
     report = run_qdq_rewrites(m)
-    assert report.counts["nbits"] == 1 and not report.fused_ops.get("QDQMatMul")
+    assert report.counts["nbits"] == 1 and not report.fused_ops
+    assert [n.op_type for n in m.graph] == ["MatMulNBits"]
+
+
+def _plain(nodes, inits, x_shape, y_shape) -> onnx.ModelProto:
+    """``core`` on a float input ``d``, its float result ``s`` the output (no Q/DQ around)."""
+    g = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("d", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, y_shape)],
+        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
