@@ -324,7 +324,9 @@ def _ops() -> dict[str, QuantizedOp]:
     # the explicit pads ONNX derives from it (rewrites/qdq_operands.py).
     ct_attrs = conv_attrs | {"output_padding": ("ints", None)}
     ops.append(
-        QuantizedOp("ConvTranspose", 3, ct_attrs, per_axis=(1, 2), optional=(2,), axes=((1, 1),))
+        QuantizedOp(
+            "ConvTranspose", 3, ct_attrs, per_axis=(1, 2), optional=(2,), axes=((1, 1),), weight=1
+        )
     )
     return {op.inner: op for op in ops}
 

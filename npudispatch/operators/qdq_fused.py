@@ -269,7 +269,10 @@ def weight_form(node: ir.Node, stages: list[QuantizedOp]) -> tuple[int, int] | D
     if WEIGHT_AXIS not in node.attributes:
         return None
     if stages[0].weight is None:
-        return Decline(f"{WEIGHT_AXIS} is only taken by a QDQ MatMul, Gemm or Conv (first stage)")
+        return Decline(
+            f"{WEIGHT_AXIS} is only taken by a QDQ MatMul, Gemm, Conv or ConvTranspose "
+            "(a chain's first stage)"
+        )
     axis, block = node.attributes.get_int(WEIGHT_AXIS), node.attributes.get_int(WEIGHT_BLOCK, 0)
     if axis < 0 or block < 0 or block == 1:
         return Decline(f"{WEIGHT_AXIS}={axis} / {WEIGHT_BLOCK}={block}: a non-negative axis and "

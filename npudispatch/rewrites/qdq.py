@@ -29,7 +29,7 @@
    ``sqrt(head_dim)``; BatchNormalization's per-channel mean and variance) is written exactly as
    ``DQ(q=sign(c), scale=|c|, zp=0)``, per tensor for a scalar, per channel where the op takes
    per-channel operands. A chain of such ops between one set of DQs and one Q (``Pow ->
-   ReduceMean``) becomes ``npudispatch.QDQChain``. A MatMul, Gemm or Conv weight (8/16-bit)
+   ReduceMean``) becomes ``npudispatch.QDQChain``. A MatMul, Gemm, Conv or ConvTranspose weight
    quantized in blocks (opset 21 ``block_size``) or per channel along an axis other than the
    fused op's default (a MatMul ``[K, N]`` per column, a ``[B, K, N]`` weight along K or N)
    gives the fused op (or a chain's first stage) ``weight_axis`` / ``weight_block_size``: its

@@ -5,7 +5,7 @@ weights with nonzero zero points) around a MatMul, Gemm or Conv whose constant w
 
 1. int8/uint8 (and int16) quantized in blocks (DequantizeLinear-21 ``block_size``; ragged last
    blocks) along K - MatMul ``[K, N]`` axis 0, Gemm ``transB=1`` axis 1 and ``transB=0`` axis 0,
-   Conv ``[M, C, kh, kw]`` along C;
+   Conv ``[M, C, kh, kw]`` along C, ConvTranspose ``[C, M, kh, kw]`` along C;
 2. int16/uint16 per tensor or per channel (a MatMul per output column, along axis 1, which
    QMatMul's 8-bit integer kernel cannot take);
 3. a rank-3 MatMul weight ``[B, K, N]`` per tensor or per channel along any axis.
@@ -124,6 +124,22 @@ def conv(dtype, axis: int, block: int = 0, per_tensor: bool = False):
     return core
 
 
+def conv_transpose(dtype, axis: int, block: int = 0):
+    """ConvTranspose 3x3 stride 2 of a ``[1, 10, 5, 6]`` activation, weight ``[10, 6, 3, 3]``
+    (``[C, M, kh, kw]``: C is the reduction axis 0)."""
+    c, m = 10, 6
+
+    def core(rng: np.random.Generator) -> Core:
+        shape = (c, m, 3, 3)
+        params = (tuple(-(-d // block) if i == axis else d for i, d in enumerate(shape))
+                  if block else (shape[axis],))  # fmt: skip
+        inits = _weight(rng, shape, dtype, params)
+        node = helper.make_node("ConvTranspose", ["d", "dw"], ["s"], strides=[2, 2])
+        return [_dq(axis, block), node], inits, [1, c, 5, 6], [1, m, 11, 13]
+
+    return core
+
+
 # case -> (core, fused op, its weight form). Case 1: blocked weights; 2: 16-bit; 3: rank 3.
 CASES: dict[str, tuple[Callable[[np.random.Generator], Core], str, Form]] = {
     "blocked-matmul-int8": (matmul(np.int8, (70, 19), 0, 16), "QDQMatMul", (0, 16)),
@@ -135,6 +151,8 @@ CASES: dict[str, tuple[Callable[[np.random.Generator], Core], str, Form]] = {
     "blocked-matmul-int4": (matmul(ml_dtypes.int4, (70, 19), 0, 16), "QDQMatMul", (0, 16)),
     "blocked-conv-uint4": (conv(ml_dtypes.uint4, 1, 4), "QDQConv", (1, 4)),
     "int4-matmul-per-column": (matmul(ml_dtypes.int4, (70, 19), 1), "QDQMatMul", (1, 0)),
+    "blocked-conv-transpose-int8": (conv_transpose(np.int8, 0, 4), "QDQConvTranspose", (0, 4)),
+    "int16-conv-transpose-axis0": (conv_transpose(np.int16, 0), "QDQConvTranspose", (0, 0)),
     "int16-matmul-per-tensor": (matmul(np.int16, (70, 19), 1, per_tensor=True), "QDQMatMul", None),
     "uint16-matmul-per-column": (matmul(np.uint16, (70, 19), 1), "QDQMatMul", (1, 0)),
     "int16-matmul-per-row": (matmul(np.int16, (70, 19), 0), "QDQMatMul", None),
