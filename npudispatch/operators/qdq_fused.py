@@ -10,6 +10,9 @@ exp/erf/tanh polynomials) *and* the value lands within that difference of a roun
 then one element is one quantization step off. onnxruntime's own optimized QDQ run (QLinearAdd,
 QLinearMatMul... with fixed-point requantization) differs from its unoptimized run the same way.
 
+Weight forms: the weight of a MatMul, Gemm, Conv or ConvTranspose (a chain's first stage) may be
+per channel along any axis or blocked (``weight_axis`` / ``weight_block_size``; record dims end
+with ``[axis, block]`` for those ops), dequantized like DequantizeLinear-21.
 Operands: per-tensor scale and zero point (one element each); quantized types uint8, int8,
 uint16, int16, uint4, int4 and int32 (the bias type, e.g. a LayerNormalization bias). Constant
 quantized operands (weights, exponents) travel in the const region with the scales; activations

@@ -38,7 +38,8 @@
 7. **merge_dq** - identical DequantizeLinear copies left by step 2 are merged again.
 8. **nbits** - ``MatMul(a, DQ(W))`` with a constant int4/uint4 ``W [K, N]`` quantized in blocks
    of 16..128 along K becomes ``com.microsoft.MatMulNBits``: the weight is formatted 4-bit at
-   compile time instead of being expanded to float.
+   compile time instead of being expanded to float (inside a DQ -> MatMul -> Q group step 6
+   has already fused it, dequantized in float32 as onnxruntime's QDQ run does).
 9. **fold_dequantize** - a DequantizeLinear of a constant whose reader has no quantized form
    (a float MatMul weight, a LayerNormalization scale) becomes a float32 initializer; the float
    op then reads it like any weight (converted to bf16 by the precision pass).
