@@ -56,7 +56,9 @@ __all__ = [
 ]
 
 CONST_TENSOR_PREFIX = "const:"
-PROGRAM_FORMAT = 1
+# 2: the params records of the QDQ MatMul/Gemm/Conv/ConvTranspose ops (and chains starting with
+# one) end with the weight's [axis, block]; a format-1 folder holds the shorter record.
+PROGRAM_FORMAT = 2
 FILES = ("program.json", "txn.bin", "const.bin", "params.bin")
 
 

@@ -193,3 +193,11 @@ def test_float32_storage_program_with_a_large_weight_loads(tmp_path):
     (prog,) = compile_model(model, rewrite=False).programs.values()
     assert prog.plan.buffer_sizes and sum(prog.plan.buffer_sizes) < w.nbytes
     FusedProgram.load(prog.save(tmp_path / "p"))
+
+
+def test_a_folder_of_an_older_program_format_is_refused(program, tmp_path):
+    """Format 1 folders hold the QDQ ops' shorter params records: re-compile, never misread."""
+    program.save(tmp_path)
+    _edit(tmp_path, lambda doc: doc.update(format=1))
+    with pytest.raises(ProgramFormatError, match=r"format 1, expected 2"):
+        FusedProgram.load(tmp_path)
