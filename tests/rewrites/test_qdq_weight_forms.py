@@ -42,6 +42,17 @@ from npudispatch.rewrites.qdq import run_qdq_rewrites
 Form = tuple[int, int] | None  # the fused op's (weight_axis, weight_block_size), None: default
 
 
+def _param_shape(shape, axis: int, block: int, per_tensor: bool) -> tuple[int, ...]:
+    """Shape of the weight's scales: () per tensor, blocks of ``block`` along ``axis``, or one
+    per channel along ``axis``."""
+    if per_tensor:
+        return ()
+    axis %= len(shape)
+    if block:
+        return tuple(-(-d // block) if i == axis else d for i, d in enumerate(shape))
+    return (shape[axis],)
+
+
 def _weight(rng: np.random.Generator, shape, dtype, param_shape) -> dict[str, np.ndarray]:
     """A weight over its type's whole range, with scales of a few output steps and zero points
     scattered around the middle of the range (nonzero)."""
@@ -66,13 +77,7 @@ def matmul(dtype, w_shape, axis: int, block: int = 0, per_tensor: bool = False):
     """MatMul of a ``[.., 5, K]`` activation and a constant weight ``w_shape``."""
 
     def core(rng: np.random.Generator) -> Core:
-        if per_tensor:
-            params: tuple[int, ...] = ()
-        elif block:
-            params = tuple(-(-d // block) if i == axis % len(w_shape) else d
-                           for i, d in enumerate(w_shape))  # fmt: skip
-        else:
-            params = (w_shape[axis],)
+        params = _param_shape(w_shape, axis, block, per_tensor)
         inits = _weight(rng, w_shape, dtype, params)
         *batch, k, n = w_shape
         nodes = [_dq(axis, block), helper.make_node("MatMul", ["d", "dw"], ["s"])]
@@ -88,12 +93,7 @@ def gemm(dtype, trans_b: int, axis: int, block: int = 0, per_tensor: bool = Fals
 
     def core(rng: np.random.Generator) -> Core:
         shape = (n, k) if trans_b else (k, n)
-        if per_tensor:
-            params: tuple[int, ...] = ()
-        elif block:
-            params = tuple(-(-d // block) if i == axis else d for i, d in enumerate(shape))
-        else:
-            params = (shape[axis],)
+        params = _param_shape(shape, axis, block, per_tensor)
         inits = _weight(rng, shape, dtype, params)
         inits["c"] = rng.uniform(-2, 2, n).astype(np.float32)
         nodes = [
@@ -111,12 +111,7 @@ def conv(dtype, axis: int, block: int = 0, per_tensor: bool = False):
 
     def core(rng: np.random.Generator) -> Core:
         shape = (m, c, 3, 3)
-        if per_tensor:
-            params: tuple[int, ...] = ()
-        elif block:
-            params = tuple(-(-d // block) if i == axis else d for i, d in enumerate(shape))
-        else:
-            params = (shape[axis],)
+        params = _param_shape(shape, axis, block, per_tensor)
         inits = _weight(rng, shape, dtype, params)
         nodes = [_dq(axis, block), helper.make_node("Conv", ["d", "dw"], ["s"], pads=[1] * 4)]
         return nodes, inits, [1, c, 7, 9], [1, m, 7, 9]
