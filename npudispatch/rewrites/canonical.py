@@ -41,11 +41,12 @@ def constants_last(graph: ir.Graph) -> int:
     return swaps
 
 
-def inference_dropout(node: ir.Node) -> bool:
-    """True for a ``Dropout`` that is the identity at inference and whose mask is unread."""
+def inference_dropout(node: ir.Node, opset: int = 22) -> bool:
+    """True for a ``Dropout`` that is the identity at inference and whose mask is unread
+    (``opset``: the model's default-domain version; below 7, ``is_test`` defaults to training)."""
     if node.op_type != "Dropout" or not is_onnx_domain(node.domain) or not node.inputs:
         return False
-    if node.attributes.get_int("is_test", 1) == 0:  # opset < 7 in training mode
+    if opset < 7 and node.attributes.get_int("is_test", 0) == 0:
         return False
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         mode = node.inputs[2].const_value
@@ -67,9 +68,10 @@ class CanonicalFormsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        opset = graph.opset_imports.get("", 1)
         changed = False
         for node in list(graph):
-            if inference_dropout(node):
+            if inference_dropout(node, opset):
                 replacement = [ir.node("Identity", [node.inputs[0]], name=node.name)]
             elif (operands := _sum_operands(node)) is not None:
                 replacement = _add_chain(node.name or "Sum", operands)

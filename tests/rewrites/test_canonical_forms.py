@@ -125,3 +125,13 @@ def test_dropout_and_sum_no_longer_split_the_npu_partition(tmp_path):
     assert sess.compiled.report.unsupported == []
     assert sess.last_run_stats.kernel_calls == 1
     np.testing.assert_allclose(y, run_ort(ir.load(path), {"x": x})[0], rtol=2e-2, atol=2e-2)
+
+
+def test_opset_6_dropout_without_is_test_is_training_and_stays():
+    m = model("agraph (float[2,3] x) => (float[2,3] y) { y = Dropout <ratio = 0.5> (x) }", 6)
+    assert not CanonicalFormsPass()(m).modified
+    tested = model(
+        "agraph (float[2,3] x) => (float[2,3] y) { y = Dropout <ratio = 0.5, is_test = 1> (x) }",
+        6,
+    )
+    assert CanonicalFormsPass()(tested).modified and ops(tested) == ["Identity"]
