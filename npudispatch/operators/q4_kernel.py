@@ -49,6 +49,11 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="npudispatch-q4")
 
 
+# A forked child inherits the cached pool without its threads (and with a semaphore saying a
+# worker is idle), so a product would wait forever for a helper that never runs: forget it.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def dequantize_q4(
     stream: np.ndarray,
     k: int,

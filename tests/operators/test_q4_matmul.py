@@ -239,3 +239,24 @@ def test_a_changed_weight_byte_changes_the_product():
     after = q4_kernel.q4_matmul(a, changed, k, n, block)
     moved = np.nonzero(before != after)[-1]
     assert moved.size == 1 and moved[0] < weights.NSUBV
+
+
+def test_a_forked_child_gets_its_own_pool(monkeypatch):
+    """After a fork the cached pool has no thread: the child must not wait for it forever."""
+    import os
+    import signal
+
+    monkeypatch.setattr(q4_kernel, "_PARALLEL_WEIGHTS", 0)
+    monkeypatch.setattr(q4_kernel, "Q4_MATMUL_THREADS", 2)
+    k, n, block, stripes = 1000, 1001, 128, 2
+    rng = np.random.default_rng(5)
+    stream = _stream(rng, k, n, block, stripes, False, positive=True)
+    a = _activations(rng, (1, k), False)
+    y = q4_kernel.q4_matmul(a, stream, k, n, block, stripes)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        signal.alarm(20)
+        same = np.array_equal(q4_kernel.q4_matmul(a, stream, k, n, block, stripes), y)
+        os._exit(0 if same else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
