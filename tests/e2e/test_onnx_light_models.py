@@ -132,3 +132,27 @@ def test_every_weight_one_percent_off_fails_the_check(tmp_path):
     reference = RoundingReference(tmp_path / "good.onnx")
     (verdict,) = check_outputs(reference, {feed: x}, {output: y}).values()
     assert not verdict.ok, verdict.describe()
+
+
+def test_a_half_percent_weight_error_in_a_shallow_graph_fails_the_check():
+    """The deep-graph rule must not cover shallow graphs: one MatMul whose weight is 0.5 % off
+    (a probe run moves its output by ~1 ulp, below DEEP_SPREAD_ULPS) still fails on its rms."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((256, 128)) / 16).astype(np.float32)
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+
+    def matmul(weight: np.ndarray) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 128])],
+            [numpy_helper.from_array(weight, "w")],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    (y,) = Session(matmul(w * np.float32(1.005)), cache=False).run(None, {"x": x})
+    (verdict,) = check_outputs(RoundingReference(matmul(w)), {"x": x}, {"y": y}).values()
+    assert not verdict.ok and verdict.rms_vs_probes is None, verdict.describe()
