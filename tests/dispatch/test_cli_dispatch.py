@@ -180,3 +180,16 @@ def test_run_check_without_an_onnxruntime_reference_is_a_clean_error(tmp_path, c
     err = capsys.readouterr().err
     assert "--check needs onnxruntime to run the model as its reference" in err
     assert "size_ % 2 == 1" in err and "1 kernel call(s)" in err
+
+
+def test_run_check_reports_our_own_errors_as_themselves(g14_path, monkeypatch):
+    """Only onnxruntime's errors mean "no reference": a failure of ours in the verdict is not
+    disguised as one."""
+    import npudispatch.dispatch.check as check
+
+    def broken_judge(name, *args, **kwargs):
+        raise ValueError(f"output {name!r}: NPU shape (2, 9), reference (2, 8)")
+
+    monkeypatch.setattr(check, "_judge", broken_judge)
+    with pytest.raises(ValueError, match="NPU shape"):
+        main(["run", str(g14_path), "--check"])
