@@ -51,6 +51,7 @@ from npudispatch.graph.value_types import merge_non_tensor_type, restore_map_typ
 
 __all__ = [
     "SHAPE_OPS",
+    "apply_output_hints",
     "data_dependent_values",
     "fold_shape_arithmetic",
     "forget_stale_shapes",
@@ -139,23 +140,36 @@ def _main_values(graph: ir.Graph) -> Iterator[ir.Value]:
         yield from node.outputs
 
 
-def forget_stale_shapes(graph: ir.Graph) -> None:
+def forget_stale_shapes(graph: ir.Graph) -> dict[ir.Value, ir.Shape]:
     """Drop every non-static shape on node outputs so inference re-derives it from the inputs.
 
     Exporters write value_info in terms of their symbolic input dims (``floor(width/2) + 1``);
     after the inputs are bound those expressions are stale, and strict inference would reject the
     conflict between them and the now static truth. Static declarations are kept: they are what
-    custom-domain ops that no inference knows still rely on. A graph output keeps its declared
-    rank with anonymous dims: where its shape follows from run-time data (``SequenceAt``) the
-    rank is all that is known, and onnx merges anonymous dims with any inferred ones.
+    custom-domain ops that no inference knows still rely on. Returns, per graph output whose
+    shape was dropped, its declaration with anonymous dims: :func:`apply_output_hints` gives it
+    back after inference to an output whose shape follows from run-time data (``SequenceAt``),
+    where the declared rank is all that is known (a wrong declaration never reaches inference).
     """
+    hints: dict[ir.Value, ir.Shape] = {}
     for value in _main_values(graph):
         if not _is_read(value):
             continue
         shape = value.shape
         if shape is not None and not all(isinstance(d, int) and d >= 0 for d in shape):
-            open_dims = [d if isinstance(d, int) and d >= 0 else None for d in shape]
-            value.shape = ir.Shape(open_dims) if value.is_graph_output() else None
+            if value.is_graph_output():
+                hints[value] = ir.Shape(
+                    [d if isinstance(d, int) and d >= 0 else None for d in shape]
+                )
+            value.shape = None
+    return hints
+
+
+def apply_output_hints(hints: dict[ir.Value, ir.Shape]) -> None:
+    """Give each graph output that inference left without a shape its declared rank back."""
+    for value, shape in hints.items():
+        if value.shape is None:
+            value.shape = shape
 
 
 def resolve_shapes(model: ir.Model) -> None:

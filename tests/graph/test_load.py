@@ -318,3 +318,11 @@ def test_ten_thousand_node_graph_loads_and_partitions_fast():
     assert len(graph.topological_order(model)) == 10_000
     assert sum(len(p.nodes) for p in parts) == 10_000
     assert elapsed < 20, f"load + partition of 10k nodes took {elapsed:.1f} s"
+
+
+def test_a_graph_output_declared_with_a_wrong_rank_still_loads():
+    """onnxruntime warns and runs it; the stale declaration must not reach strict inference."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    proto = make_model(nodes, [vi("x", [2, 8, 4])], [vi("y", ["batch", "seq"])], [])
+    model = graph.load(proto)
+    assert list(model.graph.outputs[0].shape) == [2, 8, 4]
