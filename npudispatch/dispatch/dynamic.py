@@ -411,6 +411,8 @@ def _check_typed(value: Any, t: onnx.TypeProto, where: str) -> Any:
     kind = t.WhichOneof("value")
     if kind == "tensor_type":
         arr = None if value is None or isinstance(value, list | tuple | dict) else np.asarray(value)
+        if arr is not None and text == "tensor(string)" and arr.dtype.kind in "OUS":
+            return arr  # onnxruntime takes strings as object (or str) arrays
         if arr is None or arr.dtype == object:
             raise _FeedError(f"{got}, not a {text} (a numpy array)")
         if (have := type_string(_ir_dtype(arr.dtype))) != text:

@@ -298,3 +298,22 @@ def test_map_input_is_fed_through_and_checked(tmp_path):
         r"an int, not a string; feed a dict",
     ):
         sess.run(None, {"d": {1: 1.0}})
+
+
+@pytest.mark.parametrize("dtype", [object, str])
+def test_sequence_of_string_tensors_takes_what_onnxruntime_takes(dtype):
+    """Strings come as object (or str) arrays, as onnxruntime takes and returns them."""
+    import onnxruntime as ort
+
+    graph = helper.make_graph(
+        [helper.make_node("SequenceAt", ["s", "i"], ["y"])],
+        "g",
+        [helper.make_tensor_sequence_value_info("s", TensorProto.STRING, None)],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, [None])],
+        [numpy_helper.from_array(np.array(0, np.int64), "i")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    feed = [np.array(["a", "bc"], dtype=dtype)]
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"s": feed})
+    got = npudispatch.Session(model, cache=False).run(None, {"s": feed})
+    assert [list(v) for v in got] == [list(v) for v in want]
