@@ -211,7 +211,12 @@ class CompiledArtifact:
                 # A CPU-segment output whose shape follows from run-time data: -1 where open.
                 shape = [d if isinstance(d, int) else -1 for d in v.shape]
             if v.dtype is None or shape is None:
-                raise ModelError(f"graph input/output {v.name!r} has no static dtype and shape")
+                raise ModelError(
+                    f"graph input/output {v.name!r} has no known element type or rank (its shape "
+                    "follows from run-time data and the model declares none); declare them in the "
+                    "model's graph outputs, e.g. onnx.helper.make_tensor_value_info("
+                    f"{v.name!r}, TensorProto.FLOAT, [None, 3])"
+                )
             return TensorSpec(v.name, v.dtype, tuple(shape))
 
         constants = {
