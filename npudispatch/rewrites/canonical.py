@@ -50,8 +50,9 @@ def inference_dropout(node: ir.Node, opset: int = 22) -> bool:
         return False
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         mode = node.inputs[2].const_value
-        if mode is None or bool(np.asarray(mode.numpy()).reshape(-1)[0]):
-            return False
+        flags = np.asarray(mode.numpy()).reshape(-1) if mode is not None else None
+        if flags is None or flags.size != 1 or bool(flags[0]):
+            return False  # run time, training, or malformed (onnxruntime reports that)
     mask = node.outputs[1] if len(node.outputs) > 1 else None
     return mask is None or (not mask.uses() and not mask.is_graph_output())
 

@@ -120,6 +120,8 @@ class FoldConstantFillsPass(ir.passes.InPlacePass):
                 continue  # invalid: shape inference reports it with the node's name
             attr = node.attributes.get("value")
             fill = attr.as_tensor().numpy().reshape(-1)[:1] if attr else np.zeros(1, np.float32)
+            if fill.size != 1:
+                continue  # an empty ``value``: malformed, left for inference to report
             tensor = ir.Tensor(np.broadcast_to(fill.reshape(()), dims), name=output.name)
             constant = ir.Value(
                 name=output.name,

@@ -40,14 +40,29 @@ def test_inference_dropout_becomes_identity():
         # training mode: the mask and the scaling are real
         "agraph (float[2,3] x) => (float[2,3] y) { t = Constant <value = bool {1}> ()"
         " r = Constant <value = float {0.5}> () y = Dropout (x, r, t) }",
+        # training mode chosen at run time
+        "agraph (float[2,3] x, bool t) => (float[2,3] y) { r = Constant <value = float {0.5}> ()"
+        " y = Dropout (x, r, t) }",
         # the mask is read
         "agraph (float[2,3] x) => (float[2,3] y, bool[2,3] m) { y, m = Dropout (x) }",
     ],
 )
 def test_dropout_that_is_not_the_identity_stays(text):
     m = model(text)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(m)  # as the pipeline
     assert not CanonicalFormsPass()(m).modified
     assert "Dropout" in ops(m)
+
+
+def test_dropout_with_a_constant_false_training_mode_is_the_identity():
+    m = model(
+        "agraph (float[2,3] x) => (float[2,3] y) { t = Constant <value = bool {0}> ()"
+        " r = Constant <value = float {0.5}> () y = Dropout (x, r, t) }"
+    )
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(m)
+    x = _x(2, 3)
+    assert CanonicalFormsPass()(m).modified and ops(m) == ["Identity"]
+    np.testing.assert_array_equal(run_ort(m, {"x": x})[0], x)
 
 
 @pytest.mark.parametrize("count", [1, 2, 4])
