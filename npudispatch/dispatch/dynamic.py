@@ -30,7 +30,7 @@ import onnx_ir as ir
 from npudispatch import graph
 from npudispatch.errors import ModelError
 from npudispatch.graph.load import proto_to_ir
-from npudispatch.graph.value_types import is_non_tensor, parse_type_text, type_text
+from npudispatch.graph.value_types import element_text, is_non_tensor, parse_type_text, type_text
 
 __all__ = [
     "Dim",
@@ -53,10 +53,7 @@ Shapes = dict[str, tuple[int, ...]]
 
 def type_string(dtype: ir.DataType | None) -> str:
     """onnxruntime's type string: ``tensor(float)``, ``tensor(int64)``, ``tensor(bfloat16)``..."""
-    if dtype is None:
-        return "tensor(unknown)"
-    name = {ir.DataType.FLOAT: "float", ir.DataType.DOUBLE: "double"}.get(dtype)
-    return f"tensor({name or dtype.name.lower()})"
+    return "tensor(unknown)" if dtype is None else f"tensor({element_text(dtype)})"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import onnx_ir as ir
 __all__ = [
     "TYPE_META",
     "copy_map_types",
+    "element_text",
     "is_non_tensor",
     "merge_non_tensor_type",
     "parse_type_text",
@@ -37,7 +38,8 @@ TYPE_META = "npudispatch.non_tensor_type"
 _ELEM_NAMES = {"float": onnx.TensorProto.FLOAT, "double": onnx.TensorProto.DOUBLE}
 
 
-def _elem_text(elem_type: int) -> str:
+def element_text(elem_type: int) -> str:
+    """onnxruntime's name of an element type: ``float``, ``double``, ``int64``, ``bfloat16``..."""
     if elem_type == onnx.TensorProto.FLOAT:
         return "float"
     if elem_type == onnx.TensorProto.DOUBLE:
@@ -49,13 +51,13 @@ def type_text(t: onnx.TypeProto) -> str:
     """onnxruntime's text for ``t``: ``seq(map(int64,tensor(float)))``, ``optional(...)``..."""
     kind = t.WhichOneof("value")
     if kind == "tensor_type":
-        return f"tensor({_elem_text(t.tensor_type.elem_type)})"
+        return f"tensor({element_text(t.tensor_type.elem_type)})"
     if kind == "sequence_type":
         return f"seq({type_text(t.sequence_type.elem_type)})"
     if kind == "optional_type":
         return f"optional({type_text(t.optional_type.elem_type)})"
     if kind == "map_type":
-        return f"map({_elem_text(t.map_type.key_type)},{type_text(t.map_type.value_type)})"
+        return f"map({element_text(t.map_type.key_type)},{type_text(t.map_type.value_type)})"
     return str(kind)
 
 
