@@ -72,6 +72,7 @@ class Signature:
 
     @property
     def is_tensor(self) -> bool:
+        """True for a tensor; False for a sequence, map or optional (``type`` is set)."""
         return self.type is None
 
     @property

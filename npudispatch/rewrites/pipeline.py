@@ -98,8 +98,9 @@ def default_pipeline(
     """The rewrite pipeline for NPU compilation (in place, run with ``pipeline(model)``).
 
     Order: bind dims (if given) -> fold shape arithmetic -> lift constants -> canonical forms
-    (inference-mode Dropout to Identity, Sum to Add) -> constant fills and reshaped constants folded -> fusions (activations,
-    HardSigmoid/HardSwish, Conv folding, Conv + activation, RMSNorm, skip-RMSNorm, MatMul) -> user
+    (inference-mode Dropout to Identity, Sum to Add) -> constant fills and reshaped constants
+    folded -> fusions (activations, HardSigmoid/HardSwish, Conv folding, Conv + activation,
+    RMSNorm, skip-RMSNorm, MatMul) -> user
     ``extra_passes`` -> DCE -> terminal padding (``pad``) -> float32 to bf16 compute with casts at
     NPU-partition borders (``bf16``; after padding, whose tied axes the casts would otherwise pin)
     -> mark views. Repeated to a fixpoint by default.

@@ -201,12 +201,6 @@ class _PairStores:
                 self.view[at + k] = self.units[start:stop, k]
 
 
-def _put_u64_pair(out: np.ndarray, pos: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
-    """Write u64 ``first`` at byte positions ``pos`` and ``second`` right after, in one pass."""
-    stores = _PairStores(out, pos, first, second, np.zeros(len(pos), dtype=np.int64))
-    stores.apply(0, len(pos))
-
-
 def _lookup(
     items: Sequence[tuple[Transaction, Sequence[ArgRange]]],
     pfs: list,

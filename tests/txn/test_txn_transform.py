@@ -224,14 +224,14 @@ def test_put_u64_writes_little_endian_words_at_any_alignment(start):
 
 
 @pytest.mark.parametrize("start", [0, 4, 3])
-def test_put_u64_pair_writes_both_fields_at_any_alignment(start):
-    from npudispatch.txn.fuse import _put_u64_pair
+def test_pair_stores_write_both_fields_at_any_alignment(start):
+    from npudispatch.txn.fuse import _PairStores
 
     out = np.full(96, 0xAA, np.uint8)
     pos = np.array([start, start + 20, start + 56])
     first = np.array([0x0102030405060708, 2**64 - 1, 5], dtype=np.uint64)
     second = np.array([7, 0x1122334455667788, 2**63], dtype=np.uint64)
-    _put_u64_pair(out, pos, first, second)
+    _PairStores(out, pos, first, second, np.zeros(len(pos), dtype=np.int64)).apply(0, len(pos))
     want = bytearray(b"\xaa" * 96)
     for p, a, b in zip(pos.tolist(), first.tolist(), second.tolist()):
         struct.pack_into("<QQ", want, p, a, b)
