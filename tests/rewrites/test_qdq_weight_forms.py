@@ -30,7 +30,15 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rw_helpers import run_ort
-from test_qdq_weights_along_k import ACTS, LEVELS, Core, ort_run, qdq_case, steps_off
+from test_qdq_weights_along_k import (
+    ACTS,
+    LEVELS,
+    Core,
+    assert_one_quantized_kernel_within_one_step,
+    ort_run,
+    qdq_case,
+    steps_off,
+)
 
 import npudispatch
 from npudispatch import graph
@@ -183,20 +191,9 @@ def _form(node: ir.Node) -> Form:
 def test_becomes_one_quantized_kernel_within_one_step_of_onnxruntime(case, act):
     core, fused, form = CASES[case]
     proto, feeds, ys = qdq_case(core, act)
+    assert_one_quantized_kernel_within_one_step(proto, feeds, ys, fused, act)
     compiled = npudispatch.compile_model(ir.from_proto(proto))
-    assert [n.op_type for n in compiled.model.graph] == [
-        "QuantizeLinear",
-        fused,
-        "DequantizeLinear",
-    ]
     assert _form(_fused(compiled.model, fused)) == form
-    assert compiled.kernel_calls_per_run == 1 and not compiled.report.unsupported
-    sess = npudispatch.Session(proto)
-    got = sess.run(None, feeds)[0]
-    assert sess.last_run_stats.kernel_calls == 1
-    want = ort_run(proto, feeds)
-    assert np.ptp(np.rint(want / ys)) > 0.8 * LEVELS[act], "the data must span the output grid"
-    assert steps_off(got, want, ys).max() <= 1, "more than one quantization step off"
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -152,11 +152,12 @@ def steps_off(got: np.ndarray, want: np.ndarray, scale: float) -> np.ndarray:
     return np.rint(np.abs(got.astype(np.float64) - want) / scale)
 
 
-@pytest.mark.parametrize("act", list(ACTS))
-@pytest.mark.parametrize("case", list(CASES))
-def test_becomes_one_quantized_kernel_within_one_step_of_onnxruntime(case, act):
-    core, fused = CASES[case]
-    proto, feeds, ys = qdq_case(core, act)
+def assert_one_quantized_kernel_within_one_step(
+    proto: onnx.ModelProto, feeds: dict, ys: float, fused: str, act: str
+) -> np.ndarray:
+    """The QDQ group compiles to ``[QuantizeLinear, fused, DequantizeLinear]`` in one kernel
+    call and runs within one output step of onnxruntime, on data spanning the output grid;
+    returns our output."""
     compiled = npudispatch.compile_model(ir.from_proto(proto))
     assert [n.op_type for n in compiled.model.graph] == [
         "QuantizeLinear",
@@ -170,6 +171,15 @@ def test_becomes_one_quantized_kernel_within_one_step_of_onnxruntime(case, act):
     want = ort_run(proto, feeds)
     assert np.ptp(np.rint(want / ys)) > 0.8 * LEVELS[act], "the data must span the output grid"
     assert steps_off(got, want, ys).max() <= 1, "more than one quantization step off"
+    return got
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_becomes_one_quantized_kernel_within_one_step_of_onnxruntime(case, act):
+    core, fused = CASES[case]
+    proto, feeds, ys = qdq_case(core, act)
+    got = assert_one_quantized_kernel_within_one_step(proto, feeds, ys, fused, act)
     # onnxruntime's optimized run keeps these float (no integer kernel takes a per-K scale)
     assert steps_off(got, ort_run(proto, feeds, optimized=True), ys).max() <= 1
 
