@@ -12,7 +12,6 @@ Run: ``python -m benchmarks.external_data_bench [--json] [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from benchmarks.standalone import json_quick_main
 
 _CHILD = r"""
 import json, resource, sys
@@ -109,13 +110,7 @@ def _json_loads(text: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    result = run(json=args.json, quick=args.quick)
-    if args.json:
-        print(json.dumps(result, indent=2))
+    json_quick_main(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ grow with the context: first and last step are both reported).
 
 from __future__ import annotations
 
-import argparse
-import json as json_module
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.standalone import json_quick_main
 
 MODEL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "qwen2_tiny_int4"
 PROMPT = [1, 17, 200, 33, 5, 99, 150, 7]
@@ -77,13 +77,7 @@ def run(*, json: bool = False, quick: bool = False) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    result = run(json=args.json, quick=args.quick)
-    if args.json:
-        print(json_module.dumps(result))
+    json_quick_main(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Run: ``python -m benchmarks.memory_bench [--json] [--quick]`` (quick: the small 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 
 import onnx
 
+from benchmarks.standalone import json_quick_main
 from npudispatch.dispatch import compile_model
 from npudispatch.examples import build_example
 from npudispatch.progress import progress
@@ -163,13 +163,7 @@ def run(json: bool = False, quick: bool = False) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    result = run(json=args.json, quick=args.quick)
-    if args.json:
-        print(json.dumps(result, indent=1))
+    json_quick_main(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import npudispatch
 import npudispatch.onnxruntime as npu_ort
 from npudispatch.errors import ModelError
-
-ort = pytest.importorskip("onnxruntime")
 
 FLOAT_SEQ = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, None))
 FLOAT_OPT = helper.make_optional_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, None))
@@ -303,8 +302,6 @@ def test_map_input_is_fed_through_and_checked(tmp_path):
 @pytest.mark.parametrize("dtype", [object, str])
 def test_sequence_of_string_tensors_takes_what_onnxruntime_takes(dtype):
     """Strings come as object (or str) arrays, as onnxruntime takes and returns them."""
-    import onnxruntime as ort
-
     graph = helper.make_graph(
         [helper.make_node("SequenceAt", ["s", "i"], ["y"])],
         "g",
