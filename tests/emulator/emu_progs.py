@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+from hypothesis import strategies as st
 
 from npudispatch.overlay_abi import PARAMS_CHANNEL, ParamsRecord
 from npudispatch.txn.ops import BlockWrite, DdrPatch, MaskPoll, Write
@@ -144,3 +145,16 @@ def reference_offsets(bd: ShimBd) -> list[int]:
         else:
             out.append((i % n0) * s0 + ((i // n0) % n1) * s1 + (i // (n0 * n1)) * s2)
     return out
+
+
+#: Shim buffer descriptors with small random access patterns, for property tests of the
+#: address generator and of the host memory's strided reads and writes.
+SHIM_BDS = st.builds(
+    ShimBd,
+    length_words=st.integers(0, 300),
+    d0_wrap=st.integers(0, 9),
+    d0_step=st.integers(1, 7),
+    d1_wrap=st.integers(0, 6),
+    d1_step=st.integers(1, 40),
+    d2_step=st.integers(1, 400),
+)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from emu_progs import reference_offsets
+from emu_progs import SHIM_BDS, reference_offsets
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from npudispatch.emulator.addrgen import (
     base_byte_address,
@@ -16,25 +15,15 @@ from npudispatch.emulator.addrgen import (
 )
 from npudispatch.txn.shim import ShimBd
 
-bds = st.builds(
-    ShimBd,
-    length_words=st.integers(0, 300),
-    d0_wrap=st.integers(0, 9),
-    d0_step=st.integers(1, 7),
-    d1_wrap=st.integers(0, 6),
-    d1_step=st.integers(1, 40),
-    d2_step=st.integers(1, 400),
-)
-
 
 @settings(max_examples=300, deadline=None)
-@given(bds)
+@given(SHIM_BDS)
 def test_word_offsets_match_reference(bd: ShimBd) -> None:
     assert word_offsets(bd).tolist() == reference_offsets(bd)
 
 
 @settings(max_examples=300, deadline=None)
-@given(bds)
+@given(SHIM_BDS)
 def test_linear_fast_path_is_sound(bd: ShimBd) -> None:
     linear = np.array_equal(word_offsets(bd), np.arange(bd.length_words))
     if is_linear(bd):  # the slice fast path may only be taken for truly linear BDs

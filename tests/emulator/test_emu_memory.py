@@ -11,9 +11,18 @@ import hashlib
 import tracemalloc
 
 import numpy as np
-from emu_progs import MM2S, S2MM, Bd, Prog, chan, identity, params_image, reference_offsets
+from emu_progs import (
+    MM2S,
+    S2MM,
+    SHIM_BDS,
+    Bd,
+    Prog,
+    chan,
+    identity,
+    params_image,
+    reference_offsets,
+)
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from npudispatch.emulator import KernelRegistry, VirtualNpu
 from npudispatch.emulator.addrgen import pattern
@@ -133,19 +142,8 @@ def test_const_image_bytes_are_used_in_place_and_copied_on_write():
     assert memory.buffers[3][:4].tolist() == [7, 7, 7, 7]
 
 
-bds = st.builds(
-    ShimBd,
-    length_words=st.integers(0, 300),
-    d0_wrap=st.integers(0, 9),
-    d0_step=st.integers(1, 7),
-    d1_wrap=st.integers(0, 6),
-    d1_step=st.integers(1, 40),
-    d2_step=st.integers(1, 400),
-)
-
-
 @settings(max_examples=300, deadline=None)
-@given(bds)
+@given(SHIM_BDS)
 def test_strided_reads_and_writes_match_the_reference_order(bd: ShimBd) -> None:
     """Blocks read through strided views, and written through them (or in element order when
     the pattern touches a word twice), as the per-element reference of docs/txn_format.md §9."""

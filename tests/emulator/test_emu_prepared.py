@@ -68,8 +68,10 @@ def test_prepared_runs_match_running_the_ops() -> None:
     np.testing.assert_array_equal(fast.buffers[1][:1024], words.view(np.uint8) + 1)
     np.testing.assert_array_equal(fast.buffers[1][1024:], inp[:2048])
     np.testing.assert_array_equal(fast.buffers[2], inp[4096:6144])
-    assert got.kernel_launches == 2 and got.ops["NOOP"] == 1 and got.bytes_moved == sum(
-        t.nbytes for t in fast.transfers
+    assert (
+        got.kernel_launches == 2
+        and got.ops["NOOP"] == 1
+        and got.bytes_moved == sum(t.nbytes for t in fast.transfers)
     )
 
 
