@@ -55,6 +55,22 @@ def feeds_for(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.
     return feeds
 
 
+def quantize(
+    float_path: Path, q_path: Path, model: onnx.ModelProto, activation: str, batches: int = 3
+) -> None:
+    """``quantize_static`` as users run it: QDQ format, ``activation`` (a ``QuantType`` name)
+    activations, int8 weights per channel, calibrated on seeded random batches."""
+    quantization.quantize_static(
+        str(float_path),
+        str(q_path),
+        _RandomReader(model, batches=batches),
+        quant_format=quantization.QuantFormat.QDQ,
+        activation_type=getattr(quantization.QuantType, activation),
+        weight_type=quantization.QuantType.QInt8,
+        per_channel=True,
+    )
+
+
 @pytest.fixture(scope="session")
 def qdq_fixtures(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Path]]:
     """``(layer, recipe) -> (float model, quantized model)``, quantized once per session."""
@@ -66,15 +82,7 @@ def qdq_fixtures(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Path]]:
         onnx.save(model, float_path)
         for recipe, act in RECIPES.items():
             q_path = folder / f"{layer}-{recipe}.onnx"
-            quantization.quantize_static(
-                str(float_path),
-                str(q_path),
-                _RandomReader(model),
-                quant_format=quantization.QuantFormat.QDQ,
-                activation_type=getattr(quantization.QuantType, act),
-                weight_type=quantization.QuantType.QInt8,
-                per_channel=True,
-            )
+            quantize(float_path, q_path, model, act)
             out[(layer, recipe)] = (float_path, q_path)
     return out
 
@@ -244,12 +252,7 @@ def test_conv_bias_and_gemm_forms_fuse_and_match_onnxruntime(tmp_path, recipe):
     model = small_cnn()
     float_path, q_path = tmp_path / "cnn.onnx", tmp_path / f"cnn-{recipe}.onnx"
     onnx.save(model, float_path)
-    quantization.quantize_static(
-        str(float_path), str(q_path), _RandomReader(model),
-        quant_format=quantization.QuantFormat.QDQ,
-        activation_type=getattr(quantization.QuantType, ALL_RECIPES[recipe]),
-        weight_type=quantization.QuantType.QInt8, per_channel=True,
-    )  # fmt: skip
+    quantize(float_path, q_path, model, ALL_RECIPES[recipe])
     q_model = onnx.load(q_path)
     assert sum(len(n.input) == 3 for n in q_model.graph.node if n.op_type == "Conv") == 2
     quant = npudispatch.compile_model(q_path)
@@ -289,12 +292,7 @@ def test_conv_transpose_weight_quantized_along_axis_1_fuses(tmp_path, group, bia
     model.ir_version = 8
     float_path, q_path = tmp_path / "ct.onnx", tmp_path / f"ct-{recipe}.onnx"
     onnx.save(model, float_path)
-    quantization.quantize_static(
-        str(float_path), str(q_path), _RandomReader(model),
-        quant_format=quantization.QuantFormat.QDQ,
-        activation_type=getattr(quantization.QuantType, RECIPES[recipe]),
-        weight_type=quantization.QuantType.QInt8, per_channel=True,
-    )  # fmt: skip
+    quantize(float_path, q_path, model, RECIPES[recipe])
     q_model = onnx.load(q_path)
     w_dq = next(n for n in q_model.graph.node if n.op_type == "DequantizeLinear" and
                 any(a.name == "axis" and a.i == 1 for a in n.attribute))  # fmt: skip
@@ -319,12 +317,7 @@ def test_signed_activation_layer_fuses_every_matmul(qdq_fixtures, tmp_path, reci
     83 steps off at int16), and the layer is bit-exact with onnxruntime's unfused run."""
     float_path, _ = qdq_fixtures[("llama-decoder-layer", "a8w8")]
     q_path = tmp_path / f"llama-{recipe}.onnx"
-    quantization.quantize_static(
-        str(float_path), str(q_path), _RandomReader(onnx.load(float_path)),
-        quant_format=quantization.QuantFormat.QDQ,
-        activation_type=getattr(quantization.QuantType, ALL_RECIPES[recipe]),
-        weight_type=quantization.QuantType.QInt8, per_channel=True,
-    )  # fmt: skip
+    quantize(float_path, q_path, onnx.load(float_path), ALL_RECIPES[recipe])
     quant = npudispatch.compile_model(q_path)
     fused = [n.op_type for n in quant.model.graph if n.domain == "npudispatch"]
     assert fused.count("QMatMul") == 7 and "MatMul" not in {n.op_type for n in quant.model.graph}
@@ -359,15 +352,7 @@ def ppocr_qdq(tmp_path_factory) -> dict:
     onnx.save(model, paths["float"])
     for recipe, act in RECIPES.items():
         paths[recipe] = folder / f"cls-{recipe}.onnx"
-        quantization.quantize_static(
-            str(paths["float"]),
-            str(paths[recipe]),
-            _RandomReader(model, batches=1),
-            quant_format=quantization.QuantFormat.QDQ,
-            activation_type=getattr(quantization.QuantType, act),
-            weight_type=quantization.QuantType.QInt8,
-            per_channel=True,
-        )
+        quantize(paths["float"], paths[recipe], model, act, batches=1)
     paths["float_calls"] = npudispatch.compile_model(paths["float"]).kernel_calls_per_run
     return paths
 

@@ -546,27 +546,10 @@ def test_dq_gemm_q_with_per_channel_weight_and_int32_bias_becomes_qdq_gemm():
     assert np.ptp(want) > 2.0
 
 
-def test_batch_norm_with_float_statistics_becomes_qdq_batch_norm():
-    """Mean, variance, scale and bias never quantized: exact per-channel DQs make it fusable."""
-    m = qdq_model(
-        """
-        q = QuantizeLinear (x, xs, xz)
-        d = DequantizeLinear (q, xs, xz)
-        s = BatchNormalization <epsilon = 0.001> (d, g, b, mu, var)
-        qs = QuantizeLinear (s, ys, yz)
-        out = DequantizeLinear (qs, ys, yz)""",
-        extra="float[4] g = {1.5, -0.5, 0.0, 2.0}, float[4] b = {0.1, 0.2, -0.3, 0.0}, "
-        "float[4] mu = {0.5, -1.0, 0.0, 2.0}, float[4] var = {1.0, 4.0, 0.25, 2.0}",
-    )
-    m2, _ = rewritten(m)
-    assert ops(m2) == ["QuantizeLinear", P + "QDQBatchNormalization", "DequantizeLinear"]
-    got, want, calls = run_both(m, x_feed())
-    assert np.abs(got - want).max() <= 0.1 * (1 + 1e-3) and calls == 1
-
-
 @pytest.mark.parametrize("opset_version", [11, 21])
 def test_batch_norm_per_channel_statistics_fuse_at_every_opset(opset_version):
-    """Below opset 13 DequantizeLinear has no axis, so the fused op's body dequantizes its
+    """Mean, variance, scale and bias are never quantized: exact per-channel DQs make
+    BatchNormalization fusable. Below opset 13 DequantizeLinear has no axis, so the fused op's body dequantizes its
     per-channel operands in arithmetic (Cast, Sub, Mul on the reversed axes): the model still
     fuses (the PP-OCR classifier is opset 11) and matches onnxruntime's unfused run exactly."""
     m = qdq_model(
