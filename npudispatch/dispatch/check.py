@@ -160,11 +160,8 @@ class OutputCheck:
                 f"{self.rms_vs_probes:.2f} of it"
             )
         text += ")"
-        if not self.ok and self.worst_ulps <= self.allowed_ulps:
-            text += ": the differences are systematic, not rounding"
-        if self.fp32_max_abs is not None:
-            text += f"; float32 onnxruntime max |Δ| {self.fp32_max_abs:.3g} (information)"
-        return text
+        systematic = not self.ok and self.worst_ulps <= self.allowed_ulps
+        return text + quant_check.verdict_tail(systematic, self.fp32_max_abs)
 
     def to_json(self) -> dict[str, Any]:
         return {

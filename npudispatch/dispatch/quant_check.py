@@ -46,6 +46,7 @@ __all__ = [
     "output_grids",
     "quantization_jitter_feeds",
     "step_check",
+    "verdict_tail",
 ]
 
 QJITTER = 2.0**-20
@@ -199,11 +200,7 @@ class QuantizedOutputCheck:
         if not self.within and self.where is not None:
             text += f", worst at index {list(self.where)}"
         text += f"; rms {self.rms_steps:.3f} steps, limit {self.allowed_rms_steps:.3g}"
-        if not self.ok and self.within:
-            text += ": the differences are systematic, not rounding"
-        if self.fp32_max_abs is not None:
-            text += f"; float32 onnxruntime max |Δ| {self.fp32_max_abs:.3g} (information)"
-        return text
+        return text + verdict_tail(not self.ok and self.within, self.fp32_max_abs)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -274,6 +271,15 @@ def step_check(
         fp32_max_abs=fp,
         where=tuple(int(i) for i in np.unravel_index(worst, r.shape)) if r.size else None,
     )
+
+
+def verdict_tail(systematic: bool, fp32_max_abs: float | None) -> str:
+    """The end of a check's sentence, shared by the step and the ulp verdicts: that the
+    differences are systematic, and the float32 onnxruntime difference for information."""
+    text = ": the differences are systematic, not rounding" if systematic else ""
+    if fp32_max_abs is not None:
+        text += f"; float32 onnxruntime max |Δ| {fp32_max_abs:.3g} (information)"
+    return text
 
 
 def step_checks(
