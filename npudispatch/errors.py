@@ -15,6 +15,10 @@ class ModelError(NpuDispatchError, ValueError):
     """The ONNX model is malformed or cannot be used as given (cycle, dangling input, unbound dim...)."""
 
 
+class OptionError(NpuDispatchError, ValueError):
+    """An argument or option value is not one the call accepts; the message lists the valid ones."""
+
+
 class ProgramFormatError(ModelError):
     """A saved program folder is corrupt or inconsistent; the message names the field or file."""
 

@@ -12,7 +12,7 @@ process create these sessions, so an unmodified application moves with one line:
 npudispatch options go in the provider options of :data:`NPU_PROVIDER`
 (``providers=[("NpuDispatchExecutionProvider", {"backend": "xrt", "xclbin": ...})]``) or in
 ``patch(**options)``: any :class:`npudispatch.Session` keyword (``backend``, ``cache``, ``bucket``,
-``max_specialisations``, ``pad``, ``bf16``, ``fallback``, backend options).
+``max_specialisations``, ``pad``, ``bf16``, ``precision``, ``fallback``, backend options).
 ``SessionOptions.add_free_dimension_override_by_name`` binds dims like ``dims=``. Options without a
 meaning here (thread counts, memory arenas, optimisation levels, other providers) are accepted and
 ignored with one debug log line per session.

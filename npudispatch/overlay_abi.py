@@ -45,6 +45,10 @@ PARAMS_CHANNEL = ShimChannel(0, Direction.MM2S, 0)
 # are byte-for-byte what they were before the field had a meaning).
 FLAG_FP32_COMPUTE = 0x1
 """Float math with float32 operands (no bf16 rounding) and float32 weight images (``--fp32``)."""
+FLAG_MIXED_COMPUTE = 0x2
+"""bf16 operands for multiply-accumulate kernels only, float32 everywhere else (``--precision
+mixed``; ``operators.dtypes``)."""
+KNOWN_FLAGS = FLAG_FP32_COMPUTE | FLAG_MIXED_COMPUTE
 
 WORD = 4  # shim DMAs move 32-bit words: every stream and buffer size is a multiple of this
 
@@ -92,7 +96,8 @@ class ParamsRecord:
 
     ``operand_bytes``/``output_bytes`` are the exact byte counts of each operand and output stream;
     ``dims`` are kernel-defined integers (shapes, tile counts...); ``payload`` is kernel-specific
-    (padded to 4 bytes when encoded); ``flags`` holds launch-mode bits (:data:`FLAG_FP32_COMPUTE`).
+    (padded to 4 bytes when encoded); ``flags`` holds launch-mode bits (:data:`FLAG_FP32_COMPUTE`,
+    :data:`FLAG_MIXED_COMPUTE`).
     """
 
     kernel_id: int
@@ -169,14 +174,14 @@ def record_size(head: bytes | bytearray | memoryview) -> int:
     """Total size of the record whose first :data:`HEADER_BYTES` bytes are ``head``.
 
     Raises :class:`DeviceHang` when the header is short, has the wrong magic or ABI version, or
-    absurd counts (the overlay cannot decode the launch).
+    absurd counts or flags (the overlay cannot decode the launch).
     """
     if len(head) < HEADER_BYTES:
         raise DeviceHang(
             f"params record header needs {HEADER_BYTES} bytes, {len(head)} arrived on "
             f"{PARAMS_CHANNEL}"
         )
-    magic, abi, _kid, n_in, n_out, n_dims, _res, n_payload = struct.unpack_from(
+    magic, abi, _kid, n_in, n_out, n_dims, flags, n_payload = struct.unpack_from(
         HEADER_FORMAT, bytes(head[:HEADER_BYTES])
     )
     if magic != MAGIC:
@@ -188,6 +193,11 @@ def record_size(head: bytes | bytearray | memoryview) -> int:
         raise DeviceHang(f"params record ABI version {abi}, this overlay speaks {ABI_VERSION}")
     if max(n_in, n_out, n_dims) > MAX_COUNT or n_payload % 4:
         raise DeviceHang(f"params record header is corrupt ({n_in=}, {n_out=}, {n_dims=})")
+    if flags & ~KNOWN_FLAGS or flags & KNOWN_FLAGS == KNOWN_FLAGS:
+        raise DeviceHang(
+            f"params record flags {flags:#06x} name an unknown or contradictory launch mode "
+            f"(known bits {KNOWN_FLAGS:#06x}, at most one set): re-compile the program"
+        )
     return HEADER_BYTES + 4 * (n_in + n_out) + 8 * n_dims + n_payload
 
 

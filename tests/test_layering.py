@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "npudispatch"
 
-LEAVES = {"errors", "domains", "display", "progress"}
+LEAVES = {"errors", "domains", "display", "progress", "precision"}
 #: What each layer may import besides the leaves (None = anything: the top layers).
 ALLOWED: dict[str, set[str] | None] = {
     **{leaf: set() for leaf in LEAVES},

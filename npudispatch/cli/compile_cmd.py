@@ -22,6 +22,7 @@ from npudispatch.cli.common import (
     print_json,
     writing,
 )
+from npudispatch.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,19 +43,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_compile_options(parser: argparse.ArgumentParser) -> None:
-    """``--no-pad`` / ``--fp32``: turn off terminal padding / bf16 storage and compute."""
+    """``--no-pad``: no terminal padding; ``--precision`` (``--fp32``): the compute precision."""
     parser.add_argument(
         "--no-pad",
         dest="pad",
         action="store_false",
         help="keep every NPU tensor at its declared shape (no terminal padding)",
     )
-    parser.add_argument(
+    add_precision_options(parser)
+
+
+def add_precision_options(parser: argparse.ArgumentParser) -> None:
+    """``--precision bf16|mixed|fp32`` and its alias ``--fp32`` (sets ``args.precision``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="bf16",
+        help="bf16 (default): bf16 storage with casts at NPU borders, bf16 operands with float32 "
+        "accumulation; mixed: float32 storage, bf16 operands only for matmuls, convolutions and "
+        "attention; fp32: float32 storage and compute (docs/numerics.md)",
+    )
+    group.add_argument(
         "--fp32",
-        dest="bf16",
-        action="store_false",
-        help="float32 storage and float32 compute in every NPU kernel (default: bf16 storage "
-        "with casts at NPU borders, bf16 operands with float32 accumulation)",
+        dest="precision",
+        action="store_const",
+        const="fp32",
+        help="same as --precision fp32",
     )
 
 
@@ -73,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
         rewrite=not args.no_rewrite,
         num_cols=args.num_cols,
         pad=args.pad,
-        bf16=args.bf16,
+        precision=args.precision,
     )
     out = output_dir(args.output, "the compiled programs")
     options = {
         "pad": args.pad,
-        "bf16": args.bf16,
+        "precision": args.precision,
         "dims": dims,
         "input_shapes": {name: list(shape) for name, shape in (shapes or {}).items()},
         "num_cols": args.num_cols,

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from npudispatch.cli.common import print_json
+from npudispatch.cli.compile_cmd import add_precision_options
 from npudispatch.dispatch.backends import backend_spec
 from npudispatch.dispatch.backends.registry import cli_flag
 
@@ -63,9 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument(
-        "--fp32", dest="bf16", action="store_false", help="float32 storage and compute"
-    )
+    add_precision_options(parser)
     parser.add_argument(
         "--backend", choices=("emulator", "xrt"), default="emulator", help="where programs run"
     )
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     backend_spec(args.backend).check(options, cli_flag)  # the backend judges its own options
     gen = Generator(
         args.model_dir,
-        bf16=args.bf16,
+        precision=args.precision,
         max_length=args.max_length,
         prefill_length=args.prefill_length,
         backend=args.backend,

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         dims=parse_dims(args.dims),
         input_shapes=parse_shapes(args.shape),
         pad=args.pad,
-        bf16=args.bf16,
+        precision=args.precision,
     )
     programs = [compiled.programs[i] for i in sorted(compiled.programs)]
     if args.json:

@@ -53,7 +53,7 @@ def _programs(args: argparse.Namespace) -> tuple[list[Any], int]:
         dims=parse_dims(args.dims),
         input_shapes=parse_shapes(args.shape),
         pad=args.pad,
-        bf16=args.bf16,
+        precision=args.precision,
     )
     cpu = sum(1 for p in compiled.partitions if p.kind != "npu")
     return [compiled.programs[i] for i in sorted(compiled.programs)], cpu

@@ -208,6 +208,14 @@ def compare(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> dict[st
     return {"max_abs": float(diff.max()), "max_rel": float(rel.max()), "ok": tol.close(a, e)}
 
 
+_ROUNDING_POINTS = {
+    "bf16": "with bf16 rounding where the NPU rounds (op outputs, operands, weights as formatted)",
+    "mixed": "with bf16 rounding where mixed compute rounds (multiply-accumulate operands, their "
+    "weights as formatted)",
+    "fp32": "in float32, as the NPU computes with --fp32 (no rounding points)",
+}
+
+
 def rounding_checks(
     args: argparse.Namespace,
     dims: dict[str, int],
@@ -220,7 +228,7 @@ def rounding_checks(
     from npudispatch.dispatch.check import RoundingReference, check_outputs
 
     reference = RoundingReference(
-        args.model, dims=dims, input_shapes=shapes or None, bf16=args.bf16
+        args.model, dims=dims, input_shapes=shapes or None, precision=args.precision
     )
     return check_outputs(reference, feeds, results, fp32)
 
@@ -310,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         dims=dims,
         input_shapes=shapes or None,
         pad=args.pad,
-        bf16=args.bf16,
+        precision=args.precision,
         **options,
     )
     _refuse_non_tensor_io(session, args)
@@ -408,9 +416,8 @@ def run(args: argparse.Namespace) -> int:
                 )
         elif args.check:
             print(
-                "checked against onnxruntime running the same rewritten graph with bf16 rounding "
-                "where the NPU rounds (op outputs, operands, weights as formatted): only "
-                "accumulation order differs, so each element must be within "
+                "checked against onnxruntime running the same rewritten graph "
+                f"{_ROUNDING_POINTS[args.precision]}: only accumulation order differs, so each element must be within "
                 f"{ULPS} bf16 ulps of the magnitudes involved (one ulp carried through the graph "
                 "to that element, measured by perturbed reference runs)"
             )

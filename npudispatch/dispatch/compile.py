@@ -34,6 +34,7 @@ from npudispatch.display import rich_html
 from npudispatch.errors import PlanError
 from npudispatch.graph import Partition, PartitionReport
 from npudispatch.graph.support import Supported
+from npudispatch.precision import Precision, resolve_precision
 from npudispatch.progress import progress
 from npudispatch.rewrites import MarkViewsPass, default_pipeline
 from npudispatch.rewrites.support import support_query
@@ -157,6 +158,7 @@ def compile_model(
     num_cols: int = 4,
     pad: bool = True,
     bf16: bool = True,
+    precision: Precision | None = None,
 ) -> CompiledModel:
     """Compile a model: one :class:`FusedProgram` per NPU partition.
 
@@ -168,10 +170,14 @@ def compile_model(
     the user's shapes, see :mod:`npudispatch.rewrites.padding`); ``bf16`` stores float32
     intermediates in bf16 with casts at NPU-partition borders (:mod:`~npudispatch.rewrites.precision`);
     ``bf16=False`` keeps float32 storage and makes every NPU launch compute in float32 (float32
-    operands and weight images; ``docs/numerics.md``);
-    both are rewrite passes, so ``rewrite=False`` turns them off too. An ``ir.Model`` argument is
+    operands and weight images; ``docs/numerics.md``). ``precision`` names the mode instead of
+    ``bf16`` (:data:`~npudispatch.operators.dtypes.Precision`): ``"bf16"`` (default), ``"fp32"``
+    (= ``bf16=False``) or ``"mixed"``: float32 storage, bf16 operands for multiply-accumulate
+    kernels only, bf16 weight images (``docs/numerics.md`` §1.5). Padding and the bf16 storage
+    are rewrite passes, so ``rewrite=False`` turns them off too. An ``ir.Model`` argument is
     rewritten in place. Raises :class:`ModelError` / :class:`PlanError` naming the culprit.
     """
+    mode = resolve_precision(precision, bf16)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model = graph.load(model_or_path, dims=dims, input_shapes=input_shapes)
@@ -184,7 +190,7 @@ def compile_model(
         # graph.load already bound ``dims`` everywhere. Padding and precision must see the same
         # NPU set as the partitioning below, or CPU segments would get padded / bf16 tensors.
         narrowed = support_query(supported) if supported is not None else None
-        default_pipeline(pad=pad, bf16=bf16, support=narrowed)(model)
+        default_pipeline(pad=pad, bf16=mode == "bf16", support=narrowed)(model)
     else:
         MarkViewsPass()(model)
     limits.check_model_sizes(model, stage="rewritten")  # padding grows tensors
@@ -211,7 +217,7 @@ def compile_model(
         )
     for i, part in progress(npu_parts, desc="compile NPU partitions"):
         t0 = time.perf_counter()
-        planned = plan_partition(part, num_cols=num_cols, fp32_compute=not bf16)
+        planned = plan_partition(part, num_cols=num_cols, precision=mode)
         # before images are allocated
         limits.check_program_size(labels[i], planned.plan.buffer_sizes)
         t1 = time.perf_counter()

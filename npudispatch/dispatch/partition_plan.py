@@ -31,6 +31,7 @@ from npudispatch.operators import registry
 from npudispatch.operators.base import ArgKind, Decline, OpConfig, TensorSpec, tensor_spec
 from npudispatch.operators.inplace import inplace_pairs
 from npudispatch.overlay_abi import WORD, BufferKind, round_up
+from npudispatch.precision import Precision
 from npudispatch.progress import progress
 from npudispatch.rewrites import is_view
 from npudispatch.txn import ArgRange
@@ -180,13 +181,13 @@ def _match(node: ir.Node) -> OpConfig:
 
 
 def plan_partition(
-    part: Partition, *, num_cols: int = 4, fp32_compute: bool = False
+    part: Partition, *, num_cols: int = 4, precision: Precision = "bf16"
 ) -> PartitionPlan:
     """Match the partition's ops, derive tensor requests and lifetimes, build the buffer plan,
     and place every op buffer (the :class:`PartitionPlan` that :func:`emit` consumes).
 
-    ``fp32_compute``: every launch computes in float32 and float weights are formatted in float32
-    (``compile_model(bf16=False)``; ``docs/numerics.md``)."""
+    ``precision``: every launch's compute precision (``"fp32"``: float weights are formatted in
+    float32 too; :mod:`npudispatch.operators.dtypes`, ``docs/numerics.md``)."""
     if part.kind != "npu":
         raise ValueError(f"plan_partition needs an NPU partition, got a {part.kind} one")
     io = partition_io(part)
@@ -199,7 +200,7 @@ def plan_partition(
         if is_view(node):
             continue
         cfg = _match(node)
-        cfg.fp32_compute = fp32_compute
+        cfg.precision = precision
         op = cfg.operator
         op.bind_host_inputs(
             cfg,

@@ -5,8 +5,9 @@ with a bf16 rounding inserted wherever the NPU rounds.
 inserts the roundings (each rounding op's output, operands not already rounded, weights as
 formatted; ``MatMulNBits`` dequantized as the kernel does), gives ``Sigmoid`` an accurate float32
 form, and adds one multiplicative jitter input per rounding point so probe runs can move every
-rounding by about an ulp (``JITTER``). How its outputs are judged is
-:mod:`npudispatch.dispatch.check`'s business.
+rounding by about an ulp (``JITTER``). In mixed compute the roundings and jitters sit on the
+multiply-accumulate operands only, everything else float32 (:func:`_insert_mac_rounding`). How
+its outputs are judged is :mod:`npudispatch.dispatch.check`'s business.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import onnx_ir as ir
 from npudispatch import graph, opset
 from npudispatch.dispatch import quant_check
 from npudispatch.operators.matmul_nbits import ACCURACY_INT8, dequantize_nbits
+from npudispatch.precision import Precision, resolve_precision
 from npudispatch.rewrites import default_pipeline
-from npudispatch.rewrites.precision import BUDGETS
+from npudispatch.rewrites.precision import BUDGETS, MATMUL_FAMILY
 from npudispatch.rewrites.support import npu_support
 
 __all__ = ["JITTER", "RoundingReference"]
@@ -48,17 +50,21 @@ class RoundingReference:
         dims: Mapping[str, int] | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         bf16: bool = True,
+        precision: Precision | None = None,
     ) -> None:
         from npudispatch.dispatch.ort_session import onnxruntime_session
 
+        self.precision = resolve_precision(precision, bf16)
         m = graph.load(model, dims=dims, input_shapes=input_shapes)
-        default_pipeline(pad=False, bf16=bf16)(m)
+        default_pipeline(pad=False, bf16=self.precision == "bf16")(m)
         self.grids = quant_check.output_grids(m)  # quantized outputs: checked in steps
         # Dequantized weights are fed as inputs: onnxruntime reads them in place instead of
         # copying them through the serialized model (three float32 copies of a 4-bit MLP).
         self.weights: dict[str, np.ndarray] = {}
-        self.fp32_compute = not bf16
-        self.jitter_shapes = _insert_rounding(m, self.weights, fp32=self.fp32_compute)
+        if self.precision == "mixed":
+            self.jitter_shapes = _insert_mac_rounding(m, self.weights)
+        else:
+            self.jitter_shapes = _insert_rounding(m, self.weights, fp32=self.precision == "fp32")
         if any(n.domain == opset.DOMAIN for n in m.graph.all_nodes()):
             opset.attach_functions(m)
         for body in (m.graph, *(f.graph for f in m.functions.values())):
@@ -154,6 +160,60 @@ def _insert_rounding(
             assert value.shape is not None and value.shape.is_static()
             jitters[jitter] = tuple(int(d) for d in value.shape)
             rounded.add(_round_value(g, node, value, jitter))
+    for name, init in list(g.initializers.items()):  # replaced by their rounded copies
+        if not init.uses() and not init.is_graph_output() and init not in g.inputs:
+            del g.initializers[name]
+    return jitters
+
+
+_CONVS = frozenset({"Conv", "ConvTranspose", "FusedConv", "FusedConvTranspose"})
+_ATTENTION = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
+_GQA_ROTARY_CACHES = (7, 8)  # cos/sin: lane-wise operands of the rotation, never MAC operands
+
+
+def _mac_operands(node: ir.Node) -> list[int]:
+    """Input slots a mixed-compute kernel rounds to bf16: the multiply-accumulate operands."""
+    if npu_support(node) is not None:
+        return []
+    if node.op_type in _CONVS or (node.op_type in MATMUL_FAMILY and node.op_type not in _QUANTIZED):
+        return [0, 1]  # X/A and W/B; a bias stays float32
+    if node.op_type in _ATTENTION:
+        skip = _GQA_ROTARY_CACHES if node.op_type == "GroupQueryAttention" else ()
+        return [i for i in range(len(node.inputs)) if i not in skip]
+    return []
+
+
+def _insert_mac_rounding(
+    model: ir.Model, weights: dict[str, np.ndarray]
+) -> dict[str, tuple[int, ...]]:
+    """Mixed compute (``operators.dtypes``): float32 everywhere, with a bf16 rounding (and a jitter
+    input) on every multiply-accumulate operand and bf16 copies of their float weights. A
+    ``MatMulNBits`` below ``accuracy_level`` 4 becomes a MatMul on its exact float32-scaled weight
+    with a rounded A; at 4 onnxruntime quantizes the float32 A to int8 exactly as the NPU does."""
+    _widen_bf16(model)
+    g = model.graph
+    jitters: dict[str, tuple[int, ...]] = {}
+    rounded: dict[ir.Value, ir.Value] = {}  # one rounding per value, shared by its readers
+    for node in list(g):
+        if node.op_type == "MatMulNBits" and _exact_nbits(node) and npu_support(node) is None:
+            matmul = _dequantize_as_formatted(g, node, weights, set(), fp32=True)[0]
+            slots = [0]
+        else:
+            matmul, slots = node, _mac_operands(node)
+        for slot in slots:
+            value = matmul.inputs[slot] if slot < len(matmul.inputs) else None
+            if value is None or value.dtype != _F32:
+                continue
+            if value.const_value is not None:
+                arr = _round(np.asarray(value.const_value.numpy(), np.float32))
+                matmul.replace_input_with(slot, _const(g, f"{value.name}__bf16r", arr))
+                continue
+            if value not in rounded:
+                jitter = f"{_JITTER_PREFIX}{len(jitters)}"
+                assert value.shape is not None and value.shape.is_static()
+                jitters[jitter] = tuple(int(d) for d in value.shape)
+                rounded[value] = _round_value(g, matmul, value, jitter, insert_before=True)
+            matmul.replace_input_with(slot, rounded[value])
     for name, init in list(g.initializers.items()):  # replaced by their rounded copies
         if not init.uses() and not init.is_graph_output() and init not in g.inputs:
             del g.initializers[name]

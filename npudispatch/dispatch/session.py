@@ -52,6 +52,7 @@ from npudispatch.errors import (
     ModelError,
     UnsupportedOpError,
 )
+from npudispatch.precision import Precision, resolve_precision
 
 __all__ = ["CompileEvent", "NodeArg", "Session", "SessionRunStats"]
 
@@ -151,8 +152,8 @@ class Session:
 
     ``cache``: the persistent compile cache (:mod:`npudispatch.dispatch.cache`); None uses the
     user's cache folder unless ``NPUDISPATCH_CACHE=0``, False turns it off, a path or
-    :class:`~npudispatch.dispatch.cache.CompileCache` picks the folder. ``pad`` / ``bf16`` are the
-    compilation options of :func:`compile_model`. Inputs and outputs always have the user's shapes
+    :class:`~npudispatch.dispatch.cache.CompileCache` picks the folder. ``pad`` / ``bf16`` /
+    ``precision`` are the compilation options of :func:`compile_model`. Inputs and outputs always have the user's shapes
     and dtypes: padding happens in the copy-in / copy-out. Sequence, map and optional inputs and
     outputs are taken and returned as onnxruntime does (lists, dicts, None); the nodes using them
     run in CPU segments.
@@ -168,6 +169,7 @@ class Session:
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         pad: bool = True,
         bf16: bool = True,
+        precision: Precision | None = None,
         cache: CompileCache | str | os.PathLike[str] | bool | None = None,
         max_specialisations: int = DEFAULT_MAX_SPECIALISATIONS,
         bucket: Mapping[str, int] | None = None,
@@ -183,15 +185,16 @@ class Session:
         prebuilt = isinstance(
             model_or_path, CompiledModel | CompiledArtifact | FusedProgram
         ) or is_program_dir(model_or_path)
-        if prebuilt and (dims or input_shapes or bucket or not (pad and bf16)):
+        mode = resolve_precision(precision, bf16)
+        if prebuilt and (dims or input_shapes or bucket or not pad or mode != "bf16"):
             raise ModelError(
-                "dims / input_shapes / bucket / pad / bf16 cannot be applied to an already "
-                "compiled model; pass them to compile_model or give Session the model"
+                "dims / input_shapes / bucket / pad / bf16 / precision cannot be applied to an "
+                "already compiled model; pass them to compile_model or give Session the model"
             )
         self.fallback = engine
         self._engine = engine
         self._max = max_specialisations
-        self._options: dict[str, Any] = {"pad": pad, "bf16": bf16, "dims": dict(dims or {})}
+        self._options: dict[str, Any] = {"pad": pad, "precision": mode, "dims": dict(dims or {})}
         self._lock = threading.RLock()
         self._stats_lock = threading.Lock()
         self._variants: OrderedDict[Any, _Variant] = OrderedDict()
@@ -336,7 +339,7 @@ class Session:
 
     def _compile(self, shapes: Shapes) -> CompiledModel:
         assert self._source is not None
-        opts = {"pad": self._options["pad"], "bf16": self._options["bf16"]}
+        opts = {"pad": self._options["pad"], "precision": self._options["precision"]}
         user_dims = self._options["dims"]
         declared = self._declared_inputs
         if not self._pinned and all(

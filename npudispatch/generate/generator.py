@@ -15,6 +15,7 @@ from npudispatch.generate.config import GenaiConfig
 from npudispatch.generate.programs import CompiledPhase, check_shared_cache, compile_phase
 from npudispatch.generate.resident import PhaseStats, ResidentDevice
 from npudispatch.generate.sampling import SearchOptions, next_token
+from npudispatch.precision import Precision, resolve_precision
 from npudispatch.progress import progress
 
 __all__ = ["GenerationResult", "Generator"]
@@ -70,8 +71,11 @@ class Generator:
     Compiles a prefill program (``prefill_length`` tokens) and a decode program (one token) once,
     keeps both resident on one device context sharing one weight image, and keeps the KV cache
     (``max_length`` rows, default the config's ``search.max_length``) on the device across steps.
-    ``bf16=False`` stores activations and the cache in float32 and computes in float32
-    (``--fp32``). ``backend="xrt"`` (options as for
+    ``precision`` is the compute precision (:data:`~npudispatch.operators.dtypes.Precision`):
+    ``"bf16"`` (default) stores activations and the cache in bf16; ``"mixed"`` keeps activations
+    float32 and the cache bf16, rounding only matmul and attention operands (closer to
+    onnxruntime-genai, ``docs/numerics.md`` §1.5); ``"fp32"`` (``bf16=False``, ``--fp32``) stores
+    and computes in float32. ``backend="xrt"`` (options as for
     :class:`~npudispatch.dispatch.backends.xrt.XrtBackend`, e.g. ``xclbin=``) runs both programs in
     one XRT hardware context instead of the emulator.
     """
@@ -81,6 +85,7 @@ class Generator:
         model_dir: str | Path,
         *,
         bf16: bool = True,
+        precision: Precision | None = None,
         max_length: int | None = None,
         prefill_length: int | None = None,
         backend: str = "emulator",
@@ -108,9 +113,10 @@ class Generator:
                 f"prefill_length {self.prefill_length} must be in [1, max_length - 1 = "
                 f"{self.max_length - 1}]"
             )
-        self.bf16 = bf16
+        self.precision = resolve_precision(precision, bf16)
+        self.bf16 = self.precision != "fp32"
         t0 = time.perf_counter()
-        common = {"cache_len": self.max_length, "bf16": bf16}
+        common = {"cache_len": self.max_length, "precision": self.precision}
         self.prefill = compile_phase(
             cfg, signature, "prefill", seq_len=self.prefill_length,
             mask_len=self.prefill_length, **common,

@@ -11,7 +11,7 @@ programs: the two programs read and write one cache.
   prompt for GroupQueryAttention (rows start at 0, padded rows never reach real ones);
 * decode: ``input_ids [1, 1]``, ``attention_mask [1, L]`` (ones up to the new token).
 
-With ``bf16`` the cache is stored in bf16 (it never leaves the device, so its dtype is the
+Unless in float32 compute the cache is stored in bf16 (it never leaves the device, so its dtype is the
 device's choice) and the graph computes in bf16 as usual.
 """
 
@@ -28,6 +28,7 @@ from npudispatch.dispatch.emit import FusedProgram
 from npudispatch.errors import ModelError, PlanError
 from npudispatch.generate.config import GenaiConfig, ModelSignature
 from npudispatch.operators.inplace import inplace_pairs, mark_inplace
+from npudispatch.precision import Precision
 
 __all__ = ["CompiledPhase", "compile_phase", "phase_dims"]
 
@@ -79,11 +80,17 @@ def _attention_of(value: ir.Value, name: str) -> ir.Node:
     return gqa[0]
 
 
-def _make_resident(model: ir.Model, cfg: GenaiConfig, cache_len: int, bf16: bool) -> list[str]:
-    """Static-cache, in-place form of the loaded decoder; returns the resident input names."""
+def _make_resident(
+    model: ir.Model, cfg: GenaiConfig, cache_len: int, precision: Precision
+) -> list[str]:
+    """Static-cache, in-place form of the loaded decoder; returns the resident input names.
+
+    The cache is bf16 unless in float32 compute: mixed compute stores the keys and values bf16 too,
+    since attention rounds them to bf16 as MAC operands whenever it reads them (same results,
+    half the bytes)."""
     g = model.graph
     by_name = {v.name: v for v in g.inputs}
-    kv_dtype = ir.DataType.BFLOAT16 if bf16 else ir.DataType.FLOAT
+    kv_dtype = ir.DataType.FLOAT if precision == "fp32" else ir.DataType.BFLOAT16
     shape = ir.Shape([1, cfg.kv_heads, cache_len, cfg.head_size])
     present = set(cfg.present_names())
     resident: list[str] = []
@@ -115,13 +122,13 @@ def compile_phase(
     seq_len: int,
     mask_len: int,
     cache_len: int,
-    bf16: bool,
+    precision: Precision,
 ) -> CompiledPhase:
     """Load and compile the decoder for one phase with a resident ``cache_len``-row cache."""
     dims = phase_dims(sig, cfg, seq_len, mask_len, cache_len)
     model = graph.load(cfg.model_path, dims=dims)
-    resident = _make_resident(model, cfg, cache_len, bf16)
-    compiled = compile_model(model, bf16=bf16)
+    resident = _make_resident(model, cfg, cache_len, precision)
+    compiled = compile_model(model, precision=precision)
     part_inputs = {v.name for p in compiled.partitions if p.kind == "cpu" for v in p.inputs}
     on_cpu = sorted(part_inputs & set(resident))
     if on_cpu:

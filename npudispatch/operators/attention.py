@@ -16,6 +16,7 @@ Tensors keep their exact shapes (no terminal padding): the head layout is the te
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -30,7 +31,7 @@ from npudispatch.operators.base import (
     op_label,
     opset_version,
 )
-from npudispatch.operators.dtypes import FLOAT_DTYPES, fp32_compute, store
+from npudispatch.operators.dtypes import FLOAT_DTYPES, bf16_operands, store
 from npudispatch.operators.elementwise import match_float_node
 from npudispatch.operators.matmul import attr_value
 
@@ -84,6 +85,10 @@ class _Attention(Operator):
     """Exact shapes for every tensor; the kernel runs :meth:`attend` with bf16 operands (float32
     ones in float32 compute)."""
 
+    #: Multiply-accumulate kernel (q·k, p·v): rounds its operands in mixed compute too
+    #: (``operators.dtypes``); rotary embedding is lane-wise and does not.
+    mac: ClassVar[bool] = True
+
     def granularity(self, cfg: OpConfig) -> ShapeConstraints:
         return ShapeConstraints(
             inputs=tuple(None for _ in cfg.inputs), outputs=tuple(None for _ in cfg.outputs)
@@ -103,7 +108,7 @@ class _Attention(Operator):
         ``bf16``); each concrete operator defines it."""
 
     def compute(self, inputs, outputs, dims, floats):
-        outs = self.attend(inputs, outputs, dims, floats, bf16=not fp32_compute())
+        outs = self.attend(inputs, outputs, dims, floats, bf16=bf16_operands(self.mac))
         return [store(o, spec.dtype) for o, spec in zip(outs, outputs)]
 
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -2,7 +2,7 @@
 update and masked scaled-dot-product attention with a streaming (running-max) softmax.
 
 The NPU kernels and the numpy references call the same functions with different precision:
-``bf16=True`` rounds every float operand to bf16 on entry (``dtypes.to_compute``), keeps the
+``bf16=True`` rounds every float operand to bf16 on entry (``dtypes.mac_operand``), keeps the
 accumulators (scores, running max, running sum, P·V) in float32 and rounds the probabilities to
 bf16 before they meet V, as an AIE core's bf16 MAC does. ``bf16=False`` is plain float32.
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from npudispatch.operators.dtypes import BF16, F32, to_compute
+from npudispatch.operators.dtypes import BF16, F32, mac_operand, to_compute
 
 #: Keys processed per step of the streaming softmax (one AIE tile's worth of scores).
 KEY_BLOCK = 64
@@ -27,6 +27,12 @@ def as_compute(x: np.ndarray | None, bf16: bool) -> np.ndarray | None:
     """Float operand in the kernel's compute type (bf16-rounded float32 or float32)."""
     if x is None:
         return None
+    return mac_operand(x) if bf16 else np.asarray(x, dtype=F32)
+
+
+def as_lanes(x: np.ndarray, bf16: bool) -> np.ndarray:
+    """Lane-wise (vector unit) operand: rounded to bf16 in bf16 compute only (``bf16`` and the
+    launch's precision both say so), float32 in mixed and float32 compute."""
     return to_compute(x) if bf16 else np.asarray(x, dtype=F32)
 
 
@@ -178,11 +184,16 @@ def gqa(
             f"seqlens_k {seqlens_k.tolist()} do not fit a present buffer of {shape.present_len} "
             f"rows with {s} new tokens"
         )
-    qc, kc, vc = (np.swapaxes(as_compute(x, bf16), 1, 2) for x in (q, k, v))  # BNSH
+    rotary = cos is not None and sin is not None
+    # With rotary, q and k meet the MAC only once rotated: they and the caches enter as lane-wise
+    # operands (float32 in mixed compute); the rotated q and k are rounded below.
+    qk_entry = as_lanes if rotary else as_compute
+    qc, kc = (np.swapaxes(qk_entry(x, bf16), 1, 2) for x in (q, k))  # BNSH
+    vc = np.swapaxes(as_compute(v, bf16), 1, 2)
     if cos is not None and sin is not None:
         pos = past_rows[:, None] + np.arange(s)[None, :]  # [B, S]
         pos = np.clip(pos, 0, cos.shape[0] - 1)  # padded rows of a prompt: any valid row
-        cb, sb = as_compute(cos, bf16)[pos][:, None], as_compute(sin, bf16)[pos][:, None]
+        cb, sb = as_lanes(cos, bf16)[pos][:, None], as_lanes(sin, bf16)[pos][:, None]
         rdim = 2 * cos.shape[1]
         qc = rotate(qc, cb, sb, interleaved=interleaved, rotary_dim=rdim)
         kc = rotate(kc, cb, sb, interleaved=interleaved, rotary_dim=rdim)
@@ -222,6 +233,7 @@ __all__ = [
     "KEY_BLOCK",
     "GqaShape",
     "as_compute",
+    "as_lanes",
     "gqa",
     "gqa_positions",
     "rotate",

@@ -34,7 +34,14 @@ import onnx_ir as ir
 from npudispatch.domains import is_onnx_domain, normalize_domain
 from npudispatch.operators import records
 from npudispatch.operators.dtypes import launch_precision, np_dtype
-from npudispatch.overlay_abi import FLAG_FP32_COMPUTE, BufferKind, ParamsRecord, round_up
+from npudispatch.overlay_abi import (
+    FLAG_FP32_COMPUTE,
+    FLAG_MIXED_COMPUTE,
+    BufferKind,
+    ParamsRecord,
+    round_up,
+)
+from npudispatch.precision import Precision
 
 if TYPE_CHECKING:
     from npudispatch.operators import dma
@@ -100,9 +107,14 @@ class OpConfig:
         int, np.ndarray
     ]  # initializer-fed inputs by input index (weights, scales, bias...)
     extra: dict[str, Any] = field(default_factory=dict)  # op-specific derived values
-    # Float32 compute (``bf16=False`` / ``--fp32``): decided at compile time, written into the
-    # record's flags; float weights and q4 scales are formatted in float32 too.
-    fp32_compute: bool = False
+    # Launch precision (``operators.dtypes``): decided at compile time, written into the record's
+    # flags; in "fp32" float weights and q4 scales are formatted in float32 too.
+    precision: Precision = "bf16"
+
+    @property
+    def fp32_compute(self) -> bool:
+        """Float32 compute: float32 operands, results and weight images."""
+        return self.precision == "fp32"
 
 
 @dataclass(frozen=True)
@@ -269,7 +281,7 @@ class Operator(ABC):
             output_bytes=output_bytes,
             dims=list(self.op_dims(cfg)),
             payload=table + records.encode_floats(self.op_floats(cfg)),
-            flags=FLAG_FP32_COMPUTE if cfg.fp32_compute else 0,
+            flags=_PRECISION_FLAGS[cfg.precision],
         )
 
     def format_consts(self, cfg: OpConfig) -> bytes:
@@ -375,13 +387,27 @@ def _returning_declines(match: Any) -> Any:
     return wrapper
 
 
+_PRECISION_FLAGS: dict[Precision, int] = {
+    "bf16": 0,
+    "mixed": FLAG_MIXED_COMPUTE,
+    "fp32": FLAG_FP32_COMPUTE,
+}
+
+
+def precision_of_flags(flags: int) -> Precision:
+    """The launch precision a params record's flags select (bf16 when no mode bit is set)."""
+    if flags & FLAG_FP32_COMPUTE:
+        return "fp32"
+    return "mixed" if flags & FLAG_MIXED_COMPUTE else "bf16"
+
+
 def _in_record_precision(kernel: Any) -> Any:
     """``kernel`` run in the compute precision its params record's flags select (one switch point
     for every operator: ``dtypes.to_compute``/``store`` and the weight decoders read it)."""
 
     @functools.wraps(kernel)
     def wrapper(self: Operator, record: ParamsRecord, operands: Sequence[Any]) -> Any:
-        with launch_precision(bool(record.flags & FLAG_FP32_COMPUTE)):
+        with launch_precision(precision_of_flags(record.flags)):
             return kernel(self, record, operands)
 
     wrapper._sets_precision = True  # type: ignore[attr-defined]

@@ -1,16 +1,23 @@
 """Dtype helpers: ONNX ↔ numpy mapping, the kernels' compute rule, and the dtype codes kernels read.
 
-Kernels compute float math in bf16 by default (ARCHITECTURE §4 / operators contract): float32
-activations are rounded to bf16 on entry, arithmetic runs in float32 (the accumulator), and results
-are rounded to bf16 before being stored in the output dtype. :func:`to_compute` and :func:`store`
-implement exactly that so every kernel shares one rounding rule (round-to-nearest-even, via
-ml_dtypes).
+Every launch computes in one of three precisions (:data:`Precision`), chosen at compile time and
+carried by the params record's flags:
 
-A launch whose params record carries :data:`~npudispatch.overlay_abi.FLAG_FP32_COMPUTE` (models
-compiled with ``bf16=False``, CLI ``--fp32``) runs in **float32 compute** instead: operands enter as
-float32 and results are stored without a bf16 rounding. The operator framework sets the mode for
-the duration of each kernel call (:func:`launch_precision`); kernels ask :func:`fp32_compute` (or
-:func:`weight_dtype` for the float element type of their formatted weights) and never see the flag.
+* ``"bf16"`` (the default; ARCHITECTURE §4 / operators contract): float32 activations are rounded
+  to bf16 on entry, arithmetic runs in float32 (the accumulator), and results are rounded to bf16
+  before being stored in the output dtype (the precision pass stores them as bf16 tensors).
+* ``"mixed"`` (:data:`~npudispatch.overlay_abi.FLAG_MIXED_COMPUTE`): only the operands of
+  multiply-accumulate kernels (matmuls, convolutions, attention) are rounded to bf16, as an AIE
+  core's bf16 MAC takes them, with bf16 weight images; every other operand and every result stays
+  float32 (norms, residual adds, activations, softmax statistics, stored tensors).
+* ``"fp32"`` (:data:`~npudispatch.overlay_abi.FLAG_FP32_COMPUTE`, ``bf16=False``, CLI ``--fp32``):
+  operands enter as float32, results are stored without rounding, weight images are float32.
+
+:func:`to_compute`, :func:`mac_operand` and :func:`store` implement the rule so every kernel
+shares it (round-to-nearest-even). The operator framework sets the precision for the duration of
+each kernel call (:func:`launch_precision`); kernels ask :func:`fp32_compute` (or
+:func:`weight_dtype` for the float element type of their formatted weights) and never see the
+flags.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from contextvars import ContextVar
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+
+from npudispatch.precision import Precision, check_precision
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = np.dtype(np.float32)
@@ -70,22 +79,36 @@ def np_dtype(dtype: ir.DataType | None) -> np.dtype | None:
         return None
 
 
-_FP32_COMPUTE: ContextVar[bool] = ContextVar("npudispatch_fp32_compute", default=False)
+_PRECISION: ContextVar[Precision] = ContextVar("npudispatch_precision", default="bf16")
 
 
 @contextlib.contextmanager
-def launch_precision(fp32: bool) -> Iterator[None]:
-    """Run the enclosed kernel call in float32 compute (``fp32``) or the default bf16 compute."""
-    token = _FP32_COMPUTE.set(bool(fp32))
+def launch_precision(precision: Precision | bool) -> Iterator[None]:
+    """Run the enclosed kernel call in ``precision`` (``True``/``False``: fp32 / bf16)."""
+    if isinstance(precision, bool):
+        precision = "fp32" if precision else "bf16"
+    token = _PRECISION.set(check_precision(precision))
     try:
         yield
     finally:
-        _FP32_COMPUTE.reset(token)
+        _PRECISION.reset(token)
+
+
+def current_precision() -> Precision:
+    """The current launch's precision (see the module docstring)."""
+    return _PRECISION.get()
 
 
 def fp32_compute() -> bool:
-    """Whether the current launch computes with float32 operands (see the module docstring)."""
-    return _FP32_COMPUTE.get()
+    """Whether the current launch computes with float32 operands and float32 weight images."""
+    return _PRECISION.get() == "fp32"
+
+
+def bf16_operands(mac: bool) -> bool:
+    """Whether a kernel rounds its float operands to bf16 in the current launch: every kernel in
+    bf16 compute, multiply-accumulate kernels (``mac``) in mixed compute, none in float32."""
+    precision = _PRECISION.get()
+    return precision == "bf16" or (mac and precision == "mixed")
 
 
 def weight_dtype(fp32: bool) -> np.dtype:
@@ -146,10 +169,21 @@ def widen(x: np.ndarray) -> np.ndarray:
 
 
 def to_compute(x: np.ndarray) -> np.ndarray:
-    """Kernel entry: a float operand as float32; rounded to bf16 first unless in float32 compute."""
-    if _FP32_COMPUTE.get():
-        return np.asarray(x, dtype=F32)
+    """Kernel entry of a float operand as float32: rounded to bf16 first in bf16 compute only
+    (mixed compute keeps vector operands float32; :func:`mac_operand` is the MAC's entry)."""
+    return _entry(x, _PRECISION.get() == "bf16")
+
+
+def mac_operand(x: np.ndarray) -> np.ndarray:
+    """Kernel entry of a multiply-accumulate operand (a matmul's A, attention's q/k/v) as float32:
+    rounded to bf16 first unless in float32 compute."""
+    return _entry(x, _PRECISION.get() != "fp32")
+
+
+def _entry(x: np.ndarray, rounds: bool) -> np.ndarray:
     x = np.asarray(x)
+    if not rounds:
+        return x if x.dtype == F32 else (widen(x) if x.dtype == BF16 else x.astype(F32))
     if x.dtype == F32:
         return round_bf16(x)
     if x.dtype == BF16:
@@ -158,9 +192,11 @@ def to_compute(x: np.ndarray) -> np.ndarray:
 
 
 def store(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Kernel exit: a float32 result stored in ``dtype`` (rounded to bf16 first in bf16 compute)."""
-    if _FP32_COMPUTE.get():
-        return np.asarray(x, dtype=F32).astype(dtype)
+    """Kernel exit: a float32 result stored in ``dtype``; rounded to bf16 first in bf16 compute
+    (mixed and float32 compute store float32 results as they are)."""
+    if _PRECISION.get() != "bf16":
+        x = np.asarray(x, dtype=F32)
+        return to_bf16(x) if dtype == BF16 else x.astype(dtype)
     if dtype == BF16:
         return to_bf16(np.asarray(x, dtype=F32))
     rounded = round_bf16(np.asarray(x, dtype=F32))

@@ -19,7 +19,7 @@ from npudispatch.operators.base import (
     node_config,
     tensor_spec,
 )
-from npudispatch.operators.dtypes import F32, to_compute
+from npudispatch.operators.dtypes import F32, mac_operand
 from npudispatch.operators.tiled_matmul import (
     MAX_WEIGHT_STRIPES,
     N_GRANULE,
@@ -105,7 +105,7 @@ class MatMul(TiledMatMul):
         assert a_spec is not None
         k = real_dim(a_spec, -1)  # padded K lanes are zeros in both operands; crop anyway
         a, b = t.acts[0][..., :k], t.acts[1][..., :k, :]
-        return t.store_output(np.matmul(to_compute(a), to_compute(b)))
+        return t.store_output(np.matmul(mac_operand(a), mac_operand(b)))
 
     def reference(self, cfg: OpConfig, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """``A @ B`` in float32."""

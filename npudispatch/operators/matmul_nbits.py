@@ -6,16 +6,18 @@ optional ``zero_points`` uint8 ``[N * ceil(k_blocks / 2)]`` packed along K block
 optional ``g_idx`` (input 4, not supported); optional ``bias [N]`` (input 5). Attributes ``K``,
 ``N``, ``bits``, ``block_size``, ``accuracy_level``. ``W[k, n] = (code - zp) · scale``.
 
-The constants are formatted once into the q4 tile image of :mod:`weights` (codes, bf16 scales and
-packed zero points inside each 128 x 64 subvolume) followed by the float32 bias part. The kernel
-decodes that image from the bytes it receives, so a wrong byte in the image changes the result.
+The constants are formatted once into the q4 tile image of :mod:`weights` (codes, bf16 scales -
+float32 in mixed and float32 compute - and packed zero points inside each 128 x 64 subvolume)
+followed by the float32 bias part. The kernel decodes that image from the bytes it receives,
+so a wrong byte in the image changes the result.
 DMA and record: :mod:`matmul` (``dims`` gets ``block_size`` and the int8-activation flag appended).
 
 Two kinds of arithmetic, chosen by ``accuracy_level`` (the model's request, honoured in both
 compute modes; docs/numerics.md §1.3):
 
-* ``accuracy_level`` 0..3: the weights are dequantized (to bf16, or exactly in float32 compute)
-  and multiplied with the activations in the launch's float precision;
+* ``accuracy_level`` 0..3: the weights are dequantized (to bf16 in bf16 compute; exactly with
+  float32 scales in mixed and float32 compute, where the exact ``code - zp`` meets a bf16 A and
+  the scale multiplies the accumulator) and multiplied with the activations;
 * ``accuracy_level = 4`` ("A may be quantized to int8 with the same block size"): each row of A is
   quantized per K block of ``block_size`` lanes to int8 (:func:`quantize_blocks`: symmetric,
   scale ``amax / 127``, round half to even), the int8 × int4 dot products are exact integers (the
@@ -23,7 +25,8 @@ compute modes; docs/numerics.md §1.3):
   float32 and accumulated in float32 (:func:`int8_block_matmul`). This is the computation of
   onnxruntime's CPU kernel (MLAS SQNBitGemm, CompInt8), so the results agree to float32
   accumulation order; in bf16 compute the operand A is rounded to bf16 before it is quantized
-  and the result is rounded to bf16 on exit, as for every kernel.
+  and the result is rounded to bf16 on exit, as for every kernel (mixed compute quantizes the
+  float32 A and stores a float32 result).
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch.operators.base import Decline, OpConfig, TensorSpec, const_array, node_config
-from npudispatch.operators.dtypes import F32, fp32_compute, to_compute
+from npudispatch.operators.dtypes import (
+    F32,
+    current_precision,
+    mac_operand,
+    to_compute,
+)
 from npudispatch.operators.matmul import (
     TiledMatMul,
     TiledOperands,
@@ -53,6 +61,7 @@ from npudispatch.operators.weights import (
     q4_layout,
     unpack_nibbles,
 )
+from npudispatch.precision import Precision
 
 
 def nbits_weights(
@@ -144,6 +153,13 @@ def int8_block_matmul(a: np.ndarray, weights: Q4Weights, k: int, n: int) -> np.n
     return acc.reshape(*lead, n)
 
 
+def float32_scales(precision: Precision) -> bool:
+    """Whether the q4 image holds float32 scales: in float32 and mixed compute. A block scale
+    multiplies the float32 accumulator (the MAC's operands are A and the exact ``code - zp``), so
+    only the bf16 policy, which stores every float constant in bf16, rounds it."""
+    return precision != "bf16"
+
+
 class MatMulNBits(TiledMatMul):
     """com.microsoft MatMulNBits, bits = 4, block_size 16..128, constant B/scales/zero points."""
 
@@ -182,7 +198,7 @@ class MatMulNBits(TiledMatMul):
     def layout(self, cfg: OpConfig) -> TileLayout:
         """q4 tiles."""
         k, n, block = cfg.extra["K"], cfg.extra["N"], cfg.extra["block_size"]
-        return q4_layout(k, n, block, fp32_scales=cfg.fp32_compute)
+        return q4_layout(k, n, block, fp32_scales=float32_scales(cfg.precision))
 
     def const_parts(self, cfg: OpConfig) -> list[np.ndarray]:
         """q4 image, then the float32 bias part when a bias is given."""
@@ -194,7 +210,7 @@ class MatMulNBits(TiledMatMul):
             k,
             n,
             block,
-            fp32_scales=cfg.fp32_compute,
+            fp32_scales=float32_scales(cfg.precision),
         )
         parts = [image]
         if 5 in cfg.consts:
@@ -209,14 +225,16 @@ class MatMulNBits(TiledMatMul):
         """Decode the q4 image; int8 block products (``accuracy_level=4``) or dequantize and
         multiply in the launch's precision; add the bias part."""
         k, n, block, int8_activations = t.k, t.n, t.dims[5], t.dims[6]
-        a = to_compute(t.acts[0][..., :k])
-        fp32 = fp32_compute()
+        # int8 blocks are quantized from the stored A (its bf16 rounding is the bf16 policy's
+        # storage, not the MAC's); the dequantizing path's A is a bf16 MAC operand
+        a = (to_compute if int8_activations else mac_operand)(t.acts[0][..., :k])
+        f32_scales = float32_scales(current_precision())
         if int8_activations:
-            q4 = decode_q4(t.parts[0], k, n, block, t.stripes, fp32_scales=fp32)
+            q4 = decode_q4(t.parts[0], k, n, block, t.stripes, fp32_scales=f32_scales)
             acc = int8_block_matmul(a, q4, k, n)
         else:
             # a @ the dequantized weights, without building them for one row (decode)
-            acc = q4_matmul(a, t.parts[0], k, n, block, t.stripes, fp32_scales=fp32)
+            acc = q4_matmul(a, t.parts[0], k, n, block, t.stripes, fp32_scales=f32_scales)
         if t.bias_rows:
             acc = acc + t.parts[1][: 4 * n].view("<f4")
         return t.store_output(acc)

@@ -27,6 +27,7 @@ from npudispatch.operators.matmul import attr_value
 class _Rotary(_Attention):
     """Shared matching and math; subclasses give the input order."""
 
+    mac = False  # lane-wise: float32 operands in mixed compute
     x_in: ClassVar[int] = 0
     pos_in: ClassVar[int]
     cos_in: ClassVar[int]

@@ -48,7 +48,7 @@ from npudispatch.operators.base import (
     round_up,
     tensor_spec,
 )
-from npudispatch.operators.dtypes import FLOAT_DTYPES, fp32_compute, store, to_compute
+from npudispatch.operators.dtypes import FLOAT_DTYPES, fp32_compute, mac_operand, store
 from npudispatch.operators.weights import (
     TileLayout,
     bf16_layout,
@@ -366,7 +366,7 @@ class TiledMatMul(Operator):
         a = t.acts[0]
         a = a[..., :k] if not self.trans_a(t.dims) else a[:k, ...].T
         w = decode_bf16(t.parts[0], k, n, t.stripes, fp32=fp32_compute())[:k, :n]
-        acc = to_compute(a) @ w
+        acc = mac_operand(a) @ w
         acc = acc * np.float32(floats[0]) if floats and floats[0] != 1.0 else acc
         if bias_rows:
             bias = t.parts[1][: bias_rows * _ceil(n) * 4].view("<f4").reshape(bias_rows, _ceil(n))
