@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, options=search)
     summary = result.to_dict()
     summary["compile_seconds"] = gen.compile_seconds
+    summary["precision"] = gen.precision
     summary["const_bytes_shared"] = gen.device.const_bytes
     if tokenizer is not None:
         summary["text"] = tokenizer.decode(result.new_tokens)
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{len(result.new_tokens)} new tokens ({result.stop_reason}); prefill "
         f"{result.prefill_seconds * 1e3:.0f} ms, {result.tokens_per_second:.1f} tokens/s, "
-        f"{per_step}, 1 weight image of {gen.device.const_bytes:,} B shared by both programs",
+        f"{per_step}, 1 weight image of {gen.device.const_bytes:,} B shared by both programs, "
+        f"{gen.precision} compute",
         file=sys.stderr,
     )
     return 0

@@ -188,12 +188,13 @@ def test_cli_generate_json():
     out = subprocess.run(
         [sys.executable, "-m", "npudispatch.cli", "generate", str(MODELS_DIR / FOLDERS[0]),
          "--prompt-ids", "1,17,200", "--max-new-tokens", "3", "--max-length", "24",
-         "--prefill-length", "8", "--json"],
+         "--prefill-length", "8", "--precision", "mixed", "--json"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     doc = json.loads(out.stdout)
     assert doc["tokens"][:3] == [1, 17, 200] and len(doc["new_tokens"]) == 3
     assert doc["kernel_calls_per_decode_step"] == [1, 1]
+    assert doc["precision"] == "mixed"
     bad = subprocess.run(
         [sys.executable, "-m", "npudispatch.cli", "generate", str(MODELS_DIR / FOLDERS[0]),
          "--prompt-ids", "1,x"],
