@@ -195,8 +195,7 @@ def store(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Kernel exit: a float32 result stored in ``dtype``; rounded to bf16 first in bf16 compute
     (mixed and float32 compute store float32 results as they are)."""
     if _PRECISION.get() != "bf16":
-        x = np.asarray(x, dtype=F32)
-        return to_bf16(x) if dtype == BF16 else x.astype(dtype)
+        return np.asarray(x, dtype=F32).astype(dtype)
     if dtype == BF16:
         return to_bf16(np.asarray(x, dtype=F32))
     rounded = round_bf16(np.asarray(x, dtype=F32))
