@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from npudispatch.testing.fake_pyxrt import bo, hw_context
+    from npudispatch.testing.fake_pyxrt_device import bo, hw_context
 
 
 # --------------------------------------------------------------------------------------- enums
