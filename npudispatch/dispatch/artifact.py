@@ -37,7 +37,11 @@ import onnx_ir as ir
 from npudispatch import graph, opset
 from npudispatch.dispatch.emit import FusedProgram
 from npudispatch.errors import ModelError, NpuDispatchError
-from npudispatch.graph.value_types import TYPE_META, restore_map_types, value_type_text
+from npudispatch.graph.value_types import (
+    has_map_types,
+    restore_map_types,
+    value_type_text,
+)
 
 if TYPE_CHECKING:
     from npudispatch.dispatch.compile import CompiledModel
@@ -144,7 +148,7 @@ def model_metadata(model: ir.Model | onnx.ModelProto) -> dict[str, Any]:
 def _restore_map_types(path: Path, model: ir.Model) -> None:
     """Rewrite the saved segment ``path`` with the map types onnx_ir could not write (its
     weights stay in the external data file beside it)."""
-    if not any(TYPE_META in v.meta for v in (*model.graph.inputs, *model.graph.outputs)):
+    if not has_map_types(model.graph):
         return
     proto = onnx.load(str(path), load_external_data=False)
     restore_map_types(proto.graph, model.graph)

@@ -20,7 +20,7 @@ from npudispatch.errors import ModelError
 from npudispatch.graph import shapes
 from npudispatch.graph.naming import assign_unique_names
 from npudispatch.graph.order import topological_order
-from npudispatch.graph.value_types import TYPE_META, is_non_tensor, strip_map_types
+from npudispatch.graph.value_types import is_non_tensor, keep_map_types, strip_map_types
 
 __all__ = ["ModelLike", "load", "proto_to_ir"]
 
@@ -151,22 +151,16 @@ def proto_to_ir(proto: onnx.ModelProto) -> ir.Model:
     """``ir.from_proto`` after the single-assignment checks it would fail on without a name; map
     types, which onnx_ir cannot hold, are cleared and kept as type text (:mod:`.value_types`)."""
     _check_single_assignment(proto.graph)
-    proto, map_types = strip_map_types(proto)
+    stripped = strip_map_types(proto)
     try:
-        model = ir.from_proto(proto)
+        model = ir.from_proto(stripped)
     except Exception as exc:  # onnx_ir raises SerdeError chained to the real cause
         cause = exc.__cause__ or exc
         raise ModelError(
             f"the model's graph cannot be read: {cause}; fix the file (re-export it) and retry"
         ) from exc
-    if map_types:
-        for value in (*model.graph.inputs, *model.graph.outputs):
-            if value.name in map_types:
-                value.meta[TYPE_META] = map_types[value.name]
-        for node in model.graph:
-            for value in node.outputs:
-                if value.name in map_types:
-                    value.meta[TYPE_META] = map_types[value.name]
+    if stripped is not proto:
+        keep_map_types(proto.graph, model.graph)
     return model
 
 

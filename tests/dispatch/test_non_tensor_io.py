@@ -314,3 +314,138 @@ def test_sequence_of_string_tensors_takes_what_onnxruntime_takes(dtype):
     want = ort.InferenceSession(model.SerializeToString()).run(None, {"s": feed})
     got = npudispatch.Session(model, cache=False).run(None, {"s": feed})
     assert [list(v) for v in got] == [list(v) for v in want]
+
+
+SEQ_MAP = helper.make_sequence_type_proto(
+    helper.make_map_type_proto(
+        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, None)
+    )
+)
+VOCAB = [f"k{i}" for i in range(64)]
+
+
+def _zipmap(data: str, out: str) -> onnx.NodeProto:
+    return helper.make_node(
+        "ZipMap", [data], [out], domain="ai.onnx.ml", classlabels_int64s=list(range(64))
+    )
+
+
+def _branch(name: str, op: str) -> onnx.GraphProto:
+    """``op(acc) + DictVectorizer(d)`` (``d``: the main graph's map input), beside a ZipMap of
+    ``op(acc)`` declared ``seq(map(int64,tensor(float)))`` in the branch's value_info."""
+    nodes = [
+        helper.make_node(op, ["acc"], [f"{name}_a"]),
+        _zipmap(f"{name}_a", f"{name}_probs"),
+        helper.make_node(
+            "DictVectorizer", ["d"], [f"{name}_v"], domain="ai.onnx.ml", string_vocabulary=VOCAB
+        ),
+        helper.make_node("Add", [f"{name}_a", f"{name}_v"], [f"{name}_out"]),
+    ]
+    return helper.make_graph(
+        nodes,
+        name,
+        [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [2, 64])],
+        value_info=[helper.make_value_info(f"{name}_probs", SEQ_MAP)],
+    )
+
+
+def _maps_in_subgraphs_model() -> onnx.ModelProto:
+    """MatMul + Relu (NPU) feeding a Loop whose body holds a ZipMap and an If whose branches
+    hold ZipMaps and read the map input: map-typed values one and two subgraphs deep.
+
+    onnxruntime (and the ONNX spec) take no map-holding type as an If / Loop / Scan output and
+    no op reads a ``seq(map)``, so inside a subgraph a map value can only be read from the outer
+    scope or be a ZipMap result nobody reads (which npudispatch's dead-code pass removes)."""
+    w = np.random.default_rng(3).standard_normal((64, 64)).astype(np.float32) / 8
+    body = helper.make_graph(
+        [
+            _zipmap("acc", "body_probs"),
+            helper.make_node("Greater", ["i", "one"], ["late"]),
+            helper.make_node(
+                "If",
+                ["late"],
+                ["acc_out"],
+                then_branch=_branch("then", "Sigmoid"),
+                else_branch=_branch("else", "Neg"),
+            ),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc", TensorProto.FLOAT, [2, 64]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [2, 64]),
+        ],
+        value_info=[helper.make_value_info("body_probs", SEQ_MAP)],
+    )
+    map_type = helper.make_map_type_proto(
+        TensorProto.STRING, helper.make_tensor_type_proto(TensorProto.FLOAT, None)
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["mm"]),
+            helper.make_node("Relu", ["mm"], ["y"]),
+            helper.make_node("Loop", ["n", "", "y"], ["z"], body=body),
+        ],
+        "maps_in_subgraphs",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+            helper.make_value_info("d", map_type),
+            helper.make_tensor_value_info("n", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(1, np.int64), "one")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def _subgraph_map_types(graph: onnx.GraphProto, top: bool = True) -> dict[str, str]:
+    """Name -> type text of every map-holding value declared inside ``graph``'s subgraphs."""
+    from npudispatch.graph.value_types import type_text
+
+    found: dict[str, str] = {}
+    if not top:
+        for v in (*graph.input, *graph.output, *graph.value_info):
+            if v.type.HasField("map_type") or v.type.sequence_type.elem_type.HasField("map_type"):
+                found[v.name] = type_text(v.type)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                found.update(_subgraph_map_types(sub, top=False))
+    return found
+
+
+def test_map_types_inside_if_and_loop_bodies_are_kept(tmp_path):
+    """Map types inside subgraphs get the main graph's treatment: kept as text at load (onnx_ir
+    cannot hold them) and written back wherever a model is serialized, so a saved CPU segment
+    declares them as the source does; the results are onnxruntime's."""
+    model = _maps_in_subgraphs_model()
+    source_types = _subgraph_map_types(model.graph)
+    assert source_types == dict.fromkeys(
+        ["body_probs", "then_probs", "else_probs"], "seq(map(int64,tensor(float)))"
+    )
+    feeds = {
+        "x": np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32),
+        "d": {"k1": 0.5, "k9": -1.0, "k63": 2.0},
+        "n": np.array(4, np.int64),
+    }
+    want = _reference(model, feeds)
+
+    sess = npudispatch.Session(model, cache=False)
+    _assert_same(sess.run(None, feeds), want, **BF16)
+    assert sess.last_run_stats.kernel_calls == 1  # MatMul + Relu
+
+    # Without rewrites the ZipMaps survive (the dead-code pass would remove them) and the CPU
+    # segment holding the Loop is written with the declared subgraph types.
+    npudispatch.compile_model(model, rewrite=False).save(tmp_path / "prog")
+    saved: dict[str, str] = {}
+    for path in sorted((tmp_path / "prog").glob("cpu*/model.onnx")):
+        saved.update(_subgraph_map_types(onnx.load(str(path), load_external_data=False).graph))
+    assert saved == source_types
+    _assert_same(npudispatch.Session(tmp_path / "prog").run(None, feeds), want, **BF16)
