@@ -74,8 +74,11 @@ class RoundingReference:
         self.session = onnxruntime_session(m, optimize=False)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def run(self, feeds: Mapping[str, np.ndarray], jitter: int | None = None) -> dict[str, Any]:
-        """Outputs by name; ``jitter`` = seed of a probe run (None: the reference itself)."""
+    def run(
+        self, feeds: Mapping[str, np.ndarray], jitter: int | None = None, size: float = JITTER
+    ) -> dict[str, Any]:
+        """Outputs by name; ``jitter`` = seed of a probe run (None: the reference itself) that
+        scales every rounding point by ``1 ± size`` (random signs)."""
         rng = None if jitter is None else np.random.default_rng(jitter)
         full = {k: _reference_feed(v) for k, v in feeds.items()} | self.weights
         for name, shape in self.jitter_shapes.items():
@@ -83,7 +86,7 @@ class RoundingReference:
                 full[name] = np.ones(shape, np.float32)
             else:
                 signs = rng.integers(0, 2, size=shape) * 2 - 1
-                full[name] = (1.0 + JITTER * signs).astype(np.float32)
+                full[name] = (1.0 + size * signs).astype(np.float32)
         full |= quant_check.quantization_jitter_feeds(self.quant_jitters, rng)
         return dict(zip(self.outputs, self.session.run(self.outputs, full)))
 
