@@ -192,10 +192,24 @@ def _insert_mac_rounding(
     """Mixed compute (``operators.dtypes``): float32 everywhere, with a bf16 rounding (and a jitter
     input) on every multiply-accumulate operand and bf16 copies of their float weights. A
     ``MatMulNBits`` below ``accuracy_level`` 4 becomes a MatMul on its exact float32-scaled weight
-    with a rounded A; at 4 onnxruntime quantizes the float32 A to int8 exactly as the NPU does."""
-    _widen_bf16(model)
+    with a rounded A; at 4 onnxruntime quantizes the float32 A to int8 exactly as the NPU does.
+    A bf16 tensor of the model itself (an explicit ``Cast(to=bf16)``...) is rounded where an NPU op
+    stores it, as in bf16 compute."""
     g = model.graph
+    stored_bf16 = [
+        (node, v)
+        for node in g
+        if npu_support(node) is None
+        for v in node.outputs
+        if v.dtype == _BF16 and v.name
+    ]
+    _widen_bf16(model)
     jitters: dict[str, tuple[int, ...]] = {}
+    for node, value in stored_bf16:
+        jitter = f"{_JITTER_PREFIX}{len(jitters)}"
+        assert value.shape is not None and value.shape.is_static()
+        jitters[jitter] = tuple(int(d) for d in value.shape)
+        _round_value(g, node, value, jitter)
     rounded: dict[ir.Value, ir.Value] = {}  # one rounding per value, shared by its readers
     for node in list(g):
         if node.op_type == "MatMulNBits" and _exact_nbits(node) and npu_support(node) is None:

@@ -227,3 +227,23 @@ def test_weights_are_bf16_images_and_q4_scales_float32():
 
     assert const_bytes(mm, "mixed") == const_bytes(mm, "bf16") < const_bytes(mm, "fp32")
     assert const_bytes(nbits, "bf16") < const_bytes(nbits, "mixed") == const_bytes(nbits, "fp32")
+
+
+def test_check_rounds_the_models_own_bf16_tensors():
+    """An explicit ``Cast(to=bf16)`` rounds on the NPU in mixed compute too; the mixed reference
+    rounds there as well (it used to widen the bf16 tensor and compare with unrounded values)."""
+    from npudispatch.dispatch.check import RoundingReference, check_outputs
+
+    nodes = [
+        helper.make_node("Mul", ["X", "c"], ["m"]),
+        helper.make_node("Cast", ["m"], ["b"], to=TensorProto.BFLOAT16),
+        helper.make_node("Sigmoid", ["b"], ["s"]),
+        helper.make_node("Cast", ["s"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["f", "X"], ["Y"]),
+    ]
+    shape = (4, 64)
+    model = model_of(nodes, [("X", F32, shape)], [("Y", F32, shape)], {"c": np.float32(1.37)})
+    feeds = {"X": random(shape, F32, seed=8)}
+    (y,) = Session(model, precision="mixed", cache=False).run(None, feeds)
+    verdict = check_outputs(RoundingReference(model, precision="mixed"), feeds, {"Y": y})["Y"]
+    assert verdict.ok, verdict
