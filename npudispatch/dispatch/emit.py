@@ -38,6 +38,7 @@ from npudispatch.display import rich_html
 from npudispatch.errors import ModelError, PlanError, ProgramFormatError, TxnFormatError
 from npudispatch.operators import registry
 from npudispatch.operators.base import ArgSpec, OpConfig
+from npudispatch.overlay_abi import FLAG_MIXED_COMPUTE, ParamsRecord
 from npudispatch.txn import ArgRange, Transaction, fuse_rebased, rebase, wrap
 
 if TYPE_CHECKING:
@@ -58,7 +59,10 @@ __all__ = [
 CONST_TENSOR_PREFIX = "const:"
 # 2: the params records of the QDQ MatMul/Gemm/Conv/ConvTranspose ops (and chains starting with
 # one) end with the weight's [axis, block]; a format-1 folder holds the shorter record.
-PROGRAM_FORMAT = 2
+# 3: records may carry FLAG_MIXED_COMPUTE. Only programs that do are written as format 3, so
+# bf16 and fp32 programs stay readable by format-2 readers, which would run a mixed record in bf16.
+PROGRAM_FORMAT = 3
+READABLE_FORMATS = (2, 3)
 FILES = ("program.json", "txn.bin", "const.bin", "params.bin")
 
 
@@ -396,10 +400,18 @@ class FusedProgram:
 
     # --- persistence ---------------------------------------------------------------------------
 
+    def _has_mixed_records(self) -> bool:
+        """Whether a launch of this program computes in mixed precision (its record's flag)."""
+        regions = self.plan.params_regions.values()
+        return any(
+            ParamsRecord.decode(self.params_image[off : off + size]).flags & FLAG_MIXED_COMPUTE
+            for off, size in regions
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The ``program.json`` document (with sha256 of the three binary files)."""
         return {
-            "format": PROGRAM_FORMAT,
+            "format": PROGRAM_FORMAT if self._has_mixed_records() else 2,
             "name": self.name,
             "num_cols": self.num_cols,
             "ops": [op.to_dict() for op in self.ops],
@@ -463,10 +475,11 @@ class FusedProgram:
             raise ProgramFormatError(
                 f"{d / 'program.json'} is corrupt ({exc}); re-compile or re-save the program"
             ) from exc
-        if not isinstance(doc, dict) or doc.get("format") != PROGRAM_FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") not in READABLE_FORMATS:
             doc = doc if isinstance(doc, dict) else {}
             raise ProgramFormatError(
-                f"{d / 'program.json'}: format {doc.get('format')!r}, expected {PROGRAM_FORMAT}; "
+                f"{d / 'program.json'}: format {doc.get('format')!r}, expected one of "
+                f"{list(READABLE_FORMATS)}; "
                 "re-compile the model with this npudispatch version"
             )
         program_check.check_document(d / "program.json", doc)

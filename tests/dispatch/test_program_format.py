@@ -199,5 +199,25 @@ def test_a_folder_of_an_older_program_format_is_refused(program, tmp_path):
     """Format 1 folders hold the QDQ ops' shorter params records: re-compile, never misread."""
     program.save(tmp_path)
     _edit(tmp_path, lambda doc: doc.update(format=1))
-    with pytest.raises(ProgramFormatError, match=r"format 1, expected 2"):
+    with pytest.raises(ProgramFormatError, match=r"format 1, expected one of \[2, 3\]"):
         FusedProgram.load(tmp_path)
+
+
+def test_only_mixed_programs_are_written_as_format_3(tmp_path):
+    """A format-2 reader would run a mixed record in bf16: mixed programs say format 3, which it
+    refuses, while bf16 and fp32 programs stay format 2 (readable by both)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(1).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for precision, fmt in (("bf16", 2), ("fp32", 2), ("mixed", 3)):
+        (prog,) = compile_model(model, precision=precision).programs.values()
+        folder = prog.save(tmp_path / precision)
+        assert json.loads((folder / "program.json").read_text())["format"] == fmt
+        assert FusedProgram.load(folder).params_image == prog.params_image
