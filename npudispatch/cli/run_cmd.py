@@ -8,7 +8,7 @@ from plain float32 onnxruntime is reported beside it for information. It exits 1
 ``--rtol`` / ``--atol`` replace that check by ``|actual - expected| <= atol + rtol * |expected|``
 against float32 onnxruntime (a policy default fills the one not given, see
 :func:`npudispatch.rewrites.precision.tolerance_for_output`).
-``--no-pad`` / ``--fp32`` are the compile options. ``--json`` prints
+``--no-pad`` / ``--precision`` (``--fp32``) are the compile options. ``--json`` prints
 ``{"outputs": {name: {"shape", "dtype", "max_abs", "max_rel", "ok", "tolerance", "check"}},
 "kernel_calls", "cpu_segments", "bytes_copied", "stage_seconds", "tolerance", "ok"}``
 (comparison fields null without ``--check``; ``tolerance`` maps each output to its rule:

@@ -21,6 +21,9 @@ points (and no probes change it): it is the rewritten graph in float32, with ``M
 dequantized exactly (float32 scales, as the float32 weight image holds them) unless its
 ``accuracy_level`` is 4, where onnxruntime's int8-activation kernel is the reference as it is.
 The bf16-ulp unit below is kept as the budget in that mode (a float32-ulp budget is not defined).
+In mixed compute (``--precision mixed``) the rounding points and probe jitters sit on the
+multiply-accumulate operands only, the rest of the graph float32, as the kernels compute
+(``rounding_reference._insert_mac_rounding``, numerics.md §1.5).
 
 Quantized outputs (from a ``QuantizeLinear``, a fused quantized op or a per-tensor
 ``DequantizeLinear``) are judged in steps of their grid instead: one quantization step per
@@ -162,7 +165,7 @@ class OutputCheck:
         text += (
             f", carried through the graph by {self.probes} perturbed reference runs"
             if self.probes
-            else " (float32 compute: no rounding points)"
+            else " (no rounding point: float32 compute, or mixed compute without a MAC)"
         )
         text += f" (worst element {self.worst_ulps:.2f} ulp"
         if self.worst_ulps > self.allowed_ulps and self.where is not None:
@@ -194,7 +197,8 @@ class OutputCheck:
             "fp32_max_abs": self.fp32_max_abs,
             "where": None if self.where is None else list(self.where),
             "probes": self.probes,
-            "reference": "onnxruntime on the rewritten graph with bf16 rounding where the NPU rounds",
+            "reference": "onnxruntime on the rewritten graph with bf16 rounding where the NPU rounds "
+            "(every op in bf16 compute, multiply-accumulate operands in mixed, none in fp32)",
         }
 
 

@@ -171,7 +171,7 @@ def compile_model(
     intermediates in bf16 with casts at NPU-partition borders (:mod:`~npudispatch.rewrites.precision`);
     ``bf16=False`` keeps float32 storage and makes every NPU launch compute in float32 (float32
     operands and weight images; ``docs/numerics.md``). ``precision`` names the mode instead of
-    ``bf16`` (:data:`~npudispatch.operators.dtypes.Precision`): ``"bf16"`` (default), ``"fp32"``
+    ``bf16`` (:data:`~npudispatch.precision.Precision`): ``"bf16"`` (default), ``"fp32"``
     (= ``bf16=False``) or ``"mixed"``: float32 storage, bf16 operands for multiply-accumulate
     kernels only, bf16 weight images (``docs/numerics.md`` §1.5). Padding and the bf16 storage
     are rewrite passes, so ``rewrite=False`` turns them off too. An ``ir.Model`` argument is

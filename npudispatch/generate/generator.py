@@ -71,7 +71,7 @@ class Generator:
     Compiles a prefill program (``prefill_length`` tokens) and a decode program (one token) once,
     keeps both resident on one device context sharing one weight image, and keeps the KV cache
     (``max_length`` rows, default the config's ``search.max_length``) on the device across steps.
-    ``precision`` is the compute precision (:data:`~npudispatch.operators.dtypes.Precision`):
+    ``precision`` is the compute precision (:data:`~npudispatch.precision.Precision`):
     ``"bf16"`` (default) stores activations and the cache in bf16; ``"mixed"`` keeps activations
     float32 and the cache bf16, rounding only matmul and attention operands (closer to
     onnxruntime-genai, ``docs/numerics.md`` §1.5); ``"fp32"`` (``bf16=False``, ``--fp32``) stores
@@ -114,7 +114,6 @@ class Generator:
                 f"{self.max_length - 1}]"
             )
         self.precision = resolve_precision(precision, bf16)
-        self.bf16 = self.precision != "fp32"
         t0 = time.perf_counter()
         common = {"cache_len": self.max_length, "precision": self.precision}
         self.prefill = compile_phase(

@@ -11,8 +11,8 @@ programs: the two programs read and write one cache.
   prompt for GroupQueryAttention (rows start at 0, padded rows never reach real ones);
 * decode: ``input_ids [1, 1]``, ``attention_mask [1, L]`` (ones up to the new token).
 
-Unless in float32 compute the cache is stored in bf16 (it never leaves the device, so its dtype is the
-device's choice) and the graph computes in bf16 as usual.
+Unless in float32 compute the cache is stored in bf16 (it never leaves the device, so its dtype is
+the device's choice); the graph computes in the chosen precision as any compiled model does.
 """
 
 from __future__ import annotations
