@@ -127,6 +127,31 @@ def _provider_entries(
     return entries
 
 
+_BOOL_OPTIONS = ("pad", "bf16")
+_INT_OPTIONS = ("max_specialisations",)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _typed_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Provider options arrive as strings in onnxruntime's convention (``{"bf16": "0"}``): the
+    boolean and integer ones become what :class:`npudispatch.Session` takes; a string that is
+    neither raises ``InvalidArgument`` naming the option (``"False"`` must not read as true)."""
+    typed = dict(options)
+    for key in _BOOL_OPTIONS + _INT_OPTIONS:
+        value = typed.get(key)
+        if not isinstance(value, str):
+            continue
+        word = value.strip().lower()
+        if key in _BOOL_OPTIONS and word in _TRUE + _FALSE:
+            typed[key] = word in _TRUE
+        elif key in _INT_OPTIONS and word.isdigit():
+            typed[key] = int(word)
+        else:
+            kind = "1/0/true/false" if key in _BOOL_OPTIONS else "a positive integer"
+            raise InvalidArgument(f"provider option {key}={value!r}: expected {kind}")
+    return typed
+
+
 def _ignored_session_options(options: Any) -> list[str]:
     if options is None:
         return []
@@ -174,7 +199,7 @@ class InferenceSession:
         model: Any = path_or_bytes
         if isinstance(path_or_bytes, bytes | bytearray):
             model = onnx.ModelProto.FromString(bytes(path_or_bytes))
-        self._options = options
+        self._options = options = _typed_options(options)
         self._session = Session(model, **options)
 
     @property

@@ -135,3 +135,28 @@ def test_patch_redirects_onnxruntime_even_for_early_imports(tmp_path):
         assert app.InferenceSession is nort._ORIGINAL_SESSION
     finally:
         del sys.modules["fake_app"]
+
+
+def test_provider_options_given_as_strings(model_path):
+    """onnxruntime's provider options are strings: "0"/"false" turn a switch off (a non-empty
+    string is not true), "mixed" selects the precision, anything else is refused by name."""
+    from npudispatch.overlay_abi import FLAG_FP32_COMPUTE, FLAG_MIXED_COMPUTE, ParamsRecord
+
+    def flags(opts):
+        sess = nort.InferenceSession(model_path.read_bytes(), providers=[(nort.NPU_PROVIDER, opts)])
+        x = np.zeros((2, 3, D), np.float32)
+        sess.run(None, {"x": x})
+        inner = sess.npudispatch_session
+        return {
+            ParamsRecord.decode(p.params_image[o : o + n]).flags
+            for p in inner.compiled.programs.values()
+            for o, n in p.plan.params_regions.values()
+        }
+
+    assert flags({"bf16": "False", "cache": False}) == {FLAG_FP32_COMPUTE}
+    assert flags({"bf16": "1", "cache": False}) == {0}
+    assert flags({"precision": "mixed", "cache": False}) == {FLAG_MIXED_COMPUTE}
+    with pytest.raises(nort.InvalidArgument, match="bf16='nope'"):
+        nort.InferenceSession(
+            model_path.read_bytes(), providers=[(nort.NPU_PROVIDER, {"bf16": "nope"})]
+        )
