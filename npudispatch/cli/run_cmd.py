@@ -162,13 +162,14 @@ def onnxruntime_outputs(
     """Reference outputs: onnxruntime on the original model (dims bound, npudispatch ops given
     function bodies)."""
     from npudispatch import graph, opset
-    from npudispatch.dispatch.ort_session import onnxruntime_session
+    from npudispatch.dispatch.ort_session import float_outputs, onnxruntime_session
 
     shapes = {name: array.shape for name, array in feeds.items()}
     model = graph.load(model_path, dims=dims, input_shapes=shapes)
     if any(n.domain == opset.DOMAIN for n in model.graph.all_nodes()):
         opset.attach_functions(model)
     model.ir_version = min(model.ir_version, graph.EXTRACT_IR_VERSION)
+    float_outputs(model)
     sess = onnxruntime_session(model)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))

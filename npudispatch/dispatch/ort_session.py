@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from npudispatch.graph.value_types import restore_map_types
 
-__all__ = ["onnxruntime_session"]
+__all__ = ["float_outputs", "onnxruntime_session"]
 
 # External tensors up to this size are inlined into the model bytes instead of shared.
 _INLINE_BYTES = 64 * 1024
@@ -70,6 +70,24 @@ def onnxruntime_session(
     # add_external_initializers does not own the buffers: they must outlive the session.
     session._npudispatch_external_buffers = keep_alive  # type: ignore[attr-defined]
     return session
+
+
+def float_outputs(model: ir.Model) -> None:
+    """bf16 graph outputs become float32 (an exact trailing ``Cast``; the names stay), in place:
+    onnxruntime's numpy bridge cannot return bf16 tensors, which a *reference* run compares as
+    float32 anyway. Not for CPU segments, whose outputs keep the dtype the next partition reads."""
+    g = model.graph
+    for i, out in enumerate(list(g.outputs)):
+        if out.dtype != ir.DataType.BFLOAT16:
+            continue
+        cast = ir.node("Cast", [out], {"to": ir.DataType.FLOAT}, name=f"{out.name}__as_float32")
+        wide = cast.outputs[0]
+        wide.type, wide.shape = ir.TensorType(ir.DataType.FLOAT), out.shape
+        g.append(cast)
+        name = out.name
+        out.name = f"{name}__bf16"
+        wide.name = name
+        g.outputs[i] = wide
 
 
 def _large_in_memory_initializers(model: ir.Model) -> dict[str, np.ndarray]:

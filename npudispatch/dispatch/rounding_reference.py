@@ -52,7 +52,7 @@ class RoundingReference:
         bf16: bool = True,
         precision: Precision | None = None,
     ) -> None:
-        from npudispatch.dispatch.ort_session import onnxruntime_session
+        from npudispatch.dispatch.ort_session import float_outputs, onnxruntime_session
 
         self.precision = resolve_precision(precision, bf16)
         m = graph.load(model, dims=dims, input_shapes=input_shapes)
@@ -71,6 +71,7 @@ class RoundingReference:
             _accurate_sigmoid(body)
         self.quant_jitters = quant_check.insert_quantization_jitter(m)
         m.ir_version = min(m.ir_version, graph.EXTRACT_IR_VERSION)
+        float_outputs(m)  # bf16 outputs the roundings left (float32 compute) as float32
         self.session = onnxruntime_session(m, optimize=False)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
