@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from npudispatch import graph, opset
-from npudispatch.dispatch import quant_check
+from npudispatch.dispatch import attention_reference, quant_check
 from npudispatch.operators.matmul_nbits import ACCURACY_INT8, dequantize_nbits
 from npudispatch.precision import Precision, resolve_precision
 from npudispatch.rewrites import default_pipeline
@@ -144,6 +144,7 @@ def _insert_rounding(
             new = _dequantize_as_formatted(g, node, weights, rounded)
             replaced.add(new[-1])
             inner.update(new[:-1])
+    attention = attention_reference.npu_attention_nodes(g)  # expanded below, as kernels round
     for node in list(g):
         if node in inner or not (node in replaced or _rounds(node)):
             continue
@@ -164,6 +165,7 @@ def _insert_rounding(
             assert value.shape is not None and value.shape.is_static()
             jitters[jitter] = tuple(int(d) for d in value.shape)
             rounded.add(_round_value(g, node, value, jitter))
+    attention_reference.expand_attention(g, attention, jitters, mixed=False)
     for name, init in list(g.initializers.items()):  # replaced by their rounded copies
         if not init.uses() and not init.is_graph_output() and init not in g.inputs:
             del g.initializers[name]
@@ -172,7 +174,6 @@ def _insert_rounding(
 
 _CONVS = frozenset({"Conv", "ConvTranspose", "FusedConv", "FusedConvTranspose"})
 _ATTENTION = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
-_GQA_ROTARY_CACHES = (7, 8)  # cos/sin: lane-wise operands of the rotation, never MAC operands
 
 
 def _mac_operands(node: ir.Node) -> list[int]:
@@ -182,8 +183,7 @@ def _mac_operands(node: ir.Node) -> list[int]:
     if node.op_type in _CONVS or (node.op_type in MATMUL_FAMILY and node.op_type not in _QUANTIZED):
         return [0, 1]  # X/A and W/B; a bias stays float32
     if node.op_type in _ATTENTION:
-        skip = _GQA_ROTARY_CACHES if node.op_type == "GroupQueryAttention" else ()
-        return [i for i in range(len(node.inputs)) if i not in skip]
+        return attention_reference.mac_entry_slots(node)
     return []
 
 
@@ -212,6 +212,7 @@ def _insert_mac_rounding(
         jitters[jitter] = tuple(int(d) for d in value.shape)
         _round_value(g, node, value, jitter)
     rounded: dict[ir.Value, ir.Value] = {}  # one rounding per value, shared by its readers
+    attention = attention_reference.npu_attention_nodes(g)  # expanded below, as kernels round
     for node in list(g):
         if node.op_type == "MatMulNBits" and _exact_nbits(node) and npu_support(node) is None:
             matmul = _dequantize_as_formatted(g, node, weights, set(), fp32=True)[0]
@@ -232,6 +233,7 @@ def _insert_mac_rounding(
                 jitters[jitter] = tuple(int(d) for d in value.shape)
                 rounded[value] = _round_value(g, matmul, value, jitter, insert_before=True)
             matmul.replace_input_with(slot, rounded[value])
+    attention_reference.expand_attention(g, attention, jitters, mixed=True)
     for name, init in list(g.initializers.items()):  # replaced by their rounded copies
         if not init.uses() and not init.is_graph_output() and init not in g.inputs:
             del g.initializers[name]
