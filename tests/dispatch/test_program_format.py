@@ -12,6 +12,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from e2e_models import GOLDEN, random_feeds
 from test_emit import run_program
@@ -176,21 +177,26 @@ def test_a_huge_scratch_buffer_is_refused_before_allocation(tmp_path, program):
         FusedProgram.load(d)
 
 
+def _matmul_model(w: np.ndarray, rows: int) -> onnx.ModelProto:
+    """``y = x @ w`` with ``x [rows, K]`` and the constant ``w [K, N]``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def test_float32_storage_program_with_a_large_weight_loads(tmp_path):
     """A float32 weight held as bf16 in the const image is larger as a tensor than the program's
     memory: the record check bounds elements, not float32 bytes. (Float32 storage with bf16
     compute: no rewrites; ``bf16=False`` would format the weights in float32.)"""
-    from onnx import TensorProto, helper, numpy_helper
-
     w = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])],
-        [numpy_helper.from_array(w, "w")],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    (prog,) = compile_model(model, rewrite=False).programs.values()
+    (prog,) = compile_model(_matmul_model(w, 1), rewrite=False).programs.values()
     assert prog.plan.buffer_sizes and sum(prog.plan.buffer_sizes) < w.nbytes
     FusedProgram.load(prog.save(tmp_path / "p"))
 
@@ -206,16 +212,7 @@ def test_a_folder_of_an_older_program_format_is_refused(program, tmp_path):
 def test_only_mixed_programs_are_written_as_format_3(tmp_path):
     """A format-2 reader would run a mixed record in bf16: mixed programs say format 3, which it
     refuses, while bf16 and fp32 programs stay format 2 (readable by both)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(1).standard_normal((64, 32)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
-        [numpy_helper.from_array(w, "w")],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = _matmul_model(np.random.default_rng(1).standard_normal((64, 32)).astype(np.float32), 4)
     for precision, fmt in (("bf16", 2), ("fp32", 2), ("mixed", 3)):
         (prog,) = compile_model(model, precision=precision).programs.values()
         folder = prog.save(tmp_path / precision)
