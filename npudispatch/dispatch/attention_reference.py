@@ -72,16 +72,23 @@ def mac_entry_slots(node: ir.Node) -> list[int]:
 
 
 def expand_attention(
-    g: ir.Graph, nodes: Sequence[ir.Node], jitters: dict[str, tuple[int, ...]], *, mixed: bool
+    g: ir.Graph,
+    nodes: Sequence[ir.Node],
+    jitters: dict[str, tuple[int, ...]],
+    *,
+    mixed: bool,
+    rounds: bool = True,
 ) -> None:
     """Replace each of ``nodes`` (NPU attention nodes whose operands the caller has rounded on
     entry) by its kernel's computation in primitive ops, adding the inner rounding points (and
-    their jitter inputs to ``jitters``). ``mixed``: mixed compute (see :func:`mac_entry_slots`)."""
+    their jitter inputs to ``jitters``). ``mixed``: mixed compute (see :func:`mac_entry_slots`);
+    ``rounds=False``: no rounding point at all, the float32 computation (what the tests compare
+    with onnxruntime's own operators)."""
     opset = g.opset_imports.get("", g.opset_imports.get("ai.onnx", 0))
     if opset < MIN_OPSET:
         return
     for node in nodes:
-        b = _Builder(g, node, jitters, opset)
+        b = _Builder(g, node, jitters, opset, rounds=rounds)
         if node.op_type == "GroupQueryAttention":
             outs = _gqa(b, node, mixed=mixed)
         elif node.op_type == "MultiHeadAttention":
@@ -96,9 +103,16 @@ class _Builder:
     initializers; :meth:`replace` swaps them in for the anchor."""
 
     def __init__(
-        self, g: ir.Graph, anchor: ir.Node, jitters: dict[str, tuple[int, ...]], opset: int
+        self,
+        g: ir.Graph,
+        anchor: ir.Node,
+        jitters: dict[str, tuple[int, ...]],
+        opset: int,
+        *,
+        rounds: bool,
     ) -> None:
         self.g, self.anchor, self.jitters, self.opset = g, anchor, jitters, opset
+        self.rounds = rounds
         self.nodes: list[ir.Node] = []
         self.tag = f"{anchor.name or anchor.op_type}__npud_attn"
 
@@ -150,6 +164,8 @@ class _Builder:
 
     def round(self, x: ir.Value, shape: Sequence[int]) -> ir.Value:
         """``x`` rounded to bf16 times a new jitter input: one rounding point of the kernel."""
+        if not self.rounds:
+            return x
         # imported here: rounding_reference imports this module
         from npudispatch.dispatch.rounding_reference import _JITTER_PREFIX, _rounding_nodes
 
@@ -374,9 +390,8 @@ def _gqa(b: _Builder, node: ir.Node, *, mixed: bool) -> list[ir.Value]:
     return [y, *presents]
 
 
-def _bnsh(b: _Builder, x: ir.Value, heads: int) -> ir.Value:
-    """``[B, S, heads·H]`` → ``[B, heads, S, H]``; a 4-D input is already BNSH."""
-    shape = _shape(x)
+def _bnsh(b: _Builder, x: ir.Value, heads: int, shape: Sequence[int]) -> ir.Value:
+    """``x`` of ``shape [B, S, heads·H]`` → ``[B, heads, S, H]``; 4-D is already BNSH."""
     if len(shape) == 4:
         return x
     bsz, s, d = shape
@@ -420,9 +435,11 @@ def _mha(b: _Builder, node: ir.Node) -> list[ir.Value]:
     bsz, s, _ = _shape(_input(node, 0))
     past_k = _input(node, 6)
     past = 0 if past_k is None else _shape(past_k)[2]
-    qh = _bnsh(b, q, n)
-    kh, vh = _with_past(b, _bnsh(b, k, n), past_k), _with_past(b, _bnsh(b, v, n), _input(node, 7))
-    t = past + _shape(_input(node, 1))[1]
+    qh = _bnsh(b, q, n, (bsz, s, dq))
+    kv_len = _shape(_input(node, 1))[1]
+    kh = _with_past(b, _bnsh(b, k, n, (bsz, kv_len, dk)), past_k)
+    vh = _with_past(b, _bnsh(b, v, n, (bsz, kv_len, dv)), _input(node, 7))
+    t = past + kv_len
     h, hv = dq // n, dv // n
     allowed = None
     mask = _input(node, 4)
@@ -458,7 +475,7 @@ def _onnx_attention(b: _Builder, node: ir.Node) -> list[ir.Value]:
         qn, kvn = node.attributes.get_int("q_num_heads"), node.attributes.get_int("kv_num_heads")
     else:
         qn, kvn = _shape(q)[1], _shape(k)[1]
-    qh, kh, vh = _bnsh(b, q, qn), _bnsh(b, k, kvn), _bnsh(b, v, kvn)
+    qh, kh, vh = (_bnsh(b, x, heads, _shape(x)) for x, heads in ((q, qn), (k, kvn), (v, kvn)))
     bsz = _shape(q)[0]
     s = _shape(q)[1] if rank == 3 else _shape(q)[2]
     h = (_shape(q)[2] // qn) if rank == 3 else _shape(q)[3]
