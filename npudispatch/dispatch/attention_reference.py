@@ -42,8 +42,8 @@ from npudispatch.rewrites.support import npu_support
 __all__ = ["ATTENTION_OPS", "expand_attention", "mac_entry_slots", "npu_attention_nodes"]
 
 ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
-MIN_OPSET = 13
-"""Default-domain opset the expansion is written for (axes as inputs of ReduceSum/Unsqueeze...);
+MIN_OPSET = 12
+"""Lowest default-domain opset the expansion is written for (integer Max/Min, GreaterOrEqual);
 below it a node keeps onnxruntime's own operator (rounded on its operands and results only)."""
 
 _F32 = ir.DataType.FLOAT
@@ -54,6 +54,12 @@ _GQA_QK, _GQA_V, _GQA_PAST = (0, 1), (2,), (3, 4)
 def npu_attention_nodes(g: ir.Graph) -> list[ir.Node]:
     """The attention nodes of ``g`` that run on the NPU, in graph order."""
     return [n for n in g if n.op_type in ATTENTION_OPS and npu_support(n) is None]
+
+
+def _opset(g: ir.Graph | None) -> int:
+    if g is None:
+        return 0
+    return g.opset_imports.get("", g.opset_imports.get("ai.onnx", 0))
 
 
 def _rotary(node: ir.Node) -> bool:
@@ -67,7 +73,8 @@ def mac_entry_slots(node: ir.Node) -> list[int]:
     and the cos/sin caches are never MAC operands."""
     if node.op_type != "GroupQueryAttention":
         return list(range(len(node.inputs)))
-    slots = (*_GQA_V, *_GQA_PAST) if _rotary(node) else (*_GQA_QK, *_GQA_V, *_GQA_PAST)
+    expanded = _rotary(node) and _opset(node.graph) >= MIN_OPSET  # else onnxruntime rotates
+    slots = (*_GQA_V, *_GQA_PAST) if expanded else (*_GQA_QK, *_GQA_V, *_GQA_PAST)
     return [i for i in slots if i < len(node.inputs)]
 
 
@@ -84,7 +91,7 @@ def expand_attention(
     their jitter inputs to ``jitters``). ``mixed``: mixed compute (see :func:`mac_entry_slots`);
     ``rounds=False``: no rounding point at all, the float32 computation (what the tests compare
     with onnxruntime's own operators)."""
-    opset = g.opset_imports.get("", g.opset_imports.get("ai.onnx", 0))
+    opset = _opset(g)
     if opset < MIN_OPSET:
         return
     for node in nodes:
@@ -147,14 +154,16 @@ class _Builder:
         return self.op("Reshape", x, self.ints(*shape))
 
     def unsqueeze(self, x: ir.Value, axis: int) -> ir.Value:
-        return self.op("Unsqueeze", x, self.ints(axis))
+        if self.opset >= 13:  # axes an input from opset 13
+            return self.op("Unsqueeze", x, self.ints(axis))
+        return self.op("Unsqueeze", x, axes=[axis])
 
     def slice(self, x: ir.Value, axis: int, start: int, end: int) -> ir.Value:
         return self.op("Slice", x, self.ints(start), self.ints(end), self.ints(axis))
 
     def reduce(self, op_type: str, x: ir.Value, axis: int, keepdims: int = 1) -> ir.Value:
         # ReduceSum takes its axes as an input from opset 13, ReduceMax from 18
-        if op_type == "ReduceSum" or self.opset >= 18:
+        if self.opset >= (13 if op_type == "ReduceSum" else 18):
             return self.op(op_type, x, self.ints(axis), keepdims=keepdims)
         return self.op(op_type, x, axes=[axis], keepdims=keepdims)
 
@@ -184,10 +193,11 @@ class _Builder:
         """Insert the new nodes before the anchor, move the anchor's outputs' readers (and graph
         output slots, with their names) to ``outputs`` and remove the anchor."""
         g, anchor = self.g, self.anchor
-        g.insert_before(anchor, self.nodes)
         for old, new in zip(anchor.outputs, outputs):
             if not old.name:
                 continue
+            if new.producer() not in self.nodes:  # an input passed through (4-D K, no past)
+                new = self.op("Identity", new)
             new.type, new.shape = old.type, old.shape
             for use_node, slot in list(old.uses()):
                 use_node.replace_input_with(slot, new)
@@ -197,6 +207,7 @@ class _Builder:
                         g.outputs[i] = new
                 name = old.name
                 old.name, new.name = f"{name}__npud_replaced", name
+        g.insert_before(anchor, self.nodes)
         g.remove(anchor, safe=True)
 
 

@@ -3,11 +3,13 @@ with a bf16 rounding inserted wherever the NPU rounds.
 
 :class:`RoundingReference` loads and rewrites the model as the compiler does (no padding), then
 inserts the roundings (each rounding op's output, operands not already rounded, weights as
-formatted; ``MatMulNBits`` dequantized as the kernel does), gives ``Sigmoid`` an accurate float32
-form, and adds one multiplicative jitter input per rounding point so probe runs can move every
-rounding by about an ulp (``JITTER``). In mixed compute the roundings and jitters sit on the
-multiply-accumulate operands only, everything else float32 (:func:`_insert_mac_rounding`). How
-its outputs are judged is :mod:`npudispatch.dispatch.check`'s business.
+formatted; ``MatMulNBits`` dequantized as the kernel does; attention nodes as primitive ops
+rounded where the kernels round inside them, :mod:`.attention_reference`), gives ``Sigmoid`` an
+accurate float32 form, and adds one multiplicative jitter input per rounding point so probe runs
+can move every rounding by about an ulp (``JITTER``). In mixed compute the roundings and jitters
+sit on the multiply-accumulate operands only, everything else float32
+(:func:`_insert_mac_rounding`). How its outputs are judged is :mod:`npudispatch.dispatch.check`'s
+business.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def _rope(max_pos: int, half: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _gqa(
     *, b=1, s=7, n=6, g=2, h=16, past=0, present=None, seqlens, total, packed=True, rotary=True,
-    interleaved=0, window=-1, softcap=0.0, scale=0.0, smooth=0, half=None, seed=0,
+    interleaved=0, window=-1, softcap=0.0, scale=0.0, smooth=0, half=None, seed=0, opset=23,
 ):  # fmt: skip
     rng = np.random.default_rng(seed)
     present = present or max(past, total)
@@ -74,7 +74,7 @@ def _gqa(
     model = _model(
         "GroupQueryAttention", "com.microsoft", inputs, outputs, inits, num_heads=n,
         kv_num_heads=g, do_rotary=int(rotary), rotary_interleaved=interleaved,
-        local_window_size=window, softcap=softcap, scale=scale, smooth_softmax=smooth,
+        local_window_size=window, softcap=softcap, scale=scale, smooth_softmax=smooth, opset=opset,
     )  # fmt: skip
     return model, feeds
 
@@ -106,7 +106,8 @@ def _attention(*, rank=3, causal=1, softcap=0.0, mask=True, b=2, s=5, qn=4, kvn=
     q_shape, kv_shape = ([b, s, qn * h], [b, s, kvn * h]) if rank == 3 else ([b, qn, s, h], [b, kvn, s, h])  # fmt: skip
     inputs = [("q", F32, q_shape), ("k", F32, kv_shape), ("v", F32, kv_shape)]
     inputs += [("mask", F32, [b, 1, s, t])] if mask else [None]
-    inputs += [("pk", F32, [b, kvn, past, h]), ("pv", F32, [b, kvn, past, h])]
+    if past:
+        inputs += [("pk", F32, [b, kvn, past, h]), ("pv", F32, [b, kvn, past, h])]
     y_shape = [b, s, qn * h] if rank == 3 else [b, qn, s, h]
     attrs = {"q_num_heads": qn, "kv_num_heads": kvn} if rank == 3 else {}
     if softcap:
@@ -153,9 +154,13 @@ CASES = {
     "gqa-three-key-blocks-partial-rotary-smooth": lambda: _gqa(
         s=3, past=160, seqlens=[149], total=150, h=32, half=8, smooth=1, packed=False, seed=6
     ),
+    # before opset 13 (no bf16 Cast) the reference rounds with float32 arithmetic
+    "gqa-opset12": lambda: _gqa(s=7, seqlens=[6], total=7, opset=12, seed=7),
     "mha-bias-mask-causal-past": _mha,
     "attention23-3d-grouped-mask-causal": lambda: _attention(),
     "attention23-4d-softcap": lambda: _attention(rank=4, mask=False, softcap=3.0),
+    # present = the 4-D key and value inputs themselves
+    "attention23-4d-no-past-mask": lambda: _attention(rank=4, past=0, causal=0),
 }
 
 
