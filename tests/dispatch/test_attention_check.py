@@ -159,6 +159,7 @@ CASES = {
     "mha-bias-mask-causal-past": _mha,
     "attention23-3d-grouped-mask-causal": lambda: _attention(),
     "attention23-4d-softcap": lambda: _attention(rank=4, mask=False, softcap=3.0),
+    "attention23-3d-mask-and-softcap": lambda: _attention(causal=0, softcap=3.0),
     # present = the 4-D key and value inputs themselves
     "attention23-4d-no-past-mask": lambda: _attention(rank=4, past=0, causal=0),
 }
