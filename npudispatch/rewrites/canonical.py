@@ -7,8 +7,11 @@
   runs: an inference-mode ``Dropout`` (no ``training_mode``, or a constant false one; mask unread)
   is the identity, as onnxruntime runs it (AlexNet, VGG, SqueezeNet, Inception keep theirs), and
   ``Sum`` of n inputs is a chain of n - 1 broadcasting ``Add`` nodes in input order (Caffe2
-  exports write residual additions as ``Sum``: ResNet, ShuffleNet). Left as they were, each would
-  have no NPU operator and cut the NPU partition in two.
+  exports write residual additions as ``Sum``: ResNet, ShuffleNet). A ``GroupQueryAttention``
+  whose past key and value hold no rows (a genai decoder's first prompt run with
+  ``past_sequence_length = 0``) takes no past, which the contrib op defines as the same thing.
+  Left as they were, each would have no NPU operator (an empty tensor has nothing to compute)
+  and cut the NPU partition in two.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from onnxscript.optimizer import basic_constant_propagation
 
 from npudispatch.domains import is_onnx_domain
 
-__all__ = ["COMMUTATIVE_OPS", "CanonicalFormsPass", "constants_last", "inference_dropout"]
+__all__ = [
+    "COMMUTATIVE_OPS",
+    "CanonicalFormsPass",
+    "constants_last",
+    "drop_empty_past",
+    "inference_dropout",
+]
 
 COMMUTATIVE_OPS = frozenset({"Add", "Mul"})
 
@@ -64,14 +73,33 @@ def _sum_operands(node: ir.Node) -> list[ir.Value] | None:
     return operands if operands and None not in operands else None
 
 
+def drop_empty_past(node: ir.Node) -> bool:
+    """A com.microsoft ``GroupQueryAttention`` with a past key and value of 0 rows (static
+    shapes) loses both inputs; returns whether it did."""
+    if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+        return False
+    past = node.inputs[3:5]
+    if len(past) != 2 or any(v is None or v.shape is None or len(v.shape) != 4 for v in past):
+        return False
+    if any(v.shape[2] != 0 for v in past):  # type: ignore[union-attr]
+        return False
+    node.replace_input_with(3, None)
+    node.replace_input_with(4, None)
+    return True
+
+
 class CanonicalFormsPass(ir.passes.InPlacePass):
-    """Inference-mode ``Dropout`` becomes ``Identity``; ``Sum`` becomes a chain of ``Add``."""
+    """Inference-mode ``Dropout`` becomes ``Identity``; ``Sum`` becomes a chain of ``Add``; an
+    empty GroupQueryAttention past is no past."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opset = graph.opset_imports.get("", 1)
         changed = False
         for node in list(graph):
+            if drop_empty_past(node):
+                changed = True
+                continue
             if inference_dropout(node, opset):
                 replacement = [ir.node("Identity", [node.inputs[0]], name=node.name)]
             elif (operands := _sum_operands(node)) is not None:

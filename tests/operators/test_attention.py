@@ -257,3 +257,25 @@ def test_mask_arithmetic_runs_exactly():
         want = _ort(model, {"m": mask})[0]
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+def test_gqa_with_an_empty_past_runs_on_the_npu():
+    """A genai decoder's first prompt run feeds past key/value of 0 rows: the canonical-forms
+    pass drops them (no past, as the contrib op defines it), so the attention stays on the NPU
+    in one kernel call and matches onnxruntime on the model as given."""
+    from npudispatch import Session
+
+    b, s, g, h = 1, 5, 2, 16  # _gqa_case defaults: 6 query heads, 2 KV heads of 16
+    model, feeds = _gqa_case(s=s, seqlens=[s - 1], total=s)
+    graph = model.graph
+    node = graph.node[0]
+    for slot, name in ((3, "pk"), (4, "pv")):
+        node.input[slot] = name
+        graph.input.insert(1, helper.make_tensor_value_info(name, TensorProto.FLOAT, [b, g, 0, h]))
+        feeds[name] = np.zeros((b, g, 0, h), np.float32)
+    want = _ort(model, feeds)
+    sess = Session(model, precision="fp32", cache=False)
+    got = sess.run(None, feeds)
+    assert sess.last_run_stats.kernel_calls == 1 and sess.last_run_stats.cpu_segments == 0
+    for a, e in zip(got, want):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
