@@ -97,7 +97,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def random_inputs(session: Any, seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs for every model input: normal floats, small non-negative integers."""
+    """Seeded inputs for every model input: normal floats, small non-negative integers, and
+    all-ones integer masks (an input named ``*mask*``, e.g. a decoder's ``attention_mask``: a
+    random one would count positions the model does not have)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for arg in session.get_inputs():
@@ -108,7 +110,9 @@ def random_inputs(session: Any, seed: int) -> dict[str, np.ndarray]:
                 f"give --inputs data.npz or the shape with --shape {arg.name}=D0xD1x..."
             )
         dtype = dtype_of(arg.type)
-        if np.issubdtype(dtype, np.integer):
+        if np.issubdtype(dtype, np.integer) and "mask" in arg.name.lower():
+            feeds[arg.name] = np.ones(arg.shape, dtype)
+        elif np.issubdtype(dtype, np.integer):
             feeds[arg.name] = rng.integers(0, 32, size=arg.shape).astype(dtype)
         elif dtype == np.bool_:
             feeds[arg.name] = rng.integers(0, 2, size=arg.shape).astype(bool)

@@ -201,3 +201,18 @@ def test_cli_generate_json():
         capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and "comma-separated integers" in bad.stderr
+
+
+def test_cli_run_of_a_decoder_with_random_inputs(capsys):
+    """`npudispatch run model.onnx` with only its dims bound: the random attention_mask is all
+    ones (a random one counts positions the model does not have and the attention refuses it),
+    and the decoder step passes --check in one kernel call."""
+    from npudispatch.cli import main
+
+    dims = {"batch_size": 1, "sequence_length": 4, "past_sequence_length": 6,
+            "total_sequence_length": 10, "kv_cache_dim": 32}  # fmt: skip
+    args = [a for k, v in dims.items() for a in ("--dim", f"{k}={v}")]
+    model = str(MODELS_DIR / FOLDERS[0] / "model.onnx")
+    assert main(["run", model, *args, "--check", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] and doc["kernel_calls"] == 1 and doc["cpu_segments"] == 0
