@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from npudispatch.operators.attention import MHA_MASK_FILTER_VALUE
 from npudispatch.operators.attention_math import KEY_BLOCK
 from npudispatch.rewrites.support import npu_support
 
@@ -230,11 +231,12 @@ def _sdpa(
     allowed: ir.Value | None,
     scale: float,
     softcap: float = 0.0,
-    bias: ir.Value | None = None,
+    bias: ir.Value | Sequence[ir.Value] | None = None,
     smooth: bool = False,
 ) -> ir.Value:
     """``attention_math.sdpa`` in ONNX ops: ``q [B,N,S,H]``, ``k [B,G,T,H]``, ``v [B,G,T,Hv]``,
-    ``allowed`` (bool) and ``bias`` broadcasting to ``[B,G,N/G,S,T]``; returns ``[B,N,S,Hv]``."""
+    ``allowed`` (bool) and ``bias`` (one value or terms added in order) broadcasting to
+    ``[B,G,N/G,S,T]``; returns ``[B,N,S,Hv]``."""
     bsz, n, g, s, t, h, hv = dims
     grp = n // g
     blk = min(t, KEY_BLOCK)
@@ -246,8 +248,8 @@ def _sdpa(
     if softcap > 0:
         c = b.f32(np.float32(softcap))
         scores = b.op("Mul", b.op("Tanh", b.op("Div", scores, c)), c)
-    if bias is not None:
-        scores = b.op("Add", scores, bias)
+    for term in [] if bias is None else [bias] if isinstance(bias, ir.Value) else bias:
+        scores = b.op("Add", scores, term)
     ninf = b.f32(-np.inf)
     if allowed is not None:
         scores = b.op("Where", allowed, scores, ninf)
@@ -452,17 +454,15 @@ def _mha(b: _Builder, node: ir.Node) -> list[ir.Value]:
     vh = _with_past(b, _bnsh(b, v, n, (bsz, kv_len, dv)), _input(node, 7))
     t = past + kv_len
     h, hv = dq // n, dv // n
-    allowed = None
-    mask = _input(node, 4)
-    if mask is not None:
-        allowed = b.reshape(
-            b.op("Not", b.op("Equal", mask, b.const(np.int32(0)))), [bsz, 1, 1, 1, t]
-        )
-    if node.attributes.get_int("unidirectional", 0):
-        causal = _causal(b, s, t, past)
-        allowed = causal if allowed is None else b.op("And", allowed, causal)
+    allowed = _causal(b, s, t, past) if node.attributes.get_int("unidirectional", 0) else None
     attn_bias = _input(node, 5)
     grouped = None if attn_bias is None else _grouped_bias(b, attn_bias, bsz, n, n, s, t)
+    mask = _input(node, 4)
+    if mask is not None:  # onnxruntime's meaning: mask_filter_value added to padded keys
+        padded = b.op("Equal", mask, b.const(np.int32(0)))
+        filt = b.op("Where", padded, b.const(MHA_MASK_FILTER_VALUE), b.const(np.float32(0)))
+        filt = _grouped_bias(b, b.reshape(filt, [bsz, 1, 1, t]), bsz, n, n, s, t)
+        grouped = filt if grouped is None else (grouped, filt)  # the kernel's (onnxruntime's) order
     scale = node.attributes.get_float("scale", 0.0)
     out = _sdpa(
         b,

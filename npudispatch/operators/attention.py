@@ -75,6 +75,8 @@ GQA_ATTRS = {
     "rotary_interleaved", "smooth_softmax", "k_quant_type", "v_quant_type", "kv_cache_bit_width",
 }  # fmt: skip
 MHA_ATTRS = {"num_heads", "scale", "mask_filter_value", "unidirectional"}
+MHA_MASK_FILTER_VALUE = np.float32(-10000.0)
+"""MultiHeadAttention's default ``mask_filter_value``: added to a padded key's score."""
 ATTENTION_ATTRS = {
     "is_causal", "kv_num_heads", "q_num_heads", "qk_matmul_output_mode", "scale", "softcap",
     "softmax_precision",
@@ -335,7 +337,10 @@ class MultiHeadAttention(_Attention):
             return Decline(f"{label}: past_key and past_value must both be given")
         if ins[6] is not None and len(cfg.outputs) != 3:
             return Decline(f"{label}: past KV given but present outputs missing")
-        if float(attr_value(node, "mask_filter_value", -10000.0)) != -10000.0 and mask is not None:
+        if (
+            float(attr_value(node, "mask_filter_value", -10000.0)) != MHA_MASK_FILTER_VALUE
+            and mask is not None
+        ):
             return Decline(f"{label}: only the default mask_filter_value is supported")
         cfg.extra.update(heads=n)
         return cfg
@@ -364,12 +369,18 @@ class MultiHeadAttention(_Attention):
         t = kh.shape[2]
         allowed = np.ones((b, 1, s, t), bool)
         mask_bias = None
-        if ins[4] is not None:
-            allowed &= np.asarray(ins[4]).reshape(b, 1, 1, t) != 0
         if causal:
             allowed &= np.arange(t)[None, :] <= np.arange(s)[:, None] + past
         if ins[5] is not None:
             mask_bias = am.as_compute(ins[5], bf16)
+        if ins[4] is not None:
+            # onnxruntime adds mask_filter_value to a padded key's score instead of dropping the
+            # key: the same where a row keeps one key, and a fully padded row averages V
+            # (after attention_bias: onnxruntime's order, which matters in float32 only where a
+            # whole row is padded)
+            padded = np.asarray(ins[4]).reshape(b, 1, 1, t) == 0
+            filt = np.where(padded, MHA_MASK_FILTER_VALUE, np.float32(0))
+            mask_bias = filt if mask_bias is None else (mask_bias, filt)
         scale = floats[0] if floats[0] != 0 else 1.0 / float(np.sqrt(h))
         out = am.sdpa(qh, kh, vh, allowed, scale=scale, bias=mask_bias, bf16=bf16)
         return [_from_bnsh(out), kh, vh][: len(outputs)]

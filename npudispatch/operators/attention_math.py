@@ -13,6 +13,7 @@ A query row with no allowed key yields zeros.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,7 +74,7 @@ def sdpa(
     *,
     scale: float,
     softcap: float = 0.0,
-    bias: np.ndarray | None = None,
+    bias: np.ndarray | Sequence[np.ndarray] | None = None,
     smooth: bool = False,
     bf16: bool,
     block: int = KEY_BLOCK,
@@ -82,7 +83,8 @@ def sdpa(
 
     ``q [B, N, S, H]``; ``k``/``v [B, G, T, H(v)]`` with ``N`` a multiple of ``G`` (query head
     ``n`` reads KV head ``n // (N/G)``: grouped-query attention without copying KV heads);
-    ``allowed`` broadcasts to ``[B, N, S, T]``; ``bias`` (additive, float) too. The softmax keeps a
+    ``allowed`` broadcasts to ``[B, N, S, T]``; ``bias`` (additive, float; a sequence of terms is
+    added one after the other, in float32, in that order) too. The softmax keeps a
     running max ``m``, running sum ``l`` and unnormalized output per row, rescaling both when a
     new block raises the max (the online softmax an NPU tile loop runs). ``smooth`` adds 1 to the
     denominator (``exp(-m)`` after the shift), onnxruntime's ``smooth_softmax``.
@@ -92,8 +94,8 @@ def sdpa(
     group = n // g
     qg = q.reshape(b, g, group, s, q.shape[-1])  # heads sharing one KV head side by side
     allowed = np.broadcast_to(allowed, (b, n, s, t)).reshape(b, g, group, s, t)
-    if bias is not None:
-        bias = np.broadcast_to(bias, (b, n, s, t)).reshape(b, g, group, s, t)
+    terms = [] if bias is None else [bias] if isinstance(bias, np.ndarray) else list(bias)
+    terms = [np.broadcast_to(x, (b, n, s, t)).reshape(b, g, group, s, t) for x in terms]
     m = np.full((b, g, group, s, 1), -np.inf, F32)
     l_sum = np.zeros((b, g, group, s, 1), F32)
     acc = np.zeros((b, g, group, s, v.shape[-1]), F32)
@@ -105,8 +107,8 @@ def sdpa(
         kb = k[:, :, None, lo:hi, :]  # [B, G, 1, blk, H]
         scores = np.matmul(qg, np.swapaxes(kb, -1, -2), dtype=F32) * np.float32(scale)
         scores = softcap_scores(scores, softcap)
-        if bias is not None:
-            scores = scores + bias[..., lo:hi]
+        for term in terms:
+            scores = scores + term[..., lo:hi]
         scores = np.where(mask, scores, -np.inf).astype(F32, copy=False)
         new_m = np.maximum(m, scores.max(axis=-1, keepdims=True))
         safe_m = np.where(np.isneginf(new_m), np.float32(0), new_m)

@@ -79,18 +79,19 @@ def _gqa(
     return model, feeds
 
 
-def _mha(*, b=2, s=5, n=4, h=8, past=6, seed=9):
+def _mha(*, b=2, s=5, n=4, h=8, past=6, seed=9, padded=3, causal=1):
     d, t = n * h, past + s
     rng = np.random.default_rng(seed)
     mask = np.ones((b, t), np.int32)
-    mask[1, :3] = 0  # left padding of the second sequence
+    mask[1, :padded] = 0  # left padding of the second sequence (all of it: a fully padded row)
     model = _model(
         "MultiHeadAttention", "com.microsoft",
         [("q", F32, [b, s, d]), ("k", F32, [b, s, d]), ("v", F32, [b, s, d]), ("bias", F32, [3 * d]),
          ("mask", I32, [b, t]), ("abias", F32, [1, n, s, t]), ("pk", F32, [b, n, past, h]),
          ("pv", F32, [b, n, past, h])],
         [("y", F32, [b, s, d]), ("pko", F32, [b, n, t, h]), ("pvo", F32, [b, n, t, h])],
-        {"bias": rng.standard_normal(3 * d).astype(np.float32)}, num_heads=n, unidirectional=1,
+        {"bias": rng.standard_normal(3 * d).astype(np.float32)}, num_heads=n,
+        unidirectional=causal,
     )  # fmt: skip
     feeds = {
         name: rng.standard_normal(shape).astype(np.float32)
@@ -157,6 +158,9 @@ CASES = {
     # before opset 13 (no bf16 Cast) the reference rounds with float32 arithmetic
     "gqa-opset12": lambda: _gqa(s=7, seqlens=[6], total=7, opset=12, seed=7),
     "mha-bias-mask-causal-past": _mha,
+    # onnxruntime adds mask_filter_value to padded keys: a fully padded row averages V, not 0
+    "mha-fully-padded-row": lambda: _mha(padded=11, causal=0),
+    "mha-fully-padded-row-causal": lambda: _mha(padded=11),
     "attention23-3d-grouped-mask-causal": lambda: _attention(),
     "attention23-4d-softcap": lambda: _attention(rank=4, mask=False, softcap=3.0),
     "attention23-3d-mask-and-softcap": lambda: _attention(causal=0, softcap=3.0),

@@ -212,6 +212,26 @@ def test_multi_head_attention_causal_with_past():
 
 
 @pytest.mark.parametrize("causal", [0, 1])
+def test_multi_head_attention_fully_padded_row_follows_onnxruntime(causal):
+    """onnxruntime adds mask_filter_value (-10000) to a padded key's score: a row whose keys are
+    all padded averages V instead of giving 0 (left-padded batches reach such rows)."""
+    b, s, n, h = 2, 4, 2, 8
+    d = n * h
+    rng = np.random.default_rng(12)
+    model = _model(
+        "MultiHeadAttention", "com.microsoft",
+        [("q", F32, [b, s, d]), ("k", F32, [b, s, d]), ("v", F32, [b, s, d]), None,
+         ("mask", I32, [b, s])],
+        [("y", F32, [b, s, d])], num_heads=n, unidirectional=causal,
+    )  # fmt: skip
+    feeds = {k: rng.standard_normal((b, s, d)).astype(np.float32) for k in "qkv"}
+    feeds["mask"] = np.asarray([[1, 1, 1, 0], [0, 0, 0, 0]], np.int32)
+    (want,) = _ort(model, feeds)
+    assert np.abs(want[1]).max() > 0.1  # onnxruntime's padded row is not zeros
+    assert_close(run_emu(model, feeds)["y"], want)
+
+
+@pytest.mark.parametrize("causal", [0, 1])
 def test_onnx_attention_grouped_heads_with_past_and_mask(causal):
     b, s, qn, kvn, h, past = 2, 5, 4, 2, 8, 3
     t = past + s
