@@ -33,7 +33,7 @@ import onnx
 import onnxruntime as _ort
 
 from npudispatch.dispatch.session import NodeArg, Session
-from npudispatch.errors import ModelError
+from npudispatch.errors import ModelError, OptionError
 
 __all__ = [
     "CPU_PROVIDER",
@@ -128,26 +128,30 @@ def _provider_entries(
 
 
 _BOOL_OPTIONS = ("pad", "bf16")
-_INT_OPTIONS = ("max_specialisations",)
+# Session's and the backends' integer options (emulator num_cols; xrt timeout_ms, device_index)
+_INT_OPTIONS = ("max_specialisations", "num_cols", "timeout_ms", "device_index")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _typed_options(options: dict[str, Any]) -> dict[str, Any]:
     """Provider options arrive as strings in onnxruntime's convention (``{"bf16": "0"}``): the
-    boolean and integer ones become what :class:`npudispatch.Session` takes; a string that is
-    neither raises ``InvalidArgument`` naming the option (``"False"`` must not read as true)."""
+    boolean and integer ones become what :class:`npudispatch.Session` and the backends take,
+    ``cache`` "0"/"1" (...) a switch and any other string a folder, ``precision`` any case; a
+    string that reads as neither raises ``InvalidArgument`` naming the option (``"False"`` must
+    not read as true)."""
     typed = dict(options)
-    for key in _BOOL_OPTIONS + _INT_OPTIONS:
-        value = typed.get(key)
+    for key, value in options.items():
         if not isinstance(value, str):
             continue
         word = value.strip().lower()
-        if key in _BOOL_OPTIONS and word in _TRUE + _FALSE:
+        if key == "precision":
+            typed[key] = word
+        elif key in ("cache", *_BOOL_OPTIONS) and word in _TRUE + _FALSE:
             typed[key] = word in _TRUE
         elif key in _INT_OPTIONS and word.isdigit():
             typed[key] = int(word)
-        else:
-            kind = "1/0/true/false" if key in _BOOL_OPTIONS else "a positive integer"
+        elif key in _BOOL_OPTIONS or key in _INT_OPTIONS:
+            kind = "1/0/true/false" if key in _BOOL_OPTIONS else "a non-negative integer"
             raise InvalidArgument(f"provider option {key}={value!r}: expected {kind}")
     return typed
 
@@ -200,7 +204,10 @@ class InferenceSession:
         if isinstance(path_or_bytes, bytes | bytearray):
             model = onnx.ModelProto.FromString(bytes(path_or_bytes))
         self._options = options = _typed_options(options)
-        self._session = Session(model, **options)
+        try:
+            self._session = Session(model, **options)
+        except OptionError as exc:  # a bad option value is onnxruntime's InvalidArgument
+            raise InvalidArgument(str(exc)) from exc
 
     @property
     def npudispatch_session(self) -> Session:

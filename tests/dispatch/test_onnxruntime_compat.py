@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -153,9 +154,19 @@ def test_provider_options_given_as_strings(model_path):
             for o, n in p.plan.params_regions.values()
         }
 
-    assert flags({"bf16": "False", "cache": False}) == {FLAG_FP32_COMPUTE}
-    assert flags({"bf16": "1", "cache": False}) == {0}
-    assert flags({"precision": "mixed", "cache": False}) == {FLAG_MIXED_COMPUTE}
+    assert flags({"bf16": "False", "cache": "0"}) == {FLAG_FP32_COMPUTE}
+    assert flags({"bf16": "1", "cache": "false", "max_specialisations": "2"}) == {0}
+    assert flags({"precision": "MIXED", "cache": "off"}) == {FLAG_MIXED_COMPUTE}
+    assert not any(Path(name).exists() for name in ("0", "false", "off"))  # no cache folders
+    with pytest.raises(nort.InvalidArgument, match="precision 'fp16'"):
+        nort.InferenceSession(
+            model_path.read_bytes(),
+            providers=[(nort.NPU_PROVIDER, {"precision": "fp16", "cache": "0"})],
+        )
+    with pytest.raises(nort.InvalidArgument, match="num_cols='two'"):
+        nort.InferenceSession(
+            model_path.read_bytes(), providers=[(nort.NPU_PROVIDER, {"num_cols": "two"})]
+        )
     with pytest.raises(nort.InvalidArgument, match="bf16='nope'"):
         nort.InferenceSession(
             model_path.read_bytes(), providers=[(nort.NPU_PROVIDER, {"bf16": "nope"})]
