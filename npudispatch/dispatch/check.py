@@ -62,7 +62,9 @@ ulps, ``quant_check.QJITTER``: the size of a float32 disagreement inside an op, 
 a bf16 boundary flip) and their rms against the reference, judged like the NPU's, is above
 :data:`RMS_ULPS` (PP-PicoDet's layout detector: a probe run moves its box regressions by 1.35
 ulps, and onnxruntime against itself with that 2**-20 change differs by rms 0.15, as the NPU
-does). DenseNet-121 with random weights: rms 0.14 against the 0.125 limit, and 0.30 of a
+does). Where the order runs make the graph deep, the rms also passes within
+:data:`ORDER_RMS_FACTOR` of theirs (the NPU as far from the reference as onnxruntime from
+itself). DenseNet-121 with random weights: rms 0.14 against the 0.125 limit, and 0.30 of a
 probe run; every weight 1 % off: 17 of a probe run; a 1 % error in its first convolution: 0.54.
 A 1 % error in a single late layer of its 120 convolutions can be as small as the rounding noise
 at the output: ``--fp32`` (exact float32 kernels, compared to 1e-5) is the check that finds such
@@ -85,6 +87,7 @@ from npudispatch.dispatch.rounding_reference import RoundingReference
 __all__ = [
     "DEEP_SPREAD_ULPS",
     "MAX_PROBES",
+    "ORDER_RMS_FACTOR",
     "ORDER_RUNS",
     "PROBES",
     "RMS_PROBE_FRACTION",
@@ -124,6 +127,12 @@ ORDER_RUNS = 2
 their rms alone exceeds :data:`RMS_ULPS` (the larger of the runs), flips already add up to more
 than the strict limit and the graph counts as deep (module docstring). Only taken when an output
 fails the rms limit and a probe run does not make the graph deep."""
+
+ORDER_RMS_FACTOR = 1.25
+"""Where the order runs make a graph deep, its rms also passes within this factor of theirs: the
+NPU then differs from the reference about as much as onnxruntime differs from itself (the
+layout detector in mixed compute: 1.03 of it; the separable stack of the tests: 0.89, its head
+weight 0.3 % off 1.36)."""
 
 FLOAT32_ULPS = 4
 """Floor of the unit: float32 ulps of the output's largest magnitude (onnxruntime's resolution)."""
@@ -177,7 +186,10 @@ class OutputCheck:
                 f"{self.rms_vs_probes:.2f} of it"
             )
             if self.order_rms is not None and self.order_rms > RMS_ULPS:
-                text += f"; accumulation order alone reaches rms {self.order_rms:.3f} here"
+                text += (
+                    f"; accumulation order alone reaches rms {self.order_rms:.3f} here "
+                    f"(limit {ORDER_RMS_FACTOR} of it)"
+                )
         text += ")"
         systematic = not self.ok and self.worst_ulps <= self.allowed_ulps
         return text + quant_check.verdict_tail(systematic, self.fp32_max_abs)
@@ -299,7 +311,11 @@ def _judge(
         order_rms = max(float(np.sqrt(np.mean(np.square(q)))) for q in order_ratios)
     deep_by_order = order_rms is not None and order_rms > RMS_ULPS
     vs_probes = _rms_vs_probes(name, r, a, probes, deep=deep_by_order)
-    rms_ok = rms <= RMS_ULPS or (vs_probes is not None and vs_probes <= RMS_PROBE_FRACTION)
+    rms_ok = (
+        rms <= RMS_ULPS
+        or (vs_probes is not None and vs_probes <= RMS_PROBE_FRACTION)
+        or (deep_by_order and rms <= ORDER_RMS_FACTOR * order_rms)  # type: ignore[operator]
+    )
     return OutputCheck(
         name=name,
         ok=bool(worst_ulps <= ulps and rms_ok),
