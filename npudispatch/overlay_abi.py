@@ -50,6 +50,13 @@ FLAG_MIXED_COMPUTE = 0x2
 mixed``; ``operators.dtypes``)."""
 KNOWN_FLAGS = FLAG_FP32_COMPUTE | FLAG_MIXED_COMPUTE
 
+
+class KernelOperandError(ValueError):
+    """Raised by a kernel whose operand *values* are outside what its op accepts (e.g.
+    GroupQueryAttention's ``seqlens_k`` beyond its present buffer): the model's inputs are wrong,
+    not the program; the overlay reports it as a refusal naming the launch."""
+
+
 WORD = 4  # shim DMAs move 32-bit words: every stream and buffer size is a multiple of this
 
 

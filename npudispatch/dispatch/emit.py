@@ -363,6 +363,7 @@ class FusedProgram:
             kernels=self.kernels(),
             name=self.name,
             patches=self.patch_table(),
+            launch_labels=tuple(f"node {op.name!r} ({op.op_type})" for op in self.ops),
         )
 
     def patch_table(self) -> PatchTable | None:

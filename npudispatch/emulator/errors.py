@@ -63,7 +63,13 @@ class KernelError(_Located, DeviceError):
     """An overlay kernel raised while running a launch (e.g. on a corrupt params record).
 
     The original exception is chained (``__cause__``); the virtual NPU is reset afterwards.
+    ``launch`` is the launch's number within the run (the program's op index, None when not
+    known) and ``operands_refused`` says the kernel refused its operand values
+    (:class:`~npudispatch.overlay_abi.KernelOperandError`): the model's inputs are at fault.
     """
+
+    launch: int | None = None
+    operands_refused: bool = False
 
 
 class EmulatorLimitError(_Located, DeviceError):

@@ -20,6 +20,7 @@ from npudispatch.overlay_abi import (
     HEADER_BYTES,
     PARAMS_CHANNEL,
     Kernel,
+    KernelOperandError,
     ParamsRecord,
     operand_channels,
     output_channels,
@@ -290,12 +291,22 @@ class Overlay:
                 outs = [_as_bytes(o) for o in kernel(record, operands)]
         except DeviceError:
             raise
+        except KernelOperandError as exc:  # the model's input values, not the program
+            err = KernelError(
+                f"kernel {record.kernel_id} (launch {self._ordinal} of the run) refused its "
+                f"operands: {exc}",
+                **loc,
+            )
+            err.launch, err.operands_refused = self._ordinal, True
+            raise err from exc
         except Exception as exc:  # the kernel is device code: its crash is a device error
-            raise KernelError(
+            err = KernelError(
                 f"kernel {record.kernel_id} (launch {self.launches}) failed: "
                 f"{type(exc).__name__}: {exc}; its params record or operands are inconsistent",
                 **loc,
-            ) from exc
+            )
+            err.launch = self._ordinal
+            raise err from exc
         sizes = [o.size for o in outs]
         if sizes != list(record.output_bytes):
             raise KernelContractError(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from npudispatch.operators.dtypes import BF16, F32, mac_operand, to_compute
+from npudispatch.overlay_abi import KernelOperandError
 
 #: Keys processed per step of the streaming softmax (one AIE tile's worth of scores).
 KEY_BLOCK = 64
@@ -180,9 +181,14 @@ def gqa(
     ``past_rows + s``.
     """
     b, s, n, g, h = shape.batch, shape.seq, shape.num_heads, shape.kv_heads, shape.head_size
+    if past_k is None and total_sequence_length != s:
+        raise KernelOperandError(
+            f"total_sequence_length {total_sequence_length} must equal the {s} new tokens when "
+            "there is no past key/value (onnxruntime refuses it too)"
+        )
     past_rows, total_rows, _ = gqa_positions(seqlens_k, total_sequence_length, s)
     if int(total_rows.max(initial=0)) > shape.present_len or int(past_rows.min(initial=0)) < 0:
-        raise ValueError(
+        raise KernelOperandError(
             f"seqlens_k {seqlens_k.tolist()} do not fit a present buffer of {shape.present_len} "
             f"rows with {s} new tokens"
         )

@@ -299,3 +299,21 @@ def test_gqa_with_an_empty_past_runs_on_the_npu():
     assert sess.last_run_stats.kernel_calls == 1 and sess.last_run_stats.cpu_segments == 0
     for a, e in zip(got, want):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("seqlens", "total", "why"),
+    [([9], 5, "seqlens_k"), ([4], 7, "total_sequence_length 7 must equal the 5 new tokens")],
+)
+def test_gqa_input_values_onnxruntime_refuses_are_refused_naming_the_node(seqlens, total, why):
+    """Values outside what the op accepts (onnxruntime refuses them too) are a ModelError naming
+    the node, not a kernel crash blaming the program."""
+    from npudispatch import Session
+    from npudispatch.errors import ModelError
+
+    model, feeds = _gqa_case(s=5, seqlens=seqlens, total=total, present=8)
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error types vary
+        _ort(model, feeds)
+    sess = Session(model, cache=False)
+    with pytest.raises(ModelError, match=rf"GroupQueryAttention.*refused its inputs.*{why}"):
+        sess.run(None, feeds)

@@ -46,6 +46,8 @@ class ProgramImage:
     # Runtime patch sites (DMA gathers): DDR_PATCH offsets in ``txn`` a backend rewrites from the
     # input image before every run (npudispatch.dispatch.patch_sites); None = nothing to patch.
     patches: PatchTable | None = None
+    # "name (op_type)" of each kernel launch in run order, so a failing launch names its node
+    launch_labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = tuple(int(s) for s in self.buffer_sizes)

@@ -28,8 +28,9 @@ from npudispatch.dispatch.backends.base import (
 from npudispatch.dispatch.backends.registry import BackendSpec
 from npudispatch.dispatch.patch_sites import patch_ops
 from npudispatch.emulator import KernelRegistry, VirtualNpu
+from npudispatch.emulator.errors import KernelError
 from npudispatch.emulator.prepared import PreparedProgram
-from npudispatch.errors import BackendUnavailableError
+from npudispatch.errors import BackendUnavailableError, ModelError
 from npudispatch.txn import Transaction
 
 
@@ -124,12 +125,34 @@ class EmulatorBackend:
             with stats.stage("write_input"):
                 buffers[INPUT][:] = data
             with stats.stage("run"):
-                device_stats = prepared.npu.run(prepared.steps)
+                try:
+                    device_stats = prepared.npu.run(prepared.steps)
+                except KernelError as exc:
+                    named = _named(exc, prepared.program)
+                    if named is exc:
+                        raise
+                    raise named from exc
             with stats.stage("read_output"):
                 output[:] = buffers[OUTPUT]
         stats.bytes_to_device, stats.bytes_from_device = data.size, output.size
         stats.device = device_stats.to_json()
         return stats
+
+
+def _named(exc: KernelError, program: ProgramImage) -> Exception:
+    """``exc`` naming the node whose launch failed (its message gains the node, its cause is
+    kept); a refusal of operand values (the model's inputs) becomes a :class:`ModelError`,
+    since nothing is wrong with the program."""
+    labels, launch = program.launch_labels, exc.launch
+    where = labels[launch] if launch is not None and 0 <= launch < len(labels) else None
+    if exc.operands_refused:
+        return ModelError(
+            f"{where or 'a kernel'} refused its inputs on the NPU: {exc.__cause__}; check the "
+            "values fed to the model"
+        )
+    if where is not None:
+        exc.args = (f"{where}: {exc}",)
+    return exc
 
 
 def _validate(options: Mapping[str, Any], name: Callable[[str], str]) -> None:
