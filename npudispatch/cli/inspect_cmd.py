@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from npudispatch.cli.common import add_dims_option, parse_dims, parse_shapes, print_json
+from npudispatch.cli.compile_cmd import add_precision_options
 from npudispatch.domains import is_onnx_domain
 
 if TYPE_CHECKING:  # imported where used: `npudispatch --help` must not load onnx (start-up time)
@@ -31,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run the default rewrite pipeline first (what `compile` partitions)",
     )
+    add_precision_options(parser)  # what --rewrite converts (bf16 storage only in bf16)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, dims=parse_dims(args.dims), input_shapes=parse_shapes(args.shape)
     )
     if args.rewrite:
-        default_pipeline()(model)
+        default_pipeline(bf16=args.precision == "bf16")(model)
     doc = inspect_model(model)
     if args.json:
         print_json(doc)

@@ -247,3 +247,18 @@ def test_check_rounds_the_models_own_bf16_tensors():
     (y,) = Session(model, precision="mixed", cache=False).run(None, feeds)
     verdict = check_outputs(RoundingReference(model, precision="mixed"), feeds, {"Y": y})["Y"]
     assert verdict.ok, verdict
+
+
+def test_inspect_rewrite_shows_the_chosen_precision(tmp_path, capsys):
+    """`inspect --rewrite` shows what `compile` partitions for that precision: bf16 storage
+    inserts boundary casts, mixed compute keeps float32 storage and none."""
+    import json
+
+    model, _ = nbits_model((3,), 256, 80, 32)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    counts = {}
+    for precision in ("bf16", "mixed"):
+        assert main(["inspect", str(path), "--rewrite", "--precision", precision, "--json"]) == 0
+        counts[precision] = json.loads(capsys.readouterr().out)["op_types"].get("Cast", 0)
+    assert counts["bf16"] > 0 and counts["mixed"] == 0
