@@ -363,8 +363,12 @@ class FusedProgram:
             kernels=self.kernels(),
             name=self.name,
             patches=self.patch_table(),
-            launch_labels=tuple(f"node {op.name!r} ({op.op_type})" for op in self.ops),
+            launch_labels=self.launch_labels(),
         )
+
+    def launch_labels(self) -> tuple[str, ...]:
+        """``node 'name' (OpType)`` of each kernel launch, in run order (for error messages)."""
+        return tuple(f"node {op.name!r} ({op.op_type})" for op in self.ops)
 
     def patch_table(self) -> PatchTable | None:
         """The runtime patch sites ready to apply (None when the program has none)."""

@@ -72,22 +72,44 @@ def onnxruntime_session(
     return session
 
 
-def float_outputs(model: ir.Model) -> None:
-    """bf16 graph outputs become float32 (an exact trailing ``Cast``; the names stay), in place:
-    onnxruntime's numpy bridge cannot return bf16 tensors, which a *reference* run compares as
-    float32 anyway. Not for CPU segments, whose outputs keep the dtype the next partition reads."""
+def float_outputs(model: ir.Model) -> list[str]:
+    """bf16 graph inputs and outputs become float32, in place: onnxruntime's numpy bridge can
+    neither take nor return bf16 tensors, which a *reference* run feeds and compares as float32
+    anyway. An input is cast to bf16 where nodes read it (exact for bf16 values; feed float32),
+    an output gets an exact trailing ``Cast``. Returns the model's output names in order, to label
+    the session's outputs with (a computed output keeps its name). Not for CPU segments, whose
+    inputs and outputs keep the dtypes the partitions around them use."""
     g = model.graph
+    names = [out.name or "" for out in g.outputs]
+    for value in g.inputs:
+        if value.dtype != ir.DataType.BFLOAT16:
+            continue
+        users = list(value.uses())
+        value.type = ir.TensorType(ir.DataType.FLOAT)
+        cast = ir.node("Cast", [value], {"to": ir.DataType.BFLOAT16}, name=f"{value.name}__bf16")
+        narrow = cast.outputs[0]
+        narrow.name, narrow.shape = f"{value.name}__bf16", value.shape
+        narrow.type = ir.TensorType(ir.DataType.BFLOAT16)
+        if len(g):
+            g.insert_before(next(iter(g)), cast)
+        else:
+            g.append(cast)
+        for node, slot in users:
+            node.replace_input_with(slot, narrow)
     for i, out in enumerate(list(g.outputs)):
         if out.dtype != ir.DataType.BFLOAT16:
             continue
-        cast = ir.node("Cast", [out], {"to": ir.DataType.FLOAT}, name=f"{out.name}__as_float32")
+        name = out.name or ""
+        cast = ir.node("Cast", [out], {"to": ir.DataType.FLOAT}, name=f"{name}__as_float32")
         wide = cast.outputs[0]
         wide.type, wide.shape = ir.TensorType(ir.DataType.FLOAT), out.shape
         g.append(cast)
-        name = out.name
-        out.name = f"{name}__bf16"
-        wide.name = name
+        if out.producer() is None:  # a graph input or initializer: its name is its feed's
+            wide.name = f"{name}__as_float32"
+        else:
+            out.name, wide.name = f"{name}__bf16", name
         g.outputs[i] = wide
+    return names
 
 
 def _large_in_memory_initializers(model: ir.Model) -> dict[str, np.ndarray]:

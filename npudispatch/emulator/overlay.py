@@ -301,7 +301,7 @@ class Overlay:
             raise err from exc
         except Exception as exc:  # the kernel is device code: its crash is a device error
             err = KernelError(
-                f"kernel {record.kernel_id} (launch {self.launches}) failed: "
+                f"kernel {record.kernel_id} (launch {self._ordinal} of the run) failed: "
                 f"{type(exc).__name__}: {exc}; its params record or operands are inconsistent",
                 **loc,
             )

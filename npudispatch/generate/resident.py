@@ -25,11 +25,12 @@ import onnx_ir as ir
 
 from npudispatch import graph, opset
 from npudispatch.dispatch.artifact import CpuSegmentModel
-from npudispatch.dispatch.backends.emulator import kernel_registry
+from npudispatch.dispatch.backends.emulator import kernel_registry, name_kernel_error
 from npudispatch.dispatch.emit import FusedProgram
 from npudispatch.dispatch.patch_sites import PatchTable, patch_ops
 from npudispatch.dispatch.segments import CpuSegment
 from npudispatch.emulator import VirtualNpu
+from npudispatch.emulator.errors import KernelError
 from npudispatch.errors import DeviceError, ModelError
 from npudispatch.generate.programs import CompiledPhase
 from npudispatch.txn import Transaction
@@ -218,7 +219,13 @@ class _Slot:
             table, apply = self.patches[phase]
             apply(table.argplus(mem.host(INPUT)))
         t1 = time.perf_counter()
-        mem.launch(self.launch_keys[phase])
+        try:
+            mem.launch(self.launch_keys[phase])
+        except KernelError as exc:
+            named = name_kernel_error(exc, prog.launch_labels())
+            if named is exc:
+                raise
+            raise named from exc
         t2 = time.perf_counter()
         out = {}
         for b in prog.outputs:

@@ -205,3 +205,20 @@ def test_resident_programs_on_fake_xrt_sync_only_what_a_step_needs(folder, tmp_p
         result = gen.generate(ids[:3], max_new_tokens=4, show_progress=False)
     np.testing.assert_array_equal(got, reference)
     assert len(set(result.bytes_per_step)) == 1 and set(result.kernel_calls_per_step) == {1}
+
+
+def test_a_refused_kernel_operand_names_the_node_in_resident_programs(folder, monkeypatch):
+    """A kernel refusing its operand values (overlay_abi.KernelOperandError) inside the resident
+    prefill/decode programs is a ModelError naming the node, as through Session."""
+    from npudispatch.errors import ModelError
+    from npudispatch.operators import attention_math
+    from npudispatch.overlay_abi import KernelOperandError
+
+    gen = Generator(folder, max_length=16, prefill_length=4)
+
+    def refuse(*args, **kwargs):
+        raise KernelOperandError("seqlens_k [99] do not fit (injected)")
+
+    monkeypatch.setattr(attention_math, "gqa", refuse)
+    with pytest.raises(ModelError, match=r"node '.*' \(GroupQueryAttention\) refused its inputs"):
+        gen.teacher_forced_logits([1, 7, 33])

@@ -128,7 +128,7 @@ class EmulatorBackend:
                 try:
                     device_stats = prepared.npu.run(prepared.steps)
                 except KernelError as exc:
-                    named = _named(exc, prepared.program)
+                    named = name_kernel_error(exc, prepared.program.launch_labels)
                     if named is exc:
                         raise
                     raise named from exc
@@ -139,11 +139,11 @@ class EmulatorBackend:
         return stats
 
 
-def _named(exc: KernelError, program: ProgramImage) -> Exception:
-    """``exc`` naming the node whose launch failed (its message gains the node, its cause is
-    kept); a refusal of operand values (the model's inputs) becomes a :class:`ModelError`,
-    since nothing is wrong with the program."""
-    labels, launch = program.launch_labels, exc.launch
+def name_kernel_error(exc: KernelError, labels: Sequence[str]) -> Exception:
+    """``exc`` naming the node whose launch failed (``labels``: one per launch, in run order; its
+    message gains the node, its cause is kept); a refusal of operand values (the model's inputs)
+    becomes a :class:`ModelError`, since nothing is wrong with the program."""
+    launch = exc.launch
     where = labels[launch] if launch is not None and 0 <= launch < len(labels) else None
     if exc.operands_refused:
         return ModelError(
