@@ -166,14 +166,14 @@ def onnxruntime_outputs(
     """Reference outputs: onnxruntime on the original model (dims bound, npudispatch ops given
     function bodies)."""
     from npudispatch import graph, opset
-    from npudispatch.dispatch.ort_session import float_outputs, onnxruntime_session
+    from npudispatch.dispatch.ort_session import float_io, onnxruntime_session
 
     shapes = {name: array.shape for name, array in feeds.items()}
     model = graph.load(model_path, dims=dims, input_shapes=shapes)
     if any(n.domain == opset.DOMAIN for n in model.graph.all_nodes()):
         opset.attach_functions(model)
     model.ir_version = min(model.ir_version, graph.EXTRACT_IR_VERSION)
-    names = float_outputs(model)
+    names = float_io(model)
     sess = onnxruntime_session(model)
     wide = {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in feeds.items()}
     return dict(zip(names, sess.run(None, wide)))

@@ -177,15 +177,14 @@ class _Builder:
         if not self.rounds:
             return x
         # imported here: rounding_reference imports this module
-        from npudispatch.dispatch.rounding_reference import _JITTER_PREFIX, _rounding_nodes
+        from npudispatch.dispatch.rounding_reference import _rounding_nodes, new_jitter
 
         x.type, x.shape = ir.TensorType(_F32), ir.Shape(shape)
         new = _rounding_nodes(self.g, x)
         for n in new:
             n.outputs[0].name = self._name()
         self.nodes += new
-        name = f"{_JITTER_PREFIX}{len(self.jitters)}"
-        self.jitters[name] = tuple(int(d) for d in shape)
+        name = new_jitter(self.jitters, shape)
         jitter = ir.Value(name=name, type=ir.TensorType(_F32), shape=ir.Shape(shape))
         self.g.inputs.append(jitter)
         return self.op("Mul", new[-1].outputs[0], jitter)

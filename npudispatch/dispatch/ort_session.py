@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from npudispatch.graph.value_types import restore_map_types
 
-__all__ = ["float_outputs", "onnxruntime_session"]
+__all__ = ["float_io", "onnxruntime_session"]
 
 # External tensors up to this size are inlined into the model bytes instead of shared.
 _INLINE_BYTES = 64 * 1024
@@ -72,7 +72,7 @@ def onnxruntime_session(
     return session
 
 
-def float_outputs(model: ir.Model) -> list[str]:
+def float_io(model: ir.Model) -> list[str]:
     """bf16 graph inputs and outputs become float32, in place: onnxruntime's numpy bridge can
     neither take nor return bf16 tensors, which a *reference* run feeds and compares as float32
     anyway. An input is cast to bf16 where nodes read it (exact for bf16 values; feed float32),

@@ -54,7 +54,7 @@ class RoundingReference:
         bf16: bool = True,
         precision: Precision | None = None,
     ) -> None:
-        from npudispatch.dispatch.ort_session import float_outputs, onnxruntime_session
+        from npudispatch.dispatch.ort_session import float_io, onnxruntime_session
 
         self.precision = resolve_precision(precision, bf16)
         m = graph.load(model, dims=dims, input_shapes=input_shapes)
@@ -74,7 +74,7 @@ class RoundingReference:
         self.quant_jitters = quant_check.insert_quantization_jitter(m)
         m.ir_version = min(m.ir_version, graph.EXTRACT_IR_VERSION)
         # bf16 outputs the roundings left (float32 compute) as float32, labelled as the model's
-        self.outputs = float_outputs(m)
+        self.outputs = float_io(m)
         self.session = onnxruntime_session(m, optimize=False)
 
     def run(
@@ -140,8 +140,7 @@ def _insert_rounding(
         if node.op_type == "MatMulNBits" and not _exact_nbits(node) and _rounds(node):
             scales = node.inputs[2]
             assert scales is not None and scales.const_value is not None
-            arr = np.asarray(scales.const_value.numpy(), np.float32)
-            node.replace_input_with(2, _const(g, f"{scales.name}__bf16r", _round(arr)))
+            node.replace_input_with(2, _rounded_const(g, scales))
         elif _exact_nbits(node) and _rounds(node):
             new = _dequantize_as_formatted(g, node, weights, rounded)
             replaced.add(new[-1])
@@ -156,26 +155,19 @@ def _insert_rounding(
             if node.op_type in _QUANTIZED and slot != 0:
                 continue  # scales/zero points: the operator's weight image handles them
             if value.const_value is not None:
-                arr = np.asarray(value.const_value.numpy(), np.float32)
-                node.replace_input_with(slot, _const(g, f"{value.name}__bf16r", _round(arr)))
+                node.replace_input_with(slot, _rounded_const(g, value))
                 continue
             node.replace_input_with(slot, _round_value(g, node, value, None, insert_before=True))
         for value in node.outputs:
             if value.dtype != _F32 or not value.name:
                 continue
-            jitter = f"{_JITTER_PREFIX}{len(jitters)}"
-            assert value.shape is not None and value.shape.is_static()
-            jitters[jitter] = tuple(int(d) for d in value.shape)
-            rounded.add(_round_value(g, node, value, jitter))
+            rounded.add(_round_value(g, node, value, new_jitter(jitters, value.shape)))
     attention_reference.expand_attention(g, attention, jitters, mixed=False)
-    for name, init in list(g.initializers.items()):  # replaced by their rounded copies
-        if not init.uses() and not init.is_graph_output() and init not in g.inputs:
-            del g.initializers[name]
+    _drop_replaced_initializers(g)
     return jitters
 
 
 _CONVS = frozenset({"Conv", "ConvTranspose", "FusedConv", "FusedConvTranspose"})
-_ATTENTION = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
 
 
 def _mac_operands(node: ir.Node) -> list[int]:
@@ -184,7 +176,7 @@ def _mac_operands(node: ir.Node) -> list[int]:
         return []
     if node.op_type in _CONVS or (node.op_type in MATMUL_FAMILY and node.op_type not in _QUANTIZED):
         return [0, 1]  # X/A and W/B; a bias stays float32
-    if node.op_type in _ATTENTION:
+    if node.op_type in attention_reference.ATTENTION_OPS:
         return attention_reference.mac_entry_slots(node)
     return []
 
@@ -209,10 +201,7 @@ def _insert_mac_rounding(
     _widen_bf16(model)
     jitters: dict[str, tuple[int, ...]] = {}
     for node, value in stored_bf16:
-        jitter = f"{_JITTER_PREFIX}{len(jitters)}"
-        assert value.shape is not None and value.shape.is_static()
-        jitters[jitter] = tuple(int(d) for d in value.shape)
-        _round_value(g, node, value, jitter)
+        _round_value(g, node, value, new_jitter(jitters, value.shape))
     rounded: dict[ir.Value, ir.Value] = {}  # one rounding per value, shared by its readers
     attention = attention_reference.npu_attention_nodes(g)  # expanded below, as kernels round
     for node in list(g):
@@ -226,20 +215,37 @@ def _insert_mac_rounding(
             if value is None or value.dtype != _F32:
                 continue
             if value.const_value is not None:
-                arr = _round(np.asarray(value.const_value.numpy(), np.float32))
-                matmul.replace_input_with(slot, _const(g, f"{value.name}__bf16r", arr))
+                matmul.replace_input_with(slot, _rounded_const(g, value))
                 continue
             if value not in rounded:
-                jitter = f"{_JITTER_PREFIX}{len(jitters)}"
-                assert value.shape is not None and value.shape.is_static()
-                jitters[jitter] = tuple(int(d) for d in value.shape)
+                jitter = new_jitter(jitters, value.shape)
                 rounded[value] = _round_value(g, matmul, value, jitter, insert_before=True)
             matmul.replace_input_with(slot, rounded[value])
     attention_reference.expand_attention(g, attention, jitters, mixed=True)
-    for name, init in list(g.initializers.items()):  # replaced by their rounded copies
+    _drop_replaced_initializers(g)
+    return jitters
+
+
+def new_jitter(jitters: dict[str, tuple[int, ...]], shape: ir.Shape | Sequence[int] | None) -> str:
+    """Name of a new jitter input of ``shape`` (static: the compiler binds every dim), registered
+    in ``jitters``; one home for the jitter inputs of every rounding point."""
+    assert shape is not None and (not isinstance(shape, ir.Shape) or shape.is_static()), shape
+    name = f"{_JITTER_PREFIX}{len(jitters)}"
+    jitters[name] = tuple(int(d) for d in shape)
+    return name
+
+
+def _rounded_const(g: ir.Graph, value: ir.Value) -> ir.Value:
+    """A new constant holding ``value``'s float constant rounded to bf16 (a weight as formatted)."""
+    arr = np.asarray(value.const_value.numpy(), np.float32)  # type: ignore[union-attr]
+    return _const(g, f"{value.name}__bf16r", _round(arr))
+
+
+def _drop_replaced_initializers(g: ir.Graph) -> None:
+    """Remove initializers nothing reads any more (replaced by their rounded copies)."""
+    for name, init in list(g.initializers.items()):
         if not init.uses() and not init.is_graph_output() and init not in g.inputs:
             del g.initializers[name]
-    return jitters
 
 
 def _accurate_sigmoid(g: ir.Graph) -> None:

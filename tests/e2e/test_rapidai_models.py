@@ -36,7 +36,9 @@ from npudispatch.dispatch.check import RoundingReference, check_outputs
 
 
 def packaged_model(package: str, resource: str, wheel: str) -> Iterator[Path]:
-    """The model file shipped inside ``package``, or a skip naming the wheel to install."""
+    """The model file shipped inside ``package``, or a skip naming the wheel to install when it
+    is not installed (it is an extra, not a dependency). Installed but broken, or a release
+    without the model, is a failure: the dev extra pins releases that ship it."""
     if importlib.util.find_spec(package) is None:
         pytest.skip(
             f"{resource} ships inside the PyPI wheel {wheel}, which is not installed "
@@ -45,9 +47,9 @@ def packaged_model(package: str, resource: str, wheel: str) -> Iterator[Path]:
     try:
         resource_file = importlib.resources.files(package).joinpath(resource)
     except ImportError as exc:  # installed without its own dependencies
-        pytest.skip(f"{package} is installed but does not import ({exc}): pip install {wheel}")
+        pytest.fail(f"{package} is installed but does not import ({exc}): pip install {wheel}")
     if not resource_file.is_file():
-        pytest.skip(f"{package} is installed without {resource} (pip install {wheel})")
+        pytest.fail(f"{package} is installed without {resource}: pip install -e '.[dev]'")
     with importlib.resources.as_file(resource_file) as path:
         yield path
 
